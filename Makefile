@@ -1,0 +1,59 @@
+# llmflow: `make demo` runs the pipeline end to end on the tiny default; `make test` runs the tests.
+# Both set everything up on a fresh machine (a .venv with pinned versions) first.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-unit test-integration test-gpu bench up down status clean lint
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build that lies on the machine's disk: a bare `torch`
+# requirement would otherwise pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (llmflow needs Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=24"
+	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/llmflow demo --config configs/tiny.yaml
+
+test: install
+	$(BIN)/python -m pytest tests -m "not gpu" -p no:cacheprovider
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: install
+	$(BIN)/python -m pytest tests/integration
+
+test-gpu: install
+	$(BIN)/python -m pytest tests/gpu
+
+bench: install
+	$(BIN)/python bench/overhead.py
+
+up: install
+	$(BIN)/llmflow up
+
+down:
+	$(BIN)/llmflow down
+
+status:
+	$(BIN)/llmflow status
+
+lint: install
+	$(BIN)/ruff check llmflow flows tasks deployments tests bench
+
+clean:
+	-$(BIN)/llmflow down 2>/dev/null
+	rm -rf $(VENV) .llmflow

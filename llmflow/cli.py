@@ -1,0 +1,224 @@
+"""The llmflow command line: `llmflow up | down | status | run | demo | config`.
+
+Heavy libraries (prefect, ray, torch) are imported inside the commands that use them, so
+`llmflow --help` returns at once. An LlmflowError becomes one line on stderr and its exit
+code; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmflow.errors import LlmflowError, RunFailed, StackError
+
+app = typer.Typer(
+    name="llmflow",
+    help="Pipeline-as-code for fine-tuning and shipping language models (Prefect + Ray).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Flow name -> "module:function". Every flow takes `config: PipelineConfig`.
+FLOWS: dict[str, str] = {
+    "pipeline": "flows.pipeline:pipeline",
+    "check": "flows.check:check",
+}
+
+_state = {"debug": False}
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="A configs/*.yaml file.")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.max_steps=50."),
+]
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if debug:
+        os.environ["LLMFLOW_DEBUG"] = "1"
+
+
+@app.command()
+def up(
+    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs the Ray head offers.")] = None,
+    num_gpus: Annotated[Optional[int], typer.Option(help="GPUs the Ray head declares.")] = None,
+    no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Skip prefect deploy.")] = False,
+) -> None:
+    """Start the local stack (Prefect server, Ray head + Serve, Prefect worker), idempotently."""
+    from llmflow import settings, stack
+
+    settings.apply_offline_defaults()
+    parts = stack.up(num_cpus=num_cpus, num_gpus=num_gpus, with_deploy=not no_deploy, echo=_echo)
+    _print_status(parts)
+
+
+@app.command()
+def down() -> None:
+    """Stop exactly what `llmflow up` started (by recorded pid)."""
+    from llmflow import stack
+
+    stack.down(echo=_echo)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show each part of the local stack: URL, pid and health. Exit 1 if any is down."""
+    from llmflow import stack
+
+    parts = stack.status()
+    if as_json:
+        typer.echo(json.dumps(stack.status_dict(parts), indent=2))
+    else:
+        _print_status(parts)
+    if not all(p.healthy for p in parts):
+        raise typer.Exit(1)
+
+
+def _print_status(parts) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("part", "address", "pid", "health", "detail")
+    for p in parts:
+        health = "[green]healthy[/green]" if p.healthy else "[red]down[/red]"
+        table.add_row(p.name, p.url, str(p.pid or "-"), health, p.detail)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (file + --set overrides) as YAML."""
+    import yaml
+
+    from llmflow.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _prepare_environment(cfg) -> str:
+    """Point this process at the Prefect server and Ray head the config names, bringing the
+    local stack up when the config names none. Returns the Prefect API URL."""
+    from llmflow import settings, stack
+
+    settings.apply_offline_defaults()
+    s = settings.StackSettings.from_env()
+    if cfg.cluster.prefect_api_url:
+        api = cfg.cluster.prefect_api_url
+        if not stack.prefect_healthy(api, timeout=5):
+            raise StackError(f"Prefect server at {api} is not reachable (cluster.prefect_api_url)")
+    else:
+        if not stack.is_up(s):
+            _echo("Local stack is not fully running: starting it (llmflow up)...")
+            stack.up(s, echo=_echo)
+        os.environ.update(stack.client_env(s))
+        api = s.prefect_api_url
+    os.environ["PREFECT_API_URL"] = api
+    if cfg.cluster.ray_address:
+        addr = cfg.cluster.ray_address
+        if not addr.startswith("ray://") and addr != "auto":
+            host, _, port = addr.rpartition(":")
+            if not port.isdigit() or not stack.port_open(host or "127.0.0.1", int(port), 3):
+                raise StackError(f"Ray head at {addr} is not reachable (cluster.ray_address)")
+    return api
+
+
+def run_flow(name: str, cfg, echo=_echo):
+    """Run a flow of FLOWS in this process against the configured stack; return its state."""
+    import importlib
+
+    if name not in FLOWS:
+        raise LlmflowError(f"unknown flow '{name}'; choose one of: {', '.join(FLOWS)}")
+    _prepare_environment(cfg)
+    module, func = FLOWS[name].split(":")
+    flow_obj = getattr(importlib.import_module(module), func)
+
+    # Prefect logs the run's UI URL ("View at ...") as the run starts.
+    return flow_obj(config=cfg, return_state=True)
+
+
+@app.command()
+def run(
+    flow: Annotated[str, typer.Argument(help=f"Flow to run: {', '.join(FLOWS)}.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a flow from the command line; exit 0 only when its run Completed."""
+    from llmflow.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    state = run_flow(flow, cfg)
+    _finish(flow, state)
+
+
+def _finish(flow: str, state) -> None:
+    from prefect.settings import PREFECT_UI_URL
+
+    run_id = state.state_details.flow_run_id
+    url = f"{PREFECT_UI_URL.value()}/runs/flow-run/{run_id}"
+    if not state.is_completed():
+        raise RunFailed(f"flow '{flow}' ended {state.name}: {state.message or ''} (see {url})")
+    _echo(f"Flow '{flow}' Completed: {url}")
+
+
+@app.command()
+def demo(config: ConfigOpt = Path("configs/tiny.yaml"), set_: SetOpt = None) -> None:
+    """Bring the stack up and run the whole pipeline on the tiny default."""
+    from llmflow import stack
+    from llmflow.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    t0 = time.monotonic()
+    state = run_flow("pipeline", cfg)
+    _finish("pipeline", state)
+    _print_status(stack.status())
+    _echo(f"Demo finished in {time.monotonic() - t0:.0f}s.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: LlmflowError -> one line on stderr + its exit code.
+
+    Click handles usage errors itself (standalone mode: message and exit code 2).
+    """
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, prog_name="llmflow")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except LlmflowError as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for the one-line rule
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Pipeline configuration: one typed section per stage, loaded from YAML, overridable.
+
+Defaults live here; environment differences (laptop, cluster, GPU) live in configs/*.yaml.
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmflow.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys rejected, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "bundled",
+        description="Where the instruction data comes from: 'bundled' (the synthetic task "
+        "shipped with llmflow), a local JSONL/JSON/CSV/Parquet file or folder, a dataset "
+        "saved with save_to_disk, or a Hugging Face hub id.",
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows in the eval split.")
+    max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows.")
+    min_rows: int = Field(10, ge=1, description="Fail validation below this many clean rows.")
+    max_chars: int = Field(8000, ge=1, description="Drop examples longer than this.")
+    max_tokens: int = Field(512, ge=1, description="Drop examples longer than this many tokens.")
+    max_quarantine_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail the run when more rows than this are quarantined."
+    )
+    seed: int = Field(0, description="Seed of the bundled task's generator.")
+
+
+class TrainConfig(Section):
+    base_model: str = Field(
+        "tiny",
+        description="Base model: 'tiny' (built locally, deterministic), a local HF directory "
+        "or a hub id.",
+    )
+    model_name: str = Field("llmflow-tiny", description="Registry name of the fine-tuned model.")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
+    weight_decay: float = Field(0.0, ge=0)
+    lora: bool = Field(False, description="Train a LoRA adapter instead of all weights.")
+    lora_rank: int = Field(8, ge=1)
+    merge_lora: bool = Field(True, description="Merge the adapter into the base when saving.")
+    eval_every: int = Field(50, ge=1, description="Eval loss every N steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="Worker failures tolerated before giving up.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="Place each training worker on a GPU.")
+    cpus_per_worker: float = Field(1, gt=0)
+    seed: int = Field(0)
+
+
+class EvalConfig(Section):
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="'auto' picks vllm when importable and a GPU is present, else hf."
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
+    concurrency: int = Field(1, ge=1, description="Scoring actors.")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    max_examples: int | None = Field(None, ge=1, description="Score at most this many.")
+    extra_metrics: list[str] = Field(
+        default_factory=list, description="Dotted paths of extra metric functions."
+    )
+    vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class GateConfig(Section):
+    primary_metric: str = Field("exact_match", description="Metric the candidate must improve.")
+    min_improvement: float = Field(0.0, description="Margin over the champion's primary metric.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Absolute minimum per metric."
+    )
+    guardrails: dict[str, float] = Field(
+        default_factory=dict, description="Metric -> largest regression tolerated."
+    )
+    require_approval: bool = Field(False, description="Pause for a human decision in the UI.")
+    approval_timeout_s: int = Field(3600, ge=1)
+
+
+class ServeConfig(Section):
+    app_name: str = Field("llmflow", description="Ray Serve application name.")
+    route_prefix: str = Field("/", description="HTTP route of the application.")
+    engine: Literal["auto", "hf", "vllm"] = Field("auto")
+    num_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    api_key_env: str | None = Field(
+        None, description="Name of an environment variable holding the bearer API key."
+    )
+
+
+class ClusterConfig(Section):
+    ray_address: str | None = Field(
+        None,
+        description="Ray head address (host:port or ray://...). Empty means the local stack "
+        "started by 'llmflow up'.",
+    )
+    prefect_api_url: str | None = Field(
+        None, description="Prefect API URL. Empty means the local stack's server."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for Ray workers."
+    )
+
+
+class PipelineConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    """One line per problem: '<where>: <dotted.key>: <what is wrong>'."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key '{key}'")
+        else:
+            lines.append(f"{where}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse 'train.max_steps=50' into (['train', 'max_steps'], 50); values are YAML scalars."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each KEY=VALUE override set at its dotted path."""
+    out: dict[str, Any] = _deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one clear line for a missing file or malformed YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{p}: malformed YAML{at}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a PipelineConfig from a YAML file (or the defaults) with --set overrides applied.
+
+    Args:
+        path: a configs/*.yaml file; None starts from the defaults in code.
+        overrides: ``KEY=VALUE`` strings with dotted keys, applied after the file.
+
+    Returns:
+        The validated config. Raises ConfigError with one line naming the key and the file.
+    """
+    data = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "<defaults>"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        where = f"{where} (with --set)"
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, where)) from None

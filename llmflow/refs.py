@@ -1,0 +1,93 @@
+"""The small typed references that cross task boundaries; heavy data stays in the store."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Ref(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetRef(Ref):
+    """A prepared, validated, content-addressed dataset: datasets/<sha16>/ in the store."""
+
+    uri: str = Field(description="Directory holding train.parquet, eval.parquet, manifest.json.")
+    sha256: str = Field(description="sha256 of the normalised rows and the prep config.")
+    num_train: int = Field(ge=0)
+    num_eval: int = Field(ge=0)
+    num_quarantined: int = Field(0, ge=0)
+    validation_uri: str | None = None
+    source: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def short_sha(self) -> str:
+        return self.sha256[:16]
+
+
+class ModelRef(Ref):
+    """A registered model version: models/<name>/<version>/ in the store."""
+
+    uri: str
+    name: str
+    version: str
+    base_model: str
+    dataset_sha256: str | None = None
+    train_metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class EvalReport(Ref):
+    """Scores of one model on one eval split."""
+
+    model_uri: str
+    model_version: str
+    dataset_sha256: str
+    engine: str
+    metrics: dict[str, float]
+    num_examples: int = Field(ge=0)
+    predictions_uri: str | None = None
+    throughput: dict[str, float] = Field(
+        default_factory=dict, description="examples_per_s, tokens_per_s, latency percentiles."
+    )
+
+
+class GateRule(Ref):
+    name: str
+    passed: bool
+    reason: str
+
+
+class GateDecision(Ref):
+    passed: bool
+    rules: list[GateRule] = Field(default_factory=list)
+    approved_by: str | None = None
+    comment: str | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r.reason for r in self.rules]
+
+
+class SmokeTest(Ref):
+    passed: bool
+    checks: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Rollout(Ref):
+    """What promotion did: the version now served and the one it replaced."""
+
+    served_version: str | None
+    previous_version: str | None
+    endpoint: str | None = None
+    smoke_test: SmokeTest | None = None
+    rolled_back: bool = False
+    message: str = ""

@@ -1,0 +1,127 @@
+"""Where llmflow keeps its state, which ports the local stack binds, and the offline switches.
+
+Everything here is read from the environment when asked, never at import time, so a test
+or a second stack can point LLMFLOW_HOME and the ports elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Telemetry and hub access are off by default: on an offline machine they fail and slow
+# start-up (DESIGN.md, "Measured facts"). A user who has a network can set any of these.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_offline_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set each offline switch that is not already set (in ``env``, default os.environ)."""
+    target = os.environ if env is None else env
+    for key, value in OFFLINE_ENV.items():
+        target.setdefault(key, value)
+    return target  # type: ignore[return-value]
+
+
+def offline_env() -> dict[str, str]:
+    """The offline switches as they are in force now (user settings win over defaults)."""
+    return {k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}
+
+
+def home() -> Path:
+    """llmflow's state directory: LLMFLOW_HOME, else .llmflow/ in the working directory."""
+    return Path(os.environ.get("LLMFLOW_HOME") or Path.cwd() / ".llmflow").resolve()
+
+
+def default_store_uri() -> str:
+    return os.environ.get("LLMFLOW_STORE") or str(home() / "store")
+
+
+def project_dir() -> Path:
+    """The directory holding prefect.yaml and configs/ (the repository root)."""
+    env = os.environ.get("LLMFLOW_PROJECT_DIR")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve().parent.parent
+    if (here / "prefect.yaml").is_file():
+        return here
+    return Path.cwd().resolve()
+
+
+def _port(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        from llmflow.errors import ConfigError
+
+        raise ConfigError(f"environment variable {name}={raw!r}: expected a port number") from None
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Addresses of the local stack. Every port is bound to ``host`` (127.0.0.1 by default)."""
+
+    home: Path
+    host: str
+    prefect_port: int
+    ray_port: int
+    dashboard_port: int
+    serve_port: int
+    work_pool: str
+
+    @classmethod
+    def from_env(cls) -> StackSettings:
+        return cls(
+            home=home(),
+            host=os.environ.get("LLMFLOW_HOST", "127.0.0.1"),
+            prefect_port=_port("LLMFLOW_PREFECT_PORT", 4200),
+            ray_port=_port("LLMFLOW_RAY_PORT", 6379),
+            dashboard_port=_port("LLMFLOW_DASHBOARD_PORT", 8265),
+            serve_port=_port("LLMFLOW_SERVE_PORT", 8000),
+            work_pool=os.environ.get("LLMFLOW_WORK_POOL", "llmflow-local"),
+        )
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"{self.prefect_url}/api"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.host}:{self.ray_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.dashboard_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.host}:{self.serve_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "stack.json"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
