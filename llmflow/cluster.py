@@ -150,6 +150,25 @@ class ClusterTaskRunner(RayTaskRunner):
             self.connect()
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
 
+    @staticmethod
+    def _run_prefect_task(*upstream_ray_obj_refs: Any, **kwargs: Any) -> Any:
+        """Run the task in the Ray worker, then ship its logs before returning.
+
+        Prefect batches logs on a background thread; in a Ray worker that thread stalls once
+        the task returns to Ray's execution loop, and the logs never reach the server
+        (prefect issue #14494; seen here: none of a task's lines arrived). Flushing at the
+        end of each task delivers them.
+        """
+        try:
+            return RayTaskRunner._run_prefect_task(*upstream_ray_obj_refs, **kwargs)
+        finally:
+            from prefect.logging.handlers import APILogWorker
+
+            try:
+                APILogWorker.drain_all(timeout=10)
+            except Exception:  # noqa: BLE001 - losing log lines must not fail the task
+                log.warning("could not flush task logs to the Prefect API", exc_info=True)
+
     def __exit__(self, *exc_info: Any) -> None:
         import ray
 

@@ -36,6 +36,13 @@ class DataConfig(Section):
     max_quarantine_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the run when more rows than this are quarantined."
     )
+    max_duplicate_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fail validation when more than this share of a split's rows repeat an "
+        "id (a content hash) already in that split.",
+    )
     seed: int = Field(0, description="Seed of the bundled task's generator.")
 
 
@@ -128,15 +135,25 @@ class PipelineConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
-def _format_validation_error(err: ValidationError, where: str) -> str:
-    """One line per problem: '<where>: <dotted.key>: <what is wrong>'."""
+def _format_validation_error(
+    err: ValidationError, where: str, overridden: dict[str, str] | None = None
+) -> str:
+    """One line per problem: '<where>: <dotted.key>: <what is wrong>'.
+
+    ``where`` is the file, or the ``--set`` item when the key came from an override.
+    """
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        src = where
+        for okey, item in (overridden or {}).items():
+            if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
+                src = f"--set {item}"
+        where_ = src
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key '{key}'")
+            lines.append(f"{where_}: unknown key '{key}'")
         else:
-            lines.append(f"{where}: {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where_}: {key}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
@@ -205,10 +222,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     data = read_yaml(path) if path is not None else {}
     where = str(path) if path is not None else "<defaults>"
-    if overrides:
-        data = apply_overrides(data, overrides)
-        where = f"{where} (with --set)"
+    overrides = overrides or []
+    data = apply_overrides(data, overrides)
+    overridden = {item.partition("=")[0].strip(): item for item in overrides}
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, where)) from None
+        raise ConfigError(_format_validation_error(exc, where, overridden)) from None

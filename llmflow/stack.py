@@ -82,6 +82,7 @@ def client_env(s: StackSettings) -> dict[str, str]:
             "LLMFLOW_RAY_ADDRESS": s.ray_address,
             "LLMFLOW_SERVE_URL": s.serve_url,
             "LLMFLOW_PROJECT_DIR": str(project_dir()),
+            "LLMFLOW_WORK_POOL": s.work_pool,
         }
     )
     return env
@@ -165,14 +166,16 @@ def prefect_healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 
 def _ray_headers(s: StackSettings) -> dict[str, str]:
-    path = ray_token_path(s)
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or ray_token_path(s))
     token = os.environ.get("RAY_AUTH_TOKEN") or (path.read_text().strip() if path.exists() else "")
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def ray_healthy(s: StackSettings) -> bool:
+    """The head's GCS port accepts connections and its dashboard answers an authenticated
+    request (so the token we hand to clients is the one the head checks)."""
     return port_open(s.host, s.ray_port) and _http_ok(
-        f"{s.dashboard_url}/api/gcs_healthz", headers=_ray_headers(s)
+        f"{s.dashboard_url}/api/version", headers=_ray_headers(s)
     )
 
 

@@ -1,0 +1,116 @@
+"""Config loading: files, --set overrides, and one-line errors naming the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmflow.config import PipelineConfig, apply_overrides, load_config
+from llmflow.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_config_file_loads():
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files, "configs/ has no YAML files"
+    for f in files:
+        cfg = load_config(f)
+        assert isinstance(cfg, PipelineConfig)
+
+
+def test_tiny_is_the_cpu_default():
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    assert cfg.train.base_model == "tiny"
+    assert cfg.train.use_gpu is False
+    assert cfg.data.source == "bundled"
+
+
+def test_set_overrides_parse_yaml_scalars():
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        ["train.max_steps=50", "train.lora=true", "train.learning_rate=1e-4", "data.max_rows=7"],
+    )
+    assert cfg.train.max_steps == 50
+    assert cfg.train.lora is True
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.data.max_rows == 7
+
+
+def test_set_can_build_nested_maps():
+    cfg = load_config(None, ["gate.thresholds.exact_match=0.5", "cluster.env_vars.FOO=bar"])
+    assert cfg.gate.thresholds == {"exact_match": 0.5}
+    assert cfg.cluster.env_vars == {"FOO": "bar"}
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "unknown key 'train.max_stepz'" in msg and str(f) in msg
+    assert "\n" not in msg and e.value.exit_code == 2
+
+
+def test_unknown_section(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        load_config(f)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: lots\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "train.max_steps" in str(e.value) and "'lots'" in str(e.value)
+
+
+def test_out_of_range_value():
+    with pytest.raises(ConfigError, match="data.eval_fraction"):
+        load_config(None, ["data.eval_fraction=1.5"])
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match=r"^--set eval.batchsize=3: unknown key .eval.batchsize."):
+        load_config(None, ["eval.batchsize=3"])
+
+
+@pytest.mark.parametrize("bad", ["train.max_steps", "=3", "train.max_steps=[1,"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="--set"):
+        load_config(None, [bad])
+
+
+def test_override_into_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="'max_steps' is not a section"):
+        apply_overrides({"train": {"max_steps": 3}}, ["train.max_steps.x=1"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "malformed YAML at line" in str(e.value) and str(f) in str(e.value)
+
+
+def test_not_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(f)
+
+
+def test_config_round_trips_through_json():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.max_steps=5"])
+    again = PipelineConfig.model_validate_json(cfg.model_dump_json())
+    assert again == cfg
