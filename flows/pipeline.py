@@ -2,7 +2,7 @@
 
     llmflow run pipeline --config configs/tiny.yaml
 
-Stages land one issue at a time; this flow runs the ones that exist.
+Stages land one issue at a time; this flow runs the ones that exist (prepare).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from prefect import flow
 
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig
-from tasks.check import where_am_i
+from tasks.data import source_files
+from tasks.prepare import base_model, prepare_dataset
 
 
 @flow(name="pipeline", task_runner=ClusterTaskRunner(), log_prints=True)
@@ -19,7 +20,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     """Fine-tune and ship a model.
 
     Stages:
-        1. check the cluster (a task on Ray reports where it ran)
+        1. base-model: resolve the base model (the tiny model is built once and kept)
+        2. prepare-dataset: load, normalise, validate and version the data (cached)
     """
-    where = where_am_i.submit(0).result()
-    return {"cluster_check": where}
+    source_files(config.data.source)  # a missing path fails here, before any cluster work
+    model_uri = base_model.submit(config.train).result()
+    dataset = prepare_dataset.submit(config.data, model_uri).result()
+    return {"base_model": model_uri, "dataset": dataset.model_dump(mode="json")}

@@ -30,6 +30,7 @@ app = typer.Typer(
 # Flow name -> "module:function". Every flow takes `config: PipelineConfig`.
 FLOWS: dict[str, str] = {
     "pipeline": "flows.pipeline:pipeline",
+    "prepare": "flows.prepare:prepare",
     "check": "flows.check:check",
 }
 

@@ -83,6 +83,11 @@ def client_env(s: StackSettings) -> dict[str, str]:
             "LLMFLOW_SERVE_URL": s.serve_url,
             "LLMFLOW_PROJECT_DIR": str(project_dir()),
             "LLMFLOW_WORK_POOL": s.work_pool,
+            # Persisted task results (the prepare cache among them) in one place for every
+            # process of the stack: the CLI, the worker's flow runs and the Ray workers.
+            "PREFECT_LOCAL_STORAGE_PATH": os.environ.get(
+                "PREFECT_LOCAL_STORAGE_PATH", str(s.home / "results")
+            ),
         }
     )
     return env

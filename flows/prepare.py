@@ -1,0 +1,28 @@
+"""The prepare stage: load, normalise, validate (Great Expectations) and version the data.
+
+    llmflow run prepare --config configs/tiny.yaml [--set data.source=PATH]
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from llmflow.cluster import ClusterTaskRunner
+from llmflow.config import PipelineConfig
+from llmflow.refs import DatasetRef
+from tasks.data import source_files
+from tasks.prepare import base_model, prepare_dataset
+
+
+@flow(name="prepare", task_runner=ClusterTaskRunner(), log_prints=True)
+def prepare(config: PipelineConfig = PipelineConfig()) -> DatasetRef:
+    """Prepare the instruction data of ``config.data`` and return its DatasetRef.
+
+    Stages:
+        1. base-model: resolve the tokenizer's model (the tiny model is built once, kept)
+        2. prepare-dataset (on Ray): load -> normalise -> clean -> split -> validate -> store;
+           cached on the source's bytes and the prep config
+    """
+    source_files(config.data.source)  # a missing path fails here, before any cluster work
+    model_uri = base_model.submit(config.train).result()
+    return prepare_dataset.submit(config.data, model_uri).result()

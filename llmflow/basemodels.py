@@ -1,0 +1,60 @@
+"""Base models: the locally built tiny model, a local Hugging Face directory, or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llmflow.config import TrainConfig
+from llmflow.errors import LlmflowError
+from llmflow.store import Store
+
+
+class ModelError(LlmflowError):
+    """A base model is missing, unreadable, or not a causal language model."""
+
+
+def resolve_base_model(train: TrainConfig, store: Store | None = None) -> str:
+    """Where to load train.base_model from.
+
+    'tiny' builds the tiny Llama of configs/tiny.yaml (tokenizer trained on the bundled task)
+    once and keeps it in the store; a local directory is returned as an absolute path after a
+    check that it holds a model; anything else is taken as a hub id, which loads where the
+    network (or the HF cache) allows.
+    """
+    name = train.base_model
+    if name == "tiny":
+        from llmflow.bundled import bundled_path, read_examples
+        from llmflow.tinymodel import ensure_tiny_model, example_texts
+
+        texts = example_texts(read_examples(bundled_path()))
+        return ensure_tiny_model(store or Store(), texts, seed=train.seed)
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or os.sep in name and path.parent.exists():
+        if not path.is_dir():
+            raise ModelError(f"train.base_model: {path}: no such model directory")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"train.base_model: {path}: no config.json (not a Hugging Face model)")
+        return str(path.resolve())
+    return name
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer, never running code shipped with the model."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - one line naming the model and the cause
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"cannot load the tokenizer of {model_path}: {first}") from None
+
+
+def chat_token_counter(tokenizer):
+    """A function counting the tokens of a chat as the model sees it (its chat template)."""
+
+    def count(messages: list[dict[str, str]]) -> int:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        return len(ids)
+
+    return count
