@@ -1,0 +1,117 @@
+"""The prepare flow on the local stack: a DatasetRef in the store, a validation artifact in
+Prefect, a cache hit on a re-run, and a readable failure for bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+
+from llmflow.config import load_config
+from llmflow.refs import DatasetRef
+from llmflow.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _task_runs(client, flow_run_id):
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_prepare_leaves_a_dataset_and_a_validation_artifact_then_hits_the_cache(stack, prefect_client):
+    from flows.prepare import prepare
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    state = prepare(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    ref: DatasetRef = state.result()
+    store = Store()
+    manifest = store.read_json(store.rel(ref.uri), "manifest.json")
+    assert manifest["ref"]["sha256"] == ref.sha256 and ref.uri.endswith(ref.sha256[:16])
+    assert ref.num_train > 3000 and 300 < ref.num_eval < 500
+    import pyarrow.parquet as pq
+
+    train = pq.read_table(Path(ref.uri) / "train.parquet").to_pylist()
+    assert len(train) == ref.num_train
+    assert train[0]["messages"][-1]["role"] == "assistant" and train[0]["n_tokens"] > 0
+    validation = json.loads((Path(ref.uri) / "validation.json").read_text())
+    assert validation["success"] is True
+
+    run_id = state.state_details.flow_run_id
+    artifacts = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+    )
+    kinds = {a.key: a.type for a in artifacts}
+    assert kinds == {"dataset-validation": "table", "dataset-validation-report": "markdown"}
+    table = next(a for a in artifacts if a.type == "table")
+    assert "expect_table_row_count_to_be_between" in str(table.data)
+
+    again = prepare(config=cfg, return_state=True)
+    assert again.is_completed()
+    assert again.result() == ref
+    names = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in _task_runs(prefect_client, again.state_details.flow_run_id)}
+    assert names["prepare-dataset"] == "Cached"
+
+
+def test_bad_rows_past_the_bound_fail_with_a_readable_reason(stack, tmp_path):
+    rows = [json.dumps({"prompt": f"Reverse this number: {i}", "completion": str(i)[::-1]})
+            for i in range(1000, 1200)]  # fmt: skip
+    bad = ['{"prompt": "x"', json.dumps({"prompt": 5, "completion": "a"}),
+           json.dumps({"messages": [{"role": "wizard", "content": "hi"}]})] * 10  # fmt: skip
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join(rows + bad) + "\n")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "llmflow"), "run", "prepare", "--config",
+         "configs/tiny.yaml", "--set", f"data.source={f}", "--set", "data.min_rows=50"],
+        capture_output=True, text=True, env=dict(os.environ), cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1, proc.stderr
+    assert "validation failed: quarantined share 0.1304 > 0.05" in err[0]
+    qpath = err[0].split("quarantined rows: ")[1].split(" ")[0]
+    quarantined = [json.loads(x) for x in Path(qpath).read_text().splitlines()]
+    assert len(quarantined) == 30
+    assert {q["reason"] for q in quarantined} == {
+        "malformed JSON: Expecting ',' delimiter at column 15",
+        "prompt is int, expected a string",
+        "messages[0] has unknown role 'wizard'",
+    }
+    assert quarantined[0]["line"] == 201
+
+
+def test_within_the_bound_the_run_passes_and_keeps_the_quarantine(stack, tmp_path):
+    from flows.prepare import prepare
+
+    rows = [json.dumps({"prompt": f"Reverse this number: {i}", "completion": str(i)[::-1]})
+            for i in range(1000, 1300)]  # fmt: skip
+    f = tmp_path / "few-bad.jsonl"
+    f.write_text("\n".join(rows + ['{"prompt": 1, "completion": "x"}']) + "\n")
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.source={f}", "data.min_rows=50"])
+    state = prepare(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    ref = state.result()
+    assert ref.num_quarantined == 1
+    q = (Path(ref.uri) / "quarantine.jsonl").read_text().splitlines()
+    assert json.loads(q[0])["line"] == 301
+
+
+def test_missing_source_fails_before_any_cluster_work(stack):
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "llmflow"), "run", "prepare",
+         "--set", "data.source=/nonexistent/data.jsonl"],
+        capture_output=True, text=True, env=dict(os.environ), cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "data.source: /nonexistent/data.jsonl: no such file or directory" in proc.stderr
