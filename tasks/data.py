@@ -386,6 +386,9 @@ def _snippet(record: Any) -> str:
 
 
 # -- the whole transform ----------------------------------------------------------------------
+TOKEN_BATCH = 1024
+
+
 def prepare_records(
     records: Iterator[Record],
     *,
@@ -393,21 +396,40 @@ def prepare_records(
     max_chars: int,
     max_tokens: int,
     max_rows: int | None = None,
-    count_tokens: Callable[[list[dict[str, str]]], int] | None = None,
+    count_tokens: Callable[[list[list[dict[str, str]]]], list[int]] | None = None,
 ) -> Prepared:
     """Normalise, clean, de-duplicate, bound and split records (pure: no I/O of its own).
 
     Args:
         records: (source, line, record) triples from iter_records().
-        count_tokens: tokens of a rendered chat with the model's tokenizer; None skips the
-            token bound (n_tokens is then 0).
+        count_tokens: token counts of a batch of chats rendered with the model's tokenizer;
+            None skips the token bound (n_tokens is then 0).
 
     Returns:
         Prepared splits (rows: id, messages, n_chars, n_tokens) and the quarantined rows.
     """
     out = Prepared()
     seen: set[str] = set()
+    pending: list[tuple[str, int | None, Any, dict[str, Any]]] = []
     kept = 0
+
+    def flush() -> None:
+        nonlocal kept
+        counts = count_tokens([p[3]["messages"] for p in pending]) if count_tokens else None
+        for i, (source, line, record, row) in enumerate(pending):
+            if counts is not None:
+                row["n_tokens"] = counts[i]
+                if counts[i] > max_tokens:
+                    reason = f"too long: {counts[i]} tokens > data.max_tokens={max_tokens}"
+                    out.quarantined.append(Quarantined(source, line, reason, _snippet(record)))
+                    continue
+            if max_rows is not None and kept >= max_rows:
+                out.num_truncated_by_max_rows += 1
+                continue
+            kept += 1
+            (out.eval if split_of(row["id"], eval_fraction) == "eval" else out.train).append(row)
+        pending.clear()
+
     for source, line, record in records:
         out.num_input += 1
         try:
@@ -419,23 +441,19 @@ def prepare_records(
                 raise RowError(f"too long: {n_chars} characters > data.max_chars={max_chars}")
             if n_chars < MIN_CHARS:
                 raise RowError(f"near-empty: {n_chars} characters")
-            eid = example_id(messages)
-            if eid in seen:
-                out.num_duplicates += 1
-                continue
-            n_tokens = count_tokens(messages) if count_tokens else 0
-            if count_tokens and n_tokens > max_tokens:
-                raise RowError(f"too long: {n_tokens} tokens > data.max_tokens={max_tokens}")
         except RowError as exc:
             out.quarantined.append(Quarantined(source, line, str(exc), _snippet(record)))
             continue
-        seen.add(eid)
-        if max_rows is not None and kept >= max_rows:
-            out.num_truncated_by_max_rows += 1
+        eid = example_id(messages)
+        if eid in seen:
+            out.num_duplicates += 1
             continue
-        kept += 1
-        row = {"id": eid, "messages": messages, "n_chars": n_chars, "n_tokens": n_tokens}
-        (out.eval if split_of(eid, eval_fraction) == "eval" else out.train).append(row)
+        seen.add(eid)
+        row = {"id": eid, "messages": messages, "n_chars": n_chars, "n_tokens": 0}
+        pending.append((source, line, record, row))
+        if len(pending) >= TOKEN_BATCH:
+            flush()
+    flush()
     return out
 
 

@@ -175,7 +175,7 @@ def test_cleaning_nfc_whitespace_and_duplicates(tmp_path):
 
 def test_token_limit_uses_the_counter(tmp_path):
     f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a " * n, "completion": "b"} for n in (1, 5, 50)])
-    out = prep(f, max_tokens=20, count_tokens=lambda m: sum(len(x["content"].split()) for x in m))
+    out = prep(f, max_tokens=20, count_tokens=lambda chats: [sum(len(x["content"].split()) for x in m) for m in chats])
     assert sorted(r["n_tokens"] for r in out.train + out.eval) == [2, 6]
     assert [q.reason for q in out.quarantined] == ["too long: 51 tokens > data.max_tokens=20"]
 
