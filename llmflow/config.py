@@ -149,11 +149,10 @@ def _format_validation_error(
         for okey, item in (overridden or {}).items():
             if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
                 src = f"--set {item}"
-        where_ = src
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where_}: unknown key '{key}'")
+            lines.append(f"{src}: unknown key '{key}'")
         else:
-            lines.append(f"{where_}: {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{src}: {key}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
