@@ -1,0 +1,328 @@
+"""The OpenAI-compatible Ray Serve application on the hf engine (transformers generate).
+
+
+    serve run deployments.openai_app:build_app model_path=/path/to/model model_name=llmflow-tiny
+
+Endpoints: GET /health, GET /v1/models (with version and lineage), POST /v1/completions and
+/v1/chat/completions (streaming over SSE with "stream": true). Requests that arrive together
+are generated in one batch (`@serve.batch`): batched generate is what serving speed rests on
+(18x one-at-a-time on the tiny model, DESIGN.md). Errors are OpenAI-style JSON: 400 bad input,
+401 missing or wrong key (when an API key is set), 404 unknown model, 413 prompt too long.
+
+No `from __future__ import annotations` here: FastAPI reads the route annotations at
+runtime, and with string annotations on methods wrapped by serve.ingress it took the
+request body for a query parameter.
+"""
+
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from ray import serve
+
+api = FastAPI(title="llmflow OpenAI-compatible API")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None,
+                 param: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}  # fmt: skip
+        return JSONResponse(body, status_code=self.status)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    return APIError(400, f"{param or 'request'}: {first['msg']}", "invalid_request_error",
+                    "invalid_value", param).response()  # fmt: skip
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Sampling(BaseModel):
+    model: str
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    seed: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+@dataclass
+class GenJob:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+@dataclass
+class GenResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
+    """One generate call for jobs that share sampling settings (left padding, KV cache)."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(j.prompt_ids) for j in jobs)
+    ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(jobs), width), dtype=torch.long)
+    for i, j in enumerate(jobs):
+        ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
+        mask[i, width - len(j.prompt_ids):] = 1
+    first = jobs[0]
+    kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_tokens for j in jobs), "pad_token_id": pad}
+    if first.temperature > 0:
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        kwargs |= {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+    else:
+        kwargs |= {"do_sample": False}
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
+    results = []
+    eos = tokenizer.eos_token_id
+    for i, j in enumerate(jobs):
+        new = out[i, width:].tolist()[: j.max_tokens]
+        finish = "length"
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+            finish = "stop"
+        new = [t for t in new if t != pad]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        results.append(GenResult(text, len(j.prompt_ids), len(new), finish))
+    return results
+
+
+def usage(results: list[GenResult]) -> dict:
+    p = sum(r.prompt_tokens for r in results)
+    c = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@serve.deployment(name="llm", ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class OpenAIServer:
+    """Serves one registered model version over the OpenAI API."""
+
+    def __init__(self, model_path: str, model_name: str, version: str = "",
+                 lineage: dict | None = None, api_key_env: str | None = None,
+                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
+                 device: str = "auto"):  # fmt: skip
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_name, self.version, self.lineage = model_name, version, lineage or {}
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, use_safetensors=True, trust_remote_code=False
+        )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(device).eval()
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        # The key's value stays in the replica's environment: never in the config or logs.
+        self._api_key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not self._api_key:
+            raise RuntimeError(f"serve.api_key_env: environment variable {api_key_env} is not set")
+        self._generate.set_max_batch_size(max_batch_size)
+        self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._lock = threading.Lock()  # generate is not re-entrant on one model
+
+    # -- checks -------------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if not self._api_key:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
+                           "authentication_error", "missing_api_key")  # fmt: skip
+        if header.removeprefix("Bearer ").strip() != self._api_key:
+            raise APIError(401, "Incorrect API key provided.", "authentication_error",
+                           "invalid_api_key")  # fmt: skip
+
+    def _check_model(self, name: str) -> None:
+        if name not in (self.model_name, f"{self.model_name}:{self.version}"):
+            raise APIError(404, f"The model '{name}' does not exist; this server serves "
+                           f"'{self.model_name}' (version {self.version}).",
+                           "invalid_request_error", "model_not_found", "model")  # fmt: skip
+
+    def _job(self, prompt_ids: list[int], req: _Sampling) -> GenJob:
+        if len(prompt_ids) + req.max_tokens > self.context:
+            raise APIError(413, f"Prompt of {len(prompt_ids)} tokens plus max_tokens "
+                           f"{req.max_tokens} exceeds the model's context of {self.context} tokens.",
+                           "invalid_request_error", "context_length_exceeded", "prompt")  # fmt: skip
+        return GenJob(prompt_ids, req.max_tokens, req.temperature, req.top_p, req.seed)
+
+    def _chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        enc = self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True,
+            return_dict=True,
+        )  # fmt: skip
+        return list(enc["input_ids"])
+
+    def _text_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    # -- generation ---------------------------------------------------------------------------
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _generate(self, jobs: list[GenJob]) -> list[GenResult]:
+        # Jobs with different sampling settings cannot share one generate call.
+        groups: dict[tuple, list[int]] = {}
+        for i, j in enumerate(jobs):
+            groups.setdefault((j.temperature, j.top_p, j.seed), []).append(i)
+        results: list[GenResult | None] = [None] * len(jobs)
+        for idx in groups.values():
+            with self._lock:
+                outs = await asyncio.to_thread(generate_batch, self.model, self.tokenizer,
+                                               [jobs[i] for i in idx])  # fmt: skip
+            for i, r in zip(idx, outs):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    async def _stream(self, job: GenJob, make_chunk, final_chunk):
+        """SSE: one event per decoded piece, then the final chunk and [DONE]."""
+        from transformers import TextIteratorStreamer
+
+        import torch
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        ids = torch.tensor([job.prompt_ids], device=self.model.device)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                  "max_new_tokens": job.max_tokens, "streamer": streamer,
+                                  "pad_token_id": self.tokenizer.pad_token_id}  # fmt: skip
+        if job.temperature > 0:
+            kwargs |= {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
+
+        def run():
+            with self._lock, torch.inference_mode():
+                self.model.generate(**kwargs)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        loop = asyncio.get_running_loop()
+        while True:
+            piece = await loop.run_in_executor(None, lambda: next(streamer, None))
+            if piece is None:
+                break
+            if piece:
+                yield f"data: {json.dumps(make_chunk(piece))}\n\n"
+        thread.join()
+        yield f"data: {json.dumps(final_chunk())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # -- routes -------------------------------------------------------------------------------
+    @api.get("/health")
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name, "version": self.version}
+
+    @api.get("/v1/models")
+    def models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": 0, "owned_by": "llmflow",
+            "version": self.version, "lineage": self.lineage, "context_length": self.context,
+        }]}  # fmt: skip
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._auth(request)
+        self._check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or any(not p for p in prompts):
+            raise APIError(400, "prompt: must be a non-empty string or list of strings",
+                           "invalid_request_error", "invalid_value", "prompt")  # fmt: skip
+        jobs = [self._job(self._text_ids(p), body) for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            if len(jobs) != 1:
+                raise APIError(400, "stream: supported for a single prompt", "invalid_request_error",
+                               "invalid_value", "stream")  # fmt: skip
+            base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+            return StreamingResponse(self._stream(
+                jobs[0],
+                lambda t: base | {"choices": [{"index": 0, "text": t, "finish_reason": None}]},
+                lambda: base | {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+            ), media_type="text/event-stream")  # fmt: skip
+        results = await asyncio.gather(*(self._generate(j) for j in jobs))
+        return {
+            "id": rid, "object": "text_completion", "created": created, "model": body.model,
+            "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                         "logprobs": None} for i, r in enumerate(results)],
+            "usage": usage(results),
+        }  # fmt: skip
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, request: Request):
+        self._auth(request)
+        self._check_model(body.model)
+        job = self._job(self._chat_ids(body.messages), body)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            base = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": body.model}  # fmt: skip
+            return StreamingResponse(self._stream(
+                job,
+                lambda t: base | {"choices": [{"index": 0, "delta": {"content": t},
+                                               "finish_reason": None}]},
+                lambda: base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            ), media_type="text/event-stream")  # fmt: skip
+        r = await self._generate(job)
+        return {
+            "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
+                         "finish_reason": r.finish_reason}],
+            "usage": usage([r]),
+        }  # fmt: skip
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run` / serve configs: args are OpenAIServer's kwargs plus
+    num_replicas (and optional autoscaling_config)."""
+    args = dict(args)
+    options: dict[str, Any] = {}
+    if "autoscaling_config" in args:
+        options["autoscaling_config"] = args.pop("autoscaling_config")
+    elif "num_replicas" in args:
+        options["num_replicas"] = int(args.pop("num_replicas"))
+    if "num_cpus" in args:
+        options["ray_actor_options"] = {"num_cpus": float(args.pop("num_cpus"))}
+    return OpenAIServer.options(**options).bind(**args)
