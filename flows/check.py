@@ -11,12 +11,12 @@ from __future__ import annotations
 from prefect import flow
 
 from llmflow.cluster import ClusterTaskRunner
-from llmflow.config import PipelineConfig
+from llmflow.config import PipelineConfig, default_config
 from tasks.check import where_am_i
 
 
 @flow(name="check", task_runner=ClusterTaskRunner(), log_prints=True)
-def check(config: PipelineConfig = PipelineConfig(), tasks: int = 3) -> list[dict]:
+def check(config: PipelineConfig = default_config(), tasks: int = 3) -> list[dict]:
     """Run ``tasks`` small tasks on the cluster; return where each ran.
 
     Stages: where_am_i x tasks (on Ray workers).

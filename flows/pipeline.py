@@ -10,13 +10,13 @@ from __future__ import annotations
 from prefect import flow
 
 from llmflow.cluster import ClusterTaskRunner
-from llmflow.config import PipelineConfig
+from llmflow.config import PipelineConfig, default_config
 from tasks.data import source_files
 from tasks.prepare import base_model, prepare_dataset
 
 
 @flow(name="pipeline", task_runner=ClusterTaskRunner(), log_prints=True)
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+def pipeline(config: PipelineConfig = default_config()) -> dict:
     """Fine-tune and ship a model.
 
     Stages:

@@ -8,14 +8,14 @@ from __future__ import annotations
 from prefect import flow
 
 from llmflow.cluster import ClusterTaskRunner
-from llmflow.config import PipelineConfig
+from llmflow.config import PipelineConfig, default_config
 from llmflow.refs import DatasetRef
 from tasks.data import source_files
 from tasks.prepare import base_model, prepare_dataset
 
 
 @flow(name="prepare", task_runner=ClusterTaskRunner(), log_prints=True)
-def prepare(config: PipelineConfig = PipelineConfig()) -> DatasetRef:
+def prepare(config: PipelineConfig = default_config()) -> DatasetRef:
     """Prepare the instruction data of ``config.data`` and return its DatasetRef.
 
     Stages:

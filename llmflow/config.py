@@ -228,3 +228,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, where, overridden)) from None
+
+
+def default_config() -> PipelineConfig:
+    """The project's configs/tiny.yaml when present, else the defaults in code.
+
+    Flows take it as their `config` parameter's default, so the form the Prefect UI renders
+    for a deployment starts from the tiny CPU default, the config a newcomer runs.
+    """
+    from llmflow.settings import project_dir
+
+    tiny = project_dir() / "configs" / "tiny.yaml"
+    return load_config(tiny) if tiny.is_file() else PipelineConfig()
