@@ -1,0 +1,188 @@
+"""Promotion: roll a model version out on Ray Serve, smoke-test it over HTTP, then move the
+champion alias; on any failure roll back to what was served before.
+
+It runs as one Prefect transaction: `deploy_version` registers an on_rollback hook that puts
+the previous version back (or removes the app when there was none), so a failed smoke test
+or alias update undoes the deployment. Serve's in-place update is rolling (new replicas
+start before old ones stop), so requests keep being answered during a rollout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from llmflow.config import ClusterConfig, ServeConfig
+from llmflow.errors import LlmflowError
+from llmflow.refs import ModelRef, Rollout, SmokeTest
+
+SMOKE_PROMPTS = ("Reverse this number: 1234", "Reverse this number: 905")
+
+
+class RolloutError(LlmflowError):
+    """A deployment did not become healthy, or its smoke test failed."""
+
+
+def serve_url(cluster: ClusterConfig) -> str:
+    import os
+
+    from llmflow.settings import StackSettings
+
+    return os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
+
+
+def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
+    """The Serve application's arguments for a model version (no secrets: only the key's
+    environment variable name travels)."""
+    return {
+        "model_path": model.uri,
+        "model_name": model.name,
+        "version": model.version,
+        "lineage": {"base_model": model.base_model, "dataset_sha256": model.dataset_sha256,
+                    "train_metrics": model.train_metrics},  # fmt: skip
+        "api_key_env": serve_cfg.api_key_env,
+        "num_replicas": serve_cfg.num_replicas,
+        "max_batch_size": serve_cfg.max_batch_size,
+        "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
+    }
+
+
+def connect(cluster: ClusterConfig) -> None:
+    import ray
+
+    from llmflow.cluster import ray_init_kwargs, resolve_ray_address
+
+    if not ray.is_initialized():
+        ray.init(resolve_ray_address(cluster), **ray_init_kwargs(cluster))
+
+
+def served_version(serve_cfg: ServeConfig, base_url: str) -> str | None:
+    """The version the app answers with now (None when nothing is served)."""
+    try:
+        r = httpx.get(f"{base_url}{_prefix(serve_cfg)}/health", timeout=5)
+        return r.json().get("version") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _prefix(serve_cfg: ServeConfig) -> str:
+    return serve_cfg.route_prefix.rstrip("/")
+
+
+def deploy(serve_cfg: ServeConfig, model: ModelRef, timeout_s: float = 300) -> None:
+    """Deploy (or update in place) the app on the running Serve cluster; wait until RUNNING."""
+    from ray import serve
+
+    from deployments.openai_app import build_app
+
+    try:
+        # serve.run returns once the app is RUNNING and raises when it cannot get there.
+        serve.run(build_app(app_args(serve_cfg, model)), name=serve_cfg.app_name,
+                  route_prefix=serve_cfg.route_prefix)  # fmt: skip
+    except RuntimeError as exc:
+        raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
+                           f"{model.name}:{model.version}: {str(exc)[:300]}") from None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(serve_cfg.app_name)
+        status = str(getattr(app, "status", ""))
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith("DEPLOY_FAILED"):
+            raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
+                               f"{model.name}:{model.version}: {app.message[:300]}")  # fmt: skip
+        time.sleep(1)
+    raise RolloutError(f"Serve app '{serve_cfg.app_name}' not RUNNING after {timeout_s:.0f}s")
+
+
+def smoke_test(serve_cfg: ServeConfig, model: ModelRef, base_url: str,
+               api_key: str | None = None) -> SmokeTest:  # fmt: skip
+    """Real HTTP requests against the served app: the right version answers, and answers."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = f"{base_url}{_prefix(serve_cfg)}"
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks.append({"check": name, "passed": bool(ok), "detail": detail})
+
+    try:
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+        served = models.json()["data"][0] if models.status_code == 200 else {}
+        check("models", served.get("version") == model.version,
+              f"HTTP {models.status_code}, serving version {served.get('version')!r}")  # fmt: skip
+        for prompt in SMOKE_PROMPTS:
+            r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={
+                "model": model.name, "max_tokens": 16,
+                "messages": [{"role": "user", "content": prompt}]})  # fmt: skip
+            body = r.json() if r.status_code == 200 else {}
+            text = body.get("choices", [{}])[0].get("message", {}).get("content")
+            check(f"chat: {prompt}", r.status_code == 200 and isinstance(text, str)
+                  and body["usage"]["completion_tokens"] > 0,
+                  f"HTTP {r.status_code}, answer {text!r}")  # fmt: skip
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        check("http", False, f"{type(exc).__name__}: {exc}")
+    return SmokeTest(passed=all(c["passed"] for c in checks), checks=checks)
+
+
+@task(name="deploy-version", cache_policy=NO_CACHE)
+def deploy_version(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef,
+                   previous: ModelRef | None) -> str:  # fmt: skip
+    """Roll the version out in place; the transaction remembers what to restore."""
+    from prefect.transactions import get_transaction
+
+    connect(cluster)
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("serve_cfg", serve_cfg)
+        txn.set("previous", previous)
+    try:
+        deploy(serve_cfg, model)
+    except RolloutError:
+        # A failed task registers no rollback hook: undo its own half-done update here.
+        # (Serve keeps the old replicas, but marks the app failed until the next deploy.)
+        restore(serve_cfg, previous)
+        raise
+    get_run_logger().info("Serving %s:%s on app '%s'", model.name, model.version, serve_cfg.app_name)
+    return model.version
+
+
+def restore(serve_cfg: ServeConfig, previous: ModelRef | None) -> None:
+    """Serve ``previous`` again, or remove the app when nothing was served before."""
+    from ray import serve
+
+    if previous is not None:
+        deploy(serve_cfg, previous)
+    else:
+        serve.delete(serve_cfg.app_name)
+
+
+@deploy_version.on_rollback
+def _restore_previous(txn) -> None:
+    restore(txn.get("serve_cfg"), txn.get("previous"))
+
+
+@task(name="smoke-test", cache_policy=NO_CACHE)
+def check_served(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef) -> SmokeTest:
+    import os
+
+    key = os.environ.get(serve_cfg.api_key_env) if serve_cfg.api_key_env else None
+    result = smoke_test(serve_cfg, model, serve_url(cluster), key)
+    if not result.passed:
+        failed = "; ".join(f"{c['check']}: {c['detail']}" for c in result.checks if not c["passed"])
+        raise RolloutError(f"smoke test of {model.name}:{model.version} failed: {failed}")
+    return result
+
+
+def summary(rollout: Rollout) -> str:
+    lines = [f"## Rollout: {'rolled back' if rollout.rolled_back else 'done'}", "",
+             f"- served version: `{rollout.served_version}`",
+             f"- previous version: `{rollout.previous_version}`",
+             f"- endpoint: {rollout.endpoint}", f"- {rollout.message}"]  # fmt: skip
+    if rollout.smoke_test:
+        lines += ["", "| check | passed | detail |", "| --- | --- | --- |"]
+        lines += [f"| {c['check']} | {c['passed']} | {c['detail']} |" for c in rollout.smoke_test.checks]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Promotion on the local stack: rolling update with no failed request, smoke test, alias
+move, idempotence, and rollback of a version that cannot serve."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+
+from llmflow import aliases, registry
+from llmflow.config import load_config
+from llmflow.store import Store
+
+pytestmark = pytest.mark.slow
+NAME = "promote-test"
+
+
+@pytest.fixture(scope="module")
+def versions(stack, tmp_path_factory):
+    """Two servable versions (same tiny weights, different version ids) and a broken one."""
+    from llmflow.basemodels import resolve_base_model
+    from llmflow.config import TrainConfig
+
+    base = resolve_base_model(TrainConfig())
+    store = Store()
+    good = [registry.register_version(store, NAME, base, base_model="tiny") for _ in range(2)]
+    broken_dir = tmp_path_factory.mktemp("broken")
+    shutil.copytree(base, broken_dir, dirs_exist_ok=True)
+    (broken_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken = registry.register_version(store, NAME, broken_dir, base_model="tiny")
+    return good[0], good[1], broken
+
+
+@pytest.fixture(scope="module")
+def cfg(stack):
+    return load_config(None, [f"train.model_name={NAME}", "serve.app_name=promote-test",
+                              "serve.route_prefix=/promote"])  # fmt: skip
+
+
+def test_promote_rolls_out_without_failed_requests_and_moves_the_alias(stack, versions, cfg):
+    from flows.promote import promote
+
+    v1, v2, _ = versions
+    first = promote(config=cfg, candidate=v1)
+    assert first.served_version == v1.version and first.smoke_test.passed
+    assert aliases.read_aliases(Store(), NAME)["champion"] == v1.version
+
+    url = f"{stack.serve_url}/promote/v1/chat/completions"
+    body = {"model": NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "Reverse 12"}]}
+    results: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set() and len(results) < 2000:
+                try:
+                    results.append(client.post(url, json=body).status_code)
+                except httpx.HTTPError:
+                    results.append(-1)
+                time.sleep(0.05)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        second = promote(config=cfg, candidate=v2)
+    finally:
+        stop.set()
+        t.join()
+    assert second.served_version == v2.version and second.previous_version == v1.version
+    assert aliases.read_aliases(Store(), NAME) == {"champion": v2.version, "previous": v1.version}
+    failed = [c for c in results if c != 200]
+    assert len(results) > 20 and failed == [], f"{len(failed)} of {len(results)} requests failed"
+    served = httpx.get(f"{stack.serve_url}/promote/v1/models", timeout=30).json()["data"][0]
+    assert served["version"] == v2.version
+
+
+def test_promoting_the_champion_again_changes_nothing(stack, versions, cfg):
+    from flows.promote import promote
+
+    _, v2, _ = versions
+    before = aliases.read_aliases(Store(), NAME)
+    again = promote(config=cfg, candidate=v2)
+    assert "nothing changed" in again.message
+    assert aliases.read_aliases(Store(), NAME) == before
+
+
+def test_a_version_that_cannot_serve_is_rolled_back(stack, versions, cfg):
+    from flows.promote import promote
+
+    _, v2, broken = versions
+    before = aliases.read_aliases(Store(), NAME)
+    state = promote(config=cfg, candidate=broken, return_state=True)
+    assert state.is_failed()
+    assert "rolled back" in state.message
+    assert aliases.read_aliases(Store(), NAME) == before
+    served = httpx.get(f"{stack.serve_url}/promote/health", timeout=30).json()
+    assert served["version"] == v2.version
