@@ -31,6 +31,7 @@ app = typer.Typer(
 FLOWS: dict[str, str] = {
     "pipeline": "flows.pipeline:pipeline",
     "prepare": "flows.prepare:prepare",
+    "finetune": "flows.finetune:finetune",
     "check": "flows.check:check",
 }
 

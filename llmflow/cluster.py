@@ -130,6 +130,11 @@ class ClusterTaskRunner(RayTaskRunner):
         cluster = self.cluster or _cluster_from_run_context() or ClusterConfig()
         self.address = self.address or resolve_ray_address(cluster)
         self.init_kwargs = {**ray_init_kwargs(cluster), **self.init_kwargs}
+        if self.address and not self.address.startswith("ray://"):
+            # Ray Train's helper actors call the state API without an address; with several
+            # clusters on one machine they would pick "the latest" one, not this one.
+            env = self.init_kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env.setdefault("RAY_ADDRESS", self.address)
         if ray.is_initialized():
             self._owns_ray = False
         else:
@@ -168,10 +173,10 @@ class ClusterTaskRunner(RayTaskRunner):
 
             try:
                 APILogWorker.drain_all(timeout=10)
-            except Exception:  # noqa: BLE001 - losing log lines must not fail the task
+            except Exception:
                 log.warning("could not flush task logs to the Prefect API", exc_info=True)
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         import ray
 
         if self._owns_ray and ray.is_initialized() and ray.get_runtime_context().worker.mode == 0:

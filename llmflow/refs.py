@@ -45,6 +45,20 @@ class ModelRef(Ref):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class TrainRun(Ref):
+    """Where a Ray Train run ended: its directory, final checkpoint, loss history and metrics."""
+
+    uri: str = Field(description="The run's directory (Ray Train storage: checkpoints).")
+    checkpoint_uri: str = Field(description="The latest checkpoint (the last step trained).")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    history: dict[str, list] = Field(
+        default_factory=dict, description="train: [step, loss, lr] rows; eval: [step, loss]."
+    )
+    device: str = ""
+    node_id: str = ""
+    world_size: int = 1
+
+
 class EvalReport(Ref):
     """Scores of one model on one eval split."""
 

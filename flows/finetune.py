@@ -1,0 +1,44 @@
+"""The finetune stage: supervised fine-tuning on Ray Train, resumable, registered with lineage.
+
+    llmflow run finetune --config configs/tiny.yaml [--set train.max_steps=50]
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect_ray.context import remote_options
+
+from llmflow.cluster import ClusterTaskRunner
+from llmflow.config import PipelineConfig, default_config
+from llmflow.refs import DatasetRef, ModelRef
+from tasks.data import source_files
+from tasks.prepare import base_model, prepare_dataset
+from tasks.training import check_inputs, register_model, train_model
+
+
+@flow(name="finetune", task_runner=ClusterTaskRunner(), log_prints=True)
+def finetune(
+    config: PipelineConfig = default_config(), dataset: DatasetRef | None = None
+) -> ModelRef:
+    """Fine-tune ``config.train.base_model`` on ``dataset`` (prepared here when not given).
+
+    Stages:
+        1. base-model: resolve the base model (the tiny model is built once and kept)
+        2. prepare-dataset (only without ``dataset``): as the prepare flow, cached
+        3. train-model (on Ray): a TorchTrainer run keyed by its inputs, so a re-run resumes
+           from its latest checkpoint; the task itself reserves no CPU or GPU, the trainer's
+           workers do (ray issue #32856)
+        4. register-model: the final checkpoint as a HF directory, a new registry version with
+           its lineage, the loss curve as artifacts
+    """
+    check_inputs(config.train, dataset)  # bad model or dataset fails here, before cluster work
+    if dataset is None:
+        source_files(config.data.source)
+    model_uri = base_model.submit(config.train).result()
+    if dataset is None:
+        dataset = prepare_dataset.submit(config.data, model_uri).result()
+    with remote_options(num_cpus=0, num_gpus=0):
+        run = train_model.submit(config.train, dataset, model_uri).result()
+    return register_model.submit(
+        config.train, dataset, model_uri, run, config.model_dump(mode="json")
+    ).result()

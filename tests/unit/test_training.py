@@ -1,0 +1,261 @@
+"""The pure parts of the finetune stage, without Ray: masking, batching, schedule, checks, export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from llmflow.basemodels import ModelError
+from llmflow.bundled import generate_examples
+from llmflow.config import TrainConfig
+from llmflow.refs import DatasetRef
+from llmflow.tinymodel import build_tiny_model, example_texts
+from tasks.training import (
+    IGNORE_INDEX,
+    DatasetNotFound,
+    InsufficientResources,
+    NonFiniteLoss,
+    batch_indices,
+    check_causal_lm,
+    check_dataset,
+    check_finite_loss,
+    check_placeable,
+    collate,
+    encode_chat,
+    export_model,
+    is_checkpoint_step,
+    load_model,
+    loss_plot_png,
+    loss_table,
+    lr_at,
+    run_key,
+    trainable_state,
+)
+
+ROWS = generate_examples(200, seed=0)
+CHAT = [
+    {"role": "user", "content": "Reverse the digits: 1234"},
+    {"role": "assistant", "content": "4321"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), example_texts(ROWS), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny)
+
+
+# -- masking ---------------------------------------------------------------------------------
+def test_loss_targets_are_the_assistant_reply_and_its_end_token_only(tokenizer):
+    ids, labels = encode_chat(tokenizer, CHAT)
+    assert len(ids) == len(labels)
+    targets = [t for t in labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(targets) == "4321<|end|>"
+    # everything before the reply (bos, roles, the prompt) carries no loss
+    first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    assert "1234" in tokenizer.decode(ids[:first])
+    assert all(t == IGNORE_INDEX for t in labels[:first])
+
+
+def test_template_without_generation_blocks_targets_the_last_reply(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
+    _, labels = encode_chat(tok, CHAT)
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "4321<|end|>"
+
+
+def test_collate_pads_right_and_pads_carry_no_loss():
+    batch = [([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([5, 6], [IGNORE_INDEX, 6])]
+    b = collate(batch, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 6, IGNORE_INDEX]]
+
+
+def test_model_loss_counts_only_masked_tokens(tiny, tokenizer):
+    """The HF loss over our labels equals cross-entropy averaged over assistant tokens."""
+    import torch
+
+    model = load_model(str(tiny), TrainConfig())
+    b = collate([encode_chat(tokenizer, r["messages"]) for r in ROWS[:4]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model(**b)
+    logits, labels = out.logits[:, :-1], b["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    assert float(out.loss) == pytest.approx(float(manual), rel=1e-5)
+
+
+# -- batching, schedule, checks --------------------------------------------------------------
+def test_batches_are_a_pure_function_of_seed_and_step():
+    args = {"n": 50, "seed": 3, "grad_accum": 2, "world": 2, "batch_size": 4}
+    a = [batch_indices(step=s, micro=m, rank=r, **args) for s in range(20) for m in range(2) for r in range(2)]
+    b = [batch_indices(step=s, micro=m, rank=r, **args) for s in range(20) for m in range(2) for r in range(2)]
+    assert a == b
+    # ranks of one micro-batch are disjoint; consecutive slices walk whole epochs
+    assert not set(a[0]) & set(a[1])
+    flat = [i for batch in a for i in batch]
+    assert sorted(flat[:50]) == list(range(50)) and sorted(flat[50:100]) == list(range(50))
+    assert flat[:50] != flat[50:100]  # each epoch is shuffled anew
+    assert batch_indices(step=0, micro=0, rank=0, **{**args, "seed": 4}) != a[0]
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine():
+    peak, warmup, total = 1e-3, 10, 110
+    assert lr_at(0, peak, warmup, total) == pytest.approx(1e-4)
+    assert lr_at(4, peak, warmup, total) == pytest.approx(5e-4)
+    assert lr_at(9, peak, warmup, total) == pytest.approx(peak)
+    assert lr_at(10, peak, warmup, total) == pytest.approx(peak)
+    assert lr_at(60, peak, warmup, total) == pytest.approx(peak / 2)
+    assert lr_at(110, peak, warmup, total) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(0, peak, 0, total) == pytest.approx(peak)  # no warm-up
+    lrs = [lr_at(s, peak, warmup, total) for s in range(warmup, total)]
+    assert lrs == sorted(lrs, reverse=True)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_names_the_step(bad):
+    with pytest.raises(NonFiniteLoss, match=r"at step 17\b"):
+        check_finite_loss(bad, 17)
+    check_finite_loss(2.5, 17)
+
+
+def test_checkpoints_every_n_steps_and_at_the_end():
+    train = TrainConfig(max_steps=25, checkpoint_every=10)
+    assert [s for s in range(1, 26) if is_checkpoint_step(s, train)] == [10, 20, 25]
+
+
+def test_run_key_ignores_operational_fields():
+    base = TrainConfig()
+    key = run_key(base, "sha", "/m")
+    same = base.model_copy(update={"max_failures": 0, "checkpoint_every": 7, "model_name": "x"})
+    assert run_key(same, "sha", "/m") == key
+    assert run_key(base.model_copy(update={"learning_rate": 1e-4}), "sha", "/m") != key
+    assert run_key(base, "other", "/m") != key and run_key(base, "sha", "/n") != key
+
+
+NODE = {"Alive": True, "Resources": {"CPU": 2.0}}
+GPU_NODE = {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}
+
+
+def test_placeable_workers_pass():
+    check_placeable(TrainConfig(num_workers=2, cpus_per_worker=1), [NODE])
+    check_placeable(TrainConfig(num_workers=1, use_gpu=True), [NODE, GPU_NODE])
+
+
+def test_unplaceable_workers_fail_with_the_numbers():
+    with pytest.raises(InsufficientResources) as exc:
+        check_placeable(TrainConfig(num_workers=3, cpus_per_worker=1), [NODE])
+    msg = str(exc.value)
+    assert "num_workers=3" in msg and "needs 3 CPU" in msg and "has 2 CPU in total" in msg
+    with pytest.raises(InsufficientResources, match="needs .*2 GPU.* 1 GPU in total"):
+        check_placeable(TrainConfig(num_workers=2, use_gpu=True), [NODE, GPU_NODE])
+    # two 1.5-CPU workers do not fit on two 2-CPU nodes' worth... per node, only one each
+    check_placeable(TrainConfig(num_workers=2, cpus_per_worker=1.5), [NODE, NODE])
+    with pytest.raises(InsufficientResources, match="at most 1 such worker"):
+        check_placeable(TrainConfig(num_workers=2, cpus_per_worker=1.5), [NODE, {**NODE, "Alive": False}])
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)  # fmt: skip
+    with pytest.raises(ModelError, match=r"model type 'bert' is not a causal language model "
+                       r"\(architectures: BertForMaskedLM\)"):  # fmt: skip
+        check_causal_lm(str(tmp_path))
+
+
+def test_the_tiny_llama_is_a_causal_lm(tiny):
+    check_causal_lm(str(tiny))
+
+
+def test_a_directory_without_a_model_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="cannot read its config"):
+        check_causal_lm(str(tmp_path))
+
+
+def test_a_missing_dataset_is_refused(tmp_path):
+    ref = DatasetRef(uri=str(tmp_path / "datasets" / "nope"), sha256="ab" * 32, num_train=1, num_eval=1)
+    with pytest.raises(DatasetNotFound, match=r"datasets/nope: no manifest.json"):
+        check_dataset(ref)
+
+
+# -- export ----------------------------------------------------------------------------------
+def _perturbed_state(model, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in trainable_state(model).items()}
+
+
+def test_lora_merge_exports_a_plain_model_directory(tiny, tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train = TrainConfig(lora=True, lora_rank=4, merge_lora=True)
+    peft_model = load_model(str(tiny), train)
+    state = _perturbed_state(peft_model)
+    assert state and all("lora_" in k for k in state)  # only the adapter is trainable
+    peft_model.load_state_dict(state, strict=False)
+
+    assert export_model(str(tiny), state, train, tmp_path) == "merged"
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+    assert "adapter_config.json" not in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.tensor([encode_chat(tokenizer, CHAT)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(tiny)
+        assert not torch.allclose(base(ids).logits, merged(ids).logits)
+
+
+def test_unmerged_lora_exports_the_adapter_with_its_base(tiny, tmp_path):
+    train = TrainConfig(lora=True, lora_rank=4, merge_lora=False)
+    state = _perturbed_state(load_model(str(tiny), train))
+    assert export_model(str(tiny), state, train, tmp_path) == "adapter"
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_full_finetune_exports_the_trained_weights(tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train = TrainConfig()
+    model = load_model(str(tiny), train)
+    state = _perturbed_state(model)
+    assert export_model(str(tiny), state, train, tmp_path) == "full"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    name = "model.embed_tokens.weight"
+    torch.testing.assert_close(dict(loaded.named_parameters())[name], state[name])
+
+
+# -- artifacts -------------------------------------------------------------------------------
+HISTORY = {"train": [[s, 5.0 - s / 100, 1e-3] for s in range(1, 301)], "eval": [[150, 3.5], [300, 2.1]]}
+
+
+def test_loss_table_is_bounded_and_keeps_the_last_step():
+    rows = loss_table(HISTORY, max_rows=100)
+    assert len(rows) <= 101 and rows[0]["step"] == 1 and rows[-1]["step"] == 300
+    assert rows[-1]["eval_loss"] == 2.1
+
+
+def test_loss_plot_is_a_png():
+    assert loss_plot_png(HISTORY, "t")[:8] == b"\x89PNG\r\n\x1a\n"
