@@ -32,10 +32,21 @@ FLOWS: dict[str, str] = {
     "pipeline": "flows.pipeline:pipeline",
     "prepare": "flows.prepare:prepare",
     "finetune": "flows.finetune:finetune",
+    "evaluate": "flows.evaluate:evaluate",
+    "promote": "flows.promote:promote",
     "check": "flows.check:check",
 }
 
 _state = {"debug": False}
+
+
+def _add_subcommands() -> None:
+    from llmflow.cli_models import models_app
+
+    app.add_typer(models_app, name="models")
+
+
+_add_subcommands()
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="A configs/*.yaml file.")

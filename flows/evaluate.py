@@ -1,0 +1,50 @@
+"""The evaluate stage: batch scoring on Ray Data of a candidate and of the current champion.
+
+    llmflow run evaluate --config configs/tiny.yaml   (scores the latest registered version)
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect_ray.context import remote_options
+
+from llmflow.cluster import ClusterTaskRunner
+from llmflow.config import PipelineConfig, default_config
+from llmflow.refs import DatasetRef, EvalReport, ModelRef
+from tasks.data import source_files
+from tasks.evaluation import candidate_of, champion_model, compare_reports, score_model
+from tasks.prepare import base_model, prepare_dataset
+
+
+@flow(name="evaluate", task_runner=ClusterTaskRunner(), log_prints=True)
+def evaluate(
+    config: PipelineConfig = default_config(),
+    model: ModelRef | None = None,
+    dataset: DatasetRef | None = None,
+) -> dict[str, EvalReport]:
+    """Score ``model`` (default: the latest version of train.model_name) and the champion
+    (the base model when there is none) on the same eval split.
+
+    Stages:
+        1. prepare-dataset (only without ``dataset``): cached, as the prepare flow
+        2. score-model, candidate then champion (Ray Data; the tasks reserve no CPU, the
+           scoring actors do): cached
+           on model version, dataset and eval config
+        3. compare-reports: side-by-side table and the ten worst examples
+    """
+    candidate = candidate_of(model, config.train)
+    champ_uri, champ_version = champion_model(config.train)
+    if dataset is None:
+        source_files(config.data.source)
+        dataset = prepare_dataset.submit(config.data, base_model.submit(config.train).result()).result()
+    # One after the other: two Ray Data jobs at once would each hold their actors' CPUs and
+    # could starve each other's read tasks on a small cluster.
+    with remote_options(num_cpus=0):
+        reports = {
+            "candidate": score_model.submit(config.eval, candidate.uri, candidate.version,
+                                            dataset, "candidate").result(),
+            "champion": score_model.submit(config.eval, champ_uri, champ_version, dataset,
+                                           "champion").result(),
+        }  # fmt: skip
+    compare_reports(reports["candidate"], reports["champion"])
+    return reports

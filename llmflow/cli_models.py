@@ -1,0 +1,91 @@
+"""`llmflow models list | show | promote | rollback`: the registry from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+models_app = typer.Typer(help="The model registry: versions, lineage, champion.", no_args_is_help=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A configs/*.yaml file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key.")]
+
+
+@models_app.command("list")
+def list_(name: Annotated[Optional[str], typer.Argument(help="A model name.")] = None) -> None:
+    """Model names, or the versions of one model with their aliases and metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmflow import aliases, registry
+    from llmflow.store import Store
+
+    store = Store()
+    if name is None:
+        names = [n for n in store.listdir("models") if not n.startswith(("_", "."))]
+        for n in names:
+            champ = aliases.read_aliases(store, n).get("champion", "-")
+            typer.echo(f"{n}\tversions: {len(registry.list_versions(store, n))}\tchampion: {champ}")
+        if not names:
+            typer.echo(f"no models in {store.uri('models')}")
+        return
+    tags = {v: k for k, v in aliases.read_aliases(store, name).items()}
+    table = Table("version", "alias", "created", "base model", "dataset", "metrics")
+    for ref in registry.list_versions(store, name):
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(ref.train_metrics.items())[:4])
+        table.add_row(ref.version, tags.get(ref.version, ""), f"{ref.created_at:%Y-%m-%d %H:%M}",
+                      ref.base_model[-40:], (ref.dataset_sha256 or "-")[:16], metrics)  # fmt: skip
+    Console(width=160).print(table)
+
+
+@models_app.command()
+def show(name: str, version: Annotated[Optional[str], typer.Argument()] = None) -> None:
+    """A version's lineage manifest (default: the champion, else the latest)."""
+    from llmflow import aliases, registry
+    from llmflow.store import Store
+
+    store = Store()
+    version = version or aliases.read_aliases(store, name).get("champion")
+    ref = registry.get_version(store, name, version)
+    typer.echo(json.dumps(registry.read_manifest(store, name, ref.version), indent=2, default=str))
+
+
+def _promote(name: str, version: str | None, config: Path | None, set_: list[str] | None) -> None:
+    from llmflow import registry
+    from llmflow.cli import _prepare_environment, _echo
+    from llmflow.config import load_config
+    from llmflow.errors import RunFailed
+    from llmflow.store import Store
+
+    cfg = load_config(config, [*(set_ or []), f"train.model_name={name}"])
+    _prepare_environment(cfg)
+    from flows.promote import promote as promote_flow
+
+    candidate = registry.get_version(Store(), name, version)
+    state = promote_flow(config=cfg, candidate=candidate, return_state=True)
+    if not state.is_completed():
+        raise RunFailed(f"promotion of {name}:{candidate.version} failed: {state.message}")
+    _echo(state.result().message)
+
+
+@models_app.command()
+def promote(name: str, version: Annotated[Optional[str], typer.Argument()] = None,
+            config: ConfigOpt = None, set_: SetOpt = None) -> None:  # fmt: skip
+    """Serve a version and make it champion (smoke-tested; rolled back on failure)."""
+    _promote(name, version, config, set_)
+
+
+@models_app.command()
+def rollback(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Serve the previous champion again and make it champion."""
+    from llmflow import aliases
+    from llmflow.errors import LlmflowError
+    from llmflow.store import Store
+
+    previous = aliases.read_aliases(Store(), name).get("previous")
+    if not previous:
+        raise LlmflowError(f"model '{name}' has no previous version to roll back to")
+    _promote(name, previous, config, set_)

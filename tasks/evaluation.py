@@ -1,0 +1,78 @@
+"""Prefect tasks of the evaluate stage: score a model with Ray Data (tasks/scoring.py), cached
+on its inputs, and publish the candidate-vs-champion comparison."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prefect import task
+
+from llmflow import aliases, registry
+from llmflow.basemodels import resolve_base_model
+from llmflow.config import EvalConfig, TrainConfig
+from llmflow.refs import DatasetRef, EvalReport, ModelRef
+from llmflow.store import Store
+
+
+def _run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "local")
+
+
+def _score_cache_key(context, parameters: dict[str, Any]) -> str:
+    """Same weights (uri + version) on the same dataset with the same eval config: same report."""
+    eval_cfg: EvalConfig = parameters["eval_cfg"]
+    blob = json.dumps({"model": parameters["model_uri"], "version": parameters["model_version"],
+                       "dataset": parameters["dataset"].sha256,
+                       "eval": eval_cfg.model_dump(mode="json"), "store": Store().root},
+                      sort_keys=True)  # fmt: skip
+    return "score-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@task(name="score-model", cache_key_fn=_score_cache_key, persist_result=True)
+def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, dataset: DatasetRef,
+                label: str) -> EvalReport:  # fmt: skip
+    """Generate on the eval split with the configured engine and score it."""
+    from prefect import get_run_logger
+
+    from tasks.scoring import score_dataset
+
+    out = Store().uri("runs", _run_id(), "eval", label)
+    report = score_dataset(eval_cfg, model_uri, dataset.uri, out, model_version=model_version,
+                           dataset_sha256=dataset.sha256)  # fmt: skip
+    get_run_logger().info("%s %s: %s", label, model_version,
+                          {k: round(v, 4) for k, v in report.metrics.items()})  # fmt: skip
+    return report
+
+
+def champion_model(train: TrainConfig) -> tuple[str, str]:
+    """(uri, version) of the current champion, or of the base model when there is none, so
+    the gate always compares like with like."""
+    store = Store()
+    champ = aliases.read_aliases(store, train.model_name).get("champion")
+    if champ:
+        ref = registry.get_version(store, train.model_name, champ)
+        return ref.uri, ref.version
+    return resolve_base_model(train, store), "base"
+
+
+@task(name="compare-reports")
+def compare_reports(candidate: EvalReport, champion: EvalReport) -> None:
+    """Side-by-side table and the candidate's ten worst examples, as Prefect artifacts."""
+    import pyarrow.parquet as pq
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.scoring import comparison_rows, worst_examples
+
+    create_table_artifact(key="eval-comparison", table=comparison_rows(candidate, champion),
+                          description=f"candidate {candidate.model_version} vs champion "
+                          f"{champion.model_version} on dataset {candidate.dataset_sha256[:16]}")  # fmt: skip
+    preds = pq.read_table(candidate.predictions_uri)
+    create_markdown_artifact(key="eval-worst-examples", markdown=worst_examples(preds, k=10))
+
+
+def candidate_of(model: ModelRef | None, train: TrainConfig) -> ModelRef:
+    return model or registry.get_version(Store(), train.model_name)
