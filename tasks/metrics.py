@@ -1,0 +1,240 @@
+"""Evaluation metrics: per-example text scores, corpus aggregation, teacher-forced loss.
+
+Text metrics are pure functions ``(prediction, reference) -> float`` in [0, 1]. Task-specific
+ones plug in by dotted path (``eval.extra_metrics``) with the same signature.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from llmflow.errors import ConfigError
+
+Metric = Callable[[str, str], float]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the prediction equals the reference once surrounding whitespace is stripped."""
+    return float(prediction.strip() == reference.strip())
+
+
+def normalized_exact_match(prediction: str, reference: str) -> float:
+    """Exact match after ``normalize_answer`` on both sides."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1: overlap of the normalised tokens (a bag, counts matter)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (O(len(a)*len(b)))."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (beta = 1) on lowercased whitespace tokens."""
+    pred, ref = prediction.lower().split(), reference.lower().split()
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+BUILTIN_METRICS: dict[str, Metric] = {
+    "exact_match": exact_match,
+    "normalized_exact_match": normalized_exact_match,
+    "token_f1": token_f1,
+    "rouge_l": rouge_l,
+}
+
+
+def load_metric(path: str) -> Metric:
+    """A metric function from ``"package.module:function"`` or ``"package.module.function"``.
+
+    Raises ConfigError (one line naming the path) when it cannot be imported or called.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(f"eval.extra_metrics: {path!r}: expected 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"eval.extra_metrics: {path!r}: cannot import {module_name} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"eval.extra_metrics: {path!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def metric_name(path: str) -> str:
+    """The column and report key of an extra metric: its function name."""
+    return path.replace(":", ".").rsplit(".", 1)[-1]
+
+
+def load_metrics(extra: Iterable[str] = ()) -> dict[str, Metric]:
+    """The built-in metrics plus the extra ones by dotted path, keyed by name."""
+    metrics = dict(BUILTIN_METRICS)
+    for path in extra:
+        name = metric_name(path)
+        if name in metrics:
+            raise ConfigError(f"eval.extra_metrics: {path!r}: a metric named {name!r} exists")
+        metrics[name] = load_metric(path)
+    return metrics
+
+
+def score_example(prediction: str, reference: str, metrics: Mapping[str, Metric]) -> dict[str, float]:
+    """Every metric of one example."""
+    return {name: float(fn(prediction, reference)) for name, fn in metrics.items()}
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]], names: Iterable[str]) -> dict[str, float]:
+    """Corpus scores: the mean of each named per-example metric over the rows (0 for none)."""
+    names = list(names)
+    sums = dict.fromkeys(names, 0.0)
+    n = 0
+    for row in rows:
+        n += 1
+        for name in names:
+            sums[name] += float(row[name])
+    return {name: (s / n if n else 0.0) for name, s in sums.items()}
+
+
+# -- teacher-forced loss ---------------------------------------------------------------------
+
+
+def loss_mask(tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids of a chat and a 0/1 mask of the tokens its last assistant reply adds.
+
+    Uses the chat template's ``{% generation %}`` blocks when it has them (every assistant
+    turn counts then, as in training); otherwise masks the prompt prefix: the tokens of
+    ``messages[:-1]`` rendered with the generation prompt.
+    """
+    messages = [dict(m) for m in messages]
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, str) and _GENERATION_TAG.search(template):
+        from llmflow.tinymodel import assistant_mask
+
+        ids, mask = assistant_mask(tokenizer, messages)
+        if any(mask):
+            return ids, mask
+    ids = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+    prefix = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    n = len(prefix) if ids[: len(prefix)] == prefix else _common_prefix(ids, prefix)
+    return ids, [0] * n + [1] * (len(ids) - n)
+
+
+def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    enc = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(enc["input_ids"])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def example_losses(model, tokenizer, chats: Sequence[Sequence[Mapping[str, str]]]) -> list[tuple[float, int]]:
+    """(summed loss, tokens) of each chat's reply tokens, teacher forced in one batch.
+
+    Sequences longer than the model's context keep their last tokens (the reply is last).
+    """
+    import torch
+
+    from llmflow.engines.hf import context_length
+
+    limit = context_length(model.config, tokenizer)
+    encoded = []
+    for chat in chats:
+        ids, mask = loss_mask(tokenizer, chat)
+        encoded.append((ids[-limit:], mask[-limit:]))
+    width = max((len(ids) for ids, _ in encoded), default=0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    x = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(x)
+    labels = torch.full_like(x, -100)
+    for i, (ids, mask) in enumerate(encoded):
+        x[i, : len(ids)] = torch.tensor(ids)
+        attn[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+    with torch.inference_mode():
+        logits = model(input_ids=x.to(device), attention_mask=attn.to(device)).logits.float()
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+    losses = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    valid = shift_labels != -100
+    return [(float(losses[i][valid[i]].sum()), int(valid[i].sum())) for i in range(len(encoded))]
+
+
+def teacher_forced_loss(
+    model, tokenizer, chats: Iterable[Sequence[Mapping[str, str]]], batch_size: int = 32
+) -> dict[str, float]:
+    """Mean loss per reply token over the chats, and its perplexity (no generation).
+
+    Returns:
+        ``{"eval_loss": ..., "perplexity": ..., "eval_loss_tokens": ...}``; loss is the
+        token-weighted mean, so long answers weigh as many tokens as they have.
+    """
+    chats = list(chats)
+    total, tokens = 0.0, 0
+    for start in range(0, len(chats), batch_size):
+        for s, n in example_losses(model, tokenizer, chats[start : start + batch_size]):
+            total += s
+            tokens += n
+    return loss_summary(total, tokens)
+
+
+def loss_summary(total: float, tokens: int) -> dict[str, float]:
+    """eval_loss, perplexity and the token count from a summed loss."""
+    loss = total / tokens if tokens else float("nan")
+    ppl = math.exp(min(loss, 700.0)) if tokens else float("nan")
+    return {"eval_loss": loss, "perplexity": ppl, "eval_loss_tokens": float(tokens)}

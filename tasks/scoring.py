@@ -1,0 +1,436 @@
+"""Batch scoring of a model on an eval split with Ray Data: generate, score, report.
+
+    eval.parquet -> split_chat -> engine.generate (actor pool / vLLM) -> score_row
+                 -> predictions.parquet + EvalReport (metrics, engine, throughput)
+
+plus a teacher-forced pass (eval loss, perplexity) over the same rows. Every Ray Data
+function here is named and pure enough to test alone. The lead's @task wrapper adds the
+Prefect side (retries on I/O, artifacts: ``worst_examples``, ``comparison_rows``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from llmflow.config import EvalConfig
+from llmflow.errors import LlmflowError
+from llmflow.refs import EvalReport
+
+EVAL_FILE = "eval.parquet"
+PREDICTIONS_FILE = "predictions.parquet"
+REQUIRED_COLUMNS = ("id", "messages")
+
+
+class EvalDataError(LlmflowError):
+    """The eval split is missing, empty or not in the prepared format."""
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def eval_split_uri(dataset_uri: str) -> str:
+    return dataset_uri.rstrip("/") + "/" + EVAL_FILE
+
+
+def check_eval_split(dataset_uri: str) -> int:
+    """Rows of the dataset's eval split; EvalDataError when it is missing, empty or malformed.
+
+    Reads only the Parquet footer, so it is cheap enough to run before any cluster work.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    uri = eval_split_uri(dataset_uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise EvalDataError(f"{uri}: eval split not found (is {dataset_uri} a prepared dataset?)")
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            num_rows = pf.metadata.num_rows
+    except Exception as exc:  # noqa: BLE001 - one line naming the file and the cause
+        raise EvalDataError(f"{uri}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise EvalDataError(f"{uri}: eval split lacks column(s) {', '.join(missing)}")
+    if num_rows == 0:
+        raise EvalDataError(f"{uri}: eval split is empty (0 rows); nothing to score")
+    return num_rows
+
+
+def _manifest(uri: str) -> dict[str, Any]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri.rstrip("/") + "/manifest.json")
+    try:
+        with fs.open(path, "rb") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+# -- Ray Data functions ----------------------------------------------------------------------
+
+
+def split_chat(row: dict[str, Any]) -> dict[str, Any]:
+    """A prepared row as a generation request: the chat before the last assistant reply
+    (``prompt_messages``), that reply (``reference``) and the last user turn (``question``).
+    """
+    from llmflow.engines.hf import to_messages
+
+    messages = to_messages(row["messages"])
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    prompt = messages[:last] if last is not None else messages
+    reference = messages[last]["content"] if last is not None else ""
+    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    return {
+        "id": str(row["id"]),
+        "prompt_messages": prompt,
+        "reference": reference,
+        "question": question,
+    }
+
+
+def split_chats(batch: dict[str, Any]) -> dict[str, Any]:
+    """``split_chat`` over a numpy batch: one Ray Data call per batch, not per row."""
+    import numpy as np
+
+    rows = [split_chat({"id": i, "messages": m}) for i, m in zip(batch["id"], batch["messages"])]
+    prompts = np.empty(len(rows), dtype=object)
+    prompts[:] = [r["prompt_messages"] for r in rows]
+    return {
+        "id": np.array([r["id"] for r in rows], dtype=object),
+        "prompt_messages": prompts,
+        "reference": np.array([r["reference"] for r in rows], dtype=object),
+        "question": np.array([r["question"] for r in rows], dtype=object),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _metrics(extra: tuple[str, ...]):
+    from tasks.metrics import load_metrics
+
+    return load_metrics(extra)
+
+
+def score_row(row: dict[str, Any], extra_metrics: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The row with one column per metric of its generation against its reference."""
+    from tasks.metrics import score_example
+
+    scores = score_example(str(row["generation"]), str(row["reference"]), _metrics(tuple(extra_metrics)))
+    return {**row, **scores}
+
+
+class TeacherForcedLoss:
+    """A Ray Data class UDF: summed reply-token loss and token count of each chat."""
+
+    def __init__(self, model_path: str, torch_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from llmflow.basemodels import load_tokenizer
+        from llmflow.engines import local_model_dir
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        path = local_model_dir(model_path)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = load_tokenizer(path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False
+        ).to(device)
+        self.model.eval()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from llmflow.engines.hf import to_messages
+        from tasks.metrics import example_losses
+
+        chats = [to_messages(c) for c in batch["messages"]]
+        losses = example_losses(self.model, self.tokenizer, chats)
+        return {
+            "id": batch["id"],
+            "loss_sum": np.array([s for s, _ in losses], dtype=np.float64),
+            "loss_tokens": np.array([n for _, n in losses], dtype=np.int64),
+        }
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+
+def _ensure_ray() -> None:
+    """Connect to LLMFLOW_RAY_ADDRESS, or start a private local instance, if not connected.
+
+    A bare ray.init() would attach to whichever cluster started last on this machine; the
+    flow's task runner has normally connected already, so this is the plain-function path.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("LLMFLOW_RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def throughput(rows: Sequence[Mapping[str, Any]], wall_s: float) -> dict[str, float]:
+    """examples/s, generated tokens/s over the wall time, and per-batch latency p50/p95."""
+    batches: dict[str, float] = {}
+    for r in rows:
+        batches.setdefault(str(r["batch_id"]), float(r["latency_s"]))
+    tokens = sum(int(r["num_generated_tokens"]) for r in rows)
+    lat = list(batches.values())
+    return {
+        "examples_per_s": len(rows) / wall_s if wall_s > 0 else 0.0,
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "latency_p50_s": percentile(lat, 50),
+        "latency_p95_s": percentile(lat, 95),
+        "wall_s": wall_s,
+        "batches": float(len(lat)),
+    }
+
+
+def generate_predictions(
+    eval_cfg: EvalConfig, model_uri: str, dataset_uri: str, engine_options: dict | None = None
+) -> tuple[list[dict[str, Any]], str, float]:
+    """Run the generation and per-row scoring job; returns (rows, engine name, wall seconds)."""
+    import ray
+
+    from llmflow.engines import make_engine
+
+    engine = make_engine(eval_cfg.engine, eval_cfg, model_uri, **(engine_options or {}))
+    ds = ray.data.read_parquet(eval_split_uri(dataset_uri), columns=list(REQUIRED_COLUMNS))
+    if eval_cfg.max_examples:
+        ds = ds.limit(eval_cfg.max_examples)
+    ds = ds.map_batches(split_chats, batch_size=eval_cfg.batch_size, batch_format="numpy")
+    ds = engine.generate(ds)
+    ds = ds.map(score_row, fn_kwargs={"extra_metrics": tuple(eval_cfg.extra_metrics)})
+    t0 = time.perf_counter()
+    rows = ds.take_all()
+    return rows, engine.name, time.perf_counter() - t0
+
+
+def eval_loss(
+    eval_cfg: EvalConfig, model_uri: str, dataset_uri: str, num_cpus: float = 1
+) -> tuple[dict[str, float], dict[str, tuple[float, int]]]:
+    """Teacher-forced eval loss and perplexity over the eval split, and each row's loss."""
+    import ray
+
+    from tasks.metrics import loss_summary
+
+    ds = ray.data.read_parquet(eval_split_uri(dataset_uri), columns=list(REQUIRED_COLUMNS))
+    if eval_cfg.max_examples:
+        ds = ds.limit(eval_cfg.max_examples)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ds = ds.map_batches(
+        TeacherForcedLoss,
+        fn_constructor_kwargs={"model_path": model_uri, "torch_threads": max(1, int(num_cpus))},
+        batch_size=min(eval_cfg.batch_size, 32),
+        batch_format="numpy",
+        concurrency=1,
+        num_cpus=num_cpus,
+        num_gpus=gpus,
+    )
+    per_row = {str(r["id"]): (float(r["loss_sum"]), int(r["loss_tokens"])) for r in ds.take_all()}
+    total = sum(s for s, _ in per_row.values())
+    tokens = sum(n for _, n in per_row.values())
+    return loss_summary(total, tokens), per_row
+
+
+PREDICTION_COLUMNS = (
+    "id", "question", "reference", "generation", "num_prompt_tokens", "num_generated_tokens",
+    "prompt_truncated", "empty_generation", "latency_s",
+)  # fmt: skip
+
+
+def predictions_table(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]):
+    """The predictions as an Arrow table, one row per example, sorted by id."""
+    import pyarrow as pa
+
+    cols = [*PREDICTION_COLUMNS, *metric_names, *(["eval_loss"] if rows and "eval_loss" in rows[0] else [])]
+    ordered = sorted(rows, key=lambda r: str(r["id"]))
+    return pa.table({c: [_plain(r.get(c)) for r in ordered] for c in cols})
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def score_dataset(
+    eval_cfg: EvalConfig,
+    model_uri: str,
+    dataset_uri: str,
+    out_uri: str,
+    *,
+    model_version: str | None = None,
+    dataset_sha256: str | None = None,
+    engine_options: dict[str, Any] | None = None,
+    with_loss: bool = True,
+) -> EvalReport:
+    """Score ``model_uri`` on the eval split of ``dataset_uri`` and write its predictions.
+
+    Args:
+        eval_cfg: engine, batch size, concurrency, max_new_tokens, temperature, max_examples,
+            extra metrics.
+        model_uri: a saved model directory (safetensors), local or in the store.
+        dataset_uri: a prepared dataset directory holding eval.parquet.
+        out_uri: the directory receiving predictions.parquet (atomically, via Store).
+        model_version, dataset_sha256: for the report; read from the directories'
+            manifest.json (else their names) when not given.
+        engine_options: engine knobs (hf: num_cpus, torch_threads, num_gpus, seed).
+        with_loss: also compute teacher-forced eval loss and perplexity.
+
+    Returns:
+        The EvalReport: mean metrics, eval loss and perplexity, counts of truncated prompts
+        and empty generations, the engine used and its throughput.
+
+    Raises:
+        EvalDataError: the eval split is missing, empty or malformed.
+        ModelError: the model directory lacks config, tokenizer or safetensors weights.
+    """
+    from llmflow.engines import check_model_dir, select_engine
+    from llmflow.store import Store
+    from tasks.metrics import aggregate, load_metrics
+
+    # Everything that can be wrong with the inputs fails here, before any cluster work.
+    check_model_dir(model_uri)
+    check_eval_split(dataset_uri)
+    select_engine(eval_cfg.engine)
+    metric_names = list(load_metrics(eval_cfg.extra_metrics))
+
+    _ensure_ray()
+    rows, engine_name, wall_s = generate_predictions(eval_cfg, model_uri, dataset_uri, engine_options)
+    metrics = aggregate(rows, metric_names)
+    metrics["truncated_prompts"] = float(sum(bool(r["prompt_truncated"]) for r in rows))
+    metrics["empty_generations"] = float(sum(bool(r["empty_generation"]) for r in rows))
+    if with_loss:
+        num_cpus = (engine_options or {}).get("num_cpus", 1)
+        loss, per_row = eval_loss(eval_cfg, model_uri, dataset_uri, num_cpus=num_cpus)
+        metrics.update(loss)
+        for r in rows:
+            s, n = per_row.get(str(r["id"]), (float("nan"), 0))
+            r["eval_loss"] = s / n if n else float("nan")
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(predictions_table(rows, metric_names), buf)
+    predictions_uri = Store(out_uri).write_bytes(buf.getvalue(), PREDICTIONS_FILE)
+
+    model_manifest = _manifest(model_uri).get("ref", {})
+    data_manifest = _manifest(dataset_uri).get("ref", {})
+    return EvalReport(
+        model_uri=model_uri,
+        model_version=model_version or model_manifest.get("version") or _basename(model_uri),
+        dataset_sha256=dataset_sha256 or data_manifest.get("sha256") or _basename(dataset_uri),
+        engine=engine_name,
+        metrics=metrics,
+        num_examples=len(rows),
+        predictions_uri=predictions_uri,
+        throughput=throughput(rows, wall_s),
+    )
+
+
+def _basename(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+
+def _cell(text: Any, width: int = 80) -> str:
+    s = " ".join(str(text).split()).replace("|", "\\|")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def worst_examples(predictions, k: int = 10, metric: str = "token_f1") -> str:
+    """Markdown table of the ``k`` lowest-scoring predictions (ties: longest loss first).
+
+    Args:
+        predictions: rows (dicts), a pandas DataFrame or an Arrow table of predictions.
+        metric: the per-row score to rank by (falls back to exact_match when absent).
+    """
+    rows = _as_rows(predictions)
+    if not rows:
+        return "_No predictions._"
+    if metric not in rows[0]:
+        metric = "exact_match"
+
+    def key(r):
+        loss = r.get("eval_loss")
+        return (float(r[metric]), -(loss if isinstance(loss, float) and not math.isnan(loss) else 0.0))
+
+    worst = sorted(rows, key=key)[:k]
+    lines = [
+        f"### {len(worst)} worst of {len(rows)} examples by {metric}",
+        "",
+        f"| id | question | reference | generation | {metric} |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in worst:
+        gen = r["generation"] if str(r["generation"]).strip() else "_(empty)_"
+        lines.append(
+            f"| {_cell(r['id'], 12)} | {_cell(r.get('question', ''))} | {_cell(r['reference'])} "
+            f"| {_cell(gen)} | {float(r[metric]):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _as_rows(predictions) -> list[dict[str, Any]]:
+    if hasattr(predictions, "to_pylist"):
+        return predictions.to_pylist()
+    if hasattr(predictions, "to_dict"):
+        return predictions.to_dict("records")
+    return [dict(r) for r in predictions]
+
+
+def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[dict[str, Any]]:
+    """Side-by-side metrics of a candidate and the champion: rows for a Prefect table artifact.
+
+    One row per metric (and throughput figure) in either report, with the difference and
+    whether it is better for the candidate (lower is better for loss, perplexity, latency,
+    empty generations and truncations).
+    """
+    from tasks.gating import lower_is_better
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.4g}"
+
+    rows = []
+    sections = (("metric", "metrics"), ("throughput", "throughput"))
+    for kind, attr in sections:
+        cand = getattr(candidate, attr)
+        champ = getattr(champion, attr) if champion else {}
+        for name in sorted(set(cand) | set(champ)):
+            c, p = cand.get(name), champ.get(name)
+            delta = c - p if c is not None and p is not None else None
+            lower = lower_is_better(name) or name.startswith("latency") or name in ("truncated_prompts", "wall_s")
+            better = None if delta is None or delta == 0 else (delta < 0) == lower
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "candidate": fmt(c),
+                    "champion": fmt(p),
+                    "delta": "" if delta is None else f"{delta:+.4g}",
+                    "better": "" if better is None else ("yes" if better else "no"),
+                }
+            )
+    return rows

@@ -1,0 +1,217 @@
+"""Engines without a cluster: the hf UDF called on a batch, engine selection, and the vLLM
+processor built from an EvalConfig (vllm itself is not needed to build it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmflow.config import EvalConfig
+from llmflow.engines import OUTPUT_COLUMNS, Engine, make_engine, select_engine
+from llmflow.errors import ConfigError
+
+QUESTIONS = ["Reverse the digits: 12345", "Write backwards: 908172", "Reverse this number: 4433"]
+
+
+def batch(questions: list[str]) -> dict[str, np.ndarray]:
+    chats = np.empty(len(questions), dtype=object)
+    for i, q in enumerate(questions):
+        chats[i] = [{"role": "user", "content": q}]
+    return {"id": np.array([f"r{i}" for i in range(len(questions))]), "prompt_messages": chats}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    from llmflow.basemodels import resolve_base_model
+    from llmflow.config import TrainConfig
+    from llmflow.store import Store
+
+    return resolve_base_model(TrainConfig(), Store(tmp_path_factory.mktemp("store")))
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tiny_base, tmp_path_factory) -> str:
+    """The tiny model after 40 steps: enough to answer with digits, not to be right."""
+    from llmflow.bundled import bundled_path, read_examples
+    from tests.tiny_training import train_tiny
+
+    rows = read_examples(bundled_path())[:2000]
+    return train_tiny(tiny_base, tmp_path_factory.mktemp("trained"), rows, steps=40)
+
+
+def test_hf_udf_generates_real_text_in_a_batch(tiny_trained):
+    from llmflow.engines.hf import HFGenerator
+
+    gen = HFGenerator(tiny_trained, max_new_tokens=10, torch_threads=1)
+    out = gen(batch(QUESTIONS))
+    assert set(OUTPUT_COLUMNS) <= set(out) and "prompt_messages" not in out
+    assert list(out["id"]) == ["r0", "r1", "r2"]
+    answers = list(out["generation"])
+    # Trained a little, the model answers with digits (not yet the right ones).
+    assert all(a.strip() and any(c.isdigit() for c in a) for a in answers), answers
+    assert not out["empty_generation"].any() and not out["prompt_truncated"].any()
+    assert (out["num_generated_tokens"] >= 1).all() and (out["num_generated_tokens"] <= 10).all()
+    assert len(set(out["batch_id"])) == 1 and out["latency_s"][0] > 0
+    # Greedy is deterministic and batch composition does not change an answer (left padding).
+    alone = gen(batch(QUESTIONS[2:]))
+    assert alone["generation"][0] == answers[2]
+
+
+def test_hf_udf_truncates_long_prompts_from_the_left_and_counts_them(tiny_trained):
+    from llmflow.engines.hf import HFGenerator
+
+    gen = HFGenerator(tiny_trained, max_new_tokens=4, max_context=24)
+    long_q = "Reverse the digits: " + "1234567890" * 10
+    out = gen(batch([long_q, "Reverse: 12"]))
+    assert list(out["prompt_truncated"]) == [True, False]
+    assert out["num_prompt_tokens"][0] == 24 - 4 and out["num_prompt_tokens"][1] < 20
+    # The model's real context (512) is exceeded too: truncated, never a crash.
+    out = HFGenerator(tiny_trained, max_new_tokens=4)(batch(["Write backwards: " + "9" * 800]))
+    assert out["prompt_truncated"][0] and out["num_prompt_tokens"][0] == 512 - 4
+
+
+def test_hf_udf_counts_empty_generations_of_an_untrained_model(tiny_base):
+    from llmflow.engines.hf import HFGenerator
+
+    # The untrained tiny model repeats a special token: nothing is left once decoded.
+    out = HFGenerator(tiny_base, max_new_tokens=5)(batch(QUESTIONS[:2]))
+    assert list(out["generation"]) == ["", ""]
+    assert out["empty_generation"].all() and list(out["num_generated_tokens"]) == [5, 5]
+
+
+def test_hf_udf_sampling_is_seeded(tiny_trained):
+    from llmflow.engines.hf import HFGenerator
+
+    a = HFGenerator(tiny_trained, max_new_tokens=8, temperature=1.5, seed=7)(batch(QUESTIONS))
+    b = HFGenerator(tiny_trained, max_new_tokens=8, temperature=1.5, seed=7)(batch(QUESTIONS))
+    assert list(a["generation"]) == list(b["generation"])
+
+
+def test_left_truncate_and_pad_helpers():
+    from llmflow.engines.hf import generated_lengths, left_pad, left_truncate
+
+    ids, cut = left_truncate([[1, 2, 3, 4], [5]], 2)
+    assert ids == [[3, 4], [5]] and cut == [True, False]
+    x, attn = left_pad([[3, 4], [5]], pad_id=0)
+    assert x.tolist() == [[3, 4], [0, 5]] and attn.tolist() == [[1, 1], [0, 1]]
+    import torch
+
+    new = torch.tensor([[7, 9, 0, 0], [7, 7, 7, 7], [0, 0, 0, 0]])
+    # eos 9 ends row 0 (counted); row 1 runs to the limit; row 2 is all padding
+    assert generated_lengths(new, {9}, 0) == [2, 4, 0]
+
+
+def test_select_engine(monkeypatch):
+    import llmflow.engines as E
+
+    monkeypatch.setattr(E, "vllm_available", lambda: False)
+    monkeypatch.setattr(E, "cuda_available", lambda: True)
+    assert select_engine("auto") == "hf" and select_engine("hf") == "hf"
+    with pytest.raises(ConfigError, match="'vllm' is not installed"):
+        select_engine("vllm")
+    with pytest.raises(ConfigError, match="unknown engine 'tgi'"):
+        select_engine("tgi")
+    monkeypatch.setattr(E, "vllm_available", lambda: True)
+    assert select_engine("auto") == "vllm"
+    monkeypatch.setattr(E, "cuda_available", lambda: False)
+    assert select_engine("auto") == "hf"
+
+
+def test_make_engine_hf_follows_the_eval_config():
+    cfg = EvalConfig(engine="hf", batch_size=8, concurrency=2, max_new_tokens=5, temperature=0.5)
+    eng = make_engine("hf", cfg, "/models/m", num_cpus=1, torch_threads=1, seed=3)
+    assert isinstance(eng, Engine) and eng.name == "hf"
+    assert eng.generator_kwargs() == {
+        "model_path": "/models/m", "max_new_tokens": 5, "temperature": 0.5, "seed": 3,
+        "torch_threads": 1, "max_context": None,
+    }  # fmt: skip
+
+
+def test_check_model_dir_names_what_is_missing(tiny_base, tmp_path):
+    import shutil
+
+    from llmflow.basemodels import ModelError
+    from llmflow.engines import check_model_dir
+
+    check_model_dir(tiny_base)
+    with pytest.raises(ModelError, match="no such model directory"):
+        check_model_dir(str(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"broken: model directory is missing safetensors"):
+        check_model_dir(str(broken))
+
+
+# -- vllm ------------------------------------------------------------------------------------
+
+
+def test_vllm_pre_and_postprocess_map_columns():
+    from llmflow.engines.vllm import vllm_postprocess, vllm_preprocess
+
+    row = {"id": "a", "prompt_messages": [{"role": "user", "content": "hi"}], "reference": "x"}
+    pre = vllm_preprocess(row, max_tokens=7, temperature=0.0, seed=1, truncate_prompt_tokens=100)
+    assert pre == {
+        "messages": [{"role": "user", "content": "hi"}],
+        "sampling_params": {"max_tokens": 7, "temperature": 0.0, "truncate_prompt_tokens": 100},
+    }
+    sampled = vllm_preprocess(row, max_tokens=7, temperature=0.7, seed=1)
+    assert sampled["sampling_params"] == {"max_tokens": 7, "temperature": 0.7, "seed": 1}
+    out = vllm_postprocess({
+        "id": "a", "reference": "x", "messages": [], "sampling_params": {}, "prompt": "p",
+        "tokenized_prompt": list(range(120)), "num_input_tokens": 100, "generated_text": " 21 ",
+        "generated_tokens": [5, 6], "num_generated_tokens": 2, "batch_uuid": "b1",
+        "time_taken_llm": 0.25,
+    })  # fmt: skip
+    assert out == {
+        "id": "a", "reference": "x", "generation": " 21 ", "num_prompt_tokens": 100,
+        "num_generated_tokens": 2, "prompt_truncated": True, "empty_generation": False,
+        "batch_id": "b1", "latency_s": 0.25,
+    }  # fmt: skip
+
+
+def test_vllm_processor_config_from_eval_config():
+    from llmflow.engines.vllm import processor_config
+
+    cfg = EvalConfig(batch_size=16, concurrency=2, max_new_tokens=8,
+                     vllm_engine_kwargs={"max_model_len": 512, "gpu_memory_utilization": 0.5})  # fmt: skip
+    pc = processor_config(cfg, "/models/m")
+    assert type(pc).__name__ == "vLLMEngineProcessorConfig"
+    assert pc.model_source == "/models/m" and pc.batch_size == 16 and pc.concurrency == 2
+    assert pc.engine_kwargs["max_model_len"] == 512
+    assert pc.engine_kwargs["gpu_memory_utilization"] == 0.5
+
+
+def test_vllm_processor_is_built_with_named_functions_and_engine_kwargs(monkeypatch, tiny_base):
+    """build_processor connects to Ray and pings a telemetry actor: both are stubbed here."""
+    from ray.llm._internal.batch.processor import vllm_engine_proc
+
+    from llmflow.engines.vllm import build_vllm_processor, vllm_postprocess
+
+    monkeypatch.setattr(vllm_engine_proc.ray, "init", lambda *a, **k: None)
+
+    class NoTelemetry:
+        def push_telemetry_report(self, *_):
+            pass
+
+    monkeypatch.setattr(vllm_engine_proc, "get_or_create_telemetry_agent", NoTelemetry)
+    cfg = EvalConfig(engine="vllm", batch_size=16, concurrency=1, max_new_tokens=8,
+                     vllm_engine_kwargs={"max_model_len": 256, "enforce_eager": True})  # fmt: skip
+    proc = build_vllm_processor(cfg, tiny_base, seed=0)
+    assert list(proc.stages) == [
+        "ChatTemplateStage", "TokenizeStage", "vLLMEngineStage", "DetokenizeStage",
+    ]  # fmt: skip
+    engine_kwargs = proc.stages["vLLMEngineStage"].fn_constructor_kwargs
+    assert engine_kwargs["model"] == tiny_base and engine_kwargs["batch_size"] == 16
+    assert engine_kwargs["engine_kwargs"]["max_model_len"] == 256
+    assert engine_kwargs["engine_kwargs"]["enforce_eager"] is True
+    assert proc.config.batch_size == 16
+    # The wrapped preprocess runs our named function: chat + sampling params, truncation
+    # budget = max_model_len - max_new_tokens.
+    row = {"id": "a", "prompt_messages": [{"role": "user", "content": "Reverse: 12"}]}
+    data = proc.preprocess(row)[proc.DATA_COLUMN]
+    assert data["sampling_params"] == {"max_tokens": 8, "temperature": 0.0,
+                                       "truncate_prompt_tokens": 248}  # fmt: skip
+    # ... and the postprocess is vllm_postprocess itself, named and importable.
+    cells = [c.cell_contents for c in proc.postprocess.__closure__ or ()]
+    assert vllm_postprocess in cells

@@ -1,0 +1,133 @@
+"""Metrics on hand-written cases: exact match, SQuAD normalisation, token F1, ROUGE-L,
+dotted-path loading, corpus means and the teacher-forced loss mask."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llmflow.errors import ConfigError
+from tasks import metrics as M
+
+
+def test_exact_match_strips_whitespace_only():
+    assert M.exact_match(" 4321\n", "4321") == 1.0
+    assert M.exact_match("4321.", "4321") == 0.0
+    assert M.exact_match("Paris", "paris") == 0.0
+
+
+def test_normalize_answer_is_squad_style():
+    assert M.normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
+    assert M.normalize_answer("an apple a day") == "apple day"
+    assert M.normalized_exact_match("The Paris.", "paris") == 1.0
+    assert M.normalized_exact_match("Paris, France", "paris") == 0.0
+
+
+def test_token_f1_hand_computed():
+    # pred tokens: [cat, sat, on, mat]; ref: [cat, sat, on, red, mat] (articles dropped)
+    # common 4 -> p = 4/4, r = 4/5 -> f1 = 2 * 1 * 0.8 / 1.8
+    assert M.token_f1("the cat sat on the mat", "a cat sat on a red mat") == pytest.approx(1.6 / 1.8)
+    assert M.token_f1("dog", "cat") == 0.0
+    assert M.token_f1("", "") == 1.0 and M.token_f1("", "x") == 0.0
+    # counts matter: "a a" would overlap "a" once (here with non-article tokens)
+    assert M.token_f1("x x", "x") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+
+
+def test_rouge_l_is_lcs_f_measure():
+    assert M.lcs_length(["a", "b", "c", "d", "e"], ["a", "c", "e"]) == 3
+    assert M.lcs_length([], ["a"]) == 0
+    # LCS("police killed the gunman", "police kill the gunman") = [police, the, gunman] = 3
+    assert M.rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
+    assert M.rouge_l("the gunman kill police", "police killed the gunman") == pytest.approx(0.5)
+    assert M.rouge_l("A B", "a b") == 1.0
+    assert M.rouge_l("x", "y") == 0.0 and M.rouge_l("", "") == 1.0
+
+
+def shouting_match(prediction: str, reference: str) -> float:
+    return float(prediction.upper() == reference.upper())
+
+
+def test_load_metric_by_both_dotted_forms_and_clear_errors():
+    here = __name__
+    assert M.load_metric(f"{here}:shouting_match") is shouting_match
+    assert M.load_metric(f"{here}.shouting_match") is shouting_match
+    assert M.metric_name(f"{here}:shouting_match") == "shouting_match"
+    metrics = M.load_metrics([f"{here}:shouting_match"])
+    assert set(metrics) == {*M.BUILTIN_METRICS, "shouting_match"}
+    with pytest.raises(ConfigError, match="cannot import no_such_mod"):
+        M.load_metric("no_such_mod:f")
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        M.load_metric("tasks.metrics:nope")
+    with pytest.raises(ConfigError, match="expected 'module:function'"):
+        M.load_metric("justaname")
+    with pytest.raises(ConfigError, match="exists"):
+        M.load_metrics(["tasks.metrics:rouge_l"])
+
+
+def test_score_example_and_aggregate_means():
+    metrics = M.load_metrics()
+    rows = [M.score_example("4321", "4321", metrics), M.score_example("4312", "4321", metrics)]
+    assert rows[0] == {"exact_match": 1.0, "normalized_exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
+    assert rows[1]["exact_match"] == 0.0
+    agg = M.aggregate(rows, ["exact_match", "rouge_l"])
+    assert agg == {"exact_match": 0.5, "rouge_l": 0.5}
+    assert M.aggregate([], ["exact_match"]) == {"exact_match": 0.0}
+
+
+def test_loss_summary():
+    s = M.loss_summary(6.0, 3)
+    assert s["eval_loss"] == 2.0 and s["perplexity"] == pytest.approx(math.exp(2.0))
+    assert s["eval_loss_tokens"] == 3.0
+    assert math.isnan(M.loss_summary(0.0, 0)["eval_loss"])
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from llmflow.bundled import generate_examples
+    from llmflow.tinymodel import example_texts, train_tokenizer, wrap_tokenizer
+
+    return wrap_tokenizer(train_tokenizer(example_texts(generate_examples(200))))
+
+
+CHAT = [{"role": "user", "content": "Reverse the digits: 123"},
+        {"role": "assistant", "content": "321"}]  # fmt: skip
+
+
+def test_loss_mask_covers_the_reply_with_generation_tags(tiny_tokenizer):
+    ids, mask = M.loss_mask(tiny_tokenizer, CHAT)
+    masked = tiny_tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert masked == "321<|end|>"
+
+
+def test_loss_mask_falls_back_to_the_prompt_prefix_without_generation_tags(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    )
+    ids, mask = M.loss_mask(tok, CHAT)
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "321<|end|>"
+    assert mask[0] == 0 and sum(mask) == len(ids) - mask.index(1)
+
+
+def test_teacher_forced_loss_on_a_random_model(tiny_tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=64, pad_token_id=tiny_tokenizer.pad_token_id)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    chats = [CHAT, [{"role": "user", "content": "Write backwards: 98765"},
+                    {"role": "assistant", "content": "56789"}]]  # fmt: skip
+    per = M.example_losses(model, tiny_tokenizer, chats)
+    # reply tokens: "321" + end = 4 and "56789" + end = 6 (digits are one token each)
+    assert [n for _, n in per] == [4, 6]
+    out = M.teacher_forced_loss(model, tiny_tokenizer, chats, batch_size=1)
+    # a random model is close to uniform: loss near log(vocab)
+    assert abs(out["eval_loss"] - math.log(len(tiny_tokenizer))) < 1.0
+    assert out["perplexity"] == pytest.approx(math.exp(out["eval_loss"]))
+    assert out["eval_loss"] == pytest.approx(sum(s for s, _ in per) / 10)
