@@ -195,9 +195,26 @@ def _finish(flow: str, state) -> None:
     _echo(f"Flow '{flow}' Completed: {url}")
 
 
+def sample_answer(result: dict, serve_cfg) -> tuple[str, str]:
+    """Ask the served model the first eval question of the run's dataset; (question, answer)."""
+    import httpx
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(f"{result['dataset']['uri']}/eval.parquet").slice(0, 1).to_pylist()[0]
+    messages = [m for m in row["messages"] if m["role"] != "assistant"][:2]
+    endpoint = result["rollout"]["endpoint"]
+    headers = {}
+    if serve_cfg.api_key_env and os.environ.get(serve_cfg.api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[serve_cfg.api_key_env]}"
+    r = httpx.post(f"{endpoint}/v1/chat/completions", headers=headers, timeout=60,
+                   json={"model": result["model"]["name"], "messages": messages, "max_tokens": 32})  # fmt: skip
+    r.raise_for_status()
+    return messages[-1]["content"], r.json()["choices"][0]["message"]["content"]
+
+
 @app.command()
 def demo(config: ConfigOpt = Path("configs/tiny.yaml"), set_: SetOpt = None) -> None:
-    """Bring the stack up and run the whole pipeline on the tiny default."""
+    """Bring the stack up, run the whole pipeline on the tiny default, ask the served model."""
     from llmflow import stack
     from llmflow.config import load_config
 
@@ -205,7 +222,16 @@ def demo(config: ConfigOpt = Path("configs/tiny.yaml"), set_: SetOpt = None) -> 
     t0 = time.monotonic()
     state = run_flow("pipeline", cfg)
     _finish("pipeline", state)
+    result = state.result()
     _print_status(stack.status())
+    endpoint = result["rollout"]["endpoint"]
+    question, answer = sample_answer(result, cfg.serve)
+    _echo(f"Served endpoint: {endpoint}/v1  (model {result['model']['name']}:"
+          f"{result['rollout']['served_version']}, OpenAI-compatible)")  # fmt: skip
+    _echo(f"Sample: {question!r} -> {answer!r}")
+    _echo(f"Try: curl {endpoint}/v1/chat/completions -H 'content-type: application/json' "
+          f"-d '{{\"model\": \"{result['model']['name']}\", \"messages\": "
+          f"[{{\"role\": \"user\", \"content\": \"{question}\"}}]}}'")  # fmt: skip
     _echo(f"Demo finished in {time.monotonic() - t0:.0f}s.")
 
 

@@ -195,6 +195,11 @@ def serve_healthy(s: StackSettings) -> bool:
 
 
 def worker_healthy(s: StackSettings) -> bool:
+    """Our worker process runs and the server lists a worker of the pool as ONLINE (the
+    server keeps a stopped worker ONLINE until its heartbeat times out, so the process
+    check comes first)."""
+    if not _process_alive(_read_state(s).get("prefect-worker")):
+        return False
     try:
         r = httpx.post(
             f"{s.prefect_api_url}/work_pools/{s.work_pool}/workers/filter", json={}, timeout=2.0
@@ -297,6 +302,17 @@ def _start_prefect_server(s: StackSettings) -> dict:
     return _spawn(s, "prefect-server", cmd, env, s.home)
 
 
+def default_logical_cpus() -> int:
+    """Logical CPUs the local head declares: two per core, at least 4.
+
+    Ray's CPU count is a scheduling unit, not a thread count (torch threads are set by each
+    stage). With one unit per core, a 2-core laptop serving a model (one replica) could not
+    also run a scoring job (one actor plus its read tasks): the job waited forever for a
+    CPU (seen here: "Active & requested resources: 2/2 CPU" for 10 minutes).
+    """
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
 def _start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None) -> dict:
     _check_port_free(s, s.ray_port, "the Ray head", "LLMFLOW_RAY_PORT")
     _check_port_free(s, s.dashboard_port, "the Ray dashboard", "LLMFLOW_DASHBOARD_PORT")
@@ -310,8 +326,7 @@ def _start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None
         f"--dashboard-port={s.dashboard_port}",
         "--disable-usage-stats",
     ]  # fmt: skip
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
+    cmd.append(f"--num-cpus={num_cpus if num_cpus is not None else default_logical_cpus()}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     return _spawn(s, "ray-head", cmd, _child_env(s), s.home)

@@ -45,7 +45,7 @@ def stack(stack_settings):
     s = stack_settings
     lines: list[str] = []
     try:
-        parts = stack_mod.up(s, num_cpus=2, echo=lines.append)
+        parts = stack_mod.up(s, echo=lines.append)  # the default logical CPUs, as `llmflow up`
     except Exception:
         stack_mod.down(s)
         raise

@@ -36,8 +36,11 @@ def versions(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(stack):
-    return load_config(None, [f"train.model_name={NAME}", "serve.app_name=promote-test",
-                              "serve.route_prefix=/promote"])  # fmt: skip
+    yield load_config(None, [f"train.model_name={NAME}", "serve.app_name=promote-test",
+                             "serve.route_prefix=/promote"])  # fmt: skip
+    from ray import serve
+
+    serve.delete("promote-test")  # free its replica's CPU for the tests after this module
 
 
 def test_promote_rolls_out_without_failed_requests_and_moves_the_alias(stack, versions, cfg):
