@@ -22,6 +22,9 @@ OFFLINE_ENV: dict[str, str] = {
     "GX_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Not telemetry, but the same kind of default: Ray Data's progress bars, redrawn from
+    # every worker, drown the flow's own log lines in `llmflow run`.
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 
 
