@@ -101,3 +101,21 @@ def test_a_version_that_cannot_serve_is_rolled_back(stack, versions, cfg):
     assert aliases.read_aliases(Store(), NAME) == before
     served = httpx.get(f"{stack.serve_url}/promote/health", timeout=30).json()
     assert served["version"] == v2.version
+
+
+def test_a_candidate_that_fails_the_gate_is_not_served(stack, versions, cfg):
+    from flows.promote import promote
+    from llmflow.refs import GateDecision, GateRule
+
+    v1, _, _ = versions
+    before = aliases.read_aliases(Store(), NAME)
+    served_before = httpx.get(f"{stack.serve_url}/promote/health", timeout=30)
+    decision = GateDecision(passed=False, rules=[GateRule(
+        name="primary:exact_match", passed=False, reason="exact_match 0.1 vs champion 0.9")])  # fmt: skip
+    rollout = promote(config=cfg, candidate=v1, decision=decision)
+    assert rollout.message == "gate failed: exact_match 0.1 vs champion 0.9"
+    assert aliases.read_aliases(Store(), NAME) == before
+    after = httpx.get(f"{stack.serve_url}/promote/health", timeout=30)
+    assert after.status_code == served_before.status_code
+    if after.status_code == 200:
+        assert after.json()["version"] == served_before.json()["version"]
