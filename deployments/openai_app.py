@@ -323,6 +323,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["autoscaling_config"] = args.pop("autoscaling_config")
     elif "num_replicas" in args:
         options["num_replicas"] = int(args.pop("num_replicas"))
-    if "num_cpus" in args:
-        options["ray_actor_options"] = {"num_cpus": float(args.pop("num_cpus"))}
+    actor: dict[str, Any] = {"num_cpus": float(args.pop("num_cpus", 1))}
+    if "runtime_env" in args:  # e.g. env_vars holding the API key for the replicas
+        actor["runtime_env"] = args.pop("runtime_env")
+    options["ray_actor_options"] = actor
     return OpenAIServer.options(**options).bind(**args)

@@ -23,14 +23,15 @@ def served(stack, tmp_path_factory):
     from llmflow.config import ClusterConfig, TrainConfig
 
     path = resolve_base_model(TrainConfig())
-    kwargs = ray_init_kwargs(ClusterConfig(env_vars={KEY_ENV: "s3cret-key"}))
     if not ray.is_initialized():
-        ray.init(stack.ray_address, **kwargs)
+        ray.init(stack.ray_address, **ray_init_kwargs(ClusterConfig()))
     serve.run(build_app({"model_path": path, "model_name": "tiny", "version": "7",
                          "lineage": {"dataset_sha256": "abc"}}),
               name="test-open", route_prefix="/open")  # fmt: skip
     serve.run(build_app({"model_path": path, "model_name": "tiny", "version": "7",
-                         "api_key_env": KEY_ENV}),
+                         "api_key_env": KEY_ENV,
+                         # The key reaches the replicas through their runtime_env only.
+                         "runtime_env": {"env_vars": {KEY_ENV: "s3cret-key"}}}),
               name="test-key", route_prefix="/key")  # fmt: skip
     yield stack.serve_url
     serve.delete("test-open")
