@@ -13,13 +13,8 @@ from llmflow import aliases, registry
 from llmflow.basemodels import resolve_base_model
 from llmflow.config import EvalConfig, TrainConfig
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
+from llmflow.runs import flow_run_id
 from llmflow.store import Store
-
-
-def _run_id() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id or "local")
 
 
 def _score_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -40,7 +35,7 @@ def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, datase
 
     from tasks.scoring import score_dataset
 
-    out = Store().uri("runs", _run_id(), "eval", label)
+    out = Store().uri("runs", flow_run_id(), "eval", label)
     report = score_dataset(eval_cfg, model_uri, dataset.uri, out, model_version=model_version,
                            dataset_sha256=dataset.sha256)  # fmt: skip
     get_run_logger().info("%s %s: %s", label, model_version,

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from llmflow.config import DataConfig, TrainConfig
 from llmflow.errors import LlmflowError
 from llmflow.refs import DatasetRef
+from llmflow.runs import flow_run_id
 from llmflow.store import MANIFEST, Store
 from tasks import data as D
 
@@ -25,12 +26,6 @@ PREP_VERSION = 1  # bump when the transform changes, so old cache entries stop m
 
 class DataValidationError(LlmflowError):
     """The prepared data failed its validation suite or quarantined too many rows."""
-
-
-def _run_id() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id or "local")
 
 
 def prep_config(data: DataConfig, base_model_uri: str) -> dict[str, Any]:
@@ -166,7 +161,7 @@ def prepare_dataset(data: DataConfig, base_model_uri: str) -> DatasetRef:
     from tasks.validation import report_markdown, report_table
 
     logger = get_run_logger()
-    ref, report, run_uri = prepare_to_store(data, base_model_uri, Store(), _run_id())
+    ref, report, run_uri = prepare_to_store(data, base_model_uri, Store(), flow_run_id())
     create_table_artifact(
         key="dataset-validation",
         table=report_table(report),

@@ -36,6 +36,7 @@ from llmflow.basemodels import ModelError
 from llmflow.config import TrainConfig
 from llmflow.errors import LlmflowError
 from llmflow.refs import DatasetRef, ModelRef, TrainRun
+from llmflow.runs import flow_run_id
 from llmflow.store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
@@ -648,12 +649,6 @@ def git_commit() -> str | None:
 
 
 # -- Prefect tasks ---------------------------------------------------------------------------
-def _run_id() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id or "local")
-
-
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(train: TrainConfig, dataset: DatasetRef, base_model_uri: str) -> TrainRun:
     """Run the TorchTrainer (resuming an earlier run of the same inputs); no retries here:
@@ -685,7 +680,7 @@ def register_model(
 
     logger = get_run_logger()
     store = Store()
-    run_id = _run_id()
+    run_id = flow_run_id()
     png = store.write_bytes(
         loss_plot_png(run.history, f"{train.model_name}: {Path(run.uri).name}"),
         "runs", run_id, "finetune", "loss.png",
