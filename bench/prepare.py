@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -23,12 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _forkserver import small_forkserver  # noqa: E402 (bench/ is the script's own dir)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-
-def _noop() -> None:
-    pass
 
 
 def _baseline(path: str, q) -> None:
@@ -63,14 +60,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
-    # Children come from a fork server started now, while this process is still small:
-    # peak RSS (ru_maxrss) is inherited across fork and exec, so children of this process
-    # after it loaded torch would report its peak, not their own.
-    ctx = mp.get_context("forkserver")
-    q = ctx.Queue()
-    warm = ctx.Process(target=_noop)
-    warm.start()
-    warm.join()
+    ctx, q = small_forkserver()  # before heavy imports: children measure their own peak
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.bundled import generate_examples, write_examples

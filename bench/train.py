@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -41,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _forkserver import small_forkserver  # noqa: E402 (bench/ is the script's own dir)
 # Ray workers are started by the raylet, which inherits this environment: they find the
 # project's `tasks` package and the offline switches this way.
 os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -53,9 +53,6 @@ for _k, _v in {
 }.items():  # fmt: skip
     os.environ.setdefault(_k, _v)
 
-
-def _noop() -> None:
-    pass
 
 
 # -- the plain loop (a child process) ---------------------------------------------------------
@@ -190,13 +187,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
 
-    # Children come from a fork server started now, while this process is still small (peak
-    # RSS is inherited across fork), as in bench/prepare.py.
-    ctx = mp.get_context("forkserver")
-    q = ctx.Queue()
-    warm = ctx.Process(target=_noop)
-    warm.start()
-    warm.join()
+    ctx, q = small_forkserver()  # before heavy imports: children measure their own peak
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import load_config
