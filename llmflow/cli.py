@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmflow.errors import LlmflowError, RunFailed, StackError
+from llmflow.errors import ConfigError, LlmflowError, RunFailed, StackError
 
 app = typer.Typer(
     name="llmflow",
@@ -119,6 +119,35 @@ def _print_status(parts) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
+@app.command()
+def alerts(
+    webhook: Annotated[Optional[str], typer.Option(
+        help="URL to POST to when an llmflow flow run fails (Slack/Teams/any webhook).")] = None,
+    off: Annotated[bool, typer.Option("--off", help="Remove the failure automation.")] = False,
+) -> None:
+    """Failure alerts: a Prefect automation on the stack's server that posts to a webhook
+    whenever a run of an llmflow flow fails, crashes or times out."""
+    from llmflow import alerts as alerts_mod
+    from llmflow import settings, stack
+
+    if bool(webhook) == off:
+        raise ConfigError("llmflow alerts: give exactly one of --webhook URL or --off")
+    if webhook and not webhook.startswith(("http://", "https://")):
+        raise ConfigError(f"--webhook: {webhook!r} is not an http(s) URL")
+    settings.apply_offline_defaults()
+    s = settings.StackSettings.from_env()
+    os.environ.setdefault("PREFECT_API_URL", s.prefect_api_url)
+    if not stack.prefect_healthy(os.environ["PREFECT_API_URL"], timeout=5):
+        raise StackError(f"Prefect server at {os.environ['PREFECT_API_URL']} is not reachable "
+                         "(start it with: llmflow up)")  # fmt: skip
+    if off:
+        _echo(f"removed {alerts_mod.disable()} automation(s) named {alerts_mod.AUTOMATION}")
+    else:
+        automation_id = alerts_mod.enable(webhook)
+        _echo(f"automation {alerts_mod.AUTOMATION} ({automation_id}): failed runs of "
+              f"{', '.join(alerts_mod.FLOW_NAMES)} post to {webhook}")  # fmt: skip
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (file + --set overrides) as YAML."""
@@ -157,7 +186,7 @@ def _prepare_environment(cfg) -> str:
     return api
 
 
-def run_flow(name: str, cfg, echo=_echo):
+def run_flow(name: str, cfg, echo=_echo, **params):
     """Run a flow of FLOWS in this process against the configured stack; return its state."""
     import importlib
 
@@ -168,7 +197,7 @@ def run_flow(name: str, cfg, echo=_echo):
     flow_obj = getattr(importlib.import_module(module), func)
 
     # Prefect logs the run's UI URL ("View at ...") as the run starts.
-    return flow_obj(config=cfg, return_state=True)
+    return flow_obj(config=cfg, return_state=True, **params)
 
 
 @app.command()
@@ -176,13 +205,22 @@ def run(
     flow: Annotated[str, typer.Argument(help=f"Flow to run: {', '.join(FLOWS)}.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    retrain: Annotated[
+        str, typer.Option(help="pipeline only: 'always', or 'if-data-changed' (the dataset "
+                          "hash decides, as the retrain-nightly deployment does).")
+    ] = "always",
 ) -> None:
     """Run a flow from the command line; exit 0 only when its run Completed."""
     from llmflow.config import load_config
 
+    if retrain not in ("always", "if-data-changed"):
+        raise ConfigError(f"--retrain: {retrain!r} is not one of: always, if-data-changed")
     cfg = load_config(config, set_ or [])
-    state = run_flow(flow, cfg)
+    params = {"retrain": retrain} if flow == "pipeline" else {}
+    state = run_flow(flow, cfg, **params)
     _finish(flow, state)
+    if flow == "pipeline":
+        _show_served(state.result(), cfg)
 
 
 def _finish(flow: str, state) -> None:
@@ -222,17 +260,28 @@ def demo(config: ConfigOpt = Path("configs/tiny.yaml"), set_: SetOpt = None) -> 
     t0 = time.monotonic()
     state = run_flow("pipeline", cfg)
     _finish("pipeline", state)
-    result = state.result()
     _print_status(stack.status())
-    endpoint = result["rollout"]["endpoint"]
+    _show_served(state.result(), cfg)
+    _echo(f"Demo finished in {time.monotonic() - t0:.0f}s.")
+
+
+def _show_served(result: dict, cfg) -> None:
+    """After a pipeline run: the served endpoint and the model's answer to one eval question."""
+    if result.get("skipped"):
+        _echo(f"Nothing retrained: {result['skipped']}")
+        return
+    rollout = result["rollout"]
+    if not rollout.get("served_version") or not rollout.get("endpoint"):
+        _echo(f"Nothing served: {rollout.get('message', '')}")
+        return
+    endpoint, name = rollout["endpoint"], result["model"]["name"]
     question, answer = sample_answer(result, cfg.serve)
-    _echo(f"Served endpoint: {endpoint}/v1  (model {result['model']['name']}:"
-          f"{result['rollout']['served_version']}, OpenAI-compatible)")  # fmt: skip
+    _echo(f"Served endpoint: {endpoint}/v1  (model {name}:{rollout['served_version']}, "
+          f"OpenAI-compatible)")  # fmt: skip
     _echo(f"Sample: {question!r} -> {answer!r}")
     _echo(f"Try: curl {endpoint}/v1/chat/completions -H 'content-type: application/json' "
-          f"-d '{{\"model\": \"{result['model']['name']}\", \"messages\": "
+          f"-d '{{\"model\": \"{name}\", \"messages\": "
           f"[{{\"role\": \"user\", \"content\": \"{question}\"}}]}}'")  # fmt: skip
-    _echo(f"Demo finished in {time.monotonic() - t0:.0f}s.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,7 @@ class TrainRun(Ref):
     device: str = ""
     node_id: str = ""
     world_size: int = 1
+    reused: bool = Field(False, description="A finished run of the same inputs, not trained again.")
 
 
 class EvalReport(Ref):

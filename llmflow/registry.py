@@ -77,6 +77,16 @@ def get_version(store: Store, name: str, version: str | None = None) -> ModelRef
     return ModelRef.model_validate(store.read_json(MODELS, name, version, MANIFEST)["ref"])
 
 
+def find_version(store: Store, name: str, **lineage: Any) -> ModelRef | None:
+    """The newest version of ``name`` whose manifest has all the given lineage values
+    (say ``checkpoint=...``), or None: registration stays idempotent for re-runs."""
+    for ref in reversed(list_versions(store, name)):
+        manifest = store.read_json(MODELS, name, ref.version, MANIFEST)
+        if all(manifest.get(k) == v for k, v in lineage.items()):
+            return ref
+    return None
+
+
 def read_manifest(store: Store, name: str, version: str) -> dict[str, Any]:
     """The full lineage manifest of a version."""
     get_version(store, name, version)  # one clear error for a missing version

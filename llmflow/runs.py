@@ -1,6 +1,12 @@
-"""The current Prefect flow run's id: the key of a run's directory, runs/<flow-run-id>/."""
+"""Prefect run helpers: the current flow run's id, and the one-run-per-model slot."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 
 def flow_run_id() -> str:
@@ -8,3 +14,34 @@ def flow_run_id() -> str:
     from prefect.runtime import flow_run
 
     return str(flow_run.id or "local")
+
+
+def slot_name(model_name: str) -> str:
+    """The Prefect global concurrency limit that serialises the pipelines of one model."""
+    return f"llmflow-pipeline-{model_name}"
+
+
+@contextmanager
+def model_slot(model_name: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold the pipeline slot of ``model_name``: at most one pipeline run per model name at a
+    time, whoever started it (UI, schedule, CLI). A second run waits here until the first
+    leaves (or ``timeout_s`` passes: TimeoutError).
+
+    The slot is a Prefect global concurrency limit of 1, created on first use (an operator
+    may raise it: ``prefect gcl update llmflow-pipeline-<name> --limit 2``). Its lease is
+    renewed while the run lives, so a run killed outright frees the slot when the lease
+    expires instead of holding it forever.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    name = slot_name(model_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    log.info("taking the pipeline slot %r (one pipeline run per model at a time)", name)
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield

@@ -47,6 +47,7 @@ MAX_EVAL_ROWS = 256  # eval loss on at most this many eval rows: a trend, not a 
 EVAL_BATCH_SIZE = 64
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"
+RESULT = "llmflow_result.json"  # a finished run's TrainRun, next to Ray Train's own files
 
 # Fields of TrainConfig that do not change the weights a run produces: left out of the run's
 # key, so changing them (say max_failures) still resumes the same run.
@@ -305,15 +306,20 @@ def export_model(base_model_uri: str, state: dict[str, Any], train: TrainConfig,
 
     model = load_model(base_model_uri, train)
     load_trainable_state(model, state)
-    if train.lora and train.merge_lora:
+    fmt = export_format(train)
+    if fmt == "merged":
         model = model.merge_and_unload()
-        fmt = "merged"
-    else:
-        fmt = "adapter" if train.lora else "full"
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(base_model_uri).save_pretrained(out_dir)
     return fmt
+
+
+def export_format(train: TrainConfig) -> str:
+    """What ``export_model`` writes for this config: full, merged or adapter."""
+    if not train.lora:
+        return "full"
+    return "merged" if train.merge_lora else "adapter"
 
 
 def pick_device(use_gpu: bool):
@@ -496,7 +502,9 @@ def run_training(
     The run lives at ``<store>/runs/finetune-<run_key>``: the same inputs find the same
     directory, and Ray Train V2 restores its checkpoint manager from the snapshot there, so
     ``get_checkpoint()`` in the workers returns the latest checkpoint and the run goes on
-    from it (a finished run resumes at its last step and trains nothing).
+    from it. A run that finished (its TrainRun is stored, its last checkpoint still there)
+    is returned as it is, ``reused``, without starting a trainer: a re-run of a pipeline
+    that failed later on skips the training it had done.
 
     Raises:
         InsufficientResources: the cluster could never place the workers (before any start).
@@ -508,6 +516,10 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_dataset(dataset)
+    name = f"finetune-{run_key(train, dataset.sha256, base_model_uri)}"
+    done = finished_run(store, name, train)
+    if done is not None:
+        return done
     check_placeable(train, ray.nodes())
     backend = "gloo"
     if train.use_gpu:
@@ -515,7 +527,6 @@ def run_training(
             backend = "nccl"
         else:
             log.warning("train.use_gpu: the GPU node has no CUDA; workers use gloo and the CPU")
-    name = f"finetune-{run_key(train, dataset.sha256, base_model_uri)}"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -568,7 +579,7 @@ def run_training(
     }
     if history["eval"]:
         metrics["eval_loss_last"] = history["eval"][-1][1]
-    return TrainRun(
+    run = TrainRun(
         uri=store.uri("runs", name),
         checkpoint_uri=result.checkpoint.path
         if store.local
@@ -579,6 +590,22 @@ def run_training(
         node_id=out["node_id"],
         world_size=out["world_size"],
     )
+    store.write_json(run.model_dump(mode="json"), "runs", name, RESULT)  # atomic
+    return run
+
+
+def finished_run(store: Store, name: str, train: TrainConfig) -> TrainRun | None:
+    """The stored TrainRun of run ``name`` if it reached ``train.max_steps`` and its last
+    checkpoint is still in the store; None otherwise (the run then starts or resumes)."""
+    import fsspec
+
+    if not store.exists("runs", name, RESULT):
+        return None
+    run = TrainRun.model_validate(store.read_json("runs", name, RESULT))
+    fs, path = fsspec.core.url_to_fs(run.checkpoint_uri)
+    if run.metrics.get("steps") != train.max_steps or not fs.exists(f"{path}/{TRAIN_STATE}"):
+        return None
+    return run.model_copy(update={"reused": True})
 
 
 def checkpoint_state(checkpoint_uri: str) -> dict[str, Any]:
@@ -649,6 +676,38 @@ def git_commit() -> str | None:
 
 
 # -- Prefect tasks ---------------------------------------------------------------------------
+def _export_and_register(
+    store: Store, train: TrainConfig, dataset: DatasetRef, base_model_uri: str, run: TrainRun,
+    config: dict[str, Any] | None, fmt: str, loss_plot: str,
+) -> ModelRef:  # fmt: skip
+    """The run's final checkpoint as a HF directory, registered as the next version."""
+    from llmflow.registry import register_version
+
+    with tempfile.TemporaryDirectory(prefix="llmflow-export-") as tmp:
+        export_model(base_model_uri, checkpoint_state(run.checkpoint_uri), train, Path(tmp))
+        return register_version(
+            store,
+            train.model_name,
+            Path(tmp),
+            base_model=base_model_uri,
+            dataset_sha256=dataset.sha256,
+            metrics={k: float(v) for k, v in run.metrics.items()},
+            lineage={
+                "format": fmt,
+                "dataset": dataset.model_dump(mode="json"),
+                "train_config": train.model_dump(mode="json"),
+                "pipeline_config": config,
+                "flow_run_id": flow_run_id(),
+                "git_commit": git_commit(),
+                "train_run": run.uri,
+                "checkpoint": run.checkpoint_uri,
+                "device": run.device,
+                "world_size": run.world_size,
+                "loss_plot": loss_plot,
+            },
+        )
+
+
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(train: TrainConfig, dataset: DatasetRef, base_model_uri: str) -> TrainRun:
     """Run the TorchTrainer (resuming an earlier run of the same inputs); no retries here:
@@ -658,6 +717,10 @@ def train_model(train: TrainConfig, dataset: DatasetRef, base_model_uri: str) ->
     logger = get_run_logger()
     run = run_training(train, dataset, base_model_uri, Store())
     m = run.metrics
+    if run.reused:
+        logger.info("reused the finished run %s (%d steps, loss %.4f -> %.4f): nothing to train",
+                    run.uri, m["steps"], m["train_loss_first"], m["train_loss_last"])  # fmt: skip
+        return run
     logger.info(
         "trained %s: steps %d..%d (%d run) on %s, loss %.4f -> %.4f, %.0f tokens/s, "
         "fit %.1f s (start-up %.1f s)", run.uri, m["start_step"], m["steps"], m["steps_run"],
@@ -672,11 +735,15 @@ def register_model(
     train: TrainConfig, dataset: DatasetRef, base_model_uri: str, run: TrainRun,
     config: dict[str, Any] | None = None,
 ) -> ModelRef:  # fmt: skip
-    """Export the final checkpoint as a HF directory, register it, publish the loss curve."""
+    """Export the final checkpoint as a HF directory, register it, publish the loss curve.
+
+    Idempotent: a checkpoint already registered in this format returns that version (a
+    re-run of a pipeline registers nothing new).
+    """
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from llmflow.registry import register_version
+    from llmflow.registry import find_version
 
     logger = get_run_logger()
     store = Store()
@@ -686,29 +753,13 @@ def register_model(
         "runs", run_id, "finetune", "loss.png",
     )  # fmt: skip
     store.write_json(run.history, "runs", run_id, "finetune", "history.json")
-    with tempfile.TemporaryDirectory(prefix="llmflow-export-") as tmp:
-        fmt = export_model(base_model_uri, checkpoint_state(run.checkpoint_uri), train, Path(tmp))
-        ref = register_version(
-            store,
-            train.model_name,
-            Path(tmp),
-            base_model=base_model_uri,
-            dataset_sha256=dataset.sha256,
-            metrics={k: float(v) for k, v in run.metrics.items()},
-            lineage={
-                "format": fmt,
-                "dataset": dataset.model_dump(mode="json"),
-                "train_config": train.model_dump(mode="json"),
-                "pipeline_config": config,
-                "flow_run_id": run_id,
-                "git_commit": git_commit(),
-                "train_run": run.uri,
-                "checkpoint": run.checkpoint_uri,
-                "device": run.device,
-                "world_size": run.world_size,
-                "loss_plot": png,
-            },
-        )
+    fmt = export_format(train)
+    ref = find_version(store, train.model_name, checkpoint=run.checkpoint_uri, format=fmt)
+    if ref is not None:
+        logger.info("checkpoint %s is already registered as %s %s", run.checkpoint_uri,
+                    ref.name, ref.version)  # fmt: skip
+    else:
+        ref = _export_and_register(store, train, dataset, base_model_uri, run, config, fmt, png)
     m = run.metrics
     create_table_artifact(
         key="finetune-loss",
@@ -732,6 +783,25 @@ def register_model(
     )
     logger.info("registered %s %s at %s", ref.name, ref.version, ref.uri)
     return ref
+
+
+@task(name="check-data-changed", cache_policy=NO_CACHE)
+def trained_on_same_data(train: TrainConfig, dataset: DatasetRef) -> ModelRef | None:
+    """The latest version of ``train.model_name`` when it was trained on this very dataset
+    (same content hash), else None: the dataset hash decides whether to retrain."""
+    from prefect import get_run_logger
+
+    from llmflow.registry import list_versions
+
+    versions = list_versions(Store(), train.model_name)
+    latest = versions[-1] if versions else None
+    same = latest is not None and latest.dataset_sha256 == dataset.sha256
+    get_run_logger().info(
+        "dataset %s; latest version %s: %s", dataset.short_sha,
+        f"{latest.version} (dataset {latest.dataset_sha256 and latest.dataset_sha256[:16]})" if latest else "none",
+        "same data" if same else "new data",
+    )  # fmt: skip
+    return latest if same else None
 
 
 def check_inputs(train: TrainConfig, dataset: DatasetRef | None) -> None:

@@ -55,6 +55,7 @@ def stack(stack_settings):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: s.prefect_api_url}):
+        nightly_paused.update(pause_nightly_if_due(within_s=3600))
         yield s
 
     import ray
@@ -65,6 +66,39 @@ def stack(stack_settings):
     stack_mod.down(s)
     alive = [n for n, e in state.items() if stack_mod._process_alive(e)]
     assert not alive, f"`down` left these parts running: {alive}"
+
+
+# Set when the session stack had to pause the retrain-nightly schedule (see below).
+nightly_paused: dict = {}
+
+
+def pause_nightly_if_due(within_s: float) -> dict:
+    """Pause the stack's retrain-nightly schedule when its next run falls inside the test
+    session (then the worker would start a whole pipeline among the tests). Returns
+    {"next_run": datetime} when it paused it, {} otherwise (almost always)."""
+    import datetime as dt
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("pipeline/retrain-nightly")
+        deadline = time.monotonic() + 30
+        runs = []
+        while not runs and time.monotonic() < deadline:  # the server schedules within seconds
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            time.sleep(0.5)
+        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=within_s)
+        due = [r.expected_start_time for r in runs if r.expected_start_time <= soon]
+        if not due:
+            return {}
+        for sched in dep.schedules:
+            client.update_deployment_schedule(dep.id, sched.id, active=False)
+        for r in runs:
+            client.delete_flow_run(r.id)
+        return {"next_run": min(due)}
 
 
 @pytest.fixture(scope="session")

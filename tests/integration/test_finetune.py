@@ -19,6 +19,7 @@ from llmflow.basemodels import ModelError
 from llmflow.config import load_config
 from llmflow.refs import DatasetRef
 from llmflow.store import Store
+from tests.integration.helpers import wait_for_logs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -45,6 +46,11 @@ def base_uri() -> str:
     from llmflow.basemodels import resolve_base_model
 
     return resolve_base_model(cfg().train)
+
+
+def dataset_of(ref) -> DatasetRef:
+    """The DatasetRef a registered version was trained on (its manifest keeps it)."""
+    return DatasetRef.model_validate(json.loads((Path(ref.uri) / "manifest.json").read_text())["dataset"])
 
 
 def run_dir(config, dataset: DatasetRef) -> Path:
@@ -144,11 +150,41 @@ def test_finetune_lowers_the_loss_and_registers_a_loadable_version(stack, prefec
     artifacts = prefect_client.read_artifacts(flow_run_filter=run_filter)
     assert {"finetune-loss", "finetune-report"} <= {a.key for a in artifacts}
 
-    # The same inputs again: the run resumes at its last checkpoint and trains nothing more.
-    again = finetune(config=cfg(*TINY), return_state=True).result()
-    assert again.train_metrics["start_step"] == 40 and again.train_metrics["steps_run"] == 0
-    assert again.version != ref.version  # a new version, same weights
-    assert again.train_metrics["train_loss_first"] == m["train_loss_first"]  # history kept
+    # The same inputs again: the finished run is reused (no trainer starts) and its
+    # checkpoint is already registered, so the same version comes back.
+    from tasks.training import RESULT
+
+    stamp = (Path(run_dir(cfg(*TINY), dataset_of(ref))) / RESULT).stat().st_mtime_ns
+    again = finetune(config=cfg(*TINY), return_state=True)
+    assert again.result() == ref
+    assert (Path(run_dir(cfg(*TINY), dataset_of(ref))) / RESULT).stat().st_mtime_ns == stamp
+    wait_for_logs(prefect_client, again.state_details.flow_run_id, "reused the finished run",
+                  f"already registered as ft-test {ref.version}")  # fmt: skip
+
+
+def test_two_ddp_workers_with_grad_accum_train_a_lora_adapter_merged_on_export(stack, dataset):
+    """The distributed path for real: 2 gloo workers (DDP), 2 micro-batches a step, LoRA."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from flows.finetune import finetune
+
+    config = cfg("train.max_steps=30", "train.checkpoint_every=30", "train.eval_every=30",
+                 "train.warmup_steps=3", "train.model_name=ft-ddp", "train.num_workers=2",
+                 "train.cpus_per_worker=1", "train.batch_size=8", "train.grad_accum=2",
+                 "train.lora=true", "train.lora_rank=16", "train.learning_rate=0.01")  # fmt: skip
+    ref = finetune(config=config, dataset=dataset)
+    m = ref.train_metrics
+    assert m["steps_run"] == 30 and m["train_loss_last"] < m["train_loss_first"] - 0.5, m
+    manifest = json.loads((Path(ref.uri) / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["format"] == "merged"
+    assert manifest["train_config"]["grad_accum"] == 2
+    weights = load_file(Path(ref.uri) / "model.safetensors")
+    assert not [k for k in weights if "lora" in k]  # merged: a plain model directory
+    base = load_file(Path(base_uri()) / "model.safetensors")
+    changed = [k for k in base if k in weights and not (weights[k] == base[k]).all()]
+    assert changed and all("proj" in k for k in changed), changed  # the adapted linears only
+    assert AutoModelForCausalLM.from_pretrained(ref.uri).config.model_type == "llama"
 
 
 def test_interrupted_run_resumes_from_its_latest_checkpoint(stack, dataset):

@@ -1,11 +1,19 @@
-"""Running flows: `llmflow run` from the command line, and a deployment run by the worker."""
+"""Running flows: `llmflow run` from the command line; the nightly schedule, the one-run-per-
+model slot, the Kubernetes variant and failure alerts on the session stack. (A deployment
+run through the API, on the worker, is in test_pipeline.py.)"""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,10 +29,126 @@ def test_llmflow_run_exits_0_on_completed(stack):
     assert "Flow 'check' Completed: " + stack.prefect_url + "/runs/flow-run/" in out
 
 
-def test_deployment_run_through_the_api_completes_on_the_worker(stack, prefect_client):
-    from prefect.deployments import run_deployment
+def test_retrain_nightly_is_scheduled_with_its_cron_and_timezone(stack, prefect_client):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    flow_run = run_deployment("check/check", parameters={"tasks": 2}, timeout=300)
-    assert flow_run.state.is_completed(), flow_run.state
-    # It ran in the worker's process, not here.
-    assert flow_run.work_pool_name == stack.work_pool
+    from tests.integration.conftest import nightly_paused
+
+    dep = prefect_client.read_deployment_by_name("pipeline/retrain-nightly")
+    [sched] = dep.schedules
+    assert (sched.schedule.cron, sched.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+    assert dep.parameters == {"retrain": "if-data-changed"} and dep.work_pool_name == stack.work_pool
+    if nightly_paused:  # its next run fell inside this session: the fixture paused it
+        assert not sched.active and nightly_paused["next_run"].astimezone(ZoneInfo("Europe/Berlin")).hour == 2
+        pytest.skip(f"retrain-nightly was due during the tests ({nightly_paused['next_run']}): paused")
+    assert sched.active
+    runs = prefect_client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+    assert runs and {r.state.type.value for r in runs} == {"SCHEDULED"}
+    next_run = min(r.expected_start_time for r in runs)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert now < next_run <= now + dt.timedelta(days=1, hours=1)  # the next 02:00 in Berlin
+    berlin = next_run.astimezone(ZoneInfo("Europe/Berlin"))
+    assert (berlin.hour, berlin.minute) == (2, 0), berlin
+
+
+def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
+    from llmflow.runs import model_slot, slot_name
+
+    events: list[tuple[str, float]] = []
+    first_in = threading.Event()
+
+    def first() -> None:
+        with model_slot("slot-test"):
+            events.append(("first in", time.monotonic()))
+            first_in.set()
+            time.sleep(3)
+            events.append(("first out", time.monotonic()))
+
+    def second() -> None:
+        first_in.wait(60)
+        with model_slot("slot-test"):  # waits for the first run of this model
+            events.append(("second in", time.monotonic()))
+
+    def other() -> None:
+        first_in.wait(60)
+        with model_slot("other-model", timeout_s=10):  # another model is not held up
+            events.append(("other in", time.monotonic()))
+
+    threads = [threading.Thread(target=f) for f in (first, second, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    names = [e for e, _ in events]
+    assert names == ["first in", "other in", "first out", "second in"], events
+    limit = prefect_client.read_global_concurrency_limit_by_name(slot_name("slot-test"))
+    assert limit.limit == 1 and limit.active_slots == 0  # both released
+
+
+def test_kubernetes_variant_deploys_to_a_kubernetes_work_pool(stack, prefect_client):
+    """infra/k8s/prefect.yaml against a real `kubernetes` pool: the server checks every
+    job variable against the pool's base job template when it stores the deployment."""
+    prefect = str(Path(sys.executable).parent / "prefect")
+    env = {**os.environ, "LLMFLOW_K8S_WORK_POOL": "llmflow-k8s-test"}
+
+    def cli(*args: str) -> None:
+        proc = subprocess.run([prefect, "--no-prompt", *args], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    cli("work-pool", "create", "llmflow-k8s-test", "--type", "kubernetes", "--overwrite")
+    cli("deploy", "--all", "--prefect-file", "infra/k8s/prefect.yaml")
+    assert prefect_client.read_work_pool("llmflow-k8s-test").type == "kubernetes"
+    dep = prefect_client.read_deployment_by_name("pipeline/pipeline-k8s")
+    assert dep.work_pool_name == "llmflow-k8s-test"
+    assert dep.job_variables["namespace"] == "llmflow"
+    assert dep.job_variables["env"]["LLMFLOW_RAY_ADDRESS"].startswith("ray://")
+    nightly = prefect_client.read_deployment_by_name("pipeline/retrain-nightly-k8s")
+    assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+    # The local variant is untouched: both live on one server.
+    assert prefect_client.read_deployment_by_name("pipeline/pipeline").work_pool_name == stack.work_pool
+
+
+def test_failure_alert_posts_to_a_webhook_when_a_run_fails(stack):
+    """`llmflow alerts --webhook`: the server's automation fires on a failed run and its
+    notification reaches a real HTTP endpoint (here, one in this test)."""
+    import json
+    import queue
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flows.prepare import prepare
+    from llmflow.config import load_config
+
+    received: queue.Queue = queue.Queue()
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            received.put(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    llmflow = str(Path(sys.executable).parent / "llmflow")
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([llmflow, *args], capture_output=True, text=True,
+                              env=dict(os.environ), cwd=ROOT, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    try:
+        assert "post to http://127.0.0.1:" in cli("alerts", "--webhook", f"http://127.0.0.1:{server.server_port}/hook")
+        state = prepare(config=load_config(None, ["data.source=/nonexistent/rows.jsonl"]), return_state=True)
+        assert state.is_failed()
+        msg = received.get(timeout=90)
+        assert "prepare" in msg["subject"] and "Failed" in msg["subject"], msg
+        assert "/nonexistent/rows.jsonl" in msg["text"] and "/runs/flow-run/" in msg["text"], msg
+    finally:
+        out = cli("alerts", "--off")
+        server.shutdown()
+    assert out.startswith("removed 1 automation")

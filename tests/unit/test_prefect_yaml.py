@@ -51,3 +51,45 @@ def test_every_flow_in_the_cli_is_deployed():
     for name, target in FLOWS.items():
         module, func = target.split(":")
         assert f"{module.replace('.', '/')}.py:{func}" in entrypoints, name
+
+
+# -- the Kubernetes work-pool variant --------------------------------------------------------
+K8S = yaml.safe_load((ROOT / "infra/k8s/prefect.yaml").read_text())
+
+
+def kubernetes_job_variables() -> set[str]:
+    """The variables of the Kubernetes work pool's default base job template, as Prefect
+    ships it (the server hands this template to `prefect work-pool create --type kubernetes`)."""
+    import json
+
+    import prefect
+
+    views = Path(prefect.__file__).parent / "server/api/collections_data/views"
+    meta = json.loads((views / "aggregate-worker-metadata.json").read_text())
+    return set(meta["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"]
+               ["variables"]["properties"])  # fmt: skip
+
+
+def test_kubernetes_variant_deploys_the_same_flows_with_the_same_parameters_and_schedules():
+    def shape(d):
+        return (d["entrypoint"], d.get("parameters"), d.get("schedules"))
+
+    k8s = {d["name"]: shape(d) for d in K8S["deployments"]}
+    assert k8s == {f"{d['name']}-k8s": shape(d) for d in DEPLOYMENTS}
+
+
+def test_kubernetes_job_variables_live_in_one_place_and_exist_in_the_template():
+    pool = K8S["definitions"]["work_pools"]["kubernetes"]
+    assert all(d["work_pool"] == pool for d in K8S["deployments"])  # one anchor for all
+    assert pool["name"] == "{{ $LLMFLOW_K8S_WORK_POOL }}"
+    assert set(pool["job_variables"]) <= kubernetes_job_variables()
+    env = pool["job_variables"]["env"]
+    assert env["LLMFLOW_RAY_ADDRESS"].startswith("ray://") and "://" in env["LLMFLOW_STORE"]
+
+
+def test_retrain_nightly_has_an_explicit_timezone_and_retrains_only_on_new_data():
+    [nightly] = [d for d in DEPLOYMENTS if d["name"] == "retrain-nightly"]
+    [schedule] = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "Europe/Berlin"
+    assert nightly["parameters"] == {"retrain": "if-data-changed"}
+    assert nightly["entrypoint"] == "flows/pipeline.py:pipeline"

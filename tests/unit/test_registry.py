@@ -8,6 +8,7 @@ import pytest
 
 from llmflow.registry import (
     RegistryError,
+    find_version,
     get_version,
     list_versions,
     read_manifest,
@@ -75,3 +76,14 @@ def test_unknown_names_and_versions_are_clear_errors(tmp_path, model_dir):
         get_version(store, "m", "v7")
     with pytest.raises(RegistryError, match="model name"):
         register_version(store, "../evil", model_dir, base_model="tiny")
+
+
+def test_find_version_matches_lineage_newest_first(tmp_path, model_dir):
+    store = Store(tmp_path / "store")
+    assert find_version(store, "m", checkpoint="c1") is None  # no versions at all
+    register_version(store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "full"})
+    v2 = register_version(store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "full"})
+    v3 = register_version(store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "merged"})
+    assert find_version(store, "m", checkpoint="c1", format="full") == v2
+    assert find_version(store, "m", checkpoint="c1", format="merged") == v3
+    assert find_version(store, "m", checkpoint="c2", format="full") is None
