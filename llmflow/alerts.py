@@ -43,6 +43,7 @@ def enable(webhook_url: str) -> str:
     from prefect.events.actions import SendNotification
 
     block = CustomWebhookNotificationBlock(
+        name="llmflow failure alerts",
         url=webhook_url,
         method="POST",
         json_data={"subject": "{{subject}}", "text": "{{body}}"},
