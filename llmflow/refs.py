@@ -55,6 +55,7 @@ class TrainRun(Ref):
         default_factory=dict, description="train: [step, loss, lr] rows; eval: [step, loss]."
     )
     device: str = ""
+    precision: str = Field("fp32", description="bf16 (autocast on a GPU that has it) or fp32.")
     node_id: str = ""
     world_size: int = 1
     reused: bool = Field(False, description="A finished run of the same inputs, not trained again.")

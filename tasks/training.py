@@ -474,6 +474,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         "t_start": t_start,
         "t_first_step": t_first_step,
         "device": str(device),
+        "precision": "bf16" if not isinstance(autocast, contextlib.nullcontext) else "fp32",
         "world_size": world,
         "node_id": ray.get_runtime_context().get_node_id(),
         "error": error,
@@ -587,6 +588,7 @@ def run_training(
         metrics=metrics,
         history=history,
         device=out["device"],
+        precision=out.get("precision", "fp32"),
         node_id=out["node_id"],
         world_size=out["world_size"],
     )
@@ -702,6 +704,7 @@ def _export_and_register(
                 "train_run": run.uri,
                 "checkpoint": run.checkpoint_uri,
                 "device": run.device,
+                "precision": run.precision,
                 "world_size": run.world_size,
                 "loss_plot": loss_plot,
             },
