@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
+LEASE_S = 60  # the shortest lease Prefect's server grants
 
 
 def flow_run_id() -> str:
@@ -29,8 +30,10 @@ def model_slot(model_name: str, timeout_s: float | None = None) -> Iterator[None
 
     The slot is a Prefect global concurrency limit of 1, created on first use (an operator
     may raise it: ``prefect gcl update llmflow-pipeline-<name> --limit 2``). Its lease is
-    renewed while the run lives, so a run killed outright frees the slot when the lease
-    expires instead of holding it forever.
+    renewed while the run lives; a run killed outright frees the slot when its lease expires
+    (``LEASE_S``, the server's minimum, plus the server's 15 s repossessor pass), instead of
+    holding it forever. A failed renewal (say, the server restarting) is logged and the run
+    goes on: the slot guards against a second run, it is no reason to stop this one.
     """
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
@@ -43,5 +46,6 @@ def model_slot(model_name: str, timeout_s: float | None = None) -> Iterator[None
         except ObjectNotFound:
             client.upsert_global_concurrency_limit_by_name(name, limit=1)
     log.info("taking the pipeline slot %r (one pipeline run per model at a time)", name)
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True,
+                     lease_duration=LEASE_S, raise_on_lease_renewal_failure=False):  # fmt: skip
         yield

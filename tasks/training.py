@@ -788,21 +788,26 @@ def register_model(
     return ref
 
 
+def latest_if_same_data(store: Store, model_name: str, dataset_sha256: str) -> tuple[ModelRef | None, bool]:
+    """(latest version of ``model_name`` or None, whether it was trained on this dataset)."""
+    from llmflow.registry import list_versions
+
+    versions = list_versions(store, model_name)
+    latest = versions[-1] if versions else None
+    return latest, latest is not None and latest.dataset_sha256 == dataset_sha256
+
+
 @task(name="check-data-changed", cache_policy=NO_CACHE)
 def trained_on_same_data(train: TrainConfig, dataset: DatasetRef) -> ModelRef | None:
     """The latest version of ``train.model_name`` when it was trained on this very dataset
     (same content hash), else None: the dataset hash decides whether to retrain."""
     from prefect import get_run_logger
 
-    from llmflow.registry import list_versions
-
-    versions = list_versions(Store(), train.model_name)
-    latest = versions[-1] if versions else None
-    same = latest is not None and latest.dataset_sha256 == dataset.sha256
+    latest, same = latest_if_same_data(Store(), train.model_name, dataset.sha256)
     get_run_logger().info(
         "dataset %s; latest version %s: %s", dataset.short_sha,
         f"{latest.version} (dataset {latest.dataset_sha256 and latest.dataset_sha256[:16]})" if latest else "none",
-        "same data" if same else "new data",
+        "same data: nothing to retrain" if same else "new data: retraining",
     )  # fmt: skip
     return latest if same else None
 

@@ -1,9 +1,19 @@
-"""Shared test settings: offline switches on, and llmflow's state kept out of the checkout."""
+"""Shared test settings and the session fixtures of the integration and drill tiers.
+
+Offline switches go on before anything imports prefect, ray or transformers, and llmflow's
+state is kept out of the checkout. The stack (Prefect server on SQLite, Ray head with Serve,
+Prefect worker, deployments) is started by `llmflow.stack.up` exactly as `llmflow up` starts
+it, under a temporary LLMFLOW_HOME and on free ports, so it never collides with a
+developer's own stack; it starts only when a test asks for it, once per session.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+
+import pytest
 
 # Before anything imports prefect, ray or transformers: offline, no telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,3 +23,100 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Unit tests must not touch a developer's .llmflow/ (or their running stack).
 os.environ.setdefault("LLMFLOW_HOME", tempfile.mkdtemp(prefix="llmflow-test-"))
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory):
+    from llmflow.settings import StackSettings
+
+    home = tmp_path_factory.mktemp("llmflow-home")
+    env = {
+        "LLMFLOW_HOME": str(home),
+        "LLMFLOW_PREFECT_PORT": str(free_port()),
+        "LLMFLOW_RAY_PORT": str(free_port()),
+        "LLMFLOW_DASHBOARD_PORT": str(free_port()),
+        "LLMFLOW_SERVE_PORT": str(free_port()),
+        "LLMFLOW_WORK_POOL": "llmflow-test",
+        "LLMFLOW_STORE": str(home / "store"),
+    }
+    os.environ.update(env)
+    return StackSettings.from_env()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings):
+    """A running local stack; the test process is pointed at it like `llmflow run` is."""
+    from llmflow import stack as stack_mod
+
+    s = stack_settings
+    lines: list[str] = []
+    try:
+        parts = stack_mod.up(s, echo=lines.append)  # the default logical CPUs, as `llmflow up`
+    except Exception:
+        stack_mod.down(s)
+        raise
+    assert all(p.healthy for p in parts), parts
+    os.environ.update(stack_mod.client_env(s))
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: s.prefect_api_url}):
+        nightly_paused.update(pause_nightly_if_due(within_s=3600))
+        yield s
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    state = stack_mod._read_state(s)
+    stack_mod.down(s)
+    alive = [n for n, e in state.items() if stack_mod._process_alive(e)]
+    assert not alive, f"`down` left these parts running: {alive}"
+
+
+# Set when the session stack had to pause the retrain-nightly schedule (see below).
+nightly_paused: dict = {}
+
+
+def pause_nightly_if_due(within_s: float) -> dict:
+    """Pause the stack's retrain-nightly schedule when its next run falls inside the test
+    session (then the worker would start a whole pipeline among the tests). Returns
+    {"next_run": datetime} when it paused it, {} otherwise (almost always)."""
+    import datetime as dt
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("pipeline/retrain-nightly")
+        deadline = time.monotonic() + 30
+        runs = []
+        while not runs and time.monotonic() < deadline:  # the server schedules within seconds
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            time.sleep(0.5)
+        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=within_s)
+        due = [r.expected_start_time for r in runs if r.expected_start_time <= soon]
+        if not due:
+            return {}
+        for sched in dep.schedules:
+            client.update_deployment_schedule(dep.id, sched.id, active=False)
+        for r in runs:
+            client.delete_flow_run(r.id)
+        return {"next_run": min(due)}
+
+
+@pytest.fixture(scope="session")
+def prefect_client(stack):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        yield client

@@ -20,3 +20,34 @@ def wait_for_logs(client, flow_run_id: UUID, *needles: str, timeout: float = 60)
         if time.monotonic() > deadline:
             raise AssertionError(f"not in the logs of flow run {flow_run_id} after {timeout} s: {missing}")
         time.sleep(1)
+
+
+def task_states(client, flow_run_id) -> list[tuple[str, str]]:
+    """(task name, state name) of one flow run's task runs (not its subflows'), in order."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs.sort(key=lambda r: r.created)
+    return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
+
+
+def kill_flow_process(client, flow_run_id) -> int:
+    """SIGKILL the process the worker runs a flow run in (and its children): the driver dies
+    as a machine or pod would, with no chance to clean up."""
+    import psutil
+
+    pid = int(str(client.read_flow_run(flow_run_id).infrastructure_pid).rsplit(":", 1)[-1])
+    proc = psutil.Process(pid)
+    for p in [*proc.children(recursive=True), proc]:
+        p.kill()
+    return pid
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")

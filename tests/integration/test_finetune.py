@@ -211,21 +211,6 @@ def test_interrupted_run_resumes_from_its_latest_checkpoint(stack, dataset):
     assert m["steps"] == 200 and m["steps_run"] == 200 - m["start_step"]
 
 
-def test_killed_worker_is_replaced_and_the_run_completes(stack, dataset):
-    config = cfg(*LONG, "train.weight_decay=0.002", "train.max_failures=2")
-    path = run_dir(config, dataset)
-    t, done, out = run_in_thread(config, dataset)
-    killed = kill_worker_after_first_checkpoint(path, done)
-    t.join(timeout=300)
-    state = out["state"]
-    assert state.is_completed(), state.message
-    m = state.result().train_metrics
-    # the replacement worker started from a checkpoint, not from step 0
-    assert 0 < m["start_step"] < 200 and m["steps"] == 200, m
-    assert m["train_loss_last"] < m["train_loss_first"]
-    assert killed not in {w.pid for w in alive_train_workers()}
-
-
 # -- bad input -------------------------------------------------------------------------------
 def test_missing_base_model_is_a_clear_error(stack, tmp_path):
     from flows.finetune import finetune

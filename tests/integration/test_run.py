@@ -32,7 +32,7 @@ def test_llmflow_run_exits_0_on_completed(stack):
 def test_retrain_nightly_is_scheduled_with_its_cron_and_timezone(stack, prefect_client):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from tests.integration.conftest import nightly_paused
+    from tests.conftest import nightly_paused
 
     dep = prefect_client.read_deployment_by_name("pipeline/retrain-nightly")
     [sched] = dep.schedules

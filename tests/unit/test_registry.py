@@ -87,3 +87,14 @@ def test_find_version_matches_lineage_newest_first(tmp_path, model_dir):
     assert find_version(store, "m", checkpoint="c1", format="full") == v2
     assert find_version(store, "m", checkpoint="c1", format="merged") == v3
     assert find_version(store, "m", checkpoint="c2", format="full") is None
+
+
+def test_latest_if_same_data_compares_the_latest_versions_dataset_hash(tmp_path, model_dir):
+    from tasks.training import latest_if_same_data
+
+    store = Store(tmp_path / "store")
+    assert latest_if_same_data(store, "m", "a" * 64) == (None, False)
+    register_version(store, "m", model_dir, base_model="tiny", dataset_sha256="a" * 64)
+    v2 = register_version(store, "m", model_dir, base_model="tiny", dataset_sha256="b" * 64)
+    assert latest_if_same_data(store, "m", "b" * 64) == (v2, True)
+    assert latest_if_same_data(store, "m", "a" * 64) == (v2, False)  # only the latest counts
