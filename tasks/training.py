@@ -264,7 +264,7 @@ def load_model(base_model_uri: str, train: TrainConfig):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        base_model_uri, dtype=torch.float32, trust_remote_code=False
+        base_model_uri, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
     if train.lora:
         from peft import LoraConfig, get_peft_model
