@@ -90,6 +90,11 @@ def client_env(s: StackSettings) -> dict[str, str]:
             ),
         }
     )
+    # Basic auth on the server (PREFECT_SERVER_API_AUTH_STRING="user:password"): the stack's
+    # own clients (worker, deploy, CLI runs, Ray workers) present the same credentials.
+    auth = os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    if auth:
+        env["PREFECT_API_AUTH_STRING"] = auth
     return env
 
 
@@ -166,8 +171,16 @@ def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2
         return False
 
 
+def prefect_auth_headers() -> dict[str, str]:
+    """The Authorization header of Prefect's basic auth, when PREFECT_API_AUTH_STRING is set."""
+    import base64
+
+    auth = os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+
+
 def prefect_healthy(api_url: str, timeout: float = 2.0) -> bool:
-    return _http_ok(f"{api_url.rstrip('/')}/health", timeout=timeout)
+    return _http_ok(f"{api_url.rstrip('/')}/health", headers=prefect_auth_headers(), timeout=timeout)
 
 
 def _ray_headers(s: StackSettings) -> dict[str, str]:
@@ -201,9 +214,8 @@ def worker_healthy(s: StackSettings) -> bool:
     if not _process_alive(_read_state(s).get("prefect-worker")):
         return False
     try:
-        r = httpx.post(
-            f"{s.prefect_api_url}/work_pools/{s.work_pool}/workers/filter", json={}, timeout=2.0
-        )
+        r = httpx.post(f"{s.prefect_api_url}/work_pools/{s.work_pool}/workers/filter", json={},
+                       headers=prefect_auth_headers(), timeout=2.0)  # fmt: skip
         return r.status_code == 200 and any(w.get("status") == "ONLINE" for w in r.json())
     except httpx.HTTPError:
         return False
