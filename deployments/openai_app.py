@@ -6,8 +6,10 @@
 Endpoints: GET /health, GET /v1/models (with version and lineage), POST /v1/completions and
 /v1/chat/completions (streaming over SSE with "stream": true). Requests that arrive together
 are generated in one batch (`@serve.batch`): batched generate is what serving speed rests on
-(18x one-at-a-time on the tiny model, DESIGN.md). Errors are OpenAI-style JSON: 400 bad input,
-401 missing or wrong key (when an API key is set), 404 unknown model, 413 prompt too long.
+(18x one-at-a-time on the tiny model, DESIGN.md). Errors are OpenAI-style JSON
+(`{"error": {...}}`): 400 bad input (malformed JSON, wrong types, out-of-range values), 401
+missing or wrong key (when an API key is set), 404 unknown model or route, 413 prompt too long
+or body over `max_body_bytes`. The schema is at /openapi.json under the route prefix.
 
 No `from __future__ import annotations` here: FastAPI reads the route annotations at
 runtime, and with string annotations on methods wrapped by serve.ingress it took the
@@ -22,15 +24,20 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import Response, StreamingResponse
+from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
+from starlette.exceptions import HTTPException
 
 api = FastAPI(title="llmflow OpenAI-compatible API")
+
+MAX_PROMPTS = 64  # a list prompt: one request must not hold a replica for thousands
+# Below this, sampling divides the logits into inf and NaN: treated as greedy (vLLM's epsilon).
+GREEDY_EPS = 1e-5
 
 
 class APIError(Exception):
@@ -39,41 +46,121 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}  # fmt: skip
-        return JSONResponse(body, status_code=self.status)
+        # ASCII-escaped: a message quoting client text stays encodable (JSONResponse would
+        # raise on a lone surrogate, turning a 4xx into a 500).
+        return Response(json.dumps(body), status_code=self.status, media_type="application/json")
 
 
 @api.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+async def _api_error(_: Request, exc: APIError) -> Response:
     return exc.response()
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        why = first.get("ctx", {}).get("error")
+        return APIError(400, f"request body is not valid JSON ({why})", "invalid_request_error",
+                        "invalid_json").response()  # fmt: skip
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
     return APIError(400, f"{param or 'request'}: {first['msg']}", "invalid_request_error",
                     "invalid_value", param).response()  # fmt: skip
 
 
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (unknown route, wrong method, unparsable body) in OpenAI's shape."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return APIError(exc.status_code, str(exc.detail), kind,
+                    _HTTP_CODES.get(exc.status_code)).response()  # fmt: skip
+
+
+@api.exception_handler(Exception)
+async def _server_error(_: Request, exc: Exception) -> Response:
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before it is parsed.
+
+    The limit is a class attribute that the replica sets: a Serve replica is one process
+    serving one OpenAIServer, and FastAPI builds its middleware stack on the first request.
+    """
+
+    max_bytes = 1 << 20
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, receive, send)
+        # No (or a lying) Content-Length, e.g. chunked: read up to the limit, then replay.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        await APIError(413, f"Request body exceeds {self.max_bytes} bytes.", "invalid_request_error",
+                       "request_too_large").response()(scope, receive, send)  # fmt: skip
+
+
+api.add_middleware(BodyLimit)
+
+
+def _utf8(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); the tokenizer raises a TypeError on them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds an unpaired surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class _Sampling(BaseModel):
-    model: str
+    model: Text
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch.manual_seed's range
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text] = Field(description="One prompt, or up to 64 in one request.")
 
 
 class ChatRequest(_Sampling):
@@ -146,7 +233,7 @@ class OpenAIServer:
     def __init__(self, model_path: str, model_name: str, version: str = "",
                  lineage: dict | None = None, api_key_env: str | None = None,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
-                 device: str = "auto"):  # fmt: skip
+                 device: str = "auto", max_body_bytes: int = 1 << 20):  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,6 +250,7 @@ class OpenAIServer:
         self._api_key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not self._api_key:
             raise RuntimeError(f"serve.api_key_env: environment variable {api_key_env} is not set")
+        BodyLimit.max_bytes = int(max_body_bytes)
         self._generate.set_max_batch_size(max_batch_size)
         self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._lock = threading.Lock()  # generate is not re-entrant on one model
@@ -190,13 +278,20 @@ class OpenAIServer:
             raise APIError(413, f"Prompt of {len(prompt_ids)} tokens plus max_tokens "
                            f"{req.max_tokens} exceeds the model's context of {self.context} tokens.",
                            "invalid_request_error", "context_length_exceeded", "prompt")  # fmt: skip
-        return GenJob(prompt_ids, req.max_tokens, req.temperature, req.top_p, req.seed)
+        temperature = req.temperature if req.temperature >= GREEDY_EPS else 0.0
+        return GenJob(prompt_ids, req.max_tokens, temperature, req.top_p, req.seed)
 
     def _chat_ids(self, messages: list[ChatMessage]) -> list[int]:
-        enc = self.tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True,
-            return_dict=True,
-        )  # fmt: skip
+        from jinja2 import TemplateError
+
+        try:
+            enc = self.tokenizer.apply_chat_template(
+                [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True,
+                return_dict=True,
+            )  # fmt: skip
+        except TemplateError as exc:  # e.g. a template that wants user/assistant turns alternating
+            raise APIError(400, f"messages: the model's chat template rejects them: {exc}",
+                           "invalid_request_error", "invalid_value", "messages") from None  # fmt: skip
         return list(enc["input_ids"])
 
     def _text_ids(self, prompt: str) -> list[int]:
@@ -219,22 +314,34 @@ class OpenAIServer:
         return results  # type: ignore[return-value]
 
     async def _stream(self, job: GenJob, make_chunk, final_chunk):
-        """SSE: one event per decoded piece, then the final chunk and [DONE]."""
+        """SSE: one event per decoded piece, then the final chunk (its finish_reason) and
+        [DONE]. Same generate settings as ``generate_batch``, so a greedy or seeded stream
+        says what the same request unstreamed says."""
+        import torch
         from transformers import TextIteratorStreamer
 
-        import torch
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         ids = torch.tensor([job.prompt_ids], device=self.model.device)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                   "max_new_tokens": job.max_tokens, "streamer": streamer,
-                                  "pad_token_id": self.tokenizer.pad_token_id}  # fmt: skip
+                                  "pad_token_id": pad, "do_sample": False}  # fmt: skip
         if job.temperature > 0:
             kwargs |= {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
+        outcome: dict[str, Any] = {}
 
         def run():
-            with self._lock, torch.inference_mode():
-                self.model.generate(**kwargs)
+            try:
+                with self._lock, torch.inference_mode():
+                    if job.temperature > 0 and job.seed is not None:
+                        torch.manual_seed(job.seed)
+                    out = self.model.generate(**kwargs)
+                new = out[0, ids.shape[1]:].tolist()
+                outcome["finish"] = "stop" if tok.eos_token_id in new else "length"
+            except Exception as exc:  # noqa: BLE001 - reported in the stream, not lost in a thread
+                outcome["error"] = exc
+                streamer.end()  # else the loop below would wait on the streamer forever
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -245,8 +352,13 @@ class OpenAIServer:
                 break
             if piece:
                 yield f"data: {json.dumps(make_chunk(piece))}\n\n"
-        thread.join()
-        yield f"data: {json.dumps(final_chunk())}\n\n"
+        await asyncio.to_thread(thread.join)
+        if "error" in outcome:
+            error = {"message": f"generation failed: {type(outcome['error']).__name__}",
+                     "type": "server_error", "param": None, "code": None}  # fmt: skip
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        else:
+            yield f"data: {json.dumps(final_chunk(outcome['finish']))}\n\n"
         yield "data: [DONE]\n\n"
 
     # -- routes -------------------------------------------------------------------------------
@@ -270,6 +382,9 @@ class OpenAIServer:
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt: must be a non-empty string or list of strings",
                            "invalid_request_error", "invalid_value", "prompt")  # fmt: skip
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts in one request",
+                           "invalid_request_error", "invalid_value", "prompt")  # fmt: skip
         jobs = [self._job(self._text_ids(p), body) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
@@ -280,7 +395,7 @@ class OpenAIServer:
             return StreamingResponse(self._stream(
                 jobs[0],
                 lambda t: base | {"choices": [{"index": 0, "text": t, "finish_reason": None}]},
-                lambda: base | {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+                lambda f: base | {"choices": [{"index": 0, "text": "", "finish_reason": f}]},
             ), media_type="text/event-stream")  # fmt: skip
         results = await asyncio.gather(*(self._generate(j) for j in jobs))
         return {
@@ -303,7 +418,7 @@ class OpenAIServer:
                 job,
                 lambda t: base | {"choices": [{"index": 0, "delta": {"content": t},
                                                "finish_reason": None}]},
-                lambda: base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                lambda f: base | {"choices": [{"index": 0, "delta": {}, "finish_reason": f}]},
             ), media_type="text/event-stream")  # fmt: skip
         r = await self._generate(job)
         return {
@@ -314,17 +429,42 @@ class OpenAIServer:
         }  # fmt: skip
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for `serve run` / serve configs: args are OpenAIServer's kwargs plus
-    num_replicas (and optional autoscaling_config)."""
+def deployment_options(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split builder args into Serve deployment options and OpenAIServer's keyword arguments.
+
+    Args:
+        args: OpenAIServer's keyword arguments plus deployment options: ``num_replicas`` or
+            ``autoscaling_config`` (a dict of Serve's AutoscalingConfig fields; when given,
+            ``num_replicas`` is dropped: Serve refuses both), ``max_ongoing_requests``,
+            ``max_surge_percent``, ``num_cpus`` and ``runtime_env`` (e.g. env_vars holding
+            the API key).
+
+    Returns:
+        (options for ``OpenAIServer.options``, kwargs for ``.bind``).
+    """
     args = dict(args)
     options: dict[str, Any] = {}
-    if "autoscaling_config" in args:
-        options["autoscaling_config"] = args.pop("autoscaling_config")
-    elif "num_replicas" in args:
-        options["num_replicas"] = int(args.pop("num_replicas"))
+    replicas = args.pop("num_replicas", None)
+    autoscaling = args.pop("autoscaling_config", None)
+    if autoscaling is not None:
+        options["autoscaling_config"] = dict(autoscaling)
+    elif replicas is not None:
+        options["num_replicas"] = int(replicas)
+    # Serve's default of 5 ongoing requests a replica would cap every batch at 5: let a full
+    # batch queue up while the one before it generates.
+    batch = int(args.get("max_batch_size", 16))
+    options["max_ongoing_requests"] = int(args.pop("max_ongoing_requests", None) or 2 * batch)
     actor: dict[str, Any] = {"num_cpus": float(args.pop("num_cpus", 1))}
-    if "runtime_env" in args:  # e.g. env_vars holding the API key for the replicas
+    if "runtime_env" in args:
         actor["runtime_env"] = args.pop("runtime_env")
     options["ray_actor_options"] = actor
-    return OpenAIServer.options(**options).bind(**args)
+    if "max_surge_percent" in args:  # > 0: old replicas serve until their replacements are ready
+        options["max_surge_percent"] = int(args.pop("max_surge_percent"))
+    return options, args
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run` / serve configs: ``deployment_options`` says which
+    args are deployment options; the rest are OpenAIServer's kwargs."""
+    options, kwargs = deployment_options(args)
+    return OpenAIServer.options(**options).bind(**kwargs)

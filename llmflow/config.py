@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmflow.errors import ConfigError
 
@@ -77,7 +77,11 @@ class EvalConfig(Section):
         "auto", description="'auto' picks vllm when importable and a GPU is present, else hf."
     )
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
-    concurrency: int = Field(1, ge=1, description="Scoring actors.")
+    concurrency: int = Field(1, ge=1, description="Scoring actors (vllm: engine replicas).")
+    cpus_per_actor: float = Field(1, gt=0, description="hf: CPUs Ray reserves per actor.")
+    threads_per_actor: int | None = Field(
+        None, ge=1, description="hf: torch threads per actor; empty: cpus_per_actor, at least 1."
+    )
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     max_examples: int | None = Field(None, ge=1, description="Score at most this many.")
@@ -100,15 +104,60 @@ class GateConfig(Section):
     approval_timeout_s: int = Field(3600, ge=1)
 
 
+class ServeAutoscaling(Section):
+    """Serve's autoscaling: replicas follow the ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 lets the app scale to zero).")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims at."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
 class ServeConfig(Section):
     app_name: str = Field("llmflow", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="HTTP route of the application.")
-    engine: Literal["auto", "hf", "vllm"] = Field("auto")
-    num_replicas: int = Field(1, ge=1)
-    max_batch_size: int = Field(16, ge=1)
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="'auto' picks vllm (ray.serve.llm) when importable and a GPU is "
+        "present, else hf (the OpenAI-compatible app of deployments/openai_app.py)."
+    )
+    num_replicas: int = Field(1, ge=1, description="Fixed replicas; unused when autoscaling is set.")
+    autoscaling: ServeAutoscaling | None = Field(
+        None, description="Scale replicas between min and max by load (replaces num_replicas)."
+    )
+    max_batch_size: int = Field(16, ge=1, description="hf: requests generated in one batch.")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests a replica takes at once; empty: twice max_batch_size (hf), so a "
+        "full batch can queue while the one before generates.",
+    )
+    max_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="Extra replicas (percent of the target) a rollout starts before stopping "
+        "old ones. 100: every old replica serves until its replacement is ready (needs room "
+        "for both, e.g. a spare GPU); 0: old replicas stop first and requests wait while the "
+        "new ones load.",
+    )
     api_key_env: str | None = Field(
-        None, description="Name of an environment variable holding the bearer API key."
+        None, description="Name of an environment variable holding the bearer API key (hf)."
+    )
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: engine arguments (max_model_len, dtype, ...)."
+    )
+    accelerator_type: str | None = Field(
+        None, description="vllm: GPU type to place replicas on (e.g. A10G, H100); empty: any."
     )
 
 

@@ -3,8 +3,9 @@ champion alias; on any failure roll back to what was served before.
 
 It runs as one Prefect transaction: `deploy_version` registers an on_rollback hook that puts
 the previous version back (or removes the app when there was none), so a failed smoke test
-or alias update undoes the deployment. Serve's in-place update is rolling (new replicas
-start before old ones stop), so requests keep being answered during a rollout.
+or alias update undoes the deployment. Serve's in-place update is rolling, and with
+serve.max_surge_percent (default 100) new replicas start before old ones stop, so requests
+keep being answered, without a stall, during a rollout (bench/rollout.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from llmflow.config import ClusterConfig, ServeConfig
-from llmflow.errors import LlmflowError
+from llmflow.errors import ConfigError, LlmflowError
 from llmflow.refs import ModelRef, Rollout, SmokeTest
 
 SMOKE_PROMPTS = ("Reverse this number: 1234", "Reverse this number: 905")
@@ -36,19 +37,63 @@ def serve_url(cluster: ClusterConfig) -> str:
 
 
 def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
-    """The Serve application's arguments for a model version (no secrets: only the key's
-    environment variable name travels)."""
-    return {
+    """The hf Serve application's arguments for a model version (no secrets: only the key's
+    environment variable name travels). Replicas: autoscaling when configured, else fixed."""
+    args: dict[str, Any] = {
         "model_path": model.uri,
         "model_name": model.name,
         "version": model.version,
         "lineage": {"base_model": model.base_model, "dataset_sha256": model.dataset_sha256,
-                    "train_metrics": model.train_metrics},  # fmt: skip
+                    "train_metrics": model.train_metrics},
         "api_key_env": serve_cfg.api_key_env,
-        "num_replicas": serve_cfg.num_replicas,
         "max_batch_size": serve_cfg.max_batch_size,
         "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
+        "max_surge_percent": serve_cfg.max_surge_percent,
     }
+    if serve_cfg.autoscaling is not None:
+        args["autoscaling_config"] = serve_cfg.autoscaling.model_dump()
+    else:
+        args["num_replicas"] = serve_cfg.num_replicas
+    if serve_cfg.max_ongoing_requests is not None:
+        args["max_ongoing_requests"] = serve_cfg.max_ongoing_requests
+    return args
+
+
+def vllm_app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
+    """The vllm application's arguments (deployments/vllm_app.py): the hf ones, less what
+    vLLM does itself (batching), plus its engine arguments and accelerator type."""
+    args = app_args(serve_cfg, model)
+    for key in ("max_batch_size", "batch_wait_timeout_s", "lineage"):
+        args.pop(key)
+    args["engine_kwargs"] = dict(serve_cfg.vllm_engine_kwargs)
+    args["accelerator_type"] = serve_cfg.accelerator_type
+    return args
+
+
+def serve_engine(serve_cfg: ServeConfig) -> str:
+    """'hf' or 'vllm': 'auto' picks vllm when it is importable here and a GPU is present."""
+    from llmflow.engines import cuda_available, vllm_available
+
+    if serve_cfg.engine == "auto":
+        return "vllm" if vllm_available() and cuda_available() else "hf"
+    if serve_cfg.engine == "vllm" and not vllm_available():
+        raise ConfigError("serve.engine: 'vllm' is not installed here "
+                          "(pip install 'llmflow[vllm]', or use hf)")  # fmt: skip
+    return serve_cfg.engine
+
+
+def build_application(serve_cfg: ServeConfig, model: ModelRef):
+    """The Serve application that serves ``model`` on the configured engine."""
+    if serve_engine(serve_cfg) == "vllm":
+        from deployments.vllm_app import build_app as build_vllm_app
+
+        try:
+            return build_vllm_app(vllm_app_args(serve_cfg, model))
+        except ValueError as exc:  # a setting vllm serving cannot honour
+            raise ConfigError(str(exc).splitlines()[0]) from None
+    from deployments.openai_app import build_app
+
+    return build_app(app_args(serve_cfg, model))
 
 
 def connect(cluster: ClusterConfig) -> None:
@@ -77,12 +122,10 @@ def deploy(serve_cfg: ServeConfig, model: ModelRef, timeout_s: float = 300) -> N
     """Deploy (or update in place) the app on the running Serve cluster; wait until RUNNING."""
     from ray import serve
 
-    from deployments.openai_app import build_app
-
+    app = build_application(serve_cfg, model)
     try:
         # serve.run returns once the app is RUNNING and raises when it cannot get there.
-        serve.run(build_app(app_args(serve_cfg, model)), name=serve_cfg.app_name,
-                  route_prefix=serve_cfg.route_prefix)  # fmt: skip
+        serve.run(app, name=serve_cfg.app_name, route_prefix=serve_cfg.route_prefix)
     except RuntimeError as exc:
         raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
                            f"{model.name}:{model.version}: {str(exc)[:300]}") from None
@@ -112,8 +155,11 @@ def smoke_test(serve_cfg: ServeConfig, model: ModelRef, base_url: str,
     try:
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
         served = models.json()["data"][0] if models.status_code == 200 else {}
-        check("models", served.get("version") == model.version,
-              f"HTTP {models.status_code}, serving version {served.get('version')!r}")  # fmt: skip
+        if "version" in served or models.status_code != 200:
+            check("models", served.get("version") == model.version,
+                  f"HTTP {models.status_code}, serving version {served.get('version')!r}")  # fmt: skip
+        else:  # the vllm app (ray.serve.llm) lists model ids only
+            check("models", served.get("id") == model.name, f"serving model {served.get('id')!r}")
         for prompt in SMOKE_PROMPTS:
             r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={
                 "model": model.name, "max_tokens": 16,

@@ -74,14 +74,20 @@ def test_concurrent_requests_are_batched_and_match_single_answers(served):
 
 
 def test_streaming_over_sse(served):
-    with httpx.stream("POST", f"{served}/open/v1/chat/completions", json=CHAT | {"stream": True},
+    """A seeded sampled stream says what the same request unstreamed says (the untrained tiny
+    model's greedy answer is special tokens only, empty once decoded)."""
+    sampled = CHAT | {"max_tokens": 12, "temperature": 1.0, "seed": 3}
+    with httpx.stream("POST", f"{served}/open/v1/chat/completions", json=sampled | {"stream": True},
                       timeout=60) as r:  # fmt: skip
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    whole = httpx.post(f"{served}/open/v1/chat/completions", json=sampled, timeout=60).json()
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed and streamed == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
 @pytest.mark.parametrize(
@@ -109,3 +115,168 @@ def test_api_key_enforced_when_set(served):
     ok = httpx.post(url, json=CHAT, headers={"Authorization": "Bearer s3cret-key"}, timeout=60)
     assert ok.status_code == 200
     assert httpx.get(f"{served}/key/health", timeout=30).status_code == 200  # health stays open
+
+
+def test_official_openai_client(served):
+    """The openai package lists the model, completes, streams a chat, and meets the key check."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served}/open/v1", api_key="x", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt="Reverse 12", max_tokens=8,
+                                     temperature=1.0, seed=1)  # fmt: skip
+    assert isinstance(done.choices[0].text, str) and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 8 and done.usage.total_tokens > 8
+    stream = client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=12,
+                                            temperature=1.0, seed=3, stream=True)  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    wrong = openai.OpenAI(base_url=f"{served}/key/v1", api_key="nope", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as err:
+        wrong.models.list()
+    assert err.value.status_code == 401
+    right = openai.OpenAI(base_url=f"{served}/key/v1", api_key="s3cret-key", max_retries=0, timeout=60)
+    assert [m.id for m in right.models.list()] == ["tiny"]
+
+
+# -- fuzzing against the app's own OpenAPI schema ---------------------------------------------
+
+
+def from_schema(schema: dict, defs: dict, overrides: dict | None = None):
+    """A hypothesis strategy of JSON values valid for ``schema``: the subset of JSON Schema
+    that FastAPI writes for the request models ($ref, anyOf, enum, object, array, string,
+    integer, number, boolean, null). Edge values are drawn often: the bounds, the smallest
+    positive float, integers past 64 bits, the empty string and a lone surrogate (legal JSON
+    text, "\\ud800"). ``overrides`` replace top-level properties' strategies."""
+    from hypothesis import strategies as st
+
+    if "$ref" in schema:
+        return from_schema(defs[schema["$ref"].rsplit("/", 1)[-1]], defs, overrides)
+    if "anyOf" in schema:
+        return st.one_of([from_schema(s, defs) for s in schema["anyOf"]])
+    if "enum" in schema or "const" in schema:
+        return st.sampled_from(schema.get("enum") or [schema["const"]])
+    kind = schema.get("type")
+    if kind == "object":
+        overrides = overrides or {}
+        props = {k: overrides[k] if k in overrides else from_schema(v, defs)
+                 for k, v in schema.get("properties", {}).items()}  # fmt: skip
+        required = set(schema.get("required", ()))
+        return st.fixed_dictionaries({k: v for k, v in props.items() if k in required},
+                                     optional={k: v for k, v in props.items() if k not in required})  # fmt: skip
+    if kind == "array":
+        return st.lists(from_schema(schema["items"], defs),
+                        min_size=schema.get("minItems", 0), max_size=3)  # fmt: skip
+    if kind == "string":
+        return st.text(max_size=20) | st.sampled_from(["", "\ud800"])
+    if kind == "integer":
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if "exclusiveMaximum" in schema:
+            high = schema["exclusiveMaximum"] - 1
+        low, high = (None if v is None else int(v) for v in (low, high))
+        edges = [v for v in (low, high, 0, 2**64, -(2**64)) if (low is None or v >= low)
+                 and (high is None or v <= high)]  # fmt: skip
+        return st.integers(low, high) | st.sampled_from(edges)
+    if kind == "number":
+        low = schema.get("minimum", schema.get("exclusiveMinimum"))
+        floats = st.floats(low, schema.get("maximum"), exclude_min="exclusiveMinimum" in schema,
+                           allow_nan=False)  # fmt: skip
+        edges = [v for v in (low, schema.get("maximum"), 5e-324, 1e-300) if v is not None
+                 and not (v == low and "exclusiveMinimum" in schema)]  # fmt: skip
+        return floats | st.sampled_from(edges)
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "null":
+        return st.none()
+    raise AssertionError(f"schema not covered by from_schema: {schema}")
+
+
+def request_cases(schema: dict, defs: dict):
+    """(body bytes, the statuses allowed or None) for one endpoint: bodies valid by the schema,
+    and the same bodies broken: a required field dropped, a field of the wrong type,
+    max_tokens negative or huge, an unknown model, bytes that are not JSON."""
+    import json as json_
+
+    from hypothesis import strategies as st
+
+    # Lone surrogates are legal in JSON text ("\\ud800") and not in UTF-8.
+    texts = st.text(max_size=8) | st.sampled_from(["\ud800", "a\udfffb"])
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts
+    any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)  # fmt: skip
+    # Valid requests stay cheap to generate: the served model, a few tokens.
+    valid = from_schema(schema, defs, {"model": st.sampled_from(["tiny", "tiny:7"]),
+                                       "max_tokens": st.integers(1, 8)})  # fmt: skip
+    fields = sorted(schema["properties"])
+
+    def dumps(body) -> bytes:
+        return json_.dumps(body).encode()
+
+    ok = valid.map(lambda b: (dumps(b), None))
+    dropped = st.tuples(valid, st.sampled_from(sorted(schema["required"]))).map(
+        lambda t: (dumps({k: v for k, v in t[0].items() if k != t[1]}), {400}))
+    retyped = st.tuples(valid, st.sampled_from(fields), any_json).map(
+        lambda t: (dumps(t[0] | {t[1]: t[2]}), None))  # the new value may happen to be valid
+    tokens = st.tuples(valid, st.integers(max_value=0) | st.integers(min_value=4097)).map(
+        lambda t: (dumps(t[0] | {"max_tokens": t[1]}), {400}))
+    model = st.tuples(valid, st.text(max_size=12).filter(lambda m: m not in ("tiny", "tiny:7"))).map(
+        lambda t: (dumps(t[0] | {"model": t[1]}), {400, 404}))  # 400: something else is off too
+    garbage = st.binary(max_size=40).map(lambda b: (b, None))
+    return st.one_of(ok, ok, dropped, retyped, tokens, model,
+                     any_json.map(lambda b: (dumps(b), None)), garbage)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_fuzzed_requests_never_get_a_server_error(served, path):
+    """Bodies generated from /openapi.json, valid and broken: each answer is below 500, a 4xx
+    is an OpenAI-style error, and the server stays healthy."""
+    from hypothesis import HealthCheck, given, settings
+
+    base = f"{served}/open"
+    spec = httpx.get(f"{base}/openapi.json", timeout=30).json()
+    defs = spec["components"]["schemas"]
+    body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = defs[body["$ref"].rsplit("/", 1)[-1]]
+    client = httpx.Client(timeout=60)
+
+    @settings(max_examples=50, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
+    @given(case=request_cases(schema, defs))
+    def check(case):
+        content, allowed = case
+        r = client.post(f"{base}{path}", content=content, headers={"content-type": "application/json"})
+        assert r.status_code < 500, (content, r.status_code, r.text[:300])
+        if allowed is not None:
+            assert r.status_code in allowed, (content, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            error = r.json()["error"]
+            assert isinstance(error["message"], str) and error["message"] and error["type"]
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            assert r.text.rstrip().endswith("data: [DONE]")
+        else:
+            assert r.json()["usage"]["completion_tokens"] >= 0
+
+    try:
+        check()
+    finally:
+        client.close()
+    assert httpx.get(f"{base}/health", timeout=30).json()["status"] == "ok"
+
+
+def test_oversized_body_gets_413_and_the_server_stays_healthy(served):
+    url = f"{served}/open/v1/completions"
+    big = httpx.post(url, json={"model": "tiny", "prompt": "x" * (2 << 20)}, timeout=60)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit holds for a streamed body too
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    streamed = httpx.post(url, content=chunked(), headers={"content-type": "application/json"},
+                          timeout=60)  # fmt: skip
+    assert streamed.status_code == 413
+    assert httpx.get(f"{served}/open/health", timeout=30).json()["status"] == "ok"

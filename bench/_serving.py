@@ -1,0 +1,108 @@
+"""Shared parts of the serving benchmarks: a Ray with Serve to deploy on, and timed requests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> str:
+    """Connect to the Ray at ``address`` (its Serve answers at ``serve_url``), or start a
+    private one ("local": never whichever cluster started last on this machine) with Serve
+    on a free port. Returns the Serve HTTP base URL."""
+    import ray
+    from ray import serve
+
+    if address:
+        from llmflow.cluster import ray_init_kwargs
+        from llmflow.config import ClusterConfig
+        from llmflow.settings import StackSettings
+
+        # Replicas still write their access logs (a cost measured here), just not to stdout.
+        ray.init(address, **(ray_init_kwargs(ClusterConfig()) | {"log_to_driver": False}))
+        return (serve_url or os.environ.get("LLMFLOW_SERVE_URL")
+                or StackSettings.from_env().serve_url).rstrip("/")  # fmt: skip
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False)  # fmt: skip
+    # Picked after ray.init, whose processes take ephemeral ports too; one retry on a clash.
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return f"http://127.0.0.1:{port}"
+        except RuntimeError:
+            serve.shutdown()
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of ``values``; NaN when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+@dataclass
+class Run:
+    """Requests of one timed run: latencies (s) of the answered ones, failures, wall time."""
+
+    latencies: list[float] = field(default_factory=list)
+    failures: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def sent(self) -> int:
+        return len(self.latencies) + self.failures
+
+    def row(self) -> dict[str, float]:
+        return {
+            "requests": self.sent,
+            "req_per_s": round(len(self.latencies) / self.wall_s, 2) if self.wall_s else 0.0,
+            "p50_ms": round(percentile(self.latencies, 50) * 1e3, 1),
+            "p99_ms": round(percentile(self.latencies, 99) * 1e3, 1),
+            "failures": self.failures,
+        }
+
+
+def drive(url: str, body: dict, concurrency: int, requests: int) -> Run:
+    """POST ``body`` to ``url`` ``requests`` times from ``concurrency`` clients at once."""
+    import asyncio
+
+    import httpx
+
+    async def main() -> Run:
+        run = Run()
+        left = iter(range(requests))
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+            async def worker() -> None:
+                for _ in left:
+                    t0 = time.perf_counter()
+                    try:
+                        r = await client.post(url, json=body)
+                        ok = r.status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    if ok:
+                        run.latencies.append(time.perf_counter() - t0)
+                    else:
+                        run.failures += 1
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            run.wall_s = time.perf_counter() - t0
+        return run
+
+    return asyncio.run(main())

@@ -1,0 +1,86 @@
+"""The OpenAI-compatible Ray Serve application on the vllm engine, built with ray.serve.llm.
+
+    serve run deployments.vllm_app:build_app model_path=/path/to/model model_name=llmflow-tiny
+
+GPUs only. `ray.serve.llm` cannot be imported without vllm (DESIGN.md), so the LLMConfig is
+built as plain data by `llm_config` (tested anywhere) and ray.serve.llm is imported only in
+`build_app`. Same surface as the hf app (/v1/models, /v1/completions, /v1/chat/completions,
+streaming); no bearer key: ray.serve.llm has none, so `api_key_env` is refused, not ignored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray import serve
+
+# Where ray.serve.llm downloads weights from by itself (CloudMirrorConfig); other fsspec
+# URIs are not readable by vLLM.
+_MIRRORED = ("s3://", "gs://", "abfss://", "azure://")
+
+
+def model_source(model_path: str) -> str | dict[str, str]:
+    """What vLLM loads ``model_path`` from: a local directory, or a bucket mirror config.
+
+    Raises ValueError for a URI scheme ray.serve.llm cannot read (say, memory:// or http://).
+    """
+    if model_path.startswith(_MIRRORED):
+        return {"bucket_uri": model_path.rstrip("/")}
+    if model_path.startswith("file://"):
+        return model_path.removeprefix("file://")
+    if "://" in model_path:
+        raise ValueError(f"{model_path}: vllm serving reads local paths or s3://, gs://, "
+                         "abfss://, azure:// buckets")  # fmt: skip
+    return model_path
+
+
+def llm_config(args: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``ray.serve.llm.LLMConfig`` for one model version, as plain data.
+
+    Args:
+        args: ``model_path`` (registry version directory), ``model_name`` (the id clients
+            ask for), and optional ``engine_kwargs`` (vLLM engine arguments),
+            ``num_replicas`` or ``autoscaling_config`` (autoscaling wins: Serve refuses both),
+            ``max_ongoing_requests``, ``max_surge_percent``, ``accelerator_type`` (e.g.
+            "A10G"), ``runtime_env``.
+            ``version``, ``lineage``, ``max_batch_size`` and ``batch_wait_timeout_s`` are
+            accepted and unused (vLLM batches continuously), so the hf app's args fit here.
+
+    Returns:
+        A dict for ``LLMConfig(**...)``.
+    """
+    args = dict(args)
+    if args.get("api_key_env"):
+        raise ValueError("serve.api_key_env: the vllm engine (ray.serve.llm) has no API key "
+                         "check; put the key check in front of it or use serve.engine=hf")  # fmt: skip
+    deployment: dict[str, Any] = {}
+    if args.get("autoscaling_config") is not None:
+        deployment["autoscaling_config"] = dict(args["autoscaling_config"])
+    elif args.get("num_replicas") is not None:
+        deployment["num_replicas"] = int(args["num_replicas"])
+    if args.get("max_ongoing_requests"):
+        deployment["max_ongoing_requests"] = int(args["max_ongoing_requests"])
+    if args.get("max_surge_percent") is not None:
+        deployment["max_surge_percent"] = int(args["max_surge_percent"])
+    config: dict[str, Any] = {
+        "model_loading_config": {
+            "model_id": args["model_name"],
+            "model_source": model_source(str(args["model_path"])),
+        },
+        "engine_kwargs": dict(args.get("engine_kwargs") or {}),
+        "deployment_config": deployment,
+    }
+    if args.get("accelerator_type"):
+        config["accelerator_type"] = args["accelerator_type"]
+    if args.get("runtime_env"):
+        config["runtime_env"] = dict(args["runtime_env"])
+    return config
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run` / serve configs: ``llm_config``'s args."""
+    config = llm_config(args)  # a bad setting fails here, before vllm is imported
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    return build_openai_app({"llm_configs": [LLMConfig(**config)]})
