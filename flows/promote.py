@@ -13,6 +13,7 @@ from prefect.transactions import transaction
 from llmflow import aliases, registry
 from llmflow.config import PipelineConfig, default_config
 from llmflow.refs import GateDecision, ModelRef, Rollout
+from llmflow.runs import model_slot
 from llmflow.store import Store
 from tasks.rollout import (
     RolloutError,
@@ -54,40 +55,43 @@ def promote(
 ) -> Rollout:
     """Promote ``candidate`` (default: the latest registered version) if the gate passed.
 
+    Two promotions of one model wait for each other (a Prefect concurrency slot), so the
+    served version and the champion alias always move together.
+
     Stages (one transaction; a failure rolls every stage back):
         1. deploy-version: rolling in-place update of the Serve app
         2. smoke-test: real HTTP requests, the new version must answer
         3. move-champion: the alias moves only after the smoke test passed
     """
     store = Store()
-    name = config.train.model_name
-    candidate = candidate or registry.get_version(store, name)
-    url = f"{serve_url(config.cluster)}{config.serve.route_prefix.rstrip('/')}"
-    current = aliases.read_aliases(store, candidate.name)
-    champion = registry.get_version(store, candidate.name, current["champion"]) if current.get("champion") else None
-    live = served_version(config.serve, serve_url(config.cluster))
-    if decision is not None and not decision.passed:
-        rollout = Rollout(served_version=live, previous_version=None, endpoint=url,
-                          message="gate failed: " + "; ".join(r.reason for r in decision.rules if not r.passed))  # fmt: skip
-    elif current.get("champion") == candidate.version and live == candidate.version:
-        rollout = Rollout(served_version=live, previous_version=current.get("previous"), endpoint=url,
-                          message=f"{candidate.name}:{candidate.version} is already champion and served: nothing changed")  # fmt: skip
-    else:
-        connect(config.cluster)
-        try:
-            with transaction() as txn:
-                txn.set("model_name", candidate.name)
-                deploy_version(config.serve, config.cluster, candidate, champion)
-                smoke = check_served(config.serve, config.cluster, candidate)
-                move_champion(candidate.name, candidate.version)
-            rollout = Rollout(served_version=candidate.version,
-                              previous_version=champion.version if champion else None,
-                              endpoint=url, smoke_test=smoke,
-                              message=f"{candidate.name}:{candidate.version} is champion and served")  # fmt: skip
-        except RolloutError as exc:
-            rollout = Rollout(served_version=served_version(config.serve, serve_url(config.cluster)),
-                              previous_version=champion.version if champion else None,
-                              endpoint=url, rolled_back=True, message=f"rolled back: {exc}")  # fmt: skip
+    candidate = candidate or registry.get_version(store, config.train.model_name)
+    with model_slot(candidate.name, kind="promote"):  # promotions of a model never interleave
+        url = f"{serve_url(config.cluster)}{config.serve.route_prefix.rstrip('/')}"
+        current = aliases.read_aliases(store, candidate.name)
+        champion = registry.get_version(store, candidate.name, current["champion"]) if current.get("champion") else None
+        live = served_version(config.serve, serve_url(config.cluster))
+        if decision is not None and not decision.passed:
+            rollout = Rollout(served_version=live, previous_version=None, endpoint=url,
+                              message="gate failed: " + "; ".join(r.reason for r in decision.rules if not r.passed))  # fmt: skip
+        elif current.get("champion") == candidate.version and live == candidate.version:
+            rollout = Rollout(served_version=live, previous_version=current.get("previous"), endpoint=url,
+                              message=f"{candidate.name}:{candidate.version} is already champion and served: nothing changed")  # fmt: skip
+        else:
+            connect(config.cluster)
+            try:
+                with transaction() as txn:
+                    txn.set("model_name", candidate.name)
+                    deploy_version(config.serve, config.cluster, candidate, champion)
+                    smoke = check_served(config.serve, config.cluster, candidate)
+                    move_champion(candidate.name, candidate.version)
+                rollout = Rollout(served_version=candidate.version,
+                                  previous_version=champion.version if champion else None,
+                                  endpoint=url, smoke_test=smoke,
+                                  message=f"{candidate.name}:{candidate.version} is champion and served")  # fmt: skip
+            except RolloutError as exc:
+                rollout = Rollout(served_version=served_version(config.serve, serve_url(config.cluster)),
+                                  previous_version=champion.version if champion else None,
+                                  endpoint=url, rolled_back=True, message=f"rolled back: {exc}")  # fmt: skip
     create_markdown_artifact(key="rollout", markdown=summary(rollout))
     print(rollout.message)
     if rollout.rolled_back:

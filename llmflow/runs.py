@@ -17,13 +17,14 @@ def flow_run_id() -> str:
     return str(flow_run.id or "local")
 
 
-def slot_name(model_name: str) -> str:
-    """The Prefect global concurrency limit that serialises the pipelines of one model."""
-    return f"llmflow-pipeline-{model_name}"
+def slot_name(model_name: str, kind: str = "pipeline") -> str:
+    """The Prefect global concurrency limit that serialises one model's pipelines (or its
+    promotions: a pipeline holds its own slot while its promote subflow takes this one)."""
+    return f"llmflow-{kind}-{model_name}"
 
 
 @contextmanager
-def model_slot(model_name: str, timeout_s: float | None = None) -> Iterator[None]:
+def model_slot(model_name: str, timeout_s: float | None = None, kind: str = "pipeline") -> Iterator[None]:
     """Hold the pipeline slot of ``model_name``: at most one pipeline run per model name at a
     time, whoever started it (UI, schedule, CLI). A second run waits here until the first
     leaves (or ``timeout_s`` passes: TimeoutError).
@@ -39,13 +40,13 @@ def model_slot(model_name: str, timeout_s: float | None = None) -> Iterator[None
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
 
-    name = slot_name(model_name)
+    name = slot_name(model_name, kind)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    log.info("taking the pipeline slot %r (one pipeline run per model at a time)", name)
+    log.info("taking the slot %r (one %s run per model at a time)", name, kind)
     with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True,
                      lease_duration=LEASE_S, raise_on_lease_renewal_failure=False):  # fmt: skip
         yield
