@@ -232,7 +232,7 @@ class OpenAIServer:
 
     def __init__(self, model_path: str, model_name: str, version: str = "",
                  lineage: dict | None = None, api_key_env: str | None = None,
-                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
+                 api_key_file: str | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
                  device: str = "auto", max_body_bytes: int = 1 << 20):  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,10 +246,14 @@ class OpenAIServer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(device).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        # The key's value stays in the replica's environment: never in the config or logs.
-        self._api_key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and not self._api_key:
-            raise RuntimeError(f"serve.api_key_env: environment variable {api_key_env} is not set")
+        # The key's value stays in the replica (its file or environment): never in the
+        # config, the app's args or logs.
+        from llmflow.apikey import resolve_api_key
+
+        try:
+            self._api_key = resolve_api_key(api_key_env, api_key_file)
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
         BodyLimit.max_bytes = int(max_body_bytes)
         self._generate.set_max_batch_size(max_batch_size)
         self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -436,8 +440,8 @@ def deployment_options(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
         args: OpenAIServer's keyword arguments plus deployment options: ``num_replicas`` or
             ``autoscaling_config`` (a dict of Serve's AutoscalingConfig fields; when given,
             ``num_replicas`` is dropped: Serve refuses both), ``max_ongoing_requests``,
-            ``max_surge_percent``, ``num_cpus`` and ``runtime_env`` (e.g. env_vars holding
-            the API key).
+            ``max_surge_percent``, ``num_cpus`` and ``runtime_env`` (never for the API key:
+            Ray logs runtime_env env_vars; see llmflow/apikey.py).
 
     Returns:
         (options for ``OpenAIServer.options``, kwargs for ``.bind``).

@@ -51,8 +51,8 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
         A dict for ``LLMConfig(**...)``.
     """
     args = dict(args)
-    if args.get("api_key_env"):
-        raise ValueError("serve.api_key_env: the vllm engine (ray.serve.llm) has no API key "
+    if args.get("api_key_env") or args.get("api_key_file"):
+        raise ValueError("serve.api_key_env/api_key_file: the vllm engine (ray.serve.llm) has no API key "
                          "check; put the key check in front of it or use serve.engine=hf")  # fmt: skip
     deployment: dict[str, Any] = {}
     if args.get("autoscaling_config") is not None:

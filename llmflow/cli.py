@@ -242,8 +242,11 @@ def sample_answer(result: dict, serve_cfg) -> tuple[str, str]:
     messages = [m for m in row["messages"] if m["role"] != "assistant"][:2]
     endpoint = result["rollout"]["endpoint"]
     headers = {}
-    if serve_cfg.api_key_env and os.environ.get(serve_cfg.api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[serve_cfg.api_key_env]}"
+    from llmflow.apikey import resolve_api_key
+
+    key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     r = httpx.post(f"{endpoint}/v1/chat/completions", headers=headers, timeout=60,
                    json={"model": result["model"]["name"], "messages": messages, "max_tokens": 32})  # fmt: skip
     r.raise_for_status()

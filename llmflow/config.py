@@ -151,7 +151,12 @@ class ServeConfig(Section):
         "new ones load.",
     )
     api_key_env: str | None = Field(
-        None, description="Name of an environment variable holding the bearer API key (hf)."
+        None, description="Name of an environment variable holding the bearer API key (hf); "
+        "it must be set where the replicas run (the Ray nodes' environment)."
+    )
+    api_key_file: str | None = Field(
+        None, description="Path of a file holding the bearer API key (hf), readable on every "
+        "Ray node (e.g. a mounted Kubernetes secret); wins over api_key_env."
     )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="vllm: engine arguments (max_model_len, dtype, ...)."

@@ -46,6 +46,7 @@ def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
         "lineage": {"base_model": model.base_model, "dataset_sha256": model.dataset_sha256,
                     "train_metrics": model.train_metrics},
         "api_key_env": serve_cfg.api_key_env,
+        "api_key_file": serve_cfg.api_key_file,
         "max_batch_size": serve_cfg.max_batch_size,
         "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
         "max_surge_percent": serve_cfg.max_surge_percent,
@@ -213,9 +214,12 @@ def _restore_previous(txn) -> None:
 
 @task(name="smoke-test", cache_policy=NO_CACHE)
 def check_served(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef) -> SmokeTest:
-    import os
+    from llmflow.apikey import resolve_api_key
 
-    key = os.environ.get(serve_cfg.api_key_env) if serve_cfg.api_key_env else None
+    try:
+        key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
+    except ValueError as exc:
+        raise RolloutError(f"smoke test of {model.name}:{model.version}: {exc}") from None
     result = smoke_test(serve_cfg, model, serve_url(cluster), key)
     if not result.passed:
         failed = "; ".join(f"{c['check']}: {c['detail']}" for c in result.checks if not c["passed"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
-KEY_ENV = "LLMFLOW_TEST_SERVE_KEY"
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +23,18 @@ def served(stack, tmp_path_factory):
     from llmflow.config import ClusterConfig, TrainConfig
 
     path = resolve_base_model(TrainConfig())
+    key_file = tmp_path_factory.mktemp("secret") / "api-key"
+    key_file.write_text("s3cret-key\n")
+    key_file.chmod(0o600)
     if not ray.is_initialized():
         ray.init(stack.ray_address, **ray_init_kwargs(ClusterConfig()))
     serve.run(build_app({"model_path": path, "model_name": "tiny", "version": "7",
                          "lineage": {"dataset_sha256": "abc"}}),
               name="test-open", route_prefix="/open")  # fmt: skip
     serve.run(build_app({"model_path": path, "model_name": "tiny", "version": "7",
-                         "api_key_env": KEY_ENV,
-                         # The key reaches the replicas through their runtime_env only.
-                         "runtime_env": {"env_vars": {KEY_ENV: "s3cret-key"}}}),
+                         # The key reaches the replicas in a file (a mounted secret); only its
+                         # path travels (a runtime_env would log it: runtime_env_agent.log).
+                         "api_key_file": str(key_file)}),
               name="test-key", route_prefix="/key")  # fmt: skip
     yield stack.serve_url
     serve.delete("test-open")
@@ -280,3 +283,24 @@ def test_oversized_body_gets_413_and_the_server_stays_healthy(served):
                           timeout=60)  # fmt: skip
     assert streamed.status_code == 413
     assert httpx.get(f"{served}/open/health", timeout=30).json()["status"] == "ok"
+
+
+def test_api_key_is_never_written_to_logs(served, stack):
+    """After the key was used (right and wrong), its value is in no log of the stack: neither
+    llmflow's nor Ray's (session logs of the head: Serve controller, replicas, raylet, GCS)."""
+    import ray
+
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    roots = [stack.logs_dir, os.path.join(session_dir, "logs")]
+    leaks = []
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    with open(path, "rb") as f:
+                        if b"s3cret-key" in f.read():
+                            leaks.append(path)
+                except OSError:
+                    pass
+    assert os.path.isdir(roots[1]) and leaks == [], leaks

@@ -86,3 +86,22 @@ def test_every_from_pretrained_refuses_remote_code_and_model_loads_want_safetens
         if "Model" in owner:  # AutoModelForCausalLM & co: weights, not configs or tokenizers
             assert isinstance(kw.get("use_safetensors"), ast.Constant), where
             assert kw["use_safetensors"].value is True, where
+
+
+def test_api_key_comes_from_a_file_or_a_named_variable_and_errors_never_show_it(tmp_path, monkeypatch):
+    from llmflow.apikey import resolve_api_key
+
+    assert resolve_api_key(None, None) is None
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv("LLMFLOW_TEST_KEY", "from-env")
+    assert resolve_api_key("LLMFLOW_TEST_KEY", str(key_file)) == "from-file"  # the file wins
+    assert resolve_api_key("LLMFLOW_TEST_KEY", None) == "from-env"
+    key_file.write_text("  \n")
+    with pytest.raises(ValueError, match=f"serve.api_key_file: {key_file} is empty"):
+        resolve_api_key(None, str(key_file))
+    with pytest.raises(ValueError, match="cannot read .*missing"):
+        resolve_api_key(None, str(tmp_path / "missing"))
+    monkeypatch.delenv("LLMFLOW_TEST_KEY")
+    with pytest.raises(ValueError, match="environment variable LLMFLOW_TEST_KEY is not set"):
+        resolve_api_key("LLMFLOW_TEST_KEY", None)
