@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-unit test-integration test-gpu bench up down status clean lint
+.PHONY: install demo test drills test-unit test-integration test-gpu bench up down status clean lint
 
 install: $(STAMP)
 
@@ -28,7 +28,11 @@ demo: install
 	$(BIN)/llmflow demo --config configs/tiny.yaml
 
 test: install
-	$(BIN)/python -m pytest tests -m "not gpu" -p no:cacheprovider
+	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider
+
+# Reliability drills (tests/drills): things broken on purpose. CI runs them after `make test`.
+drills: install
+	$(BIN)/python -m pytest tests/drills -p no:cacheprovider
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
