@@ -43,8 +43,9 @@ test-integration: install
 test-gpu: install
 	$(BIN)/python -m pytest tests/gpu
 
+# Every benchmark of bench/ on the tiny default, written to bench/RESULTS.md (~15 min on 2 cores).
 bench: install
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/report.py
 
 up: install
 	$(BIN)/llmflow up

@@ -1,0 +1,200 @@
+"""Run every benchmark of bench/ on the tiny default and write bench/RESULTS.md.
+
+    .venv/bin/python bench/report.py [--only train,score] [--out bench/RESULTS.md]
+    make bench
+
+Each benchmark runs as its own process (as a user would run it) with --json; this script
+reads the figures back and writes one table: each figure, its baseline, the ratio (measured
+side by side in the same run, so it holds on a noisy machine), the target where the issue
+names one, and the machine it ran on (cores, memory, load before and after). A benchmark
+that fails is reported as such, with its last output line, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+Row = tuple[str, str, str, str, str]  # figure, value, baseline, ratio, target (met?)
+
+
+def _target(ok: bool, text: str) -> str:
+    return f"{text}: {'met' if ok else '**missed**'}"
+
+
+def overhead(f: dict) -> list[Row]:
+    return [
+        ("no-op task on Ray (RayTaskRunner)", f"{f['ray_s_per_task'] * 1e3:.1f} ms",
+         f"{f['thread_pool_s_per_task'] * 1e3:.1f} ms on the thread pool",
+         f"{f['ray_vs_thread_pool']:.1f}x", "-"),
+        ("cold `llmflow up` (server, head, Serve, worker, deploy)", f"{f['cold_up_s']:.1f} s", "-", "-", "-"),
+        ("second `llmflow up` (all healthy)", f"{f['idempotent_up_s']:.2f} s", "-", "-", "-"),
+    ]  # fmt: skip
+
+
+def prepare(f: dict) -> list[Row]:
+    return [
+        (f"prepare {f['rows']:,} rows (load..GX validation..parquet)",
+         f"{f['prepare_rows_per_s']:,} rows/s", f"{f['baseline_rows_per_s']:,} rows/s (json.loads only)",
+         f"{f['prepare_vs_baseline']:.3f}x", "-"),
+        ("prepare peak RSS", f"{f['prepare_peak_rss_mb']} MB",
+         f"{f['prepare_rss_before_mb']} MB after imports", "-", "-"),
+    ]  # fmt: skip
+
+
+def train(f: dict) -> list[Row]:
+    rows: list[Row] = []
+    plain = f["settings"]["plain"]
+    for name, r in f["settings"].items():
+        if name == "plain":
+            continue
+        if "error" in r:
+            rows.append((f"Ray Train {name}", "failed", "-", "-", r["error"][:80]))
+            continue
+        best = name == f.get("best")
+        rows.append((
+            f"Ray Train {name} ({r['workers']} x {r['threads']} threads), {f['steps']} steps",
+            f"{r['tokens_per_s']:,.0f} tokens/s", f"{plain['tokens_per_s']:,.0f} tokens/s (plain loop)",
+            f"{r['vs_plain']:.2f}x",
+            _target(r["vs_plain"] >= f["target"], f">= {f['target']}x (best setting)") if best else "-",
+        ))  # fmt: skip
+        rows.append((f"Ray Train {name}: task start to first step", f"{r['to_first_step_s']:.1f} s",
+                     f"{plain['to_first_step_s']:.1f} s (plain)", "-", "-"))  # fmt: skip
+    rows.append(("training peak RSS (plain loop)", f"{plain['peak_rss_mb']:.0f} MB", "-", "-", "-"))
+    return rows
+
+
+def score(f: dict) -> list[Row]:
+    ray_eps = f["ray_examples_per_s"]
+    rows: list[Row] = []
+    if "naive_examples_per_s" in f:
+        naive = f["naive_examples_per_s"]
+        rows.append((f"Ray Data hf scoring, {f['prompts']:,} prompts (start-up included)",
+                     f"{ray_eps:.1f} examples/s", f"{naive:.1f} examples/s (one at a time)",
+                     f"{ray_eps / naive:.1f}x", _target(ray_eps / naive >= 10, ">= 10x")))  # fmt: skip
+    local = f["local_examples_per_s"]
+    rows.append((f"Ray Data hf scoring, {f['prompts']:,} prompts (start-up included)",
+                 f"{ray_eps:.1f} examples/s", f"{local:.1f} examples/s (batched generate, no Ray)",
+                 f"{ray_eps / local:.2f}x", _target(ray_eps / local >= 0.7, ">= 0.7x")))  # fmt: skip
+    return rows
+
+
+def serve(f: dict) -> list[Row]:
+    def cell(setting: str, c: int) -> dict:
+        return next(r for r in f["rows"] if r["setting"] == setting and r["concurrency"] == c)
+
+    rows: list[Row] = []
+    for c in (1, 8, 32):
+        b, u = cell("batched", c), cell("unbatched", c)
+        rows.append((f"Serve, concurrency {c}: req/s, p50/p99 (batched)",
+                     f"{b['req_per_s']:.1f} req/s, {b['p50_ms']:.0f}/{b['p99_ms']:.0f} ms",
+                     f"{u['req_per_s']:.1f} req/s, {u['p50_ms']:.0f}/{u['p99_ms']:.0f} ms (unbatched)",
+                     f"{b['req_per_s'] / max(u['req_per_s'], 1e-9):.2f}x",
+                     _target(f["batched_vs_unbatched_c32"] >= 4, ">= 4x") if c == 32 else "-"))  # fmt: skip
+    rows.append(("Serve p50 overhead over calling the engine directly, concurrency 1",
+                 f"{f['serve_p50_overhead_ms_c1']:+.1f} ms", "direct call", "-",
+                 _target(f["serve_p50_overhead_ms_c1"] <= 5, "<= 5 ms")))  # fmt: skip
+    return rows
+
+
+def rollout(f: dict) -> list[Row]:
+    return [(
+        f"rolling update under load ({f['clients']} clients, {f['rollout_s']:.0f} s rollout)",
+        f"{f['failed']} failed of {f['requests']}", "-", "-", _target(f["failed"] == 0, "0 failed"),
+    )]  # fmt: skip
+
+
+# name -> (script args after --json, figures -> rows)
+BENCHES: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
+    "overhead": ([], overhead),
+    "prepare": ([], prepare),
+    "train": ([], train),
+    "score": ([], score),
+    "serve": ([], serve),
+    "rollout": ([], rollout),
+}
+
+
+def machine() -> str:
+    mem = ""
+    try:
+        kb = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+        mem = f", {kb / 2**20:.0f} GiB memory"
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="Comma-separated benchmarks to run (default: all).")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        raise SystemExit(f"error: --only: unknown benchmark(s) {', '.join(unknown)}; have {', '.join(BENCHES)}")
+
+    table: list[Row] = []
+    runs: list[str] = []
+    started = dt.datetime.now(dt.timezone.utc)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="llmflow-bench-") as tmp:
+        for name in names:
+            extra, rows_of = BENCHES[name]
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--json", str(out), *extra]
+            print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+            t0 = time.monotonic()
+            proc = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+            wall = time.monotonic() - t0
+            print(proc.stdout[-3000:], flush=True)
+            if proc.returncode != 0 or not out.exists():
+                last = (proc.stdout.strip().splitlines() or ["no output"])[-1][:160]
+                table.append((f"{name}", "**failed**", "-", "-", f"exit {proc.returncode}: {last}"))
+                runs.append(f"- `{name}`: failed after {wall:.0f} s")
+                continue
+            figures = json.loads(out.read_text())
+            table.extend(rows_of(figures))
+            runs.append(f"- `bench/{name}.py`: {wall:.0f} s")
+    load_after = os.getloadavg()[0]
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`make bench` ({Path(__file__).name}), {started:%Y-%m-%d %H:%M} UTC, commit {git_commit()}.",
+        f"Machine: {machine()}; load average {load_before:.2f} before, {load_after:.2f} after.",
+        "Each ratio compares two measurements taken side by side in the same run.",
+        "",
+        "| figure | value | baseline | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+        *[f"| {' | '.join(r)} |" for r in table],
+        "",
+        "Runs:",
+        *runs,
+        "",
+    ]
+    tmp_out = args.out.with_suffix(".tmp")
+    tmp_out.write_text("\n".join(lines))
+    os.replace(tmp_out, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
