@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade "pip>=24"
 	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	@bash infra/local/chromium.sh
 	touch $(STAMP)
 
+# Ends by starting the chat page over the served model and printing its URL.
 demo: install
-	$(BIN)/llmflow demo --config configs/tiny.yaml
+	$(BIN)/llmflow demo --config configs/tiny.yaml --chat
 
 test: install
 	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider

@@ -1,16 +1,23 @@
 """Benchmark: Ray Data batch scoring (hf engine) against one-at-a-time and local batched generate.
 
-    .venv/bin/python bench/score.py [--prompts 5000] [--naive 200] [--batch-size 64]
-        [--concurrency 1] [--cpus-per-actor 2] [--threads 2] [--max-new-tokens 16]
+    .venv/bin/python bench/score.py [--prompts 5000] [--naive 200] [--config configs/tiny.yaml]
+        [--set eval.batch_size=64 ...] [--local-threads 1,2] [--skip-naive] [--json out.json]
 
-Same tiny model, same prompts (the bundled task's generator), same max_new_tokens, one run:
+Same tiny model, same prompts (the bundled task's generator), same max_new_tokens and batch
+size, one run:
   (a) naive: one prompt per generate call, in this process (on the first --naive prompts);
-  (b) local: batched generate in this process, no Ray: the local limit;
-  (c) ray:   tasks.scoring.generate_predictions, the scoring job itself (read parquet ->
-             split_chat -> HFGenerator actor pool -> score_row), wall time including the
-             actors' start-up.
-Ray is a local instance (num_cpus=2, no dashboard) unless LLMFLOW_RAY_ADDRESS is set.
-Prints figures; asserts nothing.
+  (b) local: batched generate in this process, no Ray, with 1 and with 2 torch threads: the
+      faster is the local limit (on a busy machine 2 threads spin-wait and can be 10x
+      slower than 1, so one fixed setting would flatter (c));
+  (c) ray:   tasks.scoring.generate_predictions, the scoring job itself, with the eval
+             section of --config (actors, CPUs and threads per actor, batch size) as the
+             evaluate flow runs it: read eval.parquet, split_chats, the HFGenerator actor
+             pool on Ray Data, score_row. Wall time of the whole job, the actors' start-up
+             included;
+  (d) the cold start of one actor alone: a fresh process importing torch and transformers
+      and loading the model, the floor of (c)'s start-up.
+Ray is a local instance declaring the logical CPUs `llmflow up` declares (two per core),
+unless LLMFLOW_RAY_ADDRESS is set. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -49,16 +56,34 @@ def run_local(gen, rows: list[dict], batch_size: int) -> tuple[float, int]:
     return time.perf_counter() - t0, tokens
 
 
+COLD_START = """
+import sys, time
+t0 = time.perf_counter()
+from llmflow.engines.hf import HFGenerator
+HFGenerator(sys.argv[1], max_new_tokens=1, torch_threads=1)
+print(time.perf_counter() - t0)
+"""
+
+
+def cold_start_s(model: str) -> float:
+    """Seconds a fresh Python process takes to import the hf engine and load ``model``."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", COLD_START, model], cwd=root, check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=5000)
     ap.add_argument("--naive", type=int, default=200, help="Prompts for the one-at-a-time run.")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=1, help="Scoring actors.")
-    ap.add_argument("--cpus-per-actor", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=2, help="Torch threads per actor.")
-    ap.add_argument("--local-threads", type=int, default=2, help="Torch threads of (a), (b).")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--config", default="configs/tiny.yaml", help="Its eval section runs (c).")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Config override, e.g. eval.concurrency=1 (repeatable).")  # fmt: skip
+    ap.add_argument("--local-threads", default="1,2",
+                    help="Torch thread counts tried for (b); (a) uses the first.")  # fmt: skip
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
@@ -69,14 +94,18 @@ def main() -> None:
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.bundled import generate_examples
-    from llmflow.config import EvalConfig, TrainConfig
+    from llmflow.config import TrainConfig, load_config
     from llmflow.engines.hf import HFGenerator
+    from llmflow.stack import default_logical_cpus
     from llmflow.store import Store
     from tasks.prepare import _parquet_bytes
     from tasks.scoring import generate_predictions, split_chat
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    root = Path(__file__).resolve().parent.parent
+    config = Path(args.config) if Path(args.config).is_absolute() else root / args.config
+    cfg = load_config(config, ["eval.engine=hf", *args.set]).eval
     tmp = tempfile.mkdtemp(prefix="llmflow-bench-score-")
     store = Store(tmp)
     model = resolve_base_model(TrainConfig(), store)
@@ -88,37 +117,38 @@ def main() -> None:
     store.write_bytes(_parquet_bytes(prepared), "datasets", "bench", "eval.parquet")
     dataset_uri = store.uri("datasets", "bench")
     rows = [split_chat(r) for r in prepared]
-    cfg = EvalConfig(
-        engine="hf",
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        max_new_tokens=args.max_new_tokens,
-    )
+    threads = cfg.threads_per_actor or max(1, int(cfg.cpus_per_actor))
 
-    torch.set_num_threads(args.local_threads)
-    gen = HFGenerator(model, max_new_tokens=args.max_new_tokens, torch_threads=args.local_threads)
-    run_local(gen, rows[:64], args.batch_size)  # warm-up
-    figures: dict[str, float | str] = {}
-    if not args.skip_naive:
-        naive_s, _ = run_local(gen, rows[: args.naive], 1)
-        figures["naive_examples_per_s"] = args.naive / naive_s
-    local_s, local_tokens = run_local(gen, rows, args.batch_size)
+    figures: dict[str, float | str] = {"cold_start_s": cold_start_s(model)}
+    gen = HFGenerator(model, max_new_tokens=cfg.max_new_tokens)
+    local: dict[int, tuple[float, int]] = {}
+    for i, n in enumerate(int(t) for t in args.local_threads.split(",")):
+        torch.set_num_threads(n)
+        run_local(gen, rows[:64], cfg.batch_size)  # warm-up
+        if i == 0 and not args.skip_naive:
+            naive_s, _ = run_local(gen, rows[: args.naive], 1)
+            figures["naive_examples_per_s"] = args.naive / naive_s
+            figures["naive_threads"] = n
+        local[n] = run_local(gen, rows, cfg.batch_size)
+        figures[f"local_{n}t_examples_per_s"] = len(rows) / local[n][0]
+    del gen
+    local_threads = min(local, key=lambda n: local[n][0])
+    local_s, local_tokens = local[local_threads]
     figures["local_examples_per_s"] = len(rows) / local_s
     figures["local_tokens_per_s"] = local_tokens / local_s
-    del gen
 
     address = os.environ.get("LLMFLOW_RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
         # "local": a fresh instance, never whichever cluster started last on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=default_logical_cpus(), include_dashboard=False,
+                 logging_level="WARNING")  # fmt: skip
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     try:
-        options = {"num_cpus": args.cpus_per_actor, "torch_threads": args.threads}
-        out, _, ray_s = generate_predictions(cfg, model, dataset_uri, engine_options=options)
+        out, _, ray_s = generate_predictions(cfg, model, dataset_uri)
     finally:
         ray.shutdown()
     assert len(out) == len(rows)
@@ -126,8 +156,10 @@ def main() -> None:
     figures["ray_examples_per_s"] = len(out) / ray_s
     figures["ray_tokens_per_s"] = ray_tokens / ray_s
     figures["ray_wall_s"] = ray_s
-    # Seconds spent inside generate, summed over batches: the rest is start-up and Ray Data.
+    # Seconds spent inside generate, summed over batches (all actors): the rest of the wall
+    # time is start-up and Ray Data.
     figures["ray_generate_s"] = sum({r["batch_id"]: r["latency_s"] for r in out}.values())
+    figures["ray_other_s"] = ray_s - figures["ray_generate_s"] / cfg.concurrency
     figures["local_wall_s"] = local_s
 
     figures = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
@@ -135,20 +167,25 @@ def main() -> None:
         machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
         prompts=len(rows),
         naive_prompts=0 if args.skip_naive else args.naive,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        cpus_per_actor=args.cpus_per_actor,
-        threads_per_actor=args.threads,
-        max_new_tokens=args.max_new_tokens,
+        batch_size=cfg.batch_size,
+        concurrency=cfg.concurrency,
+        cpus_per_actor=cfg.cpus_per_actor,
+        threads_per_actor=threads,
+        local_threads=local_threads,
+        max_new_tokens=cfg.max_new_tokens,
     )
-    print(f"machine: {figures['machine']}; {len(rows)} prompts, max_new_tokens {args.max_new_tokens}")
+    print(f"machine: {figures['machine']}; {len(rows)} prompts, max_new_tokens {cfg.max_new_tokens}")
     if "naive_examples_per_s" in figures:
-        print(f"(a) naive, one prompt a call ({args.naive} prompts): {figures['naive_examples_per_s']} ex/s")
-    print(f"(b) local batched generate (batch {args.batch_size}, no Ray): "
-          f"{figures['local_examples_per_s']} ex/s ({local_s:.1f} s)")  # fmt: skip
-    print(f"(c) Ray Data scoring job ({args.concurrency} actor(s) x {args.threads} threads, "
-          f"batch {args.batch_size}): {figures['ray_examples_per_s']} ex/s ({ray_s:.1f} s, "
-          f"start-up included; {figures['ray_generate_s']} s in generate)")  # fmt: skip
+        print(f"(a) naive, one prompt a call ({args.naive} prompts, {figures['naive_threads']} "
+              f"thread(s)): {figures['naive_examples_per_s']} ex/s")  # fmt: skip
+    tried = ", ".join(f"{n} thread(s) {figures[f'local_{n}t_examples_per_s']}" for n in local)
+    print(f"(b) local batched generate (batch {cfg.batch_size}, no Ray): "
+          f"{figures['local_examples_per_s']} ex/s ({local_s:.1f} s; {tried} ex/s)")  # fmt: skip
+    print(f"(c) Ray Data scoring job ({cfg.concurrency} actor(s) x {threads} thread(s), "
+          f"{cfg.cpus_per_actor} CPU each, batch {cfg.batch_size}): {figures['ray_examples_per_s']} "
+          f"ex/s ({ray_s:.1f} s, start-up included; {figures['ray_generate_s']} s in generate "
+          f"over all actors, {figures['ray_other_s']} s of start-up and Ray Data)")  # fmt: skip
+    print(f"(d) cold start of one actor's process (imports + model load): {figures['cold_start_s']} s")
     if "naive_examples_per_s" in figures:
         figures["ray_vs_naive"] = round(figures["ray_examples_per_s"] / figures["naive_examples_per_s"], 2)
         print(f"ray vs naive: {figures['ray_vs_naive']}x (target >= 10x)")

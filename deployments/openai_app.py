@@ -19,7 +19,6 @@ request body for a query parameter.
 
 import asyncio
 import json
-import os
 import threading
 import time
 import uuid
@@ -237,7 +236,10 @@ class OpenAIServer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from llmflow.engines import local_model_dir
+
         self.model_name, self.version, self.lineage = model_name, version, lineage or {}
+        model_path = local_model_dir(model_path)  # a store URI (s3://...) is copied here first
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, use_safetensors=True, trust_remote_code=False

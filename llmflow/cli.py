@@ -1,4 +1,4 @@
-"""The llmflow command line: `llmflow up | down | status | run | demo | config`.
+"""The llmflow command line: `llmflow up | down | status | run | demo | chat | config`.
 
 Heavy libraries (prefect, ray, torch) are imported inside the commands that use them, so
 `llmflow --help` returns at once. An LlmflowError becomes one line on stderr and its exit
@@ -75,12 +75,18 @@ def up(
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs the Ray head offers.")] = None,
     num_gpus: Annotated[Optional[int], typer.Option(help="GPUs the Ray head declares.")] = None,
     no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Skip prefect deploy.")] = False,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Also start the chat page over the served model (llmflow chat), "
+        "on 127.0.0.1:7860 (LLMFLOW_CHAT_PORT).")] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Start the local stack (Prefect server, Ray head + Serve, Prefect worker), idempotently."""
     from llmflow import settings, stack
 
     settings.apply_offline_defaults()
-    parts = stack.up(num_cpus=num_cpus, num_gpus=num_gpus, with_deploy=not no_deploy, echo=_echo)
+    endpoint, chat_args = _chat_target(config) if chat else (None, [])
+    parts = stack.up(num_cpus=num_cpus, num_gpus=num_gpus, with_deploy=not no_deploy,
+                     chat_endpoint=endpoint, chat_args=chat_args, echo=_echo)  # fmt: skip
     _print_status(parts)
 
 
@@ -146,6 +152,62 @@ def alerts(
         automation_id = alerts_mod.enable(webhook)
         _echo(f"automation {alerts_mod.AUTOMATION} ({automation_id}): failed runs of "
               f"{', '.join(alerts_mod.FLOW_NAMES)} post to {webhook}")  # fmt: skip
+
+
+def _chat_config(config: Path | None, set_: list[str] | None = None):
+    """The config a chat reads serve.route_prefix and serve.api_key_env from: the file given,
+    else configs/tiny.yaml (as the flows' default), with the --set overrides."""
+    from llmflow.config import load_config
+    from llmflow.settings import project_dir
+
+    tiny = project_dir() / "configs" / "tiny.yaml"
+    return load_config(config or (tiny if tiny.is_file() else None), set_ or [])
+
+
+def _chat_target(config: Path | None, set_: list[str] | None = None) -> tuple[str, list[str]]:
+    """The model endpoint (OpenAI base URL) a chat of this config talks to, and the
+    `llmflow chat` options that hand it the same config."""
+    from llmflow.chat import endpoint_for
+    from llmflow.settings import StackSettings
+
+    cfg = _chat_config(config, set_)
+    serve_url = os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
+    args = ["--config", str(Path(config).resolve())] if config else []
+    return endpoint_for(serve_url, cfg.serve.route_prefix), args + [
+        a for s in (set_ or []) for a in ("--set", s)]  # fmt: skip
+
+
+@app.command()
+def chat(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port of the page (default: LLMFLOW_CHAT_PORT, else 7860).")] = None,
+    host: Annotated[str, typer.Option(help="Address the page binds.")] = "127.0.0.1",
+    endpoint: Annotated[str | None, typer.Option(
+        help="OpenAI base URL of the model (…/v1). Default: the local stack's Serve URL plus "
+        "serve.route_prefix of the config.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Model id to ask (default: the first one the endpoint lists).")] = None,
+) -> None:
+    """Chat with the served model in the browser (Gradio), in the foreground.
+
+    The page shows the serving version, its lineage and the endpoint, and streams answers;
+    the key is read from serve.api_key_file or the variable serve.api_key_env names.
+    """
+    from llmflow import chat as chat_mod
+    from llmflow import settings, stack
+
+    settings.apply_offline_defaults()
+    cfg = _chat_config(config, set_)
+    url = endpoint or _chat_target(config, set_)[0]
+    s = settings.StackSettings.from_env()
+    port = port if port is not None else s.chat_port
+    if stack.port_open(host, port):
+        raise StackError(f"cannot start the chat: port {host}:{port} is already in use; "
+                         "pass --port or set LLMFLOW_CHAT_PORT")  # fmt: skip
+    chat_mod.launch(url, cfg.serve.api_key_env, model, host=host, port=port,
+                    api_key_file=cfg.serve.api_key_file, echo=_echo)  # fmt: skip
 
 
 @app.command("config")
@@ -254,18 +316,49 @@ def sample_answer(result: dict, serve_cfg) -> tuple[str, str]:
 
 
 @app.command()
-def demo(config: ConfigOpt = Path("configs/tiny.yaml"), set_: SetOpt = None) -> None:
+def demo(
+    config: ConfigOpt = Path("configs/tiny.yaml"),
+    set_: SetOpt = None,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Start the chat page over the served model at the end (as `llmflow up "
+        "--chat`).")] = False,
+) -> None:
     """Bring the stack up, run the whole pipeline on the tiny default, ask the served model."""
     from llmflow import stack
     from llmflow.config import load_config
+    from llmflow.settings import StackSettings
 
     cfg = load_config(config, set_ or [])
     t0 = time.monotonic()
     state = run_flow("pipeline", cfg)
     _finish("pipeline", state)
+    chat_url = None
+    if chat and not cfg.cluster.ray_address:
+        endpoint, args = _chat_target(config, set_)
+        try:
+            chat_url = stack.start_chat(StackSettings.from_env(), endpoint, args, echo=_echo).url
+        except StackError as exc:  # the pipeline did its part: say why, do not fail the demo
+            _echo(f"chat: not started: {exc}")
     _print_status(stack.status())
     _show_served(state.result(), cfg)
     _echo(f"Demo finished in {time.monotonic() - t0:.0f}s.")
+    _show_chat(cfg, chat_url)
+
+
+def _show_chat(cfg, running_url: str | None) -> None:
+    """The last line of the demo: where to chat with the served model."""
+    from llmflow.settings import StackSettings
+
+    if running_url:
+        _echo(f"Chat with the served model: {running_url}  (`llmflow status` shows it, "
+              "`llmflow down` stops it)")  # fmt: skip
+    elif cfg.serve.chat:
+        serve_url = os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
+        _echo(f"Chat with the served model: {serve_url}{cfg.serve.route_prefix.rstrip('/')}/chat/"
+              "  (served by Ray Serve next to the model)")  # fmt: skip
+    else:
+        _echo(f"Chat with the served model: {StackSettings.from_env().chat_url}  after "
+              "`llmflow chat` (or `llmflow up --chat`)")  # fmt: skip
 
 
 def _show_served(result: dict, cfg) -> None:

@@ -76,8 +76,15 @@ class EvalConfig(Section):
     engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="'auto' picks vllm when importable and a GPU is present, else hf."
     )
-    batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
-    concurrency: int = Field(1, ge=1, description="Scoring actors (vllm: engine replicas).")
+    # The defaults are the fastest measured for the tiny model on 2 CPU cores (bench/score.py,
+    # 5,000 prompts, whole job): 2 actors x 1 torch thread beat 1 actor x 2 threads (the
+    # actors' start-up, ~8 CPU s each of imports and model load, runs on both cores at once,
+    # and one thread a process wastes no CPU spin-waiting: 36 against 48 CPU s of actors at
+    # batch 64); batch 256 cost the least CPU (28 CPU s of actors, against 36 at 64, 33 at
+    # 128, 31 at 512) and still gives both actors a batch on a 400-row eval split. On GPUs
+    # set concurrency to the number of GPUs (each hf actor or vLLM replica takes one).
+    batch_size: int = Field(256, ge=1, description="Prompts per generate call.")
+    concurrency: int = Field(2, ge=1, description="Scoring actors (vllm: engine replicas).")
     cpus_per_actor: float = Field(1, gt=0, description="hf: CPUs Ray reserves per actor.")
     threads_per_actor: int | None = Field(
         None, ge=1, description="hf: torch threads per actor; empty: cpus_per_actor, at least 1."
@@ -163,6 +170,10 @@ class ServeConfig(Section):
     )
     accelerator_type: str | None = Field(
         None, description="vllm: GPU type to place replicas on (e.g. A10G, H100); empty: any."
+    )
+    chat: bool = Field(
+        False, description="Also serve the chat page (deployments/chat_app.py) as its own Serve "
+        "application, at <route_prefix>/chat, talking to this model's endpoint."
     )
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import random
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,10 +66,13 @@ def get_version(store: Store, name: str, version: str | None = None) -> ModelRef
     """The ModelRef of ``name`` at ``version`` ('v3', '3'), or of its latest version if None."""
     _check_name(name)
     if version is None:
-        nums = _numbers(store, name)
-        if not nums:
+        # The newest complete one: on an object store a registration that died mid-upload
+        # leaves files under v<N> but no manifest.
+        complete = (f"v{n}" for n in reversed(_numbers(store, name))
+                    if store.exists(MODELS, name, f"v{n}", MANIFEST))  # fmt: skip
+        version = next(complete, None)
+        if version is None:
             raise RegistryError(f"model {name!r}: no versions in {store.uri(MODELS)}")
-        version = f"v{nums[-1]}"
     elif version.isdigit():
         version = f"v{version}"
     if _number(version) is None:
@@ -162,21 +167,27 @@ def _register_local(store: Store, name: str, src: Path, manifest_for) -> ModelRe
 
 
 def _register_remote(store: Store, name: str, src: Path, manifest_for) -> ModelRef:
-    """Object stores have no atomic rename. Each writer drops a uniquely named claim for v<N>
-    and keeps N only when its claim is the sole one; on contention every contender moves on
-    (v<N> stays unused), so a version is never shared. Files go up with the manifest last."""
+    """Object stores have no atomic rename. A writer drops a uniquely named claim for v<N>
+    and keeps N only when, listed after its own write, its claim is the sole one. A winner's
+    claim stays forever, so anyone who claims N later sees two and loses: a version is never
+    shared. Contenders that collided withdraw their claims and try N again after a random
+    pause (so one gets through, instead of all of them burning number after number); a
+    number that already holds a claim or files is skipped. Files go up, manifest last."""
     fs = store.fs
     n = (_numbers(store, name) or [0])[-1] + 1
+    collisions = 0
     for _ in range(MAX_ATTEMPTS):
         version = f"v{n}"
         claim_dir = store.path(MODELS, name, CLAIMS, version)
-        mine = posixpath.join(claim_dir, uuid.uuid4().hex)
-        taken = store.exists(MODELS, name, version)
-        if not taken:
-            fs.pipe_file(mine, b"")
-            taken = len(fs.ls(claim_dir, detail=False)) > 1
-        if taken:
-            n += 1
+        if store.exists(MODELS, name, version) or _claims(fs, claim_dir):
+            n, collisions = n + 1, 0  # taken, or held by a winner still starting its upload
+            continue
+        claim = uuid.uuid4().hex
+        fs.pipe_file(posixpath.join(claim_dir, claim), b"")
+        if _claims(fs, claim_dir) != [claim]:
+            fs.rm_file(posixpath.join(claim_dir, claim))
+            collisions += 1
+            time.sleep(random.uniform(0, 0.05 * 2 ** min(collisions, 5)))
             continue
         manifest = manifest_for(version)
         target = store.path(MODELS, name, version)
@@ -186,3 +197,11 @@ def _register_remote(store: Store, name: str, src: Path, manifest_for) -> ModelR
         store.write_json(manifest, MODELS, name, version, MANIFEST)
         return ModelRef.model_validate(manifest["ref"])
     raise RegistryError(f"model {name!r}: no free version after {MAX_ATTEMPTS} attempts")
+
+
+def _claims(fs, claim_dir: str) -> list[str]:
+    """The names of the claims on one version number ([] when there are none)."""
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(claim_dir, detail=False))
+    except FileNotFoundError:
+        return []

@@ -25,6 +25,8 @@ OFFLINE_ENV: dict[str, str] = {
     # Not telemetry, but the same kind of default: Ray Data's progress bars, redrawn from
     # every worker, drown the flow's own log lines in `llmflow run`.
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # Gradio (the chat page) checks for new versions and reports usage unless told not to.
+    "GRADIO_ANALYTICS_ENABLED": "False",
 }
 
 
@@ -84,6 +86,7 @@ class StackSettings:
     dashboard_port: int
     serve_port: int
     work_pool: str
+    chat_port: int = 7860
 
     @classmethod
     def from_env(cls) -> StackSettings:
@@ -95,6 +98,7 @@ class StackSettings:
             dashboard_port=_port("LLMFLOW_DASHBOARD_PORT", 8265),
             serve_port=_port("LLMFLOW_SERVE_PORT", 8000),
             work_pool=os.environ.get("LLMFLOW_WORK_POOL", "llmflow-local"),
+            chat_port=_port("LLMFLOW_CHAT_PORT", 7860),
         )
 
     @property
@@ -116,6 +120,10 @@ class StackSettings:
     @property
     def serve_url(self) -> str:
         return f"http://{self.host}:{self.serve_port}"
+
+    @property
+    def chat_url(self) -> str:
+        return f"http://{self.host}:{self.chat_port}"
 
     @property
     def logs_dir(self) -> Path:

@@ -1,4 +1,5 @@
-"""The local stack: a Prefect server, a Ray head with Serve, and a Prefect process worker.
+"""The local stack: a Prefect server, a Ray head with Serve, a Prefect process worker and,
+when asked for (`llmflow up --chat`), the chat page over the served model.
 
 `llmflow up` starts each part bound to 127.0.0.1, waits until it is healthy, records its
 pid in .llmflow/stack.json and logs to .llmflow/logs/. It is idempotent: a part that is
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from llmflow.errors import StackError
 from llmflow.settings import StackSettings, offline_env, project_dir
 
 PARTS = ("prefect-server", "ray-head", "ray-serve", "prefect-worker")
+# Started only on request; listed by `status` only when it was started.
+OPTIONAL_PARTS = ("chat",)
 
 
 @dataclass
@@ -221,6 +224,11 @@ def worker_healthy(s: StackSettings) -> bool:
         return False
 
 
+def chat_healthy(s: StackSettings) -> bool:
+    """Our chat process runs and its page answers."""
+    return _process_alive(_read_state(s).get("chat")) and _http_ok(f"{s.chat_url}/", timeout=5.0)
+
+
 def _wait(what: str, probe: Callable[[], bool], timeout: float, entry: dict, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -372,6 +380,45 @@ def _start_worker(s: StackSettings) -> dict:
     return _spawn(s, "prefect-worker", cmd, env, project_dir())
 
 
+def _chat_cmd(s: StackSettings, endpoint: str, args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "llmflow.cli", "chat", "--host", s.host,
+            "--port", str(s.chat_port), "--endpoint", endpoint, *args]  # fmt: skip
+
+
+def start_chat(s: StackSettings, endpoint: str, args: Sequence[str] = (),
+               echo: Callable[[str], None] = lambda _: None) -> PartStatus:  # fmt: skip
+    """Start the chat page (`llmflow chat`) as a part of the stack, unless it runs already
+    with the same endpoint and options.
+
+    Args:
+        s: the stack's settings (the page binds s.host:s.chat_port).
+        endpoint: the OpenAI base URL it talks to (…/v1).
+        args: more `llmflow chat` options, e.g. ["--config", "configs/tiny.yaml"].
+    """
+    state = _read_state(s)
+    cmd = _chat_cmd(s, endpoint, args)
+    if chat_healthy(s) and state["chat"].get("cmd") == cmd:
+        echo(f"chat: already running at {s.chat_url}")
+    else:
+        if _process_alive(state.get("chat")):
+            _stop(state["chat"])  # unhealthy, or started for another endpoint or config
+        _check_port_free(s, s.chat_port, "the chat", "LLMFLOW_CHAT_PORT")
+        state["chat"] = _spawn(s, "chat", cmd, _child_env(s), project_dir()) | {"endpoint": endpoint}
+        _write_state(s, state)
+        _wait("the chat", lambda: chat_healthy(s), 120, state["chat"], Path(state["chat"]["log"]))
+        echo(f"chat: {s.chat_url} (model endpoint {endpoint})")
+    return next(p for p in status(s) if p.name == "chat")
+
+
+def stop_chat(s: StackSettings) -> bool:
+    """Stop the chat part (only it) and forget it; True when it was running."""
+    state = _read_state(s)
+    entry = state.pop("chat", None)
+    stopped = bool(entry) and _stop(entry)
+    _write_state(s, state)
+    return stopped
+
+
 def deploy(s: StackSettings) -> None:
     """Register every deployment of prefect.yaml with the server (non-interactive)."""
     env = _child_env(s)
@@ -393,9 +440,14 @@ def up(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     with_deploy: bool = True,
+    chat_endpoint: str | None = None,
+    chat_args: Sequence[str] = (),
     echo: Callable[[str], None] = lambda _: None,
 ) -> list[PartStatus]:
-    """Start every part of the stack that is not already healthy; return their status."""
+    """Start every part of the stack that is not already healthy; return their status.
+
+    With ``chat_endpoint`` (an OpenAI base URL), the chat page starts too (``start_chat``).
+    """
     s = s or StackSettings.from_env()
     s.home.mkdir(parents=True, exist_ok=True)
     state = _read_state(s)
@@ -449,6 +501,8 @@ def up(
             echo("deployments: prefect.yaml deployed")
     finally:
         _write_state(s, state)
+    if chat_endpoint:
+        start_chat(s, chat_endpoint, chat_args, echo=echo)
     return status(s)
 
 
@@ -457,7 +511,7 @@ def down(s: StackSettings | None = None, echo: Callable[[str], None] = lambda _:
     s = s or StackSettings.from_env()
     state = _read_state(s)
     stopped = []
-    for name in reversed(PARTS):
+    for name in (*OPTIONAL_PARTS, *reversed(PARTS)):
         entry = state.pop(name, None)
         if entry and _stop(entry):
             stopped.append(name)
@@ -476,7 +530,7 @@ def status(s: StackSettings | None = None) -> list[PartStatus]:
         e = state.get(name)
         return e["pid"] if _process_alive(e) else None
 
-    return [
+    parts = [
         PartStatus("prefect-server", s.prefect_url, pid("prefect-server"),
                    prefect_healthy(s.prefect_api_url)),
         PartStatus("ray-head", s.ray_address, pid("ray-head"), ray_healthy(s),
@@ -485,10 +539,15 @@ def status(s: StackSettings | None = None) -> list[PartStatus]:
         PartStatus("prefect-worker", f"pool {s.work_pool}", pid("prefect-worker"),
                    worker_healthy(s)),
     ]  # fmt: skip
+    if "chat" in state:
+        parts.append(PartStatus("chat", s.chat_url, pid("chat"), chat_healthy(s),
+                                f"model endpoint {state['chat'].get('endpoint', '?')}"))  # fmt: skip
+    return parts
 
 
 def is_up(s: StackSettings | None = None) -> bool:
-    return all(p.healthy for p in status(s))
+    """The parts flows need are healthy (the optional chat does not count)."""
+    return all(p.healthy for p in status(s) if p.name in PARTS)
 
 
 def status_dict(parts: list[PartStatus]) -> list[dict]:

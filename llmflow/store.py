@@ -43,6 +43,10 @@ class Store:
 
     def __init__(self, root: str | os.PathLike | None = None, **storage_options: Any):
         root = str(root) if root is not None else default_store_uri()
+        if fsspec.core.split_protocol(root)[0] not in (None, "file", "local"):
+            # Other processes (Ray workers, other flow runs) write here too: a cached listing
+            # (s3fs keeps them forever by default) would hide their new versions and aliases.
+            storage_options.setdefault("use_listings_cache", False)
         self.fs, path = fsspec.core.url_to_fs(root, **storage_options)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root_path = os.path.abspath(path) if self.local else path.rstrip("/")

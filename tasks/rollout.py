@@ -43,8 +43,7 @@ def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
         "model_path": model.uri,
         "model_name": model.name,
         "version": model.version,
-        "lineage": {"base_model": model.base_model, "dataset_sha256": model.dataset_sha256,
-                    "train_metrics": model.train_metrics},
+        "lineage": served_lineage(model),
         "api_key_env": serve_cfg.api_key_env,
         "api_key_file": serve_cfg.api_key_file,
         "max_batch_size": serve_cfg.max_batch_size,
@@ -58,6 +57,79 @@ def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
     if serve_cfg.max_ongoing_requests is not None:
         args["max_ongoing_requests"] = serve_cfg.max_ongoing_requests
     return args
+
+
+def served_lineage(model: ModelRef) -> dict[str, Any]:
+    """The lineage /v1/models shows (and the chat page with it): base model, dataset and train
+    metrics from the ref; from the version's manifest, when it can be read, the flow run that
+    registered it, the dataset's row counts, and the eval metrics that run scored it with
+    (the means of the per-example metric columns of runs/<flow run>/eval/candidate)."""
+    lineage: dict[str, Any] = {"base_model": model.base_model,
+                               "dataset_sha256": model.dataset_sha256,
+                               "train_metrics": model.train_metrics}  # fmt: skip
+    try:
+        from llmflow.store import Store
+
+        manifest = Store(model.uri).read_json("manifest.json")
+    except Exception:  # noqa: BLE001 - lineage is shown when found; serving never depends on it
+        return lineage
+    dataset = manifest.get("dataset") or {}
+    if dataset:
+        lineage["dataset"] = {k: dataset.get(k) for k in ("uri", "sha256", "num_train", "num_eval")}
+    if manifest.get("flow_run_id"):
+        lineage["flow_run_id"] = manifest["flow_run_id"]
+        metrics = _eval_metrics(manifest["flow_run_id"])
+        if metrics:
+            lineage["eval_metrics"] = metrics
+    return lineage
+
+
+def _eval_metrics(run_id: str) -> dict[str, float]:
+    try:
+        import pyarrow.parquet as pq
+
+        from llmflow.store import Store
+        from tasks.scoring import PREDICTION_COLUMNS, PREDICTIONS_FILE
+
+        store = Store()
+        if not store.exists("runs", run_id, "eval", "candidate", PREDICTIONS_FILE):
+            return {}
+        table = pq.read_table(store.uri("runs", run_id, "eval", "candidate", PREDICTIONS_FILE))
+    except Exception:  # noqa: BLE001 - see served_lineage
+        return {}
+    skip = {*PREDICTION_COLUMNS, "eval_loss"}  # eval_loss per row is not the corpus loss
+    metrics = {}
+    for name in table.column_names:
+        values = table.column(name).to_pylist()
+        if name not in skip and values and all(isinstance(v, (int, float)) for v in values):
+            metrics[name] = round(sum(values) / len(values), 4)
+    return metrics
+
+
+def chat_app_name(serve_cfg: ServeConfig) -> str:
+    return f"{serve_cfg.app_name}-chat"
+
+
+def chat_route_prefix(serve_cfg: ServeConfig) -> str:
+    return f"{_prefix(serve_cfg)}/chat"
+
+
+def deploy_chat(serve_cfg: ServeConfig, model: ModelRef) -> None:
+    """serve.chat: the chat page as its own Serve application next to the model's (an
+    unchanged one is left running: Serve redeploys only what changed)."""
+    from ray import serve
+
+    from deployments.chat_app import build_app as build_chat_app
+    from llmflow.chat import endpoint_for
+
+    endpoint = endpoint_for(serve_url(ClusterConfig()), serve_cfg.route_prefix)
+    app = build_chat_app({"endpoint": endpoint, "api_key_env": serve_cfg.api_key_env,
+                          "api_key_file": serve_cfg.api_key_file, "model": model.name})  # fmt: skip
+    try:
+        serve.run(app, name=chat_app_name(serve_cfg), route_prefix=chat_route_prefix(serve_cfg))
+    except RuntimeError as exc:
+        raise RolloutError(f"Serve app '{chat_app_name(serve_cfg)}' (the chat) failed to "
+                           f"deploy: {str(exc)[:300]}") from None  # fmt: skip
 
 
 def vllm_app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
@@ -135,6 +207,8 @@ def deploy(serve_cfg: ServeConfig, model: ModelRef, timeout_s: float = 300) -> N
         app = serve.status().applications.get(serve_cfg.app_name)
         status = str(getattr(app, "status", ""))
         if status.endswith("RUNNING"):
+            if serve_cfg.chat:
+                deploy_chat(serve_cfg, model)
             return
         if status.endswith("DEPLOY_FAILED"):
             raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
@@ -205,6 +279,8 @@ def restore(serve_cfg: ServeConfig, previous: ModelRef | None) -> None:
         deploy(serve_cfg, previous)
     else:
         serve.delete(serve_cfg.app_name)
+        if serve_cfg.chat:
+            serve.delete(chat_app_name(serve_cfg))
 
 
 @deploy_version.on_rollback

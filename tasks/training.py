@@ -92,8 +92,12 @@ def check_causal_lm(model_uri: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from llmflow.engines import local_model_dir
+
     try:
-        config = AutoConfig.from_pretrained(model_uri, trust_remote_code=False)
+        # transformers reads local paths and hub ids, not store URIs (s3://...): copy first.
+        path = local_model_dir(model_uri) if "://" in model_uri else model_uri
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - one line naming the model and the cause
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"train.base_model: {model_uri}: cannot read its config: {first}") from None
@@ -263,8 +267,11 @@ def load_model(base_model_uri: str, train: TrainConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from llmflow.engines import local_model_dir
+
+    path = local_model_dir(base_model_uri) if "://" in base_model_uri else base_model_uri
     model = AutoModelForCausalLM.from_pretrained(
-        base_model_uri, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
     if train.lora:
         from peft import LoraConfig, get_peft_model

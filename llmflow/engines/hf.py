@@ -183,11 +183,13 @@ class HFEngine:
     """The hf engine: ``HFGenerator`` over a fixed Ray Data actor pool.
 
     Args:
-        eval_cfg: batch_size, concurrency (actors), max_new_tokens, temperature.
+        eval_cfg: batch_size, concurrency (actors), cpus_per_actor, threads_per_actor,
+            max_new_tokens, temperature.
         model_path: a Hugging Face model directory (local path or store URI).
-        num_cpus: CPUs Ray reserves per actor.
+        num_cpus: CPUs Ray reserves per actor; None takes ``eval_cfg.cpus_per_actor``.
         num_gpus: GPUs per actor; None gives each actor one GPU when the cluster has any.
-        torch_threads: intra-op threads per actor; None matches ``num_cpus`` (at least 1).
+        torch_threads: intra-op threads per actor; None takes ``eval_cfg.threads_per_actor``,
+            else matches ``num_cpus`` (at least 1).
         seed: sampling seed (temperature > 0).
         max_context: override of the model's context length.
     """
@@ -198,7 +200,7 @@ class HFEngine:
         self,
         eval_cfg: EvalConfig,
         model_path: str,
-        num_cpus: float = 1,
+        num_cpus: float | None = None,
         num_gpus: float | None = None,
         torch_threads: int | None = None,
         seed: int = 0,
@@ -206,9 +208,11 @@ class HFEngine:
     ):
         self.cfg = eval_cfg
         self.model_path = model_path
-        self.num_cpus = num_cpus
+        self.num_cpus = eval_cfg.cpus_per_actor if num_cpus is None else num_cpus
         self.num_gpus = num_gpus
-        self.torch_threads = torch_threads or max(1, int(num_cpus))
+        self.torch_threads = (
+            torch_threads or eval_cfg.threads_per_actor or max(1, int(self.num_cpus))
+        )
         self.seed = seed
         self.max_context = max_context
 
@@ -234,7 +238,7 @@ class HFEngine:
             fn_constructor_kwargs=self.generator_kwargs(),
             batch_size=self.cfg.batch_size,
             batch_format="numpy",
-            concurrency=self.cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=self.cfg.concurrency),
             num_cpus=self.num_cpus,
             num_gpus=num_gpus,
         )
