@@ -56,12 +56,15 @@ def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
     from llmflow.runs import model_slot, slot_name
 
     events: list[tuple[str, float]] = []
-    first_in = threading.Event()
+    first_in, other_in = threading.Event(), threading.Event()
 
     def first() -> None:
         with model_slot("slot-test"):
             events.append(("first in", time.monotonic()))
             first_in.set()
+            # Hold the slot until the other model's run got in (it must not need this one),
+            # and at least 3 s, so the second run of this model has to wait.
+            other_in.wait(90)
             time.sleep(3)
             events.append(("first out", time.monotonic()))
 
@@ -72,8 +75,9 @@ def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
 
     def other() -> None:
         first_in.wait(60)
-        with model_slot("other-model", timeout_s=10):  # another model is not held up
+        with model_slot("other-model", timeout_s=60):  # another model is not held up
             events.append(("other in", time.monotonic()))
+            other_in.set()
 
     threads = [threading.Thread(target=f) for f in (first, second, other)]
     for t in threads:
