@@ -4,6 +4,7 @@ champion is what Serve answers with, and both runs report what they did."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 import httpx
@@ -36,7 +37,8 @@ def test_two_promotions_at_once_leave_exactly_one_champion(stack):
         go.wait()
         states[version.version] = promote(config=cfg, candidate=version, return_state=True)
 
-    threads = [threading.Thread(target=run, args=(v,)) for v in (a, b)]
+    # Copies of this context: Prefect's settings (the stack's API URL) live in a contextvar.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, v)) for v in (a, b)]
     try:
         for t in threads:
             t.start()

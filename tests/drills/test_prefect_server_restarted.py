@@ -4,6 +4,7 @@ and its final state and every task run reach the restarted server (same SQLite d
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import threading
@@ -34,7 +35,9 @@ def test_flow_run_survives_a_prefect_server_restart(stack, prefect_client):
         return sum(step(i) for i in range(n))
 
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(state=long_flow(N, return_state=True)))
+    # A copy of this context: Prefect's settings (the stack's API URL) live in a contextvar.
+    t = threading.Thread(target=contextvars.copy_context().run,
+                         args=(lambda: out.update(state=long_flow(N, return_state=True)),))
     t.start()
     assert started.wait(120)
     time.sleep(2)

@@ -6,6 +6,7 @@ placement on a second Ray node that declares a (logical) GPU, and the bad-input 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import signal
@@ -112,7 +113,7 @@ def run_in_thread(config, dataset):
         finally:
             done.set()
 
-    t = threading.Thread(target=go)
+    t = threading.Thread(target=contextvars.copy_context().run, args=(go,))  # Prefect's settings
     t.start()
     return t, done, out
 

@@ -4,6 +4,7 @@ run through the API, on the worker, is in test_pipeline.py.)"""
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import os
 import subprocess
@@ -79,7 +80,10 @@ def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
             events.append(("other in", time.monotonic()))
             other_in.set()
 
-    threads = [threading.Thread(target=f) for f in (first, second, other)]
+    # Each thread runs in a copy of this context: Prefect's settings (the session stack's API
+    # URL) live in a contextvar, which a bare thread would not see.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(f,))
+               for f in (first, second, other)]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:
