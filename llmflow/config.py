@@ -77,14 +77,16 @@ class EvalConfig(Section):
         "auto", description="'auto' picks vllm when importable and a GPU is present, else hf."
     )
     # The defaults are the fastest measured for the tiny model on 2 CPU cores (bench/score.py,
-    # 5,000 prompts, whole job): 2 actors x 1 torch thread beat 1 actor x 2 threads (the
-    # actors' start-up, ~8 CPU s each of imports and model load, runs on both cores at once,
-    # and one thread a process wastes no CPU spin-waiting: 36 against 48 CPU s of actors at
-    # batch 64); batch 256 cost the least CPU (28 CPU s of actors, against 36 at 64, 33 at
-    # 128, 31 at 512) and still gives both actors a batch on a 400-row eval split. On GPUs
-    # set concurrency to the number of GPUs (each hf actor or vLLM replica takes one).
+    # whole job, start-up included): one actor of one torch thread, batch 256. On a quiet
+    # machine 1 actor x 1 thread, 1 x 2 and 2 x 1 scored 5,000 prompts alike (18 s); with
+    # other work on the cores 1 x 1 held up (24-26 s) where 2 actors took 33-34 s (each
+    # starts by spending ~8 CPU s importing torch and transformers and loading the model)
+    # and a second thread spin-waits (25-27 against 13-17 CPU s of actor time). On a 400-row
+    # eval split one actor took 12-16 s, two 21-22 s. Batch 256 cost the least CPU per
+    # prompt of 64..1024 (28 CPU s of actors against 36 at 64). On GPUs set concurrency to
+    # the number of GPUs.
     batch_size: int = Field(256, ge=1, description="Prompts per generate call.")
-    concurrency: int = Field(2, ge=1, description="Scoring actors (vllm: engine replicas).")
+    concurrency: int = Field(1, ge=1, description="Scoring actors (vllm: engine replicas).")
     cpus_per_actor: float = Field(1, gt=0, description="hf: CPUs Ray reserves per actor.")
     threads_per_actor: int | None = Field(
         None, ge=1, description="hf: torch threads per actor; empty: cpus_per_actor, at least 1."
