@@ -23,11 +23,11 @@ else
 fi
 echo "installing chromium (apt-get) for the chat's browser test..."
 apt_install() {
-  DEBIAN_FRONTEND=noninteractive timeout 900 "${sudo[@]}" apt-get install -y -q \
+  DEBIAN_FRONTEND=noninteractive timeout 240 "${sudo[@]}" apt-get install -y -q \
     --no-install-recommends chromium >/dev/null 2>&1
 }
 # An image with empty package lists needs an update first.
-if apt_install || { timeout 600 "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && apt_install; }; then
+if apt_install || { timeout 90 "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && apt_install; }; then
   echo "chromium: $(command -v chromium)"
 else
   echo "note: apt-get could not install chromium: the chat's browser test will skip"
