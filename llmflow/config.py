@@ -76,12 +76,13 @@ class EvalConfig(Section):
     engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="'auto' picks vllm when importable and a GPU is present, else hf."
     )
-    # The defaults are the fastest measured for the tiny model on 2 CPU cores (bench/score.py,
-    # whole job, start-up included): one actor of one torch thread, batch 256. On a quiet
-    # machine 1 actor x 1 thread, 1 x 2 and 2 x 1 scored 5,000 prompts alike (18 s); with
-    # other work on the cores 1 x 1 held up (24-26 s) where 2 actors took 33-34 s (each
+    # The defaults are measured for the tiny model on 2 CPU cores (bench/score.py, whole job,
+    # start-up included): one actor of one torch thread, batch 256. On a quiet machine
+    # 1 actor x 2 threads and 2 x 1 scored 5,000 prompts in 18 s against 18-23 s for 1 x 1;
+    # with other work on the cores 1 x 1 held up (24-26 s) where 2 actors took 33-34 s (each
     # starts by spending ~8 CPU s importing torch and transformers and loading the model)
-    # and a second thread spin-waits (25-27 against 13-17 CPU s of actor time). On a 400-row
+    # and 2 threads spin-wait (25-27 against 13-17 CPU s of actor time; beside busy
+    # processes torch at 2 threads ran at 1/3 to 1/5 of 1 thread's speed). On a 400-row
     # eval split one actor took 12-16 s, two 21-22 s. Batch 256 cost the least CPU per
     # prompt of 64..1024 (28 CPU s of actors against 36 at 64). On GPUs set concurrency to
     # the number of GPUs.
