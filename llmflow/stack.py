@@ -95,7 +95,7 @@ def client_env(s: StackSettings) -> dict[str, str]:
     )
     # Basic auth on the server (PREFECT_SERVER_API_AUTH_STRING="user:password"): the stack's
     # own clients (worker, deploy, CLI runs, Ray workers) present the same credentials.
-    auth = os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    auth = _prefect_auth_string()
     if auth:
         env["PREFECT_API_AUTH_STRING"] = auth
     return env
@@ -174,11 +174,16 @@ def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2
         return False
 
 
+def _prefect_auth_string() -> str | None:
+    """Prefect basic auth's "user:password": the client's setting, else the server's."""
+    return os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+
+
 def prefect_auth_headers() -> dict[str, str]:
-    """The Authorization header of Prefect's basic auth, when PREFECT_API_AUTH_STRING is set."""
+    """The Authorization header of Prefect's basic auth, when credentials are set."""
     import base64
 
-    auth = os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    auth = _prefect_auth_string()
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
 
 
