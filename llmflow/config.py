@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmflow.errors import ConfigError
 
@@ -69,7 +69,28 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="Place each training worker on a GPU.")
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each training worker reserves besides its CPUs and "
+        "GPU, e.g. {gpu_node: 1}: the workers then run only on nodes that declare them (the "
+        "extra nodes of 'llmflow up --nodes 2', a KubeRay group's rayStartParams.resources).",
+    )
     seed: int = Field(0)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU"):
+                key = "cpus_per_worker" if name == "CPU" else "use_gpu"
+                raise ValueError(f"{name} is set by train.{key}, not here")
+            if not name.strip():
+                raise ValueError("a resource name is empty")
+            # Ray's rule: an amount above 1 must be whole (fractions share one unit).
+            if amount <= 0 or (amount > 1 and amount != int(amount)):
+                raise ValueError(f"{name}: {amount:g} is not a positive amount (a fraction up "
+                                 "to 1, or a whole number)")  # fmt: skip
+        return value
 
 
 class EvalConfig(Section):

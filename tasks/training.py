@@ -53,7 +53,7 @@ RESULT = "llmflow_result.json"  # a finished run's TrainRun, next to Ray Train's
 # key, so changing them (say max_failures) still resumes the same run.
 OPERATIONAL_FIELDS = frozenset(
     {"model_name", "merge_lora", "eval_every", "checkpoint_every", "checkpoints_to_keep",
-     "max_failures", "cpus_per_worker"}
+     "max_failures", "cpus_per_worker", "resources_per_worker"}
 )  # fmt: skip
 
 
@@ -145,10 +145,12 @@ def check_placeable(train: TrainConfig, nodes: Sequence[dict[str, Any]]) -> None
 
 
 def worker_resources(train: TrainConfig) -> dict[str, float]:
-    """What each training worker reserves: its CPUs, and one GPU when ``use_gpu``."""
+    """What each training worker reserves: its CPUs, one GPU when ``use_gpu``, and the
+    custom resources of ``resources_per_worker`` (which place it on the nodes declaring them)."""
     res = {"CPU": float(train.cpus_per_worker)}
     if train.use_gpu:
         res["GPU"] = 1.0
+    res.update(train.resources_per_worker)
     return res
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -32,6 +33,7 @@ from tasks.training import (
     lr_at,
     run_key,
     trainable_state,
+    worker_resources,
 )
 
 ROWS = generate_examples(200, seed=0)
@@ -138,8 +140,9 @@ def test_checkpoints_every_n_steps_and_at_the_end():
 def test_run_key_ignores_operational_fields():
     base = TrainConfig()
     key = run_key(base, "sha", "/m")
-    same = base.model_copy(update={"max_failures": 0, "checkpoint_every": 7, "model_name": "x"})
-    assert run_key(same, "sha", "/m") == key
+    same = base.model_copy(update={"max_failures": 0, "checkpoint_every": 7, "model_name": "x",
+                                   "resources_per_worker": {"gpu_node": 1}})  # fmt: skip
+    assert run_key(same, "sha", "/m") == key  # where it runs is not what it learns
     assert run_key(base.model_copy(update={"learning_rate": 1e-4}), "sha", "/m") != key
     assert run_key(base, "other", "/m") != key and run_key(base, "sha", "/n") != key
 
@@ -164,6 +167,38 @@ def test_unplaceable_workers_fail_with_the_numbers():
     check_placeable(TrainConfig(num_workers=2, cpus_per_worker=1.5), [NODE, NODE])
     with pytest.raises(InsufficientResources, match="at most 1 such worker"):
         check_placeable(TrainConfig(num_workers=2, cpus_per_worker=1.5), [NODE, {**NODE, "Alive": False}])
+
+
+def test_custom_resources_place_workers_only_on_nodes_that_declare_them():
+    train = TrainConfig(num_workers=1, resources_per_worker={"gpu_node": 1})
+    assert worker_resources(train) == {"CPU": 1.0, "gpu_node": 1.0}  # no GPU: torch stays on CPU
+    tagged = {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0, "gpu_node": 1.0}}
+    check_placeable(train, [NODE, tagged])
+    with pytest.raises(InsufficientResources, match=r"needs 1 CPU, 1 gpu_node, but the Ray cluster "
+                       r"has 4 CPU, 0 gpu_node in total and at most 0 such worker"):  # fmt: skip
+        check_placeable(train, [NODE, NODE])
+    with pytest.raises(InsufficientResources, match="at most 1 such worker"):  # one per node
+        check_placeable(train.model_copy(update={"num_workers": 2}), [NODE, tagged])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"GPU": 1}, "GPU is set by train.use_gpu"),
+        ({"CPU": 2}, "CPU is set by train.cpus_per_worker"),
+        ({"gpu_node": 0}, "gpu_node: 0 is not a positive amount"),
+        ({"gpu_node": 1.5}, "gpu_node: 1.5 is not a positive amount"),
+        ({" ": 1}, "a resource name is empty"),
+    ],
+)
+def test_resources_per_worker_is_validated(value, message):
+    from llmflow.config import load_config
+    from llmflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.resources_per_worker.*" + re.escape(message)):
+        load_config(None, [f"train.resources_per_worker={json.dumps(value)}"])
+    assert TrainConfig(resources_per_worker={"gpu_node": 0.5, "x": 2}).resources_per_worker == {
+        "gpu_node": 0.5, "x": 2.0}  # fmt: skip
 
 
 # -- bad inputs ------------------------------------------------------------------------------
