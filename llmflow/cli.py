@@ -74,6 +74,14 @@ def _main(
 def up(
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs the Ray head offers.")] = None,
     num_gpus: Annotated[Optional[int], typer.Option(help="GPUs the Ray head declares.")] = None,
+    nodes: Annotated[Optional[int], typer.Option(
+        help="Ray nodes on this machine, the head included: each extra node declares 2 CPUs, "
+        "one logical GPU and the resource gpu_node (train.resources_per_worker places "
+        "training there). Default: keep the nodes that run.")] = None,
+    database: Annotated[Optional[str], typer.Option(
+        help="The Prefect server's database: postgresql+asyncpg://user:password@host:5432/db "
+        "(default: LLMFLOW_DATABASE_URL, else SQLite under .llmflow/prefect/).",
+        show_default=False)] = None,
     no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Skip prefect deploy.")] = False,
     chat: Annotated[bool, typer.Option(
         "--chat", help="Also start the chat page over the served model (llmflow chat), "
@@ -85,8 +93,9 @@ def up(
 
     settings.apply_offline_defaults()
     endpoint, chat_args = _chat_target(config) if chat else (None, [])
-    parts = stack.up(num_cpus=num_cpus, num_gpus=num_gpus, with_deploy=not no_deploy,
-                     chat_endpoint=endpoint, chat_args=chat_args, echo=_echo)  # fmt: skip
+    parts = stack.up(num_cpus=num_cpus, num_gpus=num_gpus, nodes=nodes, database=database,
+                     with_deploy=not no_deploy, chat_endpoint=endpoint, chat_args=chat_args,
+                     echo=_echo)  # fmt: skip
     _print_status(parts)
 
 

@@ -1,5 +1,8 @@
 """The local stack: a Prefect server, a Ray head with Serve, a Prefect process worker and,
-when asked for (`llmflow up --chat`), the chat page over the served model.
+when asked for, more Ray nodes on the same machine (`llmflow up --nodes 2`: each extra node
+declares one logical GPU and the custom resource `gpu_node`) and the chat page over the
+served model (`llmflow up --chat`). The server keeps its state in SQLite under LLMFLOW_HOME,
+or in PostgreSQL (`llmflow up --database postgresql+asyncpg://...`).
 
 `llmflow up` starts each part bound to 127.0.0.1, waits until it is healthy, records its
 pid in .llmflow/stack.json and logs to .llmflow/logs/. It is idempotent: a part that is
@@ -23,12 +26,33 @@ from pathlib import Path
 
 import httpx
 
-from llmflow.errors import StackError
+from llmflow import database as db
+from llmflow.errors import ConfigError, StackError
 from llmflow.settings import StackSettings, offline_env, project_dir
 
 PARTS = ("prefect-server", "ray-head", "ray-serve", "prefect-worker")
 # Started only on request; listed by `status` only when it was started.
 OPTIONAL_PARTS = ("chat",)
+# What each extra node of `llmflow up --nodes N` declares: a logical GPU (no CUDA behind it
+# here) and a custom resource that work asks for to run there, e.g. training with
+# `train.resources_per_worker: {gpu_node: 1}`. A KubeRay GPU group declares the same
+# (infra/k8s/raycluster.yaml), so one config places training on both.
+NODE_RESOURCE = "gpu_node"
+NODE_CPUS = 2
+NODE_GPUS = 1
+# The Prefect server's database URL when `llmflow up` is given none (`llmflow run` too).
+DATABASE_ENV = "LLMFLOW_DATABASE_URL"
+
+
+def node_part(index: int) -> str:
+    """The state-file and `status` name of node ``index`` (the head is node 1)."""
+    return f"ray-node-{index}"
+
+
+def _node_parts(state: dict) -> list[str]:
+    """Recorded extra nodes, by index."""
+    names = [n for n in state if n.startswith("ray-node-") and n[9:].isdigit()]
+    return sorted(names, key=lambda n: int(n[9:]))
 
 
 @dataclass
@@ -106,6 +130,9 @@ def _child_env(s: StackSettings, extra: dict[str, str] | None = None) -> dict[st
     env.update(client_env(s))
     # Children must not inherit a client profile pointing at some other server.
     env.pop("PREFECT_PROFILE", None)
+    # The database URL (with its password) goes to the server alone, as the variable Prefect
+    # reads (_start_prefect_server); no other part needs it.
+    env.pop(DATABASE_ENV, None)
     env["PREFECT_HOME"] = str(s.prefect_home)
     env.update(extra or {})
     return env
@@ -215,6 +242,42 @@ def serve_healthy(s: StackSettings) -> bool:
     return r.status_code == 200 or "not populated" in r.text
 
 
+def ray_nodes(s: StackSettings) -> list[dict]:
+    """The cluster's nodes as Ray's state API lists them (node_id, state, resources_total,
+    is_head_node ...), through the head's dashboard; [] when it does not answer."""
+    try:
+        r = httpx.get(f"{s.dashboard_url}/api/v0/nodes", params={"limit": 1000, "detail": 1},
+                      headers=_ray_headers(s), timeout=5.0)  # fmt: skip
+        return r.json()["data"]["result"]["result"] if r.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _raylet_node_id(entry: dict | None) -> str | None:
+    """The node id of the raylet a recorded `ray start --block` process started (its
+    command line carries --node_id), or None while it has not started one."""
+    if not _process_alive(entry):
+        return None
+    import psutil
+
+    try:
+        for child in psutil.Process(entry["pid"]).children(recursive=True):
+            for arg in child.cmdline():
+                if arg.startswith("--node_id="):
+                    return arg.split("=", 1)[1]
+    except psutil.Error:
+        pass
+    return None
+
+
+def node_healthy(s: StackSettings, name: str) -> bool:
+    """Our `ray start` process of node ``name`` runs and the head lists its raylet ALIVE."""
+    node_id = _raylet_node_id(_read_state(s).get(name))
+    return bool(node_id) and any(
+        n.get("node_id") == node_id and n.get("state") == "ALIVE" for n in ray_nodes(s)
+    )
+
+
 def worker_healthy(s: StackSettings) -> bool:
     """Our worker process runs and the server lists a worker of the pool as ONLINE (the
     server keeps a stopped worker ONLINE until its heartbeat times out, so the process
@@ -310,21 +373,28 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _start_prefect_server(s: StackSettings) -> dict:
+def default_database(s: StackSettings) -> str:
+    return db.sqlite_url(s.prefect_home / "prefect.db")
+
+
+def _start_prefect_server(s: StackSettings, database: str | None = None) -> dict:
+    """Start the server on ``database`` (a checked URL; default: SQLite under LLMFLOW_HOME).
+    The URL reaches the server through its environment only; the state file and the log
+    record it with the password masked."""
     _check_port_free(s, s.prefect_port, "the Prefect server", "LLMFLOW_PREFECT_PORT")
     s.prefect_home.mkdir(parents=True, exist_ok=True)
-    db = s.prefect_home / "prefect.db"
+    url = database or default_database(s)
     env = _child_env(
         s,
         {
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": url,
             "PREFECT_SERVER_API_HOST": s.host,
             "PREFECT_SERVER_API_PORT": str(s.prefect_port),
             "PREFECT_UI_API_URL": s.prefect_api_url,
         },
     )
     cmd = [_bin("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port)]
-    return _spawn(s, "prefect-server", cmd, env, s.home)
+    return _spawn(s, "prefect-server", cmd, env, s.home) | {"database": db.mask(url)}
 
 
 def default_logical_cpus() -> int:
@@ -357,11 +427,28 @@ def _start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None
     return _spawn(s, "ray-head", cmd, _child_env(s), s.home)
 
 
+def _start_ray_node(s: StackSettings, index: int) -> dict:
+    """Node ``index`` (2, 3, ...): a second raylet on this machine that joins the head with the
+    head's token, bound to the same address, declaring NODE_CPUS logical CPUs, one logical
+    GPU and NODE_RESOURCE. Its other ports (node manager, object manager, agents) are
+    Ray's free picks, so several nodes share the machine."""
+    cmd = [
+        _bin("ray"), "start", f"--address={s.ray_address}", "--block",
+        f"--node-ip-address={s.host}",
+        f"--num-cpus={NODE_CPUS}", f"--num-gpus={NODE_GPUS}",
+        f"--resources={json.dumps({NODE_RESOURCE: 1})}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    return _spawn(s, node_part(index), cmd, _child_env(s), s.home)
+
+
+# One HTTP proxy, on the head: every node of the local stack shares the machine, so the
+# default proxy on every node would bind the same port twice.
 SERVE_START = """
 import sys, ray
 from ray import serve
 ray.init(address=sys.argv[1], logging_level="ERROR")
-serve.start(http_options={"host": sys.argv[2], "port": int(sys.argv[3])})
+serve.start(http_options={"host": sys.argv[2], "port": int(sys.argv[3])}, proxy_location="HeadOnly")
 print("serve started", flush=True)
 """
 
@@ -444,6 +531,8 @@ def up(
     *,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
+    nodes: int | None = None,
+    database: str | None = None,
     with_deploy: bool = True,
     chat_endpoint: str | None = None,
     chat_args: Sequence[str] = (),
@@ -451,12 +540,29 @@ def up(
 ) -> list[PartStatus]:
     """Start every part of the stack that is not already healthy; return their status.
 
-    With ``chat_endpoint`` (an OpenAI base URL), the chat page starts too (``start_chat``).
+    Args:
+        nodes: Ray nodes on this machine, the head included: nodes 2..N start (each
+            declares a logical GPU and NODE_RESOURCE), recorded nodes above N stop. None
+            keeps the extra nodes that were started before (restarting any that died).
+        database: the Prefect server's database URL (default: LLMFLOW_DATABASE_URL, else
+            SQLite under LLMFLOW_HOME). It is checked, and reached once, before anything
+            starts; a server already running on another database is an error.
+        chat_endpoint: an OpenAI base URL: the chat page starts too (``start_chat``).
+
+    Raises:
+        ConfigError: ``nodes`` below 1, or a malformed database URL.
+        StackError: a part cannot start, or the database cannot be reached.
     """
     s = s or StackSettings.from_env()
+    if nodes is not None and nodes < 1:
+        raise ConfigError(f"--nodes {nodes}: the stack has at least one node (the head)")
+    database = database or os.environ.get(DATABASE_ENV) or None
+    if database:
+        db.validate(database)
     s.home.mkdir(parents=True, exist_ok=True)
     state = _read_state(s)
     started: list[str] = []
+    _check_database(s, state, database)
 
     def need(name: str, healthy: Callable[[], bool]) -> bool:
         if healthy():
@@ -468,7 +574,9 @@ def up(
 
     # The server and the head start side by side; each takes several seconds.
     if need("prefect-server", lambda: prefect_healthy(s.prefect_api_url)):
-        state["prefect-server"] = _start_prefect_server(s)
+        if database:
+            db.check_reachable(database)
+        state["prefect-server"] = _start_prefect_server(s, database)
         started.append("prefect-server")
     if need("ray-head", lambda: ray_healthy(s)):
         state["ray-head"] = _start_ray_head(s, num_cpus, num_gpus)
@@ -478,7 +586,8 @@ def up(
         if "prefect-server" in started:
             _wait("the Prefect server", lambda: prefect_healthy(s.prefect_api_url), 120,
                   state["prefect-server"], Path(state["prefect-server"]["log"]))  # fmt: skip
-            echo(f"prefect-server: started at {s.prefect_url}")
+            echo(f"prefect-server: started at {s.prefect_url} (database "
+                 f"{state['prefect-server']['database']})")  # fmt: skip
         if "ray-head" in started:
             _wait("the Ray head", lambda: ray_healthy(s), 120, state["ray-head"],
                   Path(state["ray-head"]["log"]))  # fmt: skip
@@ -495,6 +604,7 @@ def up(
             echo(f"ray-serve: HTTP proxy at {s.serve_url}")
         else:
             echo("ray-serve: already running")
+        _converge_nodes(s, state, nodes, need, echo)
         if need("prefect-worker", lambda: worker_healthy(s)):
             state["prefect-worker"] = _start_worker(s)
             _write_state(s, state)
@@ -511,12 +621,57 @@ def up(
     return status(s)
 
 
+def _check_database(s: StackSettings, state: dict, database: str | None) -> None:
+    """Refuse to leave the server on another database than the one asked for (a running
+    server is never moved silently), and to restart a server that ran on a database given
+    on the command line without that URL (it holds the flow runs; SQLite would hide them)."""
+    entry = state.get("prefect-server")
+    running = prefect_healthy(s.prefect_api_url)
+    if not entry and not (running and database):
+        return
+    # A server this home did not start (another LLMFLOW_HOME on the same port): its
+    # database is not ours to know.
+    was = entry.get("database", db.mask(default_database(s))) if entry else (
+        f"a database this stack did not choose (not started from {s.home})")
+    want = db.mask(database or default_database(s))
+    if running and database and was != want:
+        raise StackError(f"the Prefect server runs on {was}; stop the stack (llmflow down) "
+                         f"to start it on {want}")  # fmt: skip
+    if not running and not database and was != want:
+        raise StackError(f"the Prefect server was started on {was}; give that URL again "
+                         f"(llmflow up --database, or {DATABASE_ENV}) or run llmflow down")  # fmt: skip
+
+
+def _converge_nodes(s: StackSettings, state: dict, nodes: int | None,
+                    need: Callable[[str, Callable[[], bool]], bool],
+                    echo: Callable[[str], None]) -> None:  # fmt: skip
+    """Start nodes 2..``nodes`` that are not healthy; stop recorded nodes above ``nodes``."""
+    recorded = [int(n[9:]) for n in _node_parts(state)]
+    wanted = range(2, nodes + 1) if nodes is not None else recorded
+    for index in recorded:
+        if index not in wanted:
+            entry = state.pop(node_part(index))
+            if _stop(entry):
+                echo(f"{node_part(index)}: stopped (pid {entry['pid']})")
+    for index in wanted:
+        name = node_part(index)
+        if need(name, lambda name=name: node_healthy(s, name)):
+            state[name] = _start_ray_node(s, index)
+            _write_state(s, state)
+            _wait(f"Ray node {index}", lambda name=name: node_healthy(s, name), 120, state[name],
+                  Path(state[name]["log"]))  # fmt: skip
+            state[name]["node_id"] = _raylet_node_id(state[name])
+            echo(f"{name}: joined {s.ray_address} ({NODE_CPUS} CPUs, {NODE_GPUS} logical GPU, "
+                 f"{NODE_RESOURCE}), node {state[name]['node_id'][:12]}")  # fmt: skip
+
+
 def down(s: StackSettings | None = None, echo: Callable[[str], None] = lambda _: None) -> list[str]:
     """Stop what `up` started, by recorded pid, worker first; returns the parts stopped."""
     s = s or StackSettings.from_env()
     state = _read_state(s)
     stopped = []
-    for name in (*OPTIONAL_PARTS, *reversed(PARTS)):
+    # Extra Ray nodes before the head, the highest first.
+    for name in (*OPTIONAL_PARTS, *reversed(_node_parts(state)), *reversed(PARTS)):
         entry = state.pop(name, None)
         if entry and _stop(entry):
             stopped.append(name)
@@ -535,15 +690,21 @@ def status(s: StackSettings | None = None) -> list[PartStatus]:
         e = state.get(name)
         return e["pid"] if _process_alive(e) else None
 
+    database = (state.get("prefect-server") or {}).get("database") or db.mask(default_database(s))
     parts = [
         PartStatus("prefect-server", s.prefect_url, pid("prefect-server"),
-                   prefect_healthy(s.prefect_api_url)),
+                   prefect_healthy(s.prefect_api_url), f"database {database}"),
         PartStatus("ray-head", s.ray_address, pid("ray-head"), ray_healthy(s),
                    f"dashboard {s.dashboard_url}"),
         PartStatus("ray-serve", s.serve_url, pid("ray-head"), serve_healthy(s)),
         PartStatus("prefect-worker", f"pool {s.work_pool}", pid("prefect-worker"),
                    worker_healthy(s)),
     ]  # fmt: skip
+    for name in _node_parts(state):
+        node_id = state[name].get("node_id") or _raylet_node_id(state[name]) or "?"
+        parts.append(PartStatus(name, f"joined {s.ray_address}", pid(name), node_healthy(s, name),
+                                f"node {node_id[:12]}: {NODE_CPUS} CPU, {NODE_GPUS} GPU "
+                                f"(logical), {NODE_RESOURCE}"))  # fmt: skip
     if "chat" in state:
         parts.append(PartStatus("chat", s.chat_url, pid("chat"), chat_healthy(s),
                                 f"model endpoint {state['chat'].get('endpoint', '?')}"))  # fmt: skip
@@ -551,7 +712,7 @@ def status(s: StackSettings | None = None) -> list[PartStatus]:
 
 
 def is_up(s: StackSettings | None = None) -> bool:
-    """The parts flows need are healthy (the optional chat does not count)."""
+    """The parts flows need are healthy (the optional chat and extra nodes do not count)."""
     return all(p.healthy for p in status(s) if p.name in PARTS)
 
 

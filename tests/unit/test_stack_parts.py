@@ -1,0 +1,76 @@
+"""The stack's bookkeeping without a cluster: extra Ray nodes in the state file (stopped by
+`down` before the head), and the Prefect server's database URL (checked, masked,
+remembered). Processes here are real (`sleep`), started the way `up` starts its parts."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from llmflow import database as db
+from llmflow import stack
+from llmflow.errors import ConfigError, StackError
+from llmflow.settings import StackSettings
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def s(tmp_path, monkeypatch) -> StackSettings:
+    monkeypatch.setenv("LLMFLOW_HOME", str(tmp_path / "home"))
+    for var in ("LLMFLOW_PREFECT_PORT", "LLMFLOW_RAY_PORT", "LLMFLOW_DASHBOARD_PORT",
+                "LLMFLOW_SERVE_PORT"):  # fmt: skip
+        monkeypatch.setenv(var, str(free_port()))  # nothing listens: every part is down
+    monkeypatch.delenv(stack.DATABASE_ENV, raising=False)
+    return StackSettings.from_env()
+
+
+def sleeper(s: StackSettings, name: str) -> dict:
+    return stack._spawn(s, name, [sys.executable, "-c", "import time; time.sleep(120)"], {}, s.home)
+
+
+def test_down_stops_extra_nodes_before_the_head(s):
+    state = {"ray-head": sleeper(s, "ray-head"), "ray-node-2": sleeper(s, "ray-node-2"),
+             "ray-node-10": sleeper(s, "ray-node-10")}  # fmt: skip
+    stack._write_state(s, state)
+    lines: list[str] = []
+    assert stack.down(s, echo=lines.append) == ["ray-node-10", "ray-node-2", "ray-head"]
+    assert not any(stack._process_alive(e) for e in state.values())
+    assert stack._read_state(s) == {}
+
+
+def test_status_lists_a_recorded_node_and_its_health(s):
+    entry = sleeper(s, "ray-node-2")  # alive, but it started no raylet: not a node of the cluster
+    stack._write_state(s, {"ray-node-2": entry})
+    try:
+        [node] = [p for p in stack.status(s) if p.name == "ray-node-2"]
+        assert node.pid == entry["pid"] and not node.healthy
+        assert "gpu_node" in node.detail and "1 GPU (logical)" in node.detail
+        assert not stack.is_up(s)
+    finally:
+        stack.down(s)
+
+
+def test_nodes_below_one_is_refused(s):
+    with pytest.raises(ConfigError, match=r"--nodes 0: the stack has at least one node"):
+        stack.up(s, nodes=0)
+
+
+def test_database_urls_are_checked_and_masked():
+    url = "postgresql+asyncpg://prefect:p%40ss@db.example:5432/prefect"
+    assert db.validate(url) == url
+    assert db.mask(url) == "postgresql+asyncpg://prefect:***@db.example:5432/prefect"
+    assert db.validate("sqlite+aiosqlite:////tmp/x.db")
+    with pytest.raises(ConfigError, match="no host"):
+        db.validate("postgresql+asyncpg://prefect:pw@/prefect")
+    assert db.mask("garbage pw") == "(not a database URL)"
+
+
+def test_a_server_started_on_postgresql_is_not_restarted_on_sqlite(s):
+    """Its flow runs are in PostgreSQL: restarting it on SQLite without a word would hide them."""
+    url = "postgresql+asyncpg://prefect:hunter2@127.0.0.1:5/prefect"
+    stack._write_state(s, {"prefect-server": {"pid": None, "database": db.mask(url)}})
+    with pytest.raises(StackError, match=r"was started on postgresql\+asyncpg://prefect:\*\*\*@"
+                       r"127.0.0.1:5/prefect; give that URL again") as exc:  # fmt: skip
+        stack.up(s, with_deploy=False)
+    assert "hunter2" not in str(exc.value)
