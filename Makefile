@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	@bash infra/local/chromium.sh
+	@bash infra/local/postgres.sh
 	touch $(STAMP)
 
 # Ends by starting the chat page over the served model and printing its URL.
