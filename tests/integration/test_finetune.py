@@ -1,5 +1,5 @@
-"""Fine-tuning on the session stack: a real TorchTrainer run, resume, a killed worker, GPU
-placement on a second Ray node that declares a (logical) GPU, and the bad-input errors.
+"""Fine-tuning on the session stack: a real TorchTrainer run, resume, a killed worker and the
+bad-input errors. (Placement on a second node, by GPU or custom resource: test_two_nodes.py.)
 
     .venv/bin/python -m pytest tests/integration/test_finetune.py -q -x
 """
@@ -258,60 +258,3 @@ def test_nan_loss_stops_the_run_and_names_the_step(stack, dataset):
     with pytest.raises(NonFiniteLoss, match=r"loss became (nan|inf) at step \d+"):
         finetune(config=cfg(*TINY, "train.learning_rate=1e30", "train.max_steps=10"),
                  dataset=dataset)  # fmt: skip
-
-
-# -- GPU placement ---------------------------------------------------------------------------
-@pytest.fixture
-def gpu_node(stack):
-    """A second Ray node on this machine that declares one GPU (a logical resource: no CUDA).
-
-    A fixture here rather than ``stack.up(num_gpus=1)``: with the GPU on its own node, the
-    test can tell where the trainer's workers went from where the launching task went, and
-    the other tests' cluster keeps its 2-CPU head.
-    """
-    from ray.util.state import list_nodes
-
-    from llmflow import stack as stack_mod
-
-    s = stack
-    cmd = [stack_mod._bin("ray"), "start", f"--address={s.ray_address}", "--block",
-           f"--node-ip-address={s.host}", "--num-cpus=1", "--num-gpus=1",
-           "--disable-usage-stats"]  # fmt: skip
-    entry = stack_mod._spawn(s, "ray-gpu-node", cmd, stack_mod._child_env(s), s.home)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            nodes = list_nodes(address=s.ray_address, detail=True)
-            gpu = [n for n in nodes if n.state == "ALIVE" and n.resources_total.get("GPU")]
-            if gpu:
-                yield gpu[0].node_id
-                break
-            time.sleep(1)
-        else:
-            raise AssertionError(f"the GPU node did not join; see {entry['log']}")
-    finally:
-        stack_mod._stop(entry)
-
-
-def test_use_gpu_workers_are_placed_on_the_gpu_node_and_fall_back_to_cpu(stack, dataset, gpu_node):
-    from ray.util.state import list_actors, list_tasks
-
-    from flows.finetune import finetune
-
-    config = cfg(*TINY, "train.use_gpu=true", "train.max_steps=10", "train.model_name=ft-gpu")
-    state = finetune(config=config, dataset=dataset, return_state=True)
-    assert state.is_completed(), state.message
-    ref = state.result()
-    manifest = json.loads((Path(ref.uri) / "manifest.json").read_text())
-    assert manifest["device"] == "cpu"  # CUDA is absent: trained on the GPU node's CPU
-
-    # From Ray's state API: the training worker ran on the GPU node, holding its GPU ...
-    workers = [a for a in list_actors(address=ray_address(), detail=True, limit=1000,
-                                      filters=[("class_name", "=", "RayTrainWorker")]) if a.node_id == gpu_node]  # fmt: skip
-    assert workers, "no training worker was placed on the GPU node"
-    assert any(k.startswith("GPU") for w in workers for k in w.required_resources)
-    # ... and the Prefect task that launched the trainer reserved no GPU (nor CPU).
-    launchers = [t for t in list_tasks(address=ray_address(), detail=True, limit=10000)
-                 if "_run_prefect_task" in (t.func_or_class_name or "")]  # fmt: skip
-    assert launchers
-    assert not any(k.startswith("GPU") for t in launchers for k in (t.required_resources or {}))
