@@ -264,6 +264,11 @@ def test_the_gpu_group_asks_for_one_gpu_a_pod():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert gpu["minReplicas"] == 0  # GPUs cost money while idle: the autoscaler adds them
+    # The custom resource the local stack's extra node declares (KubeRay's quoting: a JSON
+    # string inside a string), so one train.resources_per_worker works on both.
+    from llmflow.stack import NODE_RESOURCE
+
+    assert json.loads(json.loads(gpu["rayStartParams"]["resources"])) == {NODE_RESOURCE: 1}
 
 
 def test_the_worker_talks_to_the_helm_released_server_with_its_auth_secret():
