@@ -70,6 +70,7 @@ class EvalReport(Ref):
     engine: str
     metrics: dict[str, float]
     num_examples: int = Field(ge=0)
+    device: str | None = Field(None, description="Where the engine generated: cpu, cuda.")
     predictions_uri: str | None = None
     throughput: dict[str, float] = Field(
         default_factory=dict, description="examples_per_s, tokens_per_s, latency percentiles."

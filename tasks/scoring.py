@@ -390,6 +390,7 @@ def score_dataset(
         engine=engine_name,
         metrics=metrics,
         num_examples=len(rows),
+        device=",".join(sorted({str(r["device"]) for r in rows if r.get("device")})) or None,
         predictions_uri=predictions_uri,
         throughput=throughput(rows, wall_s),
     )

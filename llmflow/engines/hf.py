@@ -175,6 +175,7 @@ class HFGenerator:
             empty_generation=np.array([not a.strip() for a in answers], dtype=bool),
             batch_id=np.array([uuid.uuid4().hex] * n, dtype=object),
             latency_s=np.full(n, latency, dtype=np.float64),
+            device=np.array([self.device] * n, dtype=object),
         )
         return out
 

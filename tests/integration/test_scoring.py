@@ -80,6 +80,7 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
 
     for report in (before, after):
         assert report.engine == "hf" and report.num_examples == N_EVAL
+        assert report.device == "cpu"
         assert {"exact_match", "normalized_exact_match", "token_f1", "rouge_l", "eval_loss",
                 "perplexity", "truncated_prompts", "empty_generations"} <= set(report.metrics)  # fmt: skip
         assert report.throughput["examples_per_s"] > 0 and report.throughput["tokens_per_s"] > 0
