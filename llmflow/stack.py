@@ -626,8 +626,10 @@ def _check_database(s: StackSettings, state: dict, database: str | None) -> None
     server is never moved silently), and to restart a server that ran on a database given
     on the command line without that URL (it holds the flow runs; SQLite would hide them)."""
     entry = state.get("prefect-server")
+    if not entry and not database:
+        return
     running = prefect_healthy(s.prefect_api_url)
-    if not entry and not (running and database):
+    if not entry and not running:
         return
     # A server this home did not start (another LLMFLOW_HOME on the same port): its
     # database is not ours to know.
