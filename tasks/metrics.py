@@ -14,13 +14,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from llmflow.engines.hf import example_losses, loss_mask  # noqa: F401  (model-side, used here)
 from llmflow.errors import ConfigError
 
 Metric = Callable[[str, str], float]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
-_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def normalize_answer(text: str) -> str:
@@ -139,80 +139,6 @@ def aggregate(rows: Iterable[Mapping[str, Any]], names: Iterable[str]) -> dict[s
 
 
 # -- teacher-forced loss ---------------------------------------------------------------------
-
-
-def loss_mask(tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids of a chat and a 0/1 mask of the tokens its last assistant reply adds.
-
-    Uses the chat template's ``{% generation %}`` blocks when it has them (every assistant
-    turn counts then, as in training); otherwise masks the prompt prefix: the tokens of
-    ``messages[:-1]`` rendered with the generation prompt.
-    """
-    messages = [dict(m) for m in messages]
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, str) and _GENERATION_TAG.search(template):
-        from llmflow.tinymodel import assistant_mask
-
-        ids, mask = assistant_mask(tokenizer, messages)
-        if any(mask):
-            return ids, mask
-    ids = _chat_ids(tokenizer, messages, add_generation_prompt=False)
-    prefix = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-    n = len(prefix) if ids[: len(prefix)] == prefix else _common_prefix(ids, prefix)
-    return ids, [0] * n + [1] * (len(ids) - n)
-
-
-def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    enc = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
-    return list(enc["input_ids"])
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def example_losses(model, tokenizer, chats: Sequence[Sequence[Mapping[str, str]]]) -> list[tuple[float, int]]:
-    """(summed loss, tokens) of each chat's reply tokens, teacher forced in one batch.
-
-    Sequences longer than the model's context keep their last tokens (the reply is last).
-    """
-    import torch
-
-    from llmflow.engines.hf import context_length
-
-    limit = context_length(model.config, tokenizer)
-    encoded = []
-    for chat in chats:
-        ids, mask = loss_mask(tokenizer, chat)
-        encoded.append((ids[-limit:], mask[-limit:]))
-    width = max((len(ids) for ids, _ in encoded), default=0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    x = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attn = torch.zeros_like(x)
-    labels = torch.full_like(x, -100)
-    for i, (ids, mask) in enumerate(encoded):
-        x[i, : len(ids)] = torch.tensor(ids)
-        attn[i, : len(ids)] = 1
-        labels[i, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
-    with torch.inference_mode():
-        logits = model(input_ids=x.to(device), attention_mask=attn.to(device)).logits.float()
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-    losses = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view(shift_labels.shape)
-    valid = shift_labels != -100
-    return [(float(losses[i][valid[i]].sum()), int(valid[i].sum())) for i in range(len(encoded))]
 
 
 def teacher_forced_loss(

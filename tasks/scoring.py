@@ -99,11 +99,17 @@ def as_blocks(table, rows_per_block: int):
     return ray.data.from_blocks([table.slice(i, step) for i in range(0, table.num_rows, step)])
 
 
-def chat_requests(table):
-    """``split_chats`` over an eval split table: the generation requests, as Arrow."""
+def chat_requests(table, keep_messages: bool = False):
+    """``split_chats`` over an eval split table: the generation requests, as Arrow.
+
+    ``keep_messages`` also keeps each full chat (``messages``), for an engine that computes
+    the teacher-forced loss in the same pass.
+    """
     import pyarrow as pa
 
     batch = split_chats({c: table.column(c).to_numpy(zero_copy_only=False) for c in REQUIRED_COLUMNS})
+    if keep_messages:
+        batch["messages"] = table.column("messages").to_pylist()
     return pa.table({name: list(values) for name, values in batch.items()})
 
 
@@ -249,7 +255,11 @@ def throughput(rows: Sequence[Mapping[str, Any]], wall_s: float) -> dict[str, fl
 
 
 def generate_predictions(
-    eval_cfg: EvalConfig, model_uri: str, dataset_uri: str, engine_options: dict | None = None
+    eval_cfg: EvalConfig,
+    model_uri: str,
+    dataset_uri: str,
+    engine_options: dict | None = None,
+    with_loss: bool = False,
 ) -> tuple[list[dict[str, Any]], str, float]:
     """Run the generation and per-row scoring job; returns (rows, engine name, wall seconds).
 
@@ -258,12 +268,21 @@ def generate_predictions(
     back to it anyway; as Ray Data stages they took a worker process of their own, 3.6 CPU s
     on 2 cores (measured), next to the actors' start-up. The wall time covers the whole job:
     reading the split, the actors' start-up (model load), generation and scoring.
-    """
-    from llmflow.engines import make_engine
 
-    engine = make_engine(eval_cfg.engine, eval_cfg, model_uri, **(engine_options or {}))
+    ``with_loss``: the hf engine's actors also compute each row's teacher-forced loss
+    (``loss_sum``, ``loss_tokens``), loading the model once for both; other engines leave
+    those columns out (``eval_loss`` then runs its own job).
+    """
+    from llmflow.engines import make_engine, select_engine
+
+    options = dict(engine_options or {})
+    loss_in_engine = with_loss and select_engine(eval_cfg.engine) == "hf"
+    if loss_in_engine:
+        options["with_loss"] = True
+    engine = make_engine(eval_cfg.engine, eval_cfg, model_uri, **options)
     t0 = time.perf_counter()
-    requests = chat_requests(read_eval_split(dataset_uri, eval_cfg.max_examples))
+    table = read_eval_split(dataset_uri, eval_cfg.max_examples)
+    requests = chat_requests(table, keep_messages=loss_in_engine)
     generated = engine.generate(as_blocks(requests, eval_cfg.batch_size)).take_all()
     extra = tuple(eval_cfg.extra_metrics)
     rows = [score_row(row, extra) for row in generated]
@@ -354,7 +373,7 @@ def score_dataset(
     """
     from llmflow.engines import check_model_dir, select_engine
     from llmflow.store import Store
-    from tasks.metrics import aggregate, load_metrics
+    from tasks.metrics import aggregate, load_metrics, loss_summary
 
     # Everything that can be wrong with the inputs fails here, before any cluster work.
     check_model_dir(model_uri)
@@ -363,13 +382,20 @@ def score_dataset(
     metric_names = list(load_metrics(eval_cfg.extra_metrics))
 
     _ensure_ray()
-    rows, engine_name, wall_s = generate_predictions(eval_cfg, model_uri, dataset_uri, engine_options)
+    rows, engine_name, wall_s = generate_predictions(
+        eval_cfg, model_uri, dataset_uri, engine_options, with_loss=with_loss
+    )
     metrics = aggregate(rows, metric_names)
     metrics["truncated_prompts"] = float(sum(bool(r["prompt_truncated"]) for r in rows))
     metrics["empty_generations"] = float(sum(bool(r["empty_generation"]) for r in rows))
     if with_loss:
-        num_cpus = (engine_options or {}).get("num_cpus")
-        loss, per_row = eval_loss(eval_cfg, model_uri, dataset_uri, num_cpus=num_cpus)
+        if rows and "loss_sum" in rows[0]:  # the engine computed it in the same pass
+            per_row = {str(r["id"]): (float(r["loss_sum"]), int(r["loss_tokens"])) for r in rows}
+            total = sum(s for s, _ in per_row.values())
+            loss = loss_summary(total, sum(n for _, n in per_row.values()))
+        else:
+            num_cpus = (engine_options or {}).get("num_cpus")
+            loss, per_row = eval_loss(eval_cfg, model_uri, dataset_uri, num_cpus=num_cpus)
         metrics.update(loss)
         for r in rows:
             s, n = per_row.get(str(r["id"]), (float("nan"), 0))

@@ -8,9 +8,10 @@ the job. CPU or GPU: an actor uses CUDA when Ray gives it a GPU.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     import ray.data
 
     from llmflow.config import EvalConfig
+
+
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def to_messages(chat: Any) -> list[dict[str, str]]:
@@ -84,6 +88,84 @@ def context_length(model_config, tokenizer) -> int:
     return value if isinstance(value, int) and 0 < value < 10**7 else 2048
 
 
+# -- teacher-forced loss ---------------------------------------------------------------------
+
+
+def loss_mask(tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids of a chat and a 0/1 mask of the tokens its last assistant reply adds.
+
+    Uses the chat template's ``{% generation %}`` blocks when it has them (every assistant
+    turn counts then, as in training); otherwise masks the prompt prefix: the tokens of
+    ``messages[:-1]`` rendered with the generation prompt.
+    """
+    messages = [dict(m) for m in messages]
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, str) and _GENERATION_TAG.search(template):
+        from llmflow.tinymodel import assistant_mask
+
+        ids, mask = assistant_mask(tokenizer, messages)
+        if any(mask):
+            return ids, mask
+    ids = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+    prefix = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    n = len(prefix) if ids[: len(prefix)] == prefix else _common_prefix(ids, prefix)
+    return ids, [0] * n + [1] * (len(ids) - n)
+
+
+def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    enc = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(enc["input_ids"])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def example_losses(model, tokenizer, chats: Sequence[Sequence[Mapping[str, str]]]) -> list[tuple[float, int]]:
+    """(summed loss, tokens) of each chat's reply tokens, teacher forced in one batch.
+
+    Sequences longer than the model's context keep their last tokens (the reply is last).
+    """
+    import torch
+
+    limit = context_length(model.config, tokenizer)
+    encoded = []
+    for chat in chats:
+        ids, mask = loss_mask(tokenizer, chat)
+        encoded.append((ids[-limit:], mask[-limit:]))
+    width = max((len(ids) for ids, _ in encoded), default=0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    x = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(x)
+    labels = torch.full_like(x, -100)
+    for i, (ids, mask) in enumerate(encoded):
+        x[i, : len(ids)] = torch.tensor(ids)
+        attn[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+    with torch.inference_mode():
+        logits = model(input_ids=x.to(device), attention_mask=attn.to(device)).logits.float()
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+    losses = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    valid = shift_labels != -100
+    return [(float(losses[i][valid[i]].sum()), int(valid[i].sum())) for i in range(len(encoded))]
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+
 class HFGenerator:
     """A Ray Data class UDF: one model per actor, ``generate`` on each batch of prompts.
 
@@ -95,6 +177,11 @@ class HFGenerator:
         torch_threads: intra-op threads of this actor (None leaves torch's default).
         device: 'cpu', 'cuda', or None for cuda when one is visible.
         max_context: overrides the model's context length (tests use it to force truncation).
+        with_loss: also compute each row's teacher-forced reply loss (``loss_sum``,
+            ``loss_tokens``) from its full chat (a ``messages`` column), in the same actor:
+            a separate loss job would load the model in a second actor (measured ~8 CPU s of
+            imports and loading on 2 cores, for a few seconds of work).
+        loss_batch_size: chats per teacher-forced forward pass.
     """
 
     def __init__(
@@ -106,6 +193,8 @@ class HFGenerator:
         torch_threads: int | None = None,
         device: str | None = None,
         max_context: int | None = None,
+        with_loss: bool = False,
+        loss_batch_size: int = 32,
     ):
         import torch
         from transformers import AutoModelForCausalLM
@@ -135,13 +224,15 @@ class HFGenerator:
         self.max_new_tokens = max(1, min(max_new_tokens, context - 1))
         self.max_prompt_tokens = context - self.max_new_tokens
         self.temperature = temperature
+        self.with_loss = with_loss
+        self.loss_batch_size = max(1, loss_batch_size)
         torch.manual_seed(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
         import torch
 
-        out = {k: v for k, v in batch.items() if k != "prompt_messages"}
+        out = {k: v for k, v in batch.items() if k not in ("prompt_messages", "messages")}
         chats = [to_messages(c) for c in batch["prompt_messages"]]
         texts = render_prompts(self.tokenizer, chats)
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -177,7 +268,24 @@ class HFGenerator:
             latency_s=np.full(n, latency, dtype=np.float64),
             device=np.array([self.device] * n, dtype=object),
         )
+        if self.with_loss and "messages" in batch:
+            out.update(self.losses(batch["messages"]))
         return out
+
+    def losses(self, messages) -> dict[str, np.ndarray]:
+        """``loss_sum`` and ``loss_tokens`` of each full chat's reply tokens, teacher forced."""
+        import numpy as np
+
+        chats = [to_messages(c) for c in messages]
+        pairs: list[tuple[float, int]] = []
+        for start in range(0, len(chats), self.loss_batch_size):
+            pairs += example_losses(
+                self.model, self.tokenizer, chats[start : start + self.loss_batch_size]
+            )
+        return {
+            "loss_sum": np.array([s for s, _ in pairs], dtype=np.float64),
+            "loss_tokens": np.array([t for _, t in pairs], dtype=np.int64),
+        }
 
 
 class HFEngine:
@@ -193,6 +301,8 @@ class HFEngine:
             else matches ``num_cpus`` (at least 1).
         seed: sampling seed (temperature > 0).
         max_context: override of the model's context length.
+        with_loss: the actors also compute each row's teacher-forced loss (rows must carry
+            their full chat as ``messages``), so scoring loads the model once.
     """
 
     name = "hf"
@@ -206,6 +316,7 @@ class HFEngine:
         torch_threads: int | None = None,
         seed: int = 0,
         max_context: int | None = None,
+        with_loss: bool = False,
     ):
         self.cfg = eval_cfg
         self.model_path = model_path
@@ -216,6 +327,7 @@ class HFEngine:
         )
         self.seed = seed
         self.max_context = max_context
+        self.with_loss = with_loss
 
     def generator_kwargs(self) -> dict[str, Any]:
         """What each actor's ``HFGenerator`` is built with."""
@@ -226,6 +338,7 @@ class HFEngine:
             "seed": self.seed,
             "torch_threads": self.torch_threads,
             "max_context": self.max_context,
+            "with_loss": self.with_loss,
         }
 
     def generate(self, ds: ray.data.Dataset) -> ray.data.Dataset:

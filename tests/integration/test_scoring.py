@@ -96,6 +96,12 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
     assert after.metrics["exact_match"] >= 0.05
     assert after.metrics["eval_loss"] < before.metrics["eval_loss"] - 1.0
     assert after.metrics["perplexity"] < before.metrics["perplexity"]
+    # The hf actors computed the loss in the generation pass; the separate loss job agrees.
+    from tasks.scoring import eval_loss
+
+    separate, _ = eval_loss(CFG, tiny_trained, eval_dataset)
+    assert after.metrics["eval_loss"] == pytest.approx(separate["eval_loss"], rel=1e-3)
+    assert after.metrics["eval_loss_tokens"] == separate["eval_loss_tokens"]
 
     table = pq.read_table(after.predictions_uri)
     assert after.predictions_uri.endswith("runs/t/trained/predictions.parquet")

@@ -57,6 +57,35 @@ def test_hf_udf_generates_real_text_in_a_batch(tiny_trained):
     assert alone["generation"][0] == answers[2]
 
 
+def test_hf_udf_with_loss_matches_the_separate_teacher_forced_pass(tiny_trained):
+    """One actor, both jobs: the per-row losses equal tasks.metrics' own pass, in chunks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmflow.basemodels import load_tokenizer
+    from llmflow.engines.hf import HFGenerator
+    from tasks.metrics import teacher_forced_loss
+
+    answers = ["54321", "271809", "3344"]
+    b = batch(QUESTIONS)
+    full = np.empty(len(QUESTIONS), dtype=object)
+    full[:] = [[*c, {"role": "assistant", "content": a}] for c, a in zip(b["prompt_messages"], answers)]
+    b["messages"] = full
+    gen = HFGenerator(tiny_trained, max_new_tokens=4, with_loss=True, loss_batch_size=2)
+    out = gen(b)
+    assert "messages" not in out and out["loss_sum"].shape == (3,)
+    assert (out["loss_tokens"] > 0).all() and (out["loss_sum"] > 0).all()
+    plain = HFGenerator(tiny_trained, max_new_tokens=4)(b)
+    assert "loss_sum" not in plain and list(plain["generation"]) == list(out["generation"])
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_trained, use_safetensors=True).eval()
+    ref = teacher_forced_loss(model, load_tokenizer(tiny_trained), list(full), batch_size=3)
+    mean = out["loss_sum"].sum() / out["loss_tokens"].sum()
+    assert out["loss_tokens"].sum() == ref["eval_loss_tokens"]
+    assert mean == pytest.approx(ref["eval_loss"], rel=1e-4)
+
+
 def test_hf_udf_truncates_long_prompts_from_the_left_and_counts_them(tiny_trained):
     from llmflow.engines.hf import HFGenerator
 
@@ -123,8 +152,10 @@ def test_make_engine_hf_follows_the_eval_config():
     assert isinstance(eng, Engine) and eng.name == "hf"
     assert eng.generator_kwargs() == {
         "model_path": "/models/m", "max_new_tokens": 5, "temperature": 0.5, "seed": 3,
-        "torch_threads": 1, "max_context": None,
+        "torch_threads": 1, "max_context": None, "with_loss": False,
     }  # fmt: skip
+    with_loss = make_engine("hf", cfg, "/models/m", with_loss=True)
+    assert with_loss.generator_kwargs()["with_loss"] is True
 
 
 def test_check_model_dir_names_what_is_missing(tiny_base, tmp_path):
