@@ -15,7 +15,11 @@ size, one run:
              pool on Ray Data, score_row. Wall time of the whole job, the actors' start-up
              included;
   (d) the cold start of one actor alone: a fresh process importing torch and transformers
-      and loading the model, the floor of (c)'s start-up.
+      and loading the model, the floor of (c)'s start-up;
+  (e) the evaluate stage's scoring with the eval loss (on the first --loss-prompts prompts):
+      generation and the teacher-forced loss in one actor pass (what score_dataset does
+      with the hf engine) against a generation job followed by a separate loss job (two
+      model loads, as before).
 Ray is a local instance declaring the logical CPUs `llmflow up` declares (two per core),
 unless LLMFLOW_RAY_ADDRESS is set. Prints figures; asserts nothing.
 """
@@ -85,6 +89,8 @@ def main() -> None:
     ap.add_argument("--local-threads", default="1,2",
                     help="Torch thread counts tried for (b); (a) uses the first.")  # fmt: skip
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--loss-prompts", type=int, default=400,
+                    help="Prompts for (e), the eval loss in the same pass or apart; 0 skips.")  # fmt: skip
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
 
@@ -99,7 +105,7 @@ def main() -> None:
     from llmflow.stack import default_logical_cpus
     from llmflow.store import Store
     from tasks.prepare import _parquet_bytes
-    from tasks.scoring import generate_predictions, split_chat
+    from tasks.scoring import eval_loss, generate_predictions, split_chat
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -149,6 +155,16 @@ def main() -> None:
     ctx.print_on_execution_start = False
     try:
         out, _, ray_s = generate_predictions(cfg, model, dataset_uri)
+        if args.loss_prompts:
+            small = cfg.model_copy(update={"max_examples": args.loss_prompts})
+            t0 = time.perf_counter()
+            generate_predictions(small, model, dataset_uri)
+            eval_loss(small, model, dataset_uri)
+            figures["loss_apart_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            both, _, _ = generate_predictions(small, model, dataset_uri, with_loss=True)
+            figures["loss_same_pass_s"] = time.perf_counter() - t0
+            assert "loss_sum" in both[0]
     finally:
         ray.shutdown()
     assert len(out) == len(rows)
@@ -186,6 +202,11 @@ def main() -> None:
           f"ex/s ({ray_s:.1f} s, start-up included; {figures['ray_generate_s']} s in generate "
           f"over all actors, {figures['ray_other_s']} s of start-up and Ray Data)")  # fmt: skip
     print(f"(d) cold start of one actor's process (imports + model load): {figures['cold_start_s']} s")
+    if "loss_same_pass_s" in figures:
+        figures["loss_same_pass_vs_apart"] = round(figures["loss_apart_s"] / figures["loss_same_pass_s"], 2)
+        print(f"(e) scoring + eval loss on {args.loss_prompts} prompts: one pass "
+              f"{figures['loss_same_pass_s']} s, two jobs {figures['loss_apart_s']} s: "
+              f"{figures['loss_same_pass_vs_apart']}x")  # fmt: skip
     if "naive_examples_per_s" in figures:
         figures["ray_vs_naive"] = round(figures["ray_examples_per_s"] / figures["naive_examples_per_s"], 2)
         print(f"ray vs naive: {figures['ray_vs_naive']}x (target >= 10x)")
