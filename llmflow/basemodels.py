@@ -43,11 +43,11 @@ def load_tokenizer(model_path: str):
     """The model's tokenizer, never running code shipped with the model."""
     from transformers import AutoTokenizer
 
-    from llmflow.engines import local_model_dir
+    from llmflow.engines import loadable_path
 
     try:
         # transformers reads local paths and hub ids, not store URIs (s3://...): copy first.
-        path = local_model_dir(model_path) if "://" in model_path else model_path
+        path = loadable_path(model_path)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - one line naming the model and the cause
         first = (str(exc).splitlines() or [type(exc).__name__])[0]

@@ -92,11 +92,11 @@ def check_causal_lm(model_uri: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from llmflow.engines import local_model_dir
+    from llmflow.engines import loadable_path
 
     try:
         # transformers reads local paths and hub ids, not store URIs (s3://...): copy first.
-        path = local_model_dir(model_uri) if "://" in model_uri else model_uri
+        path = loadable_path(model_uri)
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - one line naming the model and the cause
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -269,9 +269,9 @@ def load_model(base_model_uri: str, train: TrainConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmflow.engines import local_model_dir
+    from llmflow.engines import loadable_path
 
-    path = local_model_dir(base_model_uri) if "://" in base_model_uri else base_model_uri
+    path = loadable_path(base_model_uri)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )

@@ -117,6 +117,12 @@ def check_model_dir(model_uri: str) -> None:
         raise ModelError(f"{model_uri}: model directory is missing {', '.join(missing)}")
 
 
+def loadable_path(model: str) -> str:
+    """What transformers can load: a store URI (s3://...) copied to a local directory
+    (``local_model_dir``); a local path or a hub id (org/name) as it is."""
+    return local_model_dir(model) if "://" in model else model
+
+
 def local_model_dir(model_uri: str) -> str:
     """A local directory holding the model: the path itself, or a copy of a remote one.
 
