@@ -1,7 +1,7 @@
 """Two Ray nodes on one machine, as `llmflow up --nodes 2` starts them: the session stack's
 head plus a second node declaring one logical GPU (no CUDA behind it) and the resource
-`gpu_node`. Training placed there by `train.resources_per_worker` or `train.use_gpu`, the
-placement read back from Ray's state API.
+`gpu_node`. The pipeline with its training placed there by `train.resources_per_worker`,
+finetune by `train.use_gpu`, the placement read back from Ray's state API.
 
     .venv/bin/python -m pytest tests/integration/test_two_nodes.py -q
 """
@@ -90,14 +90,29 @@ def test_the_second_node_declares_a_gpu_and_gpu_node_and_status_shows_it(stack, 
     assert row["healthy"] and row["pid"] and row["detail"].startswith(f"node {second_node[:12]}: ")
 
 
-def test_resources_per_worker_trains_on_the_node_that_declares_gpu_node(stack, dataset, second_node):
-    """A custom resource places the workers, without use_gpu: torch never looks for CUDA."""
-    from flows.finetune import finetune
+def test_the_pipeline_trains_on_the_node_that_declares_gpu_node(stack, dataset, second_node):
+    """The whole pipeline, training placed by a custom resource without use_gpu (torch never
+    looks for CUDA): prepare, train on node 2, register, score, gate, promote."""
+    from flows.pipeline import pipeline
 
-    config = cfg("train.resources_per_worker={gpu_node: 1}", "train.model_name=two-nodes")
-    state = finetune(config=config, dataset=dataset, return_state=True)
+    # 60 steps: enough for the model to answer with digits, so the promotion's smoke test
+    # passes (at 10 it answers nothing and the rollout is rolled back, as it should be).
+    config = cfg("train.resources_per_worker={gpu_node: 1}", "train.model_name=two-nodes",
+                 "train.max_steps=60", "train.checkpoint_every=60", "train.eval_every=60",
+                 "serve.app_name=two-nodes", "serve.route_prefix=/two-nodes")  # fmt: skip
+    try:
+        state = pipeline(config=config, return_state=True)
+    finally:
+        from ray import serve
+
+        serve.delete("two-nodes")  # its replica may sit on node 2, which stops after the module
     assert state.is_completed(), state.message
-    manifest = json.loads((Path(state.result().uri) / "manifest.json").read_text())
+    result = state.result()
+    assert result["dataset"]["sha256"] == dataset.sha256
+    assert {"exact_match", "eval_loss"} <= set(result["candidate"])
+    assert result["gate_passed"] and not result["rollout"]["rolled_back"]
+    assert result["rollout"]["served_version"] == result["model"]["version"]
+    manifest = json.loads((Path(result["model"]["uri"]) / "manifest.json").read_text())
     run = json.loads((Path(manifest["train_run"]) / "llmflow_result.json").read_text())
     assert run["node_id"] == second_node  # rank 0 reported where it ran
     assert (manifest["device"], manifest["precision"]) == ("cpu", "fp32")
