@@ -103,10 +103,13 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        proc = run_cli(
-            "up",
-            env={"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(port)},
-        )
+        try:
+            proc = run_cli(
+                "up",
+                env={"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(port)},
+            )
+        finally:  # were anything started after all, it must not outlive the test
+            run_cli("down", env={"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(port)})
     assert proc.returncode == 1
     line = _one_error_line(proc)
     assert f"port 127.0.0.1:{port} is already in use" in line
