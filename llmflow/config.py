@@ -98,15 +98,14 @@ class EvalConfig(Section):
         "auto", description="'auto' picks vllm when importable and a GPU is present, else hf."
     )
     # The defaults are measured for the tiny model on 2 CPU cores (bench/score.py, whole job,
-    # start-up included): one actor of one torch thread, batch 256. On a quiet machine
-    # 1 actor x 2 threads and 2 x 1 scored 5,000 prompts in 18 s against 18-23 s for 1 x 1;
-    # with other work on the cores 1 x 1 held up (24-26 s) where 2 actors took 33-34 s (each
-    # starts by spending ~8 CPU s importing torch and transformers and loading the model)
-    # and 2 threads spin-wait (25-27 against 13-17 CPU s of actor time; beside busy
-    # processes torch at 2 threads ran at 1/3 to 1/5 of 1 thread's speed). On a 400-row
-    # eval split one actor took 12-16 s, two 21-22 s. Batch 256 cost the least CPU per
-    # prompt of 64..1024 (28 CPU s of actors against 36 at 64). On GPUs set concurrency to
-    # the number of GPUs.
+    # start-up included): one actor of one torch thread, batch 256. One thread is the robust
+    # choice where the cores are shared: with one core busy elsewhere, 1 x 1 scored 5,000
+    # prompts in 17.3 s and 1 x 2 in 98.7 s (two threads spin-wait on a busy core;
+    # OMP_WAIT_POLICY=PASSIVE did not help: it cost a quiet machine a fifth of its speed).
+    # On a dedicated machine set threads_per_actor to the cores: quiet, 1 x 2 took 15.0 s
+    # (12.3x the one-at-a-time loop) against 19.8 s for 1 x 1. A second actor costs ~8 CPU s
+    # of imports and model load, more than it saves on 2 cores. Batch 256 cost the least CPU
+    # per prompt of 64..1024. On GPUs set concurrency to the number of GPUs.
     batch_size: int = Field(256, ge=1, description="Prompts per generate call.")
     concurrency: int = Field(1, ge=1, description="Scoring actors (vllm: engine replicas).")
     cpus_per_actor: float = Field(1, gt=0, description="hf: CPUs Ray reserves per actor.")
