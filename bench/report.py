@@ -120,9 +120,15 @@ def serve(f: dict) -> list[Row]:
 
 
 def rollout(f: dict) -> list[Row]:
+    before, during = f["phases"]["before"], f["phases"]["during"]
     return [(
         f"rolling update under load ({f['clients']} clients, {f['rollout_s']:.0f} s rollout)",
         f"{f['failed']} failed of {f['requests']}", "-", "-", _target(f["failed"] == 0, "0 failed"),
+    ), (
+        "latency during the rollout: p50/p99",
+        f"{during['p50_ms']:.0f}/{during['p99_ms']:.0f} ms",
+        f"{before['p50_ms']:.0f}/{before['p99_ms']:.0f} ms before it",
+        f"{during['p50_ms'] / max(before['p50_ms'], 1e-9):.2f}x", "-",
     )]  # fmt: skip
 
 
