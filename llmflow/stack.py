@@ -98,25 +98,10 @@ def ray_auth_env(s: StackSettings) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path(s))}
 
 
-def ray_loopback_env(s: StackSettings) -> dict[str, str]:
-    """Keep every Ray port on loopback when the stack binds 127.0.0.1.
-
-    `ray start --node-ip-address=127.0.0.1` alone is not enough on Linux: Ray swaps a
-    loopback address for the machine's own IP, and the GCS, raylets, agents and workers then
-    listen on every interface. With this switch off, Ray resolves its node address to
-    loopback (what it does on macOS and Windows) and binds there; clients need it too, to
-    find their node. Measured: every listening socket of the head on 127.0.0.1.
-    """
-    if s.host in ("127.0.0.1", "localhost", "::1"):
-        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return {}
-
-
 def client_env(s: StackSettings) -> dict[str, str]:
     """Environment for processes that use the local stack (CLI runs, the worker, tests)."""
     env = offline_env()
     env.update(ray_auth_env(s))
-    env.update(ray_loopback_env(s))
     env.update(
         {
             "PREFECT_API_URL": s.prefect_api_url,
