@@ -43,13 +43,9 @@ def trained_dir(base_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def eval_dataset(store) -> str:
     from llmflow.bundled import bundled_path, read_examples
-    from tasks.prepare import _parquet_bytes
+    from tests.tiny_training import write_eval_split
 
-    rows = read_examples(bundled_path())[-N_EVAL:]
-    prepared = [{"id": f"g{i:03d}", "messages": r["messages"], "n_chars": 0, "n_tokens": 0}
-                for i, r in enumerate(rows)]  # fmt: skip
-    store.write_bytes(_parquet_bytes(prepared), "datasets", "hf-gpu", "eval.parquet")
-    return store.uri("datasets", "hf-gpu")
+    return write_eval_split(store, read_examples(bundled_path())[-N_EVAL:], "hf-gpu", "g")
 
 
 @pytest.fixture(scope="module")

@@ -54,13 +54,9 @@ def model_dir(store, tmp_path_factory) -> str:
 def eval_dataset(store) -> str:
     """A prepared-format dataset directory whose eval.parquet holds N_EVAL bundled rows."""
     from llmflow.bundled import bundled_path, read_examples
-    from tasks.prepare import _parquet_bytes
+    from tests.tiny_training import write_eval_split
 
-    rows = read_examples(bundled_path())[-N_EVAL:]
-    prepared = [{"id": f"g{i:03d}", "messages": r["messages"], "n_chars": 0, "n_tokens": 0}
-                for i, r in enumerate(rows)]  # fmt: skip
-    store.write_bytes(_parquet_bytes(prepared), "datasets", "vllm-test", "eval.parquet")
-    return store.uri("datasets", "vllm-test")
+    return write_eval_split(store, read_examples(bundled_path())[-N_EVAL:], "vllm-test", "g")
 
 
 @pytest.fixture(scope="module")
