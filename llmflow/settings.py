@@ -75,6 +75,17 @@ def _port(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r}: expected a port number") from None
 
 
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    from llmflow.errors import ConfigError
+
+    raise ConfigError(f"environment variable {name}={raw!r}: expected 1/0, true/false, yes/no")
+
+
 @dataclass(frozen=True)
 class StackSettings:
     """Addresses of the local stack. Every port is bound to ``host`` (127.0.0.1 by default)."""
@@ -87,6 +98,9 @@ class StackSettings:
     serve_port: int
     work_pool: str
     chat_port: int = 7860
+    # Deploy prefect.yaml's schedules paused (LLMFLOW_PAUSE_SCHEDULES=1): a stack that must
+    # never start a scheduled run by itself, like the test suite's, whatever the clock says.
+    pause_schedules: bool = False
 
     @classmethod
     def from_env(cls) -> StackSettings:
@@ -99,6 +113,7 @@ class StackSettings:
             serve_port=_port("LLMFLOW_SERVE_PORT", 8000),
             work_pool=os.environ.get("LLMFLOW_WORK_POOL", "llmflow-local"),
             chat_port=_port("LLMFLOW_CHAT_PORT", 7860),
+            pause_schedules=_flag("LLMFLOW_PAUSE_SCHEDULES"),
         )
 
     @property

@@ -511,19 +511,46 @@ def stop_chat(s: StackSettings) -> bool:
     return stopped
 
 
-def deploy(s: StackSettings) -> None:
-    """Register every deployment of prefect.yaml with the server (non-interactive)."""
+def deploy(s: StackSettings, prefect_file: Path | None = None) -> None:
+    """Register every deployment of ``prefect_file`` (default: the project's prefect.yaml)
+    with the server, non-interactively; with ``s.pause_schedules`` every schedule is
+    registered paused, so the server never creates a scheduled run for it."""
     env = _child_env(s)
     env["PREFECT_HOME"] = str(s.home / "worker")
+    source = prefect_file or project_dir() / "prefect.yaml"
+    if s.pause_schedules:
+        source = _paused_copy(s, source)
     log = s.logs_dir / "deploy.log"
     with open(log, "ab") as out:
         proc = subprocess.run(
-            [_bin("prefect"), "--no-prompt", "deploy", "--all"],
+            [_bin("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(source)],
             cwd=project_dir(), env=env, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, timeout=300,
         )  # fmt: skip
     if proc.returncode != 0:
         raise StackError(f"prefect deploy --all failed (exit {proc.returncode}); see {log}")
+
+
+def _paused_copy(s: StackSettings, prefect_file: Path) -> Path:
+    """A copy of ``prefect_file`` under LLMFLOW_HOME with every schedule ``active: false``.
+
+    Pausing after `prefect deploy` would race the server's scheduler (it creates runs within
+    seconds of a deploy, and a pause then deletes them under whoever lists them), so the
+    schedules are registered paused. `prefect deploy` still runs in the project directory,
+    which is where the workers load the flows from.
+    """
+    import yaml
+
+    doc = yaml.safe_load(prefect_file.read_text())
+    for deployment in doc.get("deployments") or []:
+        for schedule in deployment.get("schedules") or []:
+            schedule["active"] = False
+    dest = s.home / f"paused-{prefect_file.name}"
+    s.home.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, dest)
+    return dest
 
 
 def up(
@@ -613,7 +640,7 @@ def up(
             echo(f"prefect-worker: polling work pool '{s.work_pool}'")
         if with_deploy:
             deploy(s)
-            echo("deployments: prefect.yaml deployed")
+            echo("deployments: prefect.yaml deployed" + (" (schedules paused)" if s.pause_schedules else ""))
     finally:
         _write_state(s, state)
     if chat_endpoint:

@@ -24,8 +24,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # Unit tests must not touch a developer's .llmflow/ (or their running stack).
 os.environ.setdefault("LLMFLOW_HOME", tempfile.mkdtemp(prefix="llmflow-test-"))
 
-
-
 _handed_out: set[int] = set()
 
 
@@ -56,6 +54,9 @@ def stack_settings(tmp_path_factory):
         "LLMFLOW_SERVE_PORT": str(free_port()),
         "LLMFLOW_WORK_POOL": "llmflow-test",
         "LLMFLOW_STORE": str(home / "store"),
+        # prefect.yaml's schedules are registered paused: a scheduled run (retrain-nightly
+        # at 02:00 Berlin) must never start among the tests, whatever the clock says.
+        "LLMFLOW_PAUSE_SCHEDULES": "1",
     }
     os.environ.update(env)
     return StackSettings.from_env()
@@ -79,7 +80,6 @@ def stack(stack_settings):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: s.prefect_api_url}):
-        nightly_paused.update(pause_nightly_if_due(within_s=3600))
         yield s
 
     import ray
@@ -90,39 +90,6 @@ def stack(stack_settings):
     stack_mod.down(s)
     alive = [n for n, e in state.items() if stack_mod._process_alive(e)]
     assert not alive, f"`down` left these parts running: {alive}"
-
-
-# Set when the session stack had to pause the retrain-nightly schedule (see below).
-nightly_paused: dict = {}
-
-
-def pause_nightly_if_due(within_s: float) -> dict:
-    """Pause the stack's retrain-nightly schedule when its next run falls inside the test
-    session (then the worker would start a whole pipeline among the tests). Returns
-    {"next_run": datetime} when it paused it, {} otherwise (almost always)."""
-    import datetime as dt
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    with get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name("pipeline/retrain-nightly")
-        deadline = time.monotonic() + 30
-        runs = []
-        while not runs and time.monotonic() < deadline:  # the server schedules within seconds
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
-            time.sleep(0.5)
-        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=within_s)
-        due = [r.expected_start_time for r in runs if r.expected_start_time <= soon]
-        if not due:
-            return {}
-        for sched in dep.schedules:
-            client.update_deployment_schedule(dep.id, sched.id, active=False)
-        for r in runs:
-            client.delete_flow_run(r.id)
-        return {"next_run": min(due)}
 
 
 @pytest.fixture(scope="session")

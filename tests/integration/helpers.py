@@ -51,3 +51,19 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
             return value
         time.sleep(every)
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def delete_if_present(delete, *args, what: str) -> bool:
+    """Call a Prefect client ``delete(*args)``, treating "already gone" (404) as done: the
+    server may have removed the object itself (pausing a schedule deletes its scheduled runs;
+    deleting a deployment deletes its runs). Returns False, with a debug line, when it was."""
+    import logging
+
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        delete(*args)
+    except ObjectNotFound:
+        logging.getLogger(__name__).debug("%s was already gone (404): nothing to delete", what)
+        return False
+    return True

@@ -1,18 +1,16 @@
-"""Running flows: `llmflow run` from the command line; the nightly schedule, the one-run-per-
-model slot, the Kubernetes variant and failure alerts on the session stack. (A deployment
-run through the API, on the worker, is in test_pipeline.py.)"""
+"""Running flows: `llmflow run` from the command line; the one-run-per-model slot, the
+Kubernetes variant and failure alerts on the session stack. (A deployment run through the
+API, on the worker, is in test_pipeline.py; schedules are in test_schedules.py.)"""
 
 from __future__ import annotations
 
 import contextvars
-import datetime as dt
 import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -28,29 +26,6 @@ def test_llmflow_run_exits_0_on_completed(stack):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Flow 'check' Completed: " + stack.prefect_url + "/runs/flow-run/" in out
-
-
-def test_retrain_nightly_is_scheduled_with_its_cron_and_timezone(stack, prefect_client):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    from tests.conftest import nightly_paused
-
-    dep = prefect_client.read_deployment_by_name("pipeline/retrain-nightly")
-    [sched] = dep.schedules
-    assert (sched.schedule.cron, sched.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
-    assert dep.parameters == {"retrain": "if-data-changed"} and dep.work_pool_name == stack.work_pool
-    if nightly_paused:  # its next run fell inside this session: the fixture paused it
-        assert not sched.active and nightly_paused["next_run"].astimezone(ZoneInfo("Europe/Berlin")).hour == 2
-        pytest.skip(f"retrain-nightly was due during the tests ({nightly_paused['next_run']}): paused")
-    assert sched.active
-    runs = prefect_client.read_flow_runs(
-        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
-    assert runs and {r.state.type.value for r in runs} == {"SCHEDULED"}
-    next_run = min(r.expected_start_time for r in runs)
-    now = dt.datetime.now(dt.timezone.utc)
-    assert now < next_run <= now + dt.timedelta(days=1, hours=1)  # the next 02:00 in Berlin
-    berlin = next_run.astimezone(ZoneInfo("Europe/Berlin"))
-    assert (berlin.hour, berlin.minute) == (2, 0), berlin
 
 
 def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
@@ -94,11 +69,15 @@ def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
     assert limit.limit == 1 and limit.active_slots == 0  # both released
 
 
-def test_kubernetes_variant_deploys_to_a_kubernetes_work_pool(stack, prefect_client):
+def test_kubernetes_variant_deploys_to_a_kubernetes_work_pool(stack, prefect_client, monkeypatch):
     """infra/k8s/prefect.yaml against a real `kubernetes` pool: the server checks every
-    job variable against the pool's base job template when it stores the deployment."""
+    job variable against the pool's base job template when it stores the deployment. It goes
+    through the stack's deploy step, so its nightly schedule is registered paused too."""
+    from llmflow import stack as stack_mod
+
     prefect = str(Path(sys.executable).parent / "prefect")
-    env = {**os.environ, "LLMFLOW_K8S_WORK_POOL": "llmflow-k8s-test"}
+    monkeypatch.setenv("LLMFLOW_K8S_WORK_POOL", "llmflow-k8s-test")
+    env = dict(os.environ)
 
     def cli(*args: str) -> None:
         proc = subprocess.run([prefect, "--no-prompt", *args], capture_output=True, text=True,
@@ -106,7 +85,7 @@ def test_kubernetes_variant_deploys_to_a_kubernetes_work_pool(stack, prefect_cli
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     cli("work-pool", "create", "llmflow-k8s-test", "--type", "kubernetes", "--overwrite")
-    cli("deploy", "--all", "--prefect-file", "infra/k8s/prefect.yaml")
+    stack_mod.deploy(stack, prefect_file=ROOT / "infra/k8s/prefect.yaml")
     assert prefect_client.read_work_pool("llmflow-k8s-test").type == "kubernetes"
     dep = prefect_client.read_deployment_by_name("pipeline/pipeline-k8s")
     assert dep.work_pool_name == "llmflow-k8s-test"
@@ -114,6 +93,7 @@ def test_kubernetes_variant_deploys_to_a_kubernetes_work_pool(stack, prefect_cli
     assert dep.job_variables["env"]["LLMFLOW_RAY_ADDRESS"].startswith("ray://")
     nightly = prefect_client.read_deployment_by_name("pipeline/retrain-nightly-k8s")
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+    assert not nightly.schedules[0].active  # no scheduled run among the tests
     # The local variant is untouched: both live on one server.
     assert prefect_client.read_deployment_by_name("pipeline/pipeline").work_pool_name == stack.work_pool
 

@@ -93,3 +93,38 @@ def test_retrain_nightly_has_an_explicit_timezone_and_retrains_only_on_new_data(
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "Europe/Berlin"
     assert nightly["parameters"] == {"retrain": "if-data-changed"}
     assert nightly["entrypoint"] == "flows/pipeline.py:pipeline"
+
+
+def test_a_paused_stack_registers_every_schedule_paused_and_nothing_else_changed(tmp_path, monkeypatch):
+    from llmflow import stack
+    from llmflow.settings import StackSettings
+
+    monkeypatch.setenv("LLMFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("LLMFLOW_PAUSE_SCHEDULES", "1")
+    s = StackSettings.from_env()
+    assert s.pause_schedules
+    copy = yaml.safe_load(stack._paused_copy(s, ROOT / "prefect.yaml").read_text())
+    scheduled = [d for d in copy["deployments"] if d.get("schedules")]
+    assert scheduled and all(not x["active"] for d in scheduled for x in d["schedules"])
+    # Put the switches back and the copy is prefect.yaml itself (anchors resolved).
+    for d in scheduled:
+        for x in d["schedules"]:
+            x["active"] = True
+    assert copy == SPEC
+
+
+@pytest.mark.parametrize("raw, paused", [("", False), ("0", False), ("true", True), ("1", True)])
+def test_pause_schedules_switch(raw, paused, monkeypatch):
+    from llmflow.settings import StackSettings
+
+    monkeypatch.setenv("LLMFLOW_PAUSE_SCHEDULES", raw)
+    assert StackSettings.from_env().pause_schedules is paused
+
+
+def test_a_malformed_pause_switch_is_one_clear_error(monkeypatch):
+    from llmflow.errors import ConfigError
+    from llmflow.settings import StackSettings
+
+    monkeypatch.setenv("LLMFLOW_PAUSE_SCHEDULES", "maybe")
+    with pytest.raises(ConfigError, match="LLMFLOW_PAUSE_SCHEDULES='maybe'"):
+        StackSettings.from_env()
