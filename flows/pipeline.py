@@ -67,9 +67,9 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
         champ_uri, champ_version = champion_model(config.train)
         with remote_options(num_cpus=0):  # the scoring actors hold the CPUs
             cand_report = score_model.submit(config.eval, candidate.uri, candidate.version,
-                                             dataset, "candidate").result()  # fmt: skip
+                                             dataset, "candidate", config.cluster).result()  # fmt: skip
             champ_report = score_model.submit(config.eval, champ_uri, champ_version,
-                                              dataset, "champion").result()  # fmt: skip
+                                              dataset, "champion", config.cluster).result()  # fmt: skip
         compare_reports(cand_report, champ_report)
         if champ_version == candidate.version:  # a re-run after this version was promoted
             decision = GateDecision(passed=True, rules=[GateRule(

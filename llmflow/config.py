@@ -15,6 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmflow.errors import ConfigError
 
 
+def check_bundles(value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+    """A vLLM replica's Ray resource bundles: at least one, each with positive amounts."""
+    if value is not None:
+        if not value:
+            raise ValueError("give at least one bundle, e.g. [{CPU: 1}], or leave it empty")
+        for bundle in value:
+            if not bundle or any(amount <= 0 for amount in bundle.values()):
+                raise ValueError(f"{bundle}: a bundle names resources with positive amounts")
+    return value
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys rejected, assignments validated."""
 
@@ -95,7 +106,9 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="'auto' picks vllm when importable and a GPU is present, else hf."
+        "auto",
+        description="'auto' picks vllm when its engine environment is healthy and it can be "
+        "placed (a GPU in the cluster, or vllm_placement asks for CPUs only), else hf.",
     )
     # The defaults are measured for the tiny model on 2 CPU cores (bench/score.py, whole job,
     # start-up included): one actor of one torch thread, batch 256. One thread is the robust
@@ -118,7 +131,22 @@ class EvalConfig(Section):
     extra_metrics: list[str] = Field(
         default_factory=list, description="Dotted paths of extra metric functions."
     )
-    vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm: engine arguments (max_model_len, dtype, kv_cache_memory_bytes: "
+        "required on CPUs, where vLLM otherwise reserves 92% of the RAM).",
+    )
+    vllm_placement: list[dict[str, float]] | None = Field(
+        None,
+        description="vllm: Ray resource bundles of one engine replica, e.g. [{CPU: 1}] on CPUs "
+        "or [{GPU: 1}, {GPU: 1}] for tensor_parallel_size 2; empty: one GPU.",
+    )
+
+
+    @field_validator("vllm_placement")
+    @classmethod
+    def _bundles(cls, value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+        return check_bundles(value)
 
 
 class GateConfig(Section):
@@ -156,8 +184,9 @@ class ServeConfig(Section):
     app_name: str = Field("llmflow", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="HTTP route of the application.")
     engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="'auto' picks vllm (ray.serve.llm) when importable and a GPU is "
-        "present, else hf (the OpenAI-compatible app of deployments/openai_app.py)."
+        "auto", description="'auto' picks vllm (ray.serve.llm) when its engine environment is "
+        "healthy and it can be placed (a GPU, or vllm_placement asks for CPUs only), else hf "
+        "(the OpenAI-compatible app of deployments/openai_app.py)."
     )
     num_replicas: int = Field(1, ge=1, description="Fixed replicas; unused when autoscaling is set.")
     autoscaling: ServeAutoscaling | None = Field(
@@ -194,6 +223,16 @@ class ServeConfig(Section):
     accelerator_type: str | None = Field(
         None, description="vllm: GPU type to place replicas on (e.g. A10G, H100); empty: any."
     )
+    vllm_placement: list[dict[str, float]] | None = Field(
+        None,
+        description="vllm: Ray resource bundles of one replica, e.g. [{CPU: 1}] on CPUs; "
+        "empty: one GPU.",
+    )
+    @field_validator("vllm_placement")
+    @classmethod
+    def _bundles(cls, value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+        return check_bundles(value)
+
     chat: bool = Field(
         False, description="Also serve the chat page (deployments/chat_app.py) as its own Serve "
         "application, at <route_prefix>/chat, talking to this model's endpoint."
@@ -211,6 +250,11 @@ class ClusterConfig(Section):
     )
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for Ray workers."
+    )
+    vllm_python: str | None = Field(
+        None,
+        description="Interpreter of the vLLM engine environment on the Ray nodes (the image "
+        "provides it). Empty: LLMFLOW_VLLM_PYTHON, else .venv-vllm/bin/python of the project.",
     )
 
 

@@ -11,7 +11,7 @@ from prefect import task
 
 from llmflow import aliases, registry
 from llmflow.basemodels import resolve_base_model
-from llmflow.config import EvalConfig, TrainConfig
+from llmflow.config import ClusterConfig, EvalConfig, TrainConfig
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
 from llmflow.runs import flow_run_id
 from llmflow.store import Store
@@ -29,7 +29,7 @@ def _score_cache_key(context, parameters: dict[str, Any]) -> str:
 
 @task(name="score-model", cache_key_fn=_score_cache_key, persist_result=True)
 def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, dataset: DatasetRef,
-                label: str) -> EvalReport:  # fmt: skip
+                label: str, cluster: ClusterConfig | None = None) -> EvalReport:  # fmt: skip
     """Generate on the eval split with the configured engine and score it."""
     from prefect import get_run_logger
 
@@ -37,7 +37,7 @@ def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, datase
 
     out = Store().uri("runs", flow_run_id(), "eval", label)
     report = score_dataset(eval_cfg, model_uri, dataset.uri, out, model_version=model_version,
-                           dataset_sha256=dataset.sha256)  # fmt: skip
+                           dataset_sha256=dataset.sha256, cluster=cluster)  # fmt: skip
     get_run_logger().info("%s %s: %s", label, model_version,
                           {k: round(v, 4) for k, v in report.metrics.items()})  # fmt: skip
     return report

