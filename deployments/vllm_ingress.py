@@ -39,9 +39,15 @@ class LlmflowIngress(OpenAiIngress):
         # Read in the replica: only the variable's name or the file's path travelled.
         self._api_key = resolve_api_key(api_key_env, api_key_file)
 
+    async def _get_response(self, *, body, **kwargs: Any):
+        if getattr(body, "model", None) == f"{self._model_name}:{self._version}":
+            # The hf app's version alias; to Ray ':' means a LoRA adapter, to vLLM an unknown
+            # model, so the request goes on under the model's own name.
+            body = body.model_copy(update={"model": self._model_name})
+        async for response in super()._get_response(body=body, **kwargs):
+            yield response
+
     async def _get_model_id(self, model: str | None) -> str:
-        if model == f"{self._model_name}:{self._version}":
-            model = self._model_name  # the hf app's version alias; ':' means LoRA to Ray
         try:
             return await super()._get_model_id(model)
         except HTTPException as exc:  # FastAPI's {"detail"} shape: answer in OpenAI's
@@ -104,6 +110,10 @@ def build(config: dict[str, Any], args: dict[str, Any]) -> serve.Application:
     app = _with_key_check(init(), args.get("api_key_env"), args.get("api_key_file"))
     ingress = make_fastapi_ingress(LlmflowIngress, endpoint_map=ENDPOINTS, app=app)
     options = OpenAiIngress.get_deployment_options([llm])
+    # A router that awaits the engine's replicas: no CPU of its own (as ray.serve.llm's own
+    # LLMRouter), so a rolling update's surge replica of the engine can be placed on a
+    # small cluster (measured: with 1 CPU a replica it waited forever on 4 logical CPUs).
+    options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     return serve.deployment(ingress, **options).bind(
         llm_deployments={llm.model_id: server},
         model_cards={llm.model_id: to_model_metadata(llm.model_id, llm)},

@@ -119,6 +119,7 @@ def status(
         typer.echo(json.dumps(stack.status_dict(parts), indent=2))
     else:
         _print_status(parts)
+        _print_engine_env()
     if not all(p.healthy for p in parts):
         raise typer.Exit(1)
 
@@ -132,6 +133,18 @@ def _print_status(parts) -> None:
         health = "[green]healthy[/green]" if p.healthy else "[red]down[/red]"
         table.add_row(p.name, p.url, str(p.pid or "-"), health, p.detail)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def _print_engine_env() -> None:
+    """The vLLM engine environment: optional, so it never changes status's exit code."""
+    from llmflow import engine_env
+
+    info = engine_env.probe()
+    if info.healthy:
+        typer.echo(f"vllm engine environment: {info.python}: {info.vllm_dist} {info.vllm_version}, "
+                   f"Ray {info.ray_version} and Python {info.python_version} match the cluster's")  # fmt: skip
+    else:
+        typer.echo(f"vllm engine environment: not usable ({info.problem}); the hf engine serves")
 
 
 @app.command()
@@ -257,6 +270,10 @@ def _prepare_environment(cfg) -> str:
     return api
 
 
+# The stages whose engine each flow uses (checked before anything starts).
+ENGINE_STAGES = {"pipeline": ("eval", "serve"), "evaluate": ("eval",), "promote": ("serve",)}
+
+
 def run_flow(name: str, cfg, echo=_echo, **params):
     """Run a flow of FLOWS in this process against the configured stack; return its state."""
     import importlib
@@ -287,6 +304,10 @@ def run(
     if retrain not in ("always", "if-data-changed"):
         raise ConfigError(f"--retrain: {retrain!r} is not one of: always, if-data-changed")
     cfg = load_config(config, set_ or [])
+    from llmflow.engines import check_engines
+
+    # Before the stack comes up: a vllm engine that cannot run is one line, exit 2.
+    check_engines(cfg, ENGINE_STAGES.get(flow, ()))
     params = {"retrain": retrain} if flow == "pipeline" else {}
     state = run_flow(flow, cfg, **params)
     _finish(flow, state)

@@ -99,17 +99,22 @@ def _probe(python: str, ray_version: str, python_minor: str) -> EnvInfo:
     if not Path(python).is_file() or not os.access(python, os.X_OK):
         return EnvInfo(python, problem=f"{python}: no such interpreter")
     try:
-        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True,
+        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, check=False,
                               timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
     except subprocess.TimeoutExpired:
         return EnvInfo(python, problem=f"{python}: no answer in {PROBE_TIMEOUT_S:.0f} s")
     except OSError as exc:
         return EnvInfo(python, problem=f"{python}: cannot run it ({exc.strerror})")
+    return _judge(python, proc.stdout, proc.stderr, proc.returncode, ray_version, python_minor)
+
+
+def _judge(python: str, stdout: str, stderr: str, returncode: int, ray_version: str,
+           python_minor: str) -> EnvInfo:  # fmt: skip
     try:
-        found = json.loads(proc.stdout.strip().splitlines()[-1])
+        found = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return EnvInfo(python, problem=f"{python}: the probe failed (exit {proc.returncode}: {last})")
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
+        return EnvInfo(python, problem=f"{python}: the probe failed (exit {returncode}: {last})")
     info = EnvInfo(python, found["python"], found["ray"], found["vllm"], found.get("vllm_dist"))
     minor = ".".join(found["python"].split(".")[:2])
     if found["vllm"] is None:
@@ -125,24 +130,64 @@ def _probe(python: str, ray_version: str, python_minor: str) -> EnvInfo:
     return EnvInfo(**{**asdict(info), "problem": f"{python}: {problem}"})
 
 
-def probe(cluster: ClusterConfig | None = None) -> EnvInfo:
+def probe(cluster: ClusterConfig | None = None, placement: list[dict[str, float]] | None = None) -> EnvInfo:
     """Probe the engine environment against this process's Ray version and Python minor
-    (the cluster's: its nodes run the same image). Cached per interpreter path."""
+    (the cluster's: its nodes run the same Ray). Cached per interpreter path.
+
+    The interpreter is looked for here; on a remote cluster (``cluster.ray_address``) whose
+    nodes alone have it (the image's, say), a Ray task started with it answers instead,
+    within PROBE_TIMEOUT_S: a wrong path then fails in one line instead of hanging.
+    """
     import importlib.metadata as md
 
-    minor = "%d.%d" % sys.version_info[:2]
-    return _probe_cached(vllm_python(cluster), md.version("ray"), minor)
+    python, minor = vllm_python(cluster), f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if not Path(python).exists() and getattr(cluster, "ray_address", None):
+        return _probe_on_cluster(cluster, python, md.version("ray"), minor, placement)
+    return _probe_cached(python, md.version("ray"), minor)
 
 
-def available(cluster: ClusterConfig | None = None) -> bool:
+def _remote_probe() -> str:
+    # Runs in a Ray worker started with the engine environment's interpreter.
+    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          check=False, timeout=60)  # fmt: skip
+    return proc.stdout
+
+
+def _probe_on_cluster(cluster: ClusterConfig, python: str, ray_version: str, minor: str,
+                      placement: list[dict[str, float]] | None) -> EnvInfo:  # fmt: skip
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    from llmflow.cluster import ray_init_kwargs, resolve_ray_address
+
+    if not ray.is_initialized():
+        ray.init(resolve_ray_address(cluster), **ray_init_kwargs(cluster))
+    # Where vLLM would run: a GPU node when its replicas want GPUs (the image there has it).
+    gpus = 0.001 if placement is None or any(b.get("GPU", 0) > 0 for b in placement) else 0
+    task = ray.remote(num_cpus=0, num_gpus=gpus, max_retries=0)(_remote_probe)
+    ref = task.options(runtime_env={"py_executable": python}).remote()
+    try:
+        out = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return EnvInfo(python, problem=f"{python}: no Ray worker started with it in "
+                       f"{PROBE_TIMEOUT_S:.0f} s (is it the interpreter's path on the nodes?)")  # fmt: skip
+    except RayError as exc:
+        return EnvInfo(python, problem=f"{python}: a Ray worker with it failed ({str(exc).splitlines()[0]})")
+    return _judge(python, out, "", 0, ray_version, minor)
+
+
+def available(cluster: ClusterConfig | None = None,
+              placement: list[dict[str, float]] | None = None) -> bool:  # fmt: skip
     """Whether the environment is present and healthy (what ``engine: auto`` asks)."""
-    return probe(cluster).healthy
+    return probe(cluster, placement).healthy
 
 
-def check(cluster: ClusterConfig | None = None, key: str = "engine") -> EnvInfo:
+def check(cluster: ClusterConfig | None = None, key: str = "engine",
+          placement: list[dict[str, float]] | None = None) -> EnvInfo:  # fmt: skip
     """The environment's EnvInfo; EngineEnvError (one line naming ``key`` and the fix) when
     it cannot run vLLM. Run before any cluster work."""
-    info = probe(cluster)
+    info = probe(cluster, placement)
     if not info.healthy:
         raise EngineEnvError(f"{key}: 'vllm' needs the vLLM engine environment, from "
                              f"{_where(cluster)}: {info.problem}")  # fmt: skip

@@ -16,7 +16,7 @@ from llmflow.errors import ConfigError
 if TYPE_CHECKING:
     import ray.data
 
-    from llmflow.config import ClusterConfig, EvalConfig
+    from llmflow.config import ClusterConfig, EvalConfig, PipelineConfig
 
 ENGINES = ("hf", "vllm")
 
@@ -41,12 +41,13 @@ class Engine(Protocol):
     def generate(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...
 
 
-def vllm_available(cluster: ClusterConfig | None = None) -> bool:
+def vllm_available(cluster: ClusterConfig | None = None,
+                   placement: list[dict[str, float]] | None = None) -> bool:  # fmt: skip
     """Whether the vLLM engine environment is present and healthy (llmflow.engine_env); vllm
     never lives in this venv."""
     from llmflow import engine_env
 
-    return engine_env.available(cluster)
+    return engine_env.available(cluster, placement)
 
 
 def cuda_available() -> bool:
@@ -56,8 +57,10 @@ def cuda_available() -> bool:
 
         if ray.is_initialized():
             return ray.cluster_resources().get("GPU", 0) > 0
-    except Exception:  # noqa: BLE001 - no cluster to ask: fall back to this machine
-        pass
+    except Exception as exc:  # noqa: BLE001 - no cluster to ask: fall back to this machine
+        import logging
+
+        logging.getLogger(__name__).debug("no GPU count from Ray (%s): asking torch", exc)
     try:
         import torch
 
@@ -86,13 +89,13 @@ def select_engine(
     with a missing or mismatched environment is one clear error here, before cluster work.
     """
     if name == "auto":
-        return "vllm" if placeable(placement) and vllm_available(cluster) else "hf"
+        return "vllm" if placeable(placement) and vllm_available(cluster, placement) else "hf"
     if name not in ENGINES:
         raise ConfigError(f"{key}: unknown engine {name!r} (expected auto, hf or vllm)")
     if name == "vllm":
         from llmflow import engine_env
 
-        engine_env.check(cluster, key=key)
+        engine_env.check(cluster, key=key, placement=placement)
     return name
 
 
@@ -116,6 +119,18 @@ def make_engine(name: str, eval_cfg: EvalConfig, model_path: str,
     from llmflow.engines.hf import HFEngine
 
     return HFEngine(eval_cfg, model_path, **options)
+
+
+def check_engines(config: PipelineConfig, stages: tuple[str, ...] = ("eval", "serve")) -> dict[str, str]:
+    """The engine each stage of ``config`` will use ({"eval": "hf", "serve": "vllm"}); one
+    clear ConfigError line when an explicit vllm cannot run (its engine environment missing,
+    broken, or not matching the cluster). Flows call it before any cluster work."""
+    chosen = {}
+    for stage in stages:
+        section = getattr(config, stage)
+        chosen[stage] = select_engine(section.engine, config.cluster, section.vllm_placement,
+                                      key=f"{stage}.engine")  # fmt: skip
+    return chosen
 
 
 def check_model_dir(model_uri: str) -> None:

@@ -4,8 +4,11 @@ scores a model on a GPU through tasks/scoring.py, and the report's metrics are c
     .venv/bin/python -m pytest tests/gpu/test_vllm_scoring.py -q -rs
 
 The model is the tiny Llama, briefly trained so that it answers with text, or the local
-Hugging Face directory named by LLMFLOW_GPU_TEST_MODEL (a small chat model). Skipped, with
-the reason, without CUDA (tests/gpu/conftest.py) or without vllm installed.
+Hugging Face directory named by LLMFLOW_GPU_TEST_MODEL (a small chat model). The engine runs
+in the CUDA variant of the vLLM engine environment (LLMFLOW_VLLM_PYTHON, or .venv-vllm built
+by `make install` on a GPU machine). Skipped, with the reason, without CUDA
+(tests/gpu/conftest.py) or without that environment; its CPU twin is
+tests/integration/test_vllm.py, which runs in `make test`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from llmflow import engine_env
 from llmflow.config import EvalConfig
-from llmflow.engines import vllm_available
 
+_ENV = engine_env.probe()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not vllm_available(), reason="needs vllm (pip install 'llmflow[vllm]'), not importable here"
+        not _ENV.healthy or _ENV.vllm_dist != "vllm",
+        reason=f"needs the CUDA vLLM engine environment ({_ENV.problem or _ENV.vllm_dist})",
     ),
 ]
 N_EVAL = 32

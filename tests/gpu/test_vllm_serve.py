@@ -1,8 +1,10 @@
 """GPU tier: the vllm serving path (deployments/vllm_app.py, ray.serve.llm) on a local Ray.
 
-Serves the tiny model, or the model directory in LLMFLOW_GPU_SERVE_MODEL, and asks it over
-HTTP what the hf app answers: /v1/models, a chat completion, a stream, and the rollout's own
-smoke test. Skipped without a CUDA GPU (conftest) or without vllm.
+Serves the tiny model, or the model directory in LLMFLOW_GPU_SERVE_MODEL, as the promote stage
+does (a declarative app in the CUDA vLLM engine environment), and asks it over HTTP what the
+hf app answers: /v1/models, a chat completion, a stream, and the rollout's own smoke test.
+Skipped without a CUDA GPU (conftest) or without that environment; its CPU twin is
+tests/integration/test_vllm.py, which runs in `make test`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import socket
 import httpx
 import pytest
 
-pytest.importorskip("vllm", reason="needs vllm (pip install 'llmflow[vllm]')")
+from llmflow import engine_env
+
+_ENV = engine_env.probe()
+pytestmark = pytest.mark.skipif(
+    not _ENV.healthy or _ENV.vllm_dist != "vllm",
+    reason=f"needs the CUDA vLLM engine environment ({_ENV.problem or _ENV.vllm_dist})",
+)
 
 NAME = "tiny"
 
@@ -24,10 +32,11 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.vllm_app import build_app
     from llmflow.basemodels import resolve_base_model
-    from llmflow.config import TrainConfig
+    from llmflow.config import ServeConfig, TrainConfig
+    from llmflow.refs import ModelRef
     from llmflow.store import Store
+    from tasks.rollout import deploy
 
     path = os.environ.get("LLMFLOW_GPU_SERVE_MODEL") or resolve_base_model(
         TrainConfig(), Store(tmp_path_factory.mktemp("store")))  # fmt: skip
@@ -37,12 +46,11 @@ def served(tmp_path_factory):
     ray.init(address="local", include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({
-            "model_path": path, "model_name": NAME, "num_replicas": 1,
-            # A small share of the GPU, no CUDA graphs: the test starts in seconds, not minutes.
-            "engine_kwargs": {"max_model_len": 512, "gpu_memory_utilization": 0.3,
-                              "enforce_eager": True},
-        }), name="vllm-test", route_prefix="/vllm")  # fmt: skip
+        # A small share of the GPU, no CUDA graphs: the engine starts in seconds, not minutes.
+        cfg = ServeConfig(engine="vllm", app_name="vllm-test", route_prefix="/vllm",
+                          vllm_engine_kwargs={"max_model_len": 512, "gpu_memory_utilization": 0.3,
+                                              "enforce_eager": True})  # fmt: skip
+        deploy(cfg, ModelRef(uri=path, name=NAME, version="1", base_model="tiny"))
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

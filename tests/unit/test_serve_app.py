@@ -1,5 +1,6 @@
 """Serve applications built from the config, without starting Ray: replicas or autoscaling,
-batching room, and the vllm app's LLMConfig (built as plain data: vllm is not needed)."""
+batching room, and the vllm app's LLMConfig and declarative application (built as plain data:
+ray.serve.llm runs only in the vLLM engine environment)."""
 
 from __future__ import annotations
 
@@ -96,8 +97,22 @@ def test_llm_config_for_vllm():
         "model_id": "m", "model_source": "/m"}  # fmt: skip
     with pytest.raises(ValueError, match="local paths or s3://"):
         llm_config({"model_path": "memory://m", "model_name": "m"})
-    with pytest.raises(ValueError, match="api_key_env"):
-        llm_config({"model_path": "/m", "model_name": "m", "api_key_env": "KEY"})
+
+
+def test_llm_config_on_cpus_places_replicas_by_the_bundles():
+    from deployments.vllm_app import llm_config
+    from tasks.rollout import vllm_app_args
+
+    tiny = load_config("configs/tiny.yaml").serve
+    config = llm_config(vllm_app_args(tiny, MODEL))
+    assert config["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}
+    assert config["accelerator_config"] == {"kind": "cpu"}
+    assert config["engine_kwargs"]["kv_cache_memory_bytes"] == 64 * 2**20
+    gpus = llm_config(vllm_app_args(_serve("serve.vllm_placement=[{GPU: 1}, {GPU: 1}]",
+                                           "serve.accelerator_type=A10G"), MODEL))  # fmt: skip
+    assert "accelerator_config" not in gpus and gpus["accelerator_type"] == "A10G"
+    with pytest.raises(ValueError, match="accelerator_type: a GPU type, but serve.vllm_placement"):
+        llm_config(vllm_app_args(tiny.model_copy(update={"accelerator_type": "A10G"}), MODEL))
 
 
 def test_llm_config_validates_as_ray_serve_llm_config():
@@ -119,16 +134,35 @@ def test_llm_config_validates_as_ray_serve_llm_config():
 
 
 def test_engine_choice(monkeypatch):
+    import sys
+
     from llmflow import engines
+    from llmflow.config import ClusterConfig
     from tasks import rollout
 
-    monkeypatch.setattr(engines, "vllm_available", lambda: False)
-    assert rollout.serve_engine(_serve("serve.engine=auto")) == "hf"
-    with pytest.raises(ConfigError, match="serve.engine: 'vllm' is not installed"):
-        rollout.serve_engine(_serve("serve.engine=vllm"))
-    monkeypatch.setattr(engines, "vllm_available", lambda: True)
-    monkeypatch.setattr(engines, "cuda_available", lambda: True)
-    assert rollout.serve_engine(_serve("serve.engine=auto")) == "vllm"
-    assert rollout.serve_engine(_serve("serve.engine=hf")) == "hf"
-    with pytest.raises(ConfigError, match="api_key_env"):
-        rollout.build_application(_serve("serve.engine=vllm", "serve.api_key_env=KEY"), MODEL)
+    tiny = load_config("configs/tiny.yaml").serve
+    auto = tiny.model_copy(update={"engine": "auto"})
+    assert rollout.serve_engine(tiny) == "hf"  # tiny.yaml says hf
+    assert rollout.serve_engine(auto) == "vllm"  # .venv-vllm is healthy, CPU bundles place
+    no_vllm = ClusterConfig(vllm_python=sys.executable)
+    assert rollout.serve_engine(auto, no_vllm) == "hf"
+    with pytest.raises(ConfigError, match="^serve.engine: 'vllm' needs the vLLM engine environment"):
+        rollout.serve_engine(_serve("serve.engine=vllm"), no_vllm)
+    monkeypatch.setattr(engines, "cuda_available", lambda: False)
+    assert rollout.serve_engine(_serve("serve.engine=auto")) == "hf"  # a GPU bundle, no GPU
+
+
+def test_the_vllm_app_is_declarative_in_the_engine_environment_and_no_key_travels():
+    from tasks import rollout
+
+    serve_cfg = load_config("configs/tiny.yaml", ["serve.engine=vllm", "serve.route_prefix=/v",
+                                                  "serve.api_key_env=MY_KEY"]).serve  # fmt: skip
+    app = rollout.vllm_app_schema(serve_cfg, MODEL)
+    assert app["import_path"] == "deployments.vllm_app:build_app" and app["route_prefix"] == "/v"
+    assert app["runtime_env"]["py_executable"].endswith(".venv-vllm/bin/python")
+    assert app["args"]["api_key_env"] == "MY_KEY" and app["args"]["version"] == "3"
+    from ray.serve.schema import ServeApplicationSchema
+
+    ServeApplicationSchema(**app)  # what the controller is given validates
+    with pytest.raises(ConfigError, match="accelerator_type: a GPU type"):
+        rollout.vllm_app_schema(serve_cfg.model_copy(update={"accelerator_type": "A10G"}), MODEL)

