@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -156,6 +156,15 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch.manual_seed's range
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end the answer.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("at most 4 non-empty strings")
+        return stops
 
 
 class CompletionRequest(_Sampling):
@@ -173,6 +182,7 @@ class GenJob:
     temperature: float
     top_p: float
     seed: int | None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -184,8 +194,13 @@ class GenResult:
 
 
 def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
-    """One generate call for jobs that share sampling settings (left padding, KV cache)."""
+    """One generate call for jobs that share sampling settings (left padding, KV cache). It
+    stops on every id of the model's generation_config.eos_token_id (a turn's end token)."""
     import torch
+
+    from llmflow.engines.stops import cut_at_stop_ids, cut_at_stop_strings, finish_reason, stop_token_ids
+
+    stop_ids = stop_token_ids(model.generation_config, tokenizer)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(j.prompt_ids) for j in jobs)
@@ -195,7 +210,8 @@ def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
         ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
         mask[i, width - len(j.prompt_ids):] = 1
     first = jobs[0]
-    kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_tokens for j in jobs), "pad_token_id": pad}
+    kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_tokens for j in jobs), "pad_token_id": pad,
+                              "eos_token_id": list(stop_ids)}  # fmt: skip
     if first.temperature > 0:
         if first.seed is not None:
             torch.manual_seed(first.seed)
@@ -205,16 +221,12 @@ def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
     results = []
-    eos = tokenizer.eos_token_id
     for i, j in enumerate(jobs):
-        new = out[i, width:].tolist()[: j.max_tokens]
-        finish = "length"
-        if eos is not None and eos in new:
-            new = new[: new.index(eos)]
-            finish = "stop"
+        new, stopped = cut_at_stop_ids(out[i, width:].tolist()[: j.max_tokens], stop_ids)
         new = [t for t in new if t != pad]
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        results.append(GenResult(text, len(j.prompt_ids), len(new), finish))
+        text, hit = cut_at_stop_strings(tokenizer.decode(new, skip_special_tokens=True), j.stop)
+        results.append(GenResult(text, len(j.prompt_ids), len(new),
+                                 finish_reason(len(new), j.max_tokens, stopped or hit)))  # fmt: skip
     return results
 
 
@@ -285,7 +297,7 @@ class OpenAIServer:
                            f"{req.max_tokens} exceeds the model's context of {self.context} tokens.",
                            "invalid_request_error", "context_length_exceeded", "prompt")  # fmt: skip
         temperature = req.temperature if req.temperature >= GREEDY_EPS else 0.0
-        return GenJob(prompt_ids, req.max_tokens, temperature, req.top_p, req.seed)
+        return GenJob(prompt_ids, req.max_tokens, temperature, req.top_p, req.seed, tuple(req.stop or ()))
 
     def _chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         from jinja2 import TemplateError
@@ -309,7 +321,7 @@ class OpenAIServer:
         # Jobs with different sampling settings cannot share one generate call.
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
-            groups.setdefault((j.temperature, j.top_p, j.seed), []).append(i)
+            groups.setdefault((j.temperature, j.top_p, j.seed, j.stop), []).append(i)
         results: list[GenResult | None] = [None] * len(jobs)
         for idx in groups.values():
             with self._lock:
@@ -326,13 +338,18 @@ class OpenAIServer:
         import torch
         from transformers import TextIteratorStreamer
 
+        from llmflow.engines.stops import StreamStops, cut_at_stop_ids, finish_reason, stop_token_ids
+
         tok = self.tokenizer
+        stop_ids = stop_token_ids(self.model.generation_config, tok)
+        stops = StreamStops(job.stop)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         ids = torch.tensor([job.prompt_ids], device=self.model.device)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                   "max_new_tokens": job.max_tokens, "streamer": streamer,
-                                  "pad_token_id": pad, "do_sample": False}  # fmt: skip
+                                  "pad_token_id": pad, "do_sample": False,
+                                  "eos_token_id": list(stop_ids)}  # fmt: skip
         if job.temperature > 0:
             kwargs |= {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
         outcome: dict[str, Any] = {}
@@ -343,8 +360,8 @@ class OpenAIServer:
                     if job.temperature > 0 and job.seed is not None:
                         torch.manual_seed(job.seed)
                     out = self.model.generate(**kwargs)
-                new = out[0, ids.shape[1]:].tolist()
-                outcome["finish"] = "stop" if tok.eos_token_id in new else "length"
+                new, stopped = cut_at_stop_ids(out[0, ids.shape[1]:].tolist(), stop_ids)
+                outcome["finish"] = finish_reason(len(new), job.max_tokens, stopped)
             except Exception as exc:  # noqa: BLE001 - reported in the stream, not lost in a thread
                 outcome["error"] = exc
                 streamer.end()  # else the loop below would wait on the streamer forever
@@ -356,9 +373,14 @@ class OpenAIServer:
             piece = await loop.run_in_executor(None, lambda: next(streamer, None))
             if piece is None:
                 break
-            if piece:
-                yield f"data: {json.dumps(make_chunk(piece))}\n\n"
+            text = stops.feed(piece)  # once a stop string showed, the rest is dropped
+            if text:
+                yield f"data: {json.dumps(make_chunk(text))}\n\n"
+        if rest := stops.flush():
+            yield f"data: {json.dumps(make_chunk(rest))}\n\n"
         await asyncio.to_thread(thread.join)
+        if stops.stopped and "finish" in outcome:
+            outcome["finish"] = "stop"
         if "error" in outcome:
             error = {"message": f"generation failed: {type(outcome['error']).__name__}",
                      "type": "server_error", "param": None, "code": None}  # fmt: skip

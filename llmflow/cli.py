@@ -190,12 +190,11 @@ def _chat_target(config: Path | None, set_: list[str] | None = None) -> tuple[st
     """The model endpoint (OpenAI base URL) a chat of this config talks to, and the
     `llmflow chat` options that hand it the same config."""
     from llmflow.chat import endpoint_for
-    from llmflow.settings import StackSettings
+    from llmflow.settings import serve_url
 
     cfg = _chat_config(config, set_)
-    serve_url = os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
     args = ["--config", str(Path(config).resolve())] if config else []
-    return endpoint_for(serve_url, cfg.serve.route_prefix), args + [
+    return endpoint_for(serve_url(cfg.cluster), cfg.serve.route_prefix), args + [
         a for s in (set_ or []) for a in ("--set", s)]  # fmt: skip
 
 
@@ -383,8 +382,9 @@ def _show_chat(cfg, running_url: str | None) -> None:
         _echo(f"Chat with the served model: {running_url}  (`llmflow status` shows it, "
               "`llmflow down` stops it)")  # fmt: skip
     elif cfg.serve.chat:
-        serve_url = os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
-        _echo(f"Chat with the served model: {serve_url}{cfg.serve.route_prefix.rstrip('/')}/chat/"
+        from llmflow.settings import serve_url
+
+        _echo(f"Chat with the served model: {serve_url(cfg.cluster)}{cfg.serve.route_prefix.rstrip('/')}/chat/"
               "  (served by Ray Serve next to the model)")  # fmt: skip
     else:
         _echo(f"Chat with the served model: {StackSettings.from_env().chat_url}  after "

@@ -251,6 +251,12 @@ class ClusterConfig(Section):
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for Ray workers."
     )
+    serve_url: str | None = Field(
+        None,
+        description="Base URL of the cluster's Ray Serve HTTP proxy (e.g. http://ray-head:8000): "
+        "the promote stage's smoke test, the CLI's sample answer and the chat call it. Empty: "
+        "LLMFLOW_SERVE_URL, else the local stack's.",
+    )
     vllm_python: str | None = Field(
         None,
         description="Interpreter of the vLLM engine environment on the Ray nodes (the image "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 # Telemetry and hub access are off by default: on an offline machine they fail and slow
@@ -151,3 +152,10 @@ class StackSettings:
     @property
     def prefect_home(self) -> Path:
         return self.home / "prefect"
+
+
+def serve_url(cluster: Any = None) -> str:
+    """Where the cluster's Serve answers: ``cluster.serve_url``, else LLMFLOW_SERVE_URL, else
+    the local stack's (a remote cluster's smoke test must not call 127.0.0.1)."""
+    configured = getattr(cluster, "serve_url", None) or os.environ.get("LLMFLOW_SERVE_URL")
+    return (configured or StackSettings.from_env().serve_url).rstrip("/")

@@ -17,6 +17,7 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from llmflow.settings import serve_url
 from llmflow.config import ClusterConfig, ServeConfig
 from llmflow.errors import ConfigError, LlmflowError
 from llmflow.refs import ModelRef, Rollout, SmokeTest
@@ -26,14 +27,6 @@ SMOKE_PROMPTS = ("Reverse this number: 1234", "Reverse this number: 905")
 
 class RolloutError(LlmflowError):
     """A deployment did not become healthy, or its smoke test failed."""
-
-
-def serve_url(cluster: ClusterConfig) -> str:
-    import os
-
-    from llmflow.settings import StackSettings
-
-    return os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
 
 
 def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
@@ -114,7 +107,7 @@ def chat_route_prefix(serve_cfg: ServeConfig) -> str:
     return f"{_prefix(serve_cfg)}/chat"
 
 
-def deploy_chat(serve_cfg: ServeConfig, model: ModelRef) -> None:
+def deploy_chat(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | None = None) -> None:
     """serve.chat: the chat page as its own Serve application next to the model's (an
     unchanged one is left running: Serve redeploys only what changed)."""
     from ray import serve
@@ -122,7 +115,7 @@ def deploy_chat(serve_cfg: ServeConfig, model: ModelRef) -> None:
     from deployments.chat_app import build_app as build_chat_app
     from llmflow.chat import endpoint_for
 
-    endpoint = endpoint_for(serve_url(ClusterConfig()), serve_cfg.route_prefix)
+    endpoint = endpoint_for(serve_url(cluster), serve_cfg.route_prefix)
     app = build_chat_app({"endpoint": endpoint, "api_key_env": serve_cfg.api_key_env,
                           "api_key_file": serve_cfg.api_key_file, "model": model.name})  # fmt: skip
     try:
@@ -247,7 +240,7 @@ def deploy(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | Non
         current = getattr(app, "last_deployed_time_s", 0.0) >= since  # not the old version's
         if current and status.endswith("RUNNING"):
             if serve_cfg.chat:
-                deploy_chat(serve_cfg, model)
+                deploy_chat(serve_cfg, model, cluster)
             return
         if current and status.endswith("DEPLOY_FAILED"):
             raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "

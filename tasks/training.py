@@ -331,6 +331,21 @@ def export_format(train: TrainConfig) -> str:
     return "merged" if train.merge_lora else "adapter"
 
 
+def all_sum(values: list[float], device) -> list[float]:
+    """``values`` summed over every rank of the process group (as they are without one).
+
+    The tensor lives on ``device``, the worker's own: NCCL, the backend of GPU training,
+    refuses CPU tensors ("No backend type associated with device type cpu"); gloo takes either.
+    """
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def pick_device(use_gpu: bool):
     """The worker's torch device: its GPU when it has one, else CPU (with a warning if asked).
 
@@ -402,12 +417,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         opt.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
     model = prepare_model(model, move_to_device=device)
-
-    def all_sum(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+    backend = dist.get_backend() if dist.is_initialized() else "none"
 
     def eval_loss() -> float:
         model.eval()
@@ -419,7 +429,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
                 n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                 total += torch.tensor([float(model(**b).loss) * n, n], dtype=torch.float64)
         model.train()
-        s, n = all_sum(total.tolist())
+        s, n = all_sum(total.tolist(), device)
         return s / n if n else float("nan")
 
     def save_checkpoint(step: int, metrics: dict[str, float]) -> None:
@@ -452,7 +462,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
             loss = loss.detach()
             n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             sums = [sums[0] + loss.item() * n, sums[1] + n, sums[2] + int(b["attention_mask"].sum())]
-        loss_sum, n_target, n_tokens = all_sum(sums)
+        loss_sum, n_target, n_tokens = all_sum(sums, device)
         step_loss = loss_sum / max(1.0, n_target)
         try:
             check_finite_loss(step_loss, step + 1)
@@ -485,6 +495,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         "device": str(device),
         "precision": "bf16" if not isinstance(autocast, contextlib.nullcontext) else "fp32",
         "world_size": world,
+        "backend": backend,
         "node_id": ray.get_runtime_context().get_node_id(),
         "error": error,
     }
@@ -598,6 +609,7 @@ def run_training(
         history=history,
         device=out["device"],
         precision=out.get("precision", "fp32"),
+        backend=out.get("backend", "none"),
         node_id=out["node_id"],
         world_size=out["world_size"],
     )

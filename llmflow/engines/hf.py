@@ -212,9 +212,9 @@ class HFGenerator:
             path, use_safetensors=True, trust_remote_code=False
         ).to(self.device)
         self.model.eval()
-        gen = self.model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        from llmflow.engines.stops import stop_token_ids
+
+        self.eos_ids = set(stop_token_ids(self.model.generation_config, self.tokenizer))
         self.pad_id = (
             self.tokenizer.pad_token_id
             if self.tokenizer.pad_token_id is not None
@@ -250,6 +250,7 @@ class HFGenerator:
                 attention_mask=attn.to(self.device),
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids),
                 **sampling,
             )
         latency = time.perf_counter() - t0

@@ -166,3 +166,48 @@ def test_the_vllm_app_is_declarative_in_the_engine_environment_and_no_key_travel
     ServeApplicationSchema(**app)  # what the controller is given validates
     with pytest.raises(ConfigError, match="accelerator_type: a GPU type"):
         rollout.vllm_app_schema(serve_cfg.model_copy(update={"accelerator_type": "A10G"}), MODEL)
+
+
+def test_the_smoke_test_calls_the_configured_clusters_serve_url(monkeypatch):
+    """cluster.serve_url, not 127.0.0.1: a remote cluster's healthy version must not be rolled
+    back because the smoke test asked this machine. A stand-in for the remote proxy answers."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from llmflow.config import ClusterConfig
+    from tasks.rollout import check_served
+
+    monkeypatch.delenv("LLMFLOW_SERVE_URL", raising=False)
+    paths: list[str] = []
+
+    class Remote(BaseHTTPRequestHandler):
+        def _send(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            paths.append(self.path)
+            self._send({"data": [{"id": "m", "version": "3"}]})
+
+        def do_POST(self):  # noqa: N802
+            paths.append(self.path)
+            self.rfile.read(int(self.headers["content-length"]))
+            self._send({"choices": [{"message": {"content": "4321"}}], "usage": {"completion_tokens": 2}})
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Remote)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cluster = ClusterConfig(serve_url=f"http://127.0.0.1:{server.server_port}")
+        result = check_served.fn(_serve("serve.route_prefix=/remote"), cluster, MODEL)
+    finally:
+        server.shutdown()
+    assert result.passed, result.checks
+    assert paths[0] == "/remote/v1/models" and paths[1] == "/remote/v1/chat/completions"

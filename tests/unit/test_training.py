@@ -294,3 +294,57 @@ def test_loss_table_is_bounded_and_keeps_the_last_step():
 
 def test_loss_plot_is_a_png():
     assert loss_plot_png(HISTORY, "t")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _reduce_on_rank(rank: int, world: int, port: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from tasks.training import all_sum
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out.put((rank, all_sum([1.0, float(rank)], torch.device("cpu")), dist.get_backend()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_sum_reduces_across_two_real_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_reduce_on_rank, args=(r, 2, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert results == [(0, [2.0, 1.0], "gloo"), (1, [2.0, 1.0], "gloo")]
+
+
+def test_all_sum_hands_the_process_group_the_workers_device(monkeypatch):
+    """NCCL refuses CPU tensors: the reduction must run on the device the worker trains on
+    (the loop's own reductions built CPU tensors whatever the backend)."""
+    import torch
+    import torch.distributed as dist
+
+    from tasks.training import all_sum
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: seen.append(t.device))
+    assert all_sum([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert seen == [torch.device("cpu")]
+    import inspect
+
+    import tasks.training as training
+
+    loop = inspect.getsource(training.train_loop)
+    assert loop.count("all_sum(") == 2 and loop.count(", device)") >= 2
