@@ -198,7 +198,12 @@ def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
     stops on every id of the model's generation_config.eos_token_id (a turn's end token)."""
     import torch
 
-    from llmflow.engines.stops import cut_at_stop_ids, cut_at_stop_strings, finish_reason, stop_token_ids
+    from llmflow.engines.stops import (
+        cut_at_stop_ids,
+        cut_at_stop_strings,
+        finish_reason,
+        stop_token_ids,
+    )
 
     stop_ids = stop_token_ids(model.generation_config, tokenizer)
 
@@ -338,7 +343,12 @@ class OpenAIServer:
         import torch
         from transformers import TextIteratorStreamer
 
-        from llmflow.engines.stops import StreamStops, cut_at_stop_ids, finish_reason, stop_token_ids
+        from llmflow.engines.stops import (
+            StreamStops,
+            cut_at_stop_ids,
+            finish_reason,
+            stop_token_ids,
+        )
 
         tok = self.tokenizer
         stop_ids = stop_token_ids(self.model.generation_config, tok)

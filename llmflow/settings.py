@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 # Telemetry and hub access are off by default: on an offline machine they fail and slow
 # start-up (DESIGN.md, "Measured facts"). A user who has a network can set any of these.

@@ -82,7 +82,7 @@ def test_a_turn_end_token_of_the_generation_config_stops_with_finish_reason_stop
     turned = copy.deepcopy(model)
     turned.generation_config.eos_token_id = [tok.eos_token_id, end_token]
     [r] = generate_batch(turned, tok, [_job(tok)])
-    assert r.finish_reason == "stop" and r.completion_tokens == 1 < 12, r
+    assert r.finish_reason == "stop" and r.completion_tokens == 1, r
     assert r.text == tok.decode(ids[:1])
 
 
