@@ -21,6 +21,7 @@ from tasks.evaluation import champion_model, compare_reports, score_model
 from tasks.gating import ask_for_approval, gate
 from tasks.prepare import base_model, prepare_dataset
 from tasks.report import summarize
+from tasks.rollout import check_serving
 from tasks.training import check_inputs, register_model, train_model, trained_on_same_data
 
 Retrain = Literal["always", "if-data-changed"]
@@ -49,6 +50,7 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
     source_files(config.data.source)  # bad inputs fail here, before any cluster work
     check_inputs(config.train, None)
     check_engines(config)
+    check_serving(config.serve, config.cluster)
     with model_slot(config.train.model_name):
         model_uri = base_model.submit(config.train).result()
         dataset = prepare_dataset.submit(config.data, model_uri).result()

@@ -19,7 +19,7 @@ from llmflow.store import Store
 from tasks.rollout import (
     RolloutError,
     check_served,
-    connect,
+    check_serving,
     deploy_version,
     serve_url,
     served_version,
@@ -79,7 +79,7 @@ def promote(
             rollout = Rollout(served_version=live, previous_version=current.get("previous"), endpoint=url,
                               message=f"{candidate.name}:{candidate.version} is already champion and served: nothing changed")  # fmt: skip
         else:
-            connect(config.cluster)
+            check_serving(config.serve, config.cluster)
             try:
                 with transaction() as txn:
                     txn.set("model_name", candidate.name)

@@ -180,9 +180,26 @@ class ServeAutoscaling(Section):
         return self
 
 
+DEFAULT_APP = "llmflow"
+
+
 class ServeConfig(Section):
-    app_name: str = Field("llmflow", description="Ray Serve application name.")
-    route_prefix: str = Field("/", description="HTTP route of the application.")
+    app_name: str = Field(DEFAULT_APP, description="Ray Serve application name.")
+    route_prefix: str = Field(
+        "/",
+        description="HTTP route of the application. Unset: '/' for the app 'llmflow', "
+        "'/<app_name>' for any other, so a second model never collides with the first.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_prefix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "route_prefix" not in data:
+            app = data.get("app_name", DEFAULT_APP)
+            if app != DEFAULT_APP:
+                data = {**data, "route_prefix": f"/{app}"}
+        return data
+
     engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="'auto' picks vllm (ray.serve.llm) when its engine environment is "
         "healthy and it can be placed (a GPU, or vllm_placement asks for CPUs only), else hf "

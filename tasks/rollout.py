@@ -189,6 +189,30 @@ def _apply_declarative(app: dict[str, Any]) -> float:
     return before
 
 
+def check_route_prefix(serve_cfg: ServeConfig) -> None:
+    """ConfigError, one line, when another Serve application holds ``serve.route_prefix``
+    (Serve would refuse the deploy only after the whole pipeline ran)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return  # Serve not started yet: nothing holds a prefix
+    prefix = serve_cfg.route_prefix.rstrip("/") or "/"
+    for name, app in client.get_serve_details().get("applications", {}).items():
+        held = (app.get("route_prefix") or "").rstrip("/") or "/"
+        if name != serve_cfg.app_name and app.get("route_prefix") and held == prefix:
+            raise ConfigError(f"serve.route_prefix: {serve_cfg.route_prefix!r} is served by the Serve "
+                              f"application {name!r}; give serve.app_name={serve_cfg.app_name!r} "
+                              f"its own prefix (e.g. /{serve_cfg.app_name})")  # fmt: skip
+
+
+def check_serving(serve_cfg: ServeConfig, cluster: ClusterConfig) -> None:
+    """What can be checked of serving before any work: the route prefix is free or this
+    app's (on the cluster the config names)."""
+    connect(cluster)
+    check_route_prefix(serve_cfg)
+
+
 def connect(cluster: ClusterConfig) -> None:
     import ray
 

@@ -119,3 +119,21 @@ def test_a_candidate_that_fails_the_gate_is_not_served(stack, versions, cfg):
     assert after.status_code == served_before.status_code
     if after.status_code == 200:
         assert after.json()["version"] == served_before.json()["version"]
+
+
+def test_a_route_prefix_held_by_another_app_fails_before_any_work(stack, versions, cfg):
+    """Serving a second model on the first one's prefix: one line before the pipeline trains,
+    instead of Serve's refusal after it."""
+    from llmflow.errors import ConfigError
+    from tasks.rollout import check_serving
+
+    v1, _, _ = versions
+    from flows.promote import promote
+
+    promote(config=cfg, candidate=v1)  # promote-test serves at /promote
+    other = load_config(None, ["serve.app_name=qwen", "serve.route_prefix=/promote"])
+    with pytest.raises(ConfigError, match=r"^serve.route_prefix: '/promote' is served by the Serve "
+                       r"application 'promote-test'; give serve.app_name='qwen' its own prefix"):  # fmt: skip
+        check_serving(other.serve, other.cluster)
+    check_serving(cfg.serve, cfg.cluster)  # its own app: fine
+    check_serving(load_config(None, ["serve.app_name=qwen"]).serve, other.cluster)  # /qwen: free

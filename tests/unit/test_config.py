@@ -114,3 +114,11 @@ def test_config_round_trips_through_json():
     cfg = load_config(ROOT / "configs/tiny.yaml", ["train.max_steps=5"])
     again = PipelineConfig.model_validate_json(cfg.model_dump_json())
     assert again == cfg
+
+
+def test_a_second_app_gets_its_own_route_prefix_by_default():
+    from llmflow.config import load_config
+
+    assert load_config(None).serve.route_prefix == "/"
+    assert load_config(None, ["serve.app_name=qwen"]).serve.route_prefix == "/qwen"
+    assert load_config(None, ["serve.app_name=qwen", "serve.route_prefix=/"]).serve.route_prefix == "/"
