@@ -256,10 +256,11 @@ def test_vllm_pre_and_postprocess_map_columns():
     from llmflow.engines.vllm import vllm_postprocess, vllm_preprocess
 
     row = {"id": "a", "prompt_messages": [{"role": "user", "content": "hi"}], "reference": "x"}
-    pre = vllm_preprocess(row, max_tokens=7, temperature=0.0, seed=1, truncate_prompt_tokens=100)
+    pre = vllm_preprocess(row, max_tokens=7, temperature=0.0, seed=1)
+    # vLLM 0.32's SamplingParams has no truncate_prompt_tokens: it would refuse the request.
     assert pre == {
         "messages": [{"role": "user", "content": "hi"}],
-        "sampling_params": {"max_tokens": 7, "temperature": 0.0, "truncate_prompt_tokens": 100},
+        "sampling_params": {"max_tokens": 7, "temperature": 0.0},
     }
     sampled = vllm_preprocess(row, max_tokens=7, temperature=0.7, seed=1)
     assert sampled["sampling_params"] == {"max_tokens": 7, "temperature": 0.7, "seed": 1}
@@ -312,12 +313,10 @@ def test_vllm_processor_is_built_with_named_functions_and_engine_kwargs(monkeypa
     assert engine_kwargs["engine_kwargs"]["max_model_len"] == 256
     assert engine_kwargs["engine_kwargs"]["enforce_eager"] is True
     assert proc.config.batch_size == 16
-    # The wrapped preprocess runs our named function: chat + sampling params, truncation
-    # budget = max_model_len - max_new_tokens.
+    # The wrapped preprocess runs our named function: chat + sampling params.
     row = {"id": "a", "prompt_messages": [{"role": "user", "content": "Reverse: 12"}]}
     data = proc.preprocess(row)[proc.DATA_COLUMN]
-    assert data["sampling_params"] == {"max_tokens": 8, "temperature": 0.0,
-                                       "truncate_prompt_tokens": 248}  # fmt: skip
+    assert data["sampling_params"] == {"max_tokens": 8, "temperature": 0.0}
     # ... and the postprocess is vllm_postprocess itself, named and importable.
     cells = [c.cell_contents for c in proc.postprocess.__closure__ or ()]
     assert vllm_postprocess in cells
