@@ -15,19 +15,6 @@ N_EVAL = 64
 
 
 @pytest.fixture(scope="module")
-def ray_on_stack(stack):
-    """Connect this process to the stack's Ray head, as the flow's task runner does."""
-    import ray
-
-    from llmflow.cluster import ray_init_kwargs
-    from llmflow.config import ClusterConfig
-
-    if not ray.is_initialized():
-        ray.init(address=stack.ray_address, **ray_init_kwargs(ClusterConfig()))
-    yield stack
-
-
-@pytest.fixture(scope="module")
 def store(stack):
     from llmflow.store import Store
 

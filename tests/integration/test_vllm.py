@@ -27,18 +27,6 @@ KEY = "vllm-s3cret"
 
 
 @pytest.fixture(scope="module")
-def ray_on_stack(stack):
-    import ray
-
-    from llmflow.cluster import ray_init_kwargs
-    from llmflow.config import ClusterConfig
-
-    if not ray.is_initialized():
-        ray.init(address=stack.ray_address, **ray_init_kwargs(ClusterConfig()))
-    yield stack
-
-
-@pytest.fixture(scope="module")
 def eval_dataset(stack) -> str:
     from llmflow.bundled import bundled_path, read_examples
     from tasks.prepare import _parquet_bytes
