@@ -269,10 +269,6 @@ def _prepare_environment(cfg) -> str:
     return api
 
 
-# The stages whose engine each flow uses (checked before anything starts).
-ENGINE_STAGES = {"pipeline": ("eval", "serve"), "evaluate": ("eval",), "promote": ("serve",)}
-
-
 def run_flow(name: str, cfg, echo=_echo, **params):
     """Run a flow of FLOWS in this process against the configured stack; return its state."""
     import importlib
@@ -303,10 +299,10 @@ def run(
     if retrain not in ("always", "if-data-changed"):
         raise ConfigError(f"--retrain: {retrain!r} is not one of: always, if-data-changed")
     cfg = load_config(config, set_ or [])
-    from llmflow.engines import check_engines
+    from llmflow.preflight import check_config
 
-    # Before the stack comes up: a vllm engine that cannot run is one line, exit 2.
-    check_engines(cfg, ENGINE_STAGES.get(flow, ()))
+    # Before the stack comes up: a vllm engine that cannot run, an unknown metric: one line.
+    check_config(cfg, flow)
     params = {"retrain": retrain} if flow == "pipeline" else {}
     state = run_flow(flow, cfg, **params)
     _finish(flow, state)

@@ -152,3 +152,23 @@ def test_unreachable_ray_head(addr, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     assert "is not reachable" in _one_error_line(proc)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["eval.engine=vllm", "cluster.vllm_python=/no/such/python"],
+     "eval.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
+     "/no/such/python: no such interpreter"),
+    (["serve.engine=vllm", f"cluster.vllm_python={sys.executable}"],
+     "serve.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
+     f"{sys.executable}: vllm is not installed there"),
+    (["eval.extra_metrics=[tasks.metrics:rouge_l]"],
+     "eval.extra_metrics: 'tasks.metrics:rouge_l': a metric named 'rouge_l' exists"),
+])  # fmt: skip
+def test_a_pipeline_config_that_cannot_run_fails_before_anything_starts(tmp_path, overrides, line):
+    """Checked before the stack comes up: no server, no Ray head, one line, exit 2."""
+    env = {"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(_free_port())}
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = run_cli("run", "pipeline", "--config", "configs/tiny.yaml", *sets, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert _one_error_line(proc) == f"error: {line}"
+    assert not (tmp_path / "stack.json").exists()  # nothing was started
