@@ -17,7 +17,7 @@ from llmflow.preflight import check_config
 from llmflow.refs import GateDecision, GateRule
 from llmflow.runs import model_slot
 from tasks.data import source_files
-from tasks.evaluation import champion_model, compare_reports, score_model
+from tasks.evaluation import champion_model, compare_reports, record_eval, score_model
 from tasks.gating import ask_for_approval, gate
 from tasks.prepare import base_model, prepare_dataset
 from tasks.report import summarize
@@ -75,6 +75,7 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
             champ_report = score_model.submit(config.eval, champ_uri, champ_version,
                                               dataset, "champion", config.cluster).result()  # fmt: skip
         compare_reports(cand_report, champ_report)
+        record_eval(candidate, cand_report, champ_version)
         if champ_version == candidate.version:  # a re-run after this version was promoted
             decision = GateDecision(passed=True, rules=[GateRule(
                 name="already-champion", passed=True,

@@ -48,6 +48,16 @@ def _restore_aliases(txn) -> None:
                              before.get("previous"))  # fmt: skip
 
 
+@task(name="record-gate")
+def record_gate(candidate: ModelRef, decision: GateDecision) -> None:
+    """The gate's decision, its rules and the approver (from the UI form) into the version's
+    lineage manifest, before it is served: /v1/models shows them."""
+    registry.annotate(Store(), candidate.name, candidate.version, gate={
+        "passed": decision.passed, "approved_by": decision.approved_by,
+        "comment": decision.comment,
+        "rules": [r.model_dump(mode="json") for r in decision.rules]})  # fmt: skip
+
+
 @flow(name="promote", log_prints=True)
 def promote(
     config: PipelineConfig = default_config(),
@@ -80,6 +90,8 @@ def promote(
                               message=f"{candidate.name}:{candidate.version} is already champion and served: nothing changed")  # fmt: skip
         else:
             check_serving(config.serve, config.cluster)
+            if decision is not None:
+                record_gate(candidate, decision)
             try:
                 with transaction() as txn:
                     txn.set("model_name", candidate.name)

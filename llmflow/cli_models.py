@@ -33,12 +33,20 @@ def list_(name: Annotated[Optional[str], typer.Argument(help="A model name.")] =
             typer.echo(f"no models in {store.uri('models')}")
         return
     tags = {v: k for k, v in aliases.read_aliases(store, name).items()}
-    table = Table("version", "alias", "created", "base model", "dataset", "metrics")
+    table = Table("version", "alias", "created", "base model", "dataset", "train", "eval", "gate")
     for ref in registry.list_versions(store, name):
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(ref.train_metrics.items())[:4])
+        manifest = registry.read_manifest(store, name, ref.version)
+        train = ", ".join(f"{k}={v:.4g}" for k, v in sorted(ref.train_metrics.items())[:3])
+        scored = (manifest.get("eval") or {}).get("metrics", {})
+        shown = [k for k in ("exact_match", "token_f1", "eval_loss") if k in scored]
+        evals = ", ".join(f"{k}={scored[k]:.4g}" for k in shown) or "-"
+        gate = manifest.get("gate") or {}
+        decided = ("passed" if gate.get("passed") else "failed") if gate else "-"
+        if gate.get("approved_by"):
+            decided += f" ({gate['approved_by']})"
         table.add_row(ref.version, tags.get(ref.version, ""), f"{ref.created_at:%Y-%m-%d %H:%M}",
-                      ref.base_model[-40:], (ref.dataset_sha256 or "-")[:16], metrics)  # fmt: skip
-    Console(width=160).print(table)
+                      ref.base_model[-30:], (ref.dataset_sha256 or "-")[:12], train, evals, decided)  # fmt: skip
+    Console(width=220).print(table)  # a row per version, also in logs and pipes
 
 
 @models_app.command()
@@ -55,7 +63,7 @@ def show(name: str, version: Annotated[Optional[str], typer.Argument()] = None) 
 
 def _promote(name: str, version: str | None, config: Path | None, set_: list[str] | None) -> None:
     from llmflow import registry
-    from llmflow.cli import _prepare_environment, _echo
+    from llmflow.cli import _echo, _prepare_environment
     from llmflow.config import load_config
     from llmflow.errors import RunFailed
     from llmflow.store import Store

@@ -98,6 +98,18 @@ def read_manifest(store: Store, name: str, version: str) -> dict[str, Any]:
     return store.read_json(MODELS, name, version, MANIFEST)
 
 
+def annotate(store: Store, name: str, version: str, **sections: Any) -> dict[str, Any]:
+    """Add or replace top-level sections of a version's manifest (``eval``: the metrics it
+    was scored with; ``gate``: the decision that promoted it and who approved it). The
+    weights never change; the record of what was decided about them grows. The manifest is
+    rewritten whole under a temporary name and renamed (Store.write_json), so a reader sees
+    the old one or the new one, never a half."""
+    manifest = read_manifest(store, name, version)
+    manifest.update(sections)
+    store.write_json(manifest, MODELS, name, version, MANIFEST)
+    return manifest
+
+
 def register_version(
     store: Store,
     name: str,

@@ -43,6 +43,16 @@ def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, datase
     return report
 
 
+@task(name="record-eval")
+def record_eval(candidate: ModelRef, report: EvalReport, champion_version: str) -> None:
+    """The candidate's eval metrics into its lineage manifest (`llmflow models list` and
+    /v1/models show them)."""
+    registry.annotate(Store(), candidate.name, candidate.version, eval={
+        "metrics": {k: round(v, 6) for k, v in report.metrics.items()}, "engine": report.engine,
+        "dataset_sha256": report.dataset_sha256, "num_examples": report.num_examples,
+        "against": champion_version})  # fmt: skip
+
+
 def champion_model(train: TrainConfig) -> tuple[str, str]:
     """(uri, version) of the current champion, or of the base model when there is none, so
     the gate always compares like with like."""

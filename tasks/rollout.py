@@ -17,10 +17,10 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from llmflow.settings import serve_url
 from llmflow.config import ClusterConfig, ServeConfig
 from llmflow.errors import ConfigError, LlmflowError
 from llmflow.refs import ModelRef, Rollout, SmokeTest
+from llmflow.settings import serve_url
 
 SMOKE_PROMPTS = ("Reverse this number: 1234", "Reverse this number: 905")
 
@@ -66,12 +66,17 @@ def served_lineage(model: ModelRef) -> dict[str, Any]:
         manifest = Store(model.uri).read_json("manifest.json")
     except Exception:  # noqa: BLE001 - lineage is shown when found; serving never depends on it
         return lineage
+    if manifest.get("gate"):
+        gate = manifest["gate"]
+        lineage["gate"] = {"passed": gate.get("passed"), "approved_by": gate.get("approved_by"),
+                           "rules": [r.get("reason") for r in gate.get("rules", [])]}  # fmt: skip
     dataset = manifest.get("dataset") or {}
     if dataset:
         lineage["dataset"] = {k: dataset.get(k) for k in ("uri", "sha256", "num_train", "num_eval")}
     if manifest.get("flow_run_id"):
         lineage["flow_run_id"] = manifest["flow_run_id"]
-        metrics = _eval_metrics(manifest["flow_run_id"])
+        recorded = (manifest.get("eval") or {}).get("metrics")
+        metrics = recorded or _eval_metrics(manifest["flow_run_id"])
         if metrics:
             lineage["eval_metrics"] = metrics
     return lineage

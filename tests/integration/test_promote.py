@@ -137,3 +137,29 @@ def test_a_route_prefix_held_by_another_app_fails_before_any_work(stack, version
         check_serving(other.serve, other.cluster)
     check_serving(cfg.serve, cfg.cluster)  # its own app: fine
     check_serving(load_config(None, ["serve.app_name=qwen"]).serve, other.cluster)  # /qwen: free
+
+
+def test_the_gate_decision_and_approver_are_in_the_lineage_and_on_v1_models(stack, versions, cfg):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.promote import promote
+    from llmflow.refs import GateDecision, GateRule
+
+    _, v2, _ = versions  # v1 serves after the test before: a real promotion
+    registry.annotate(Store(), NAME, v2.version, eval={"metrics": {"exact_match": 0.875}})
+    decision = GateDecision(passed=True, approved_by="alice", comment="looks right", rules=[
+        GateRule(name="primary:exact_match", passed=True, reason="exact_match 0.875 vs 0.5")])  # fmt: skip
+    rollout = promote(config=cfg, candidate=v2, decision=decision)
+    assert rollout.served_version == v2.version
+    gate = registry.read_manifest(Store(), NAME, v2.version)["gate"]
+    assert gate["approved_by"] == "alice" and gate["passed"] and gate["comment"] == "looks right"
+    assert gate["rules"][0]["reason"] == "exact_match 0.875 vs 0.5"
+    served = httpx.get(f"{stack.serve_url}/promote/v1/models", timeout=30).json()["data"][0]
+    assert served["lineage"]["gate"] == {"passed": True, "approved_by": "alice",
+                                         "rules": ["exact_match 0.875 vs 0.5"]}  # fmt: skip
+    listed = subprocess.run([str(Path(sys.executable).parent / "llmflow"), "models", "list", NAME],
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    row = next(line for line in listed.stdout.splitlines() if f" {v2.version} " in line)
+    assert "exact_match=0.875" in row and "passed (alice)" in row, listed.stdout
