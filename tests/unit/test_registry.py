@@ -98,3 +98,31 @@ def test_latest_if_same_data_compares_the_latest_versions_dataset_hash(tmp_path,
     v2 = register_version(store, "m", model_dir, base_model="tiny", dataset_sha256="b" * 64)
     assert latest_if_same_data(store, "m", "b" * 64) == (v2, True)
     assert latest_if_same_data(store, "m", "a" * 64) == (v2, False)  # only the latest counts
+
+
+def test_annotations_add_eval_and_gate_sections_and_keep_the_rest(tmp_path, model_dir, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llmflow.registry import annotate
+
+    store = Store(tmp_path / "store")
+    ref = register_version(store, "m", model_dir, base_model="tiny", metrics={"train_loss_last": 0.5})
+    before = read_manifest(store, "m", ref.version)
+    annotate(store, "m", ref.version, eval={"metrics": {"exact_match": 0.9375, "eval_loss": 0.125}})
+    annotate(store, "m", ref.version, gate={"passed": True, "approved_by": "bob", "rules": []})
+    after = read_manifest(store, "m", ref.version)
+    assert after == {**before, "eval": {"metrics": {"exact_match": 0.9375, "eval_loss": 0.125}},
+                     "gate": {"passed": True, "approved_by": "bob", "rules": []}}  # fmt: skip
+    assert not [p for p in (tmp_path / "store" / "models" / "m" / ref.version).iterdir()
+                if p.name.startswith(".tmp")]  # fmt: skip
+    with pytest.raises(RegistryError):
+        annotate(store, "m", "v9", eval={})
+    llmflow = Path(sys.executable).parent / "llmflow"
+    out = subprocess.run([str(llmflow), "models", "list", "m"], capture_output=True, text=True,
+                         env={**os.environ, "LLMFLOW_STORE": str(tmp_path / "store")},
+                         timeout=120, check=False).stdout  # fmt: skip
+    row = next(line for line in out.splitlines() if f" {ref.version} " in line)
+    assert "exact_match=0.9375" in row and "eval_loss=0.125" in row and "passed (bob)" in row, out
