@@ -94,6 +94,8 @@ def train_tokenizer(
     texts: Iterable[str],
     num_merges: int = DEFAULT_NUM_MERGES,
     min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    unk_token: str | None = UNK,
 ):
     """Train a byte-level BPE ``tokenizers.Tokenizer`` on ``texts``.
 
@@ -103,7 +105,7 @@ def train_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
@@ -112,9 +114,9 @@ def train_tokenizer(
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=len(SPECIAL_TOKENS) + 256 + num_merges,
+        vocab_size=len(special_tokens) + 256 + num_merges,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

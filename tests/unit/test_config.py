@@ -122,3 +122,26 @@ def test_a_second_app_gets_its_own_route_prefix_by_default():
     assert load_config(None).serve.route_prefix == "/"
     assert load_config(None, ["serve.app_name=qwen"]).serve.route_prefix == "/qwen"
     assert load_config(None, ["serve.app_name=qwen", "serve.route_prefix=/"]).serve.route_prefix == "/"
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b-instruct", "phi-3-mini-4k-instruct"])
+def test_the_gpu_configs_open_with_their_command_and_build_their_vllm_apps(name):
+    """Each real-model config says how it runs and on what, and its vLLM serving app (as the
+    promote stage builds it) validates as ray.serve.llm's LLMConfig."""
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    from deployments.vllm_app import llm_config
+    from llmflow.refs import ModelRef
+    from tasks.rollout import vllm_app_args
+
+    path = ROOT / "configs" / f"{name}.yaml"
+    head = path.read_text().splitlines()[:4]
+    assert f"llmflow run pipeline --config configs/{name}.yaml" in head[1] and "GPU" in head[2]
+    cfg = load_config(path)
+    assert cfg.train.use_gpu and cfg.eval.engine == cfg.serve.engine == "vllm"
+    assert cfg.serve.route_prefix == f"/{cfg.serve.app_name}" != "/"
+    model = ModelRef(uri="/store/models/m/v1", name=cfg.train.model_name, version="v1",
+                     base_model=cfg.train.base_model)  # fmt: skip
+    llm = LLMConfig(**llm_config(vllm_app_args(cfg.serve, model)))
+    assert llm.engine_kwargs["dtype"] == "bfloat16" and llm.placement_group_config["bundles"] == [{"GPU": 1.0}]
+    assert llm.deployment_config["max_surge_percent"] == 0  # one GPU: no room for two replicas
