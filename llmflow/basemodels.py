@@ -36,7 +36,11 @@ def resolve_base_model(train: TrainConfig, store: Store | None = None) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"train.base_model: {path}: no config.json (not a Hugging Face model)")
         return str(path.resolve())
-    return name
+    from llmflow.hub import snapshot
+
+    # A hub id: its snapshot at the resolved commit, a local directory from here on.
+    path, _ = snapshot(name, train.base_model_revision, "train.base_model")
+    return path
 
 
 def load_tokenizer(model_path: str):

@@ -39,6 +39,11 @@ class DataConfig(Section):
         "shipped with llmflow), a local JSONL/JSON/CSV/Parquet file or folder, a dataset "
         "saved with save_to_disk, or a Hugging Face hub id.",
     )
+    revision: str | None = Field(
+        None,
+        description="Hub datasets: a commit, branch or tag (default main), resolved to its "
+        "commit when prepare runs; the commit is the source's fingerprint.",
+    )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows in the eval split.")
     max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows.")
     min_rows: int = Field(10, ge=1, description="Fail validation below this many clean rows.")
@@ -62,6 +67,11 @@ class TrainConfig(Section):
         "tiny",
         description="Base model: 'tiny' (built locally, deterministic), a local HF directory "
         "or a hub id.",
+    )
+    base_model_revision: str | None = Field(
+        None,
+        description="Hub base models: a commit, branch or tag (default main), resolved to its "
+        "commit when the stage runs; the pinned snapshot is what trains (and the cache keys).",
     )
     model_name: str = Field("llmflow-tiny", description="Registry name of the fine-tuned model.")
     max_steps: int = Field(300, ge=1, description="Optimizer steps.")

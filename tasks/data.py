@@ -113,17 +113,17 @@ def _looks_like_hub_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source)) and not source.startswith(".")
 
 
-def fingerprint_source(source: str) -> str:
+def fingerprint_source(source: str, revision: str | None = None) -> str:
     """sha256 of the source's bytes (its files, in order): the key that decides a re-run is a
     cache hit without re-reading rows. A saved dataset hashes its files; a hub id hashes its
-    name (the hub's own revision pins the rest)."""
+    name and the commit ``revision`` resolves to (a new commit on the hub is a cache miss)."""
     h = hashlib.sha256()
     path = Path(resolve_source(source)).expanduser()
     files = source_files(source)
     if not files and path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     if not files:
-        h.update(f"hub:{source}".encode())
+        h.update(f"hub:{source}@{_hub_commit(source, revision)}".encode())
         return h.hexdigest()
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
@@ -137,7 +137,7 @@ def fingerprint_source(source: str) -> str:
 Record = tuple[str, int | None, Any]  # (source name, line number, dict or RowError)
 
 
-def iter_records(source: str) -> Iterator[Record]:
+def iter_records(source: str, revision: str | None = None) -> Iterator[Record]:
     """Every raw record of a source with where it came from; unreadable ones as RowError."""
     path = Path(resolve_source(source)).expanduser()
     files = source_files(source)
@@ -147,7 +147,7 @@ def iter_records(source: str) -> Iterator[Record]:
     elif path.is_dir():
         yield from _iter_hf_dataset(_load_from_disk(path), str(path))
     else:
-        yield from _iter_hf_dataset(_load_from_hub(source), source)
+        yield from _iter_hf_dataset(_load_from_hub(source, revision), source)
 
 
 def _iter_file(f: Path) -> Iterator[Record]:
@@ -256,17 +256,29 @@ def _load_from_disk(path: Path):
     return ds
 
 
-def _load_from_hub(source: str):
-    """A Hugging Face hub dataset: needs a network (HF_HUB_OFFLINE=0) or a warm HF cache."""
+def _load_from_hub(source: str, revision: str | None = None):
+    """A Hugging Face hub dataset at the commit ``revision`` resolves to: needs a network
+    (HF_HUB_OFFLINE=0) or a warm HF cache."""
     from datasets import load_dataset
 
+    commit = _hub_commit(source, revision)
     try:
-        return load_dataset(source, split="train")
+        return load_dataset(source, split="train", revision=commit)
     except Exception as exc:  # noqa: BLE001
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only datasets already in the HF cache load)" if offline else ""
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"data.source: {source}: cannot load hub dataset{hint}: {first}") from None
+
+
+def _hub_commit(source: str, revision: str | None) -> str:
+    """The commit a hub dataset's revision resolves to; DataError (one line) when it cannot."""
+    from llmflow.hub import HubError, resolve_revision
+
+    try:
+        return resolve_revision(source, revision, "dataset", "data.source")
+    except HubError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def _iter_hf_dataset(ds, name: str) -> Iterator[Record]:

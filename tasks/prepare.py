@@ -82,7 +82,7 @@ def prepare_to_store(
 
     counter = chat_token_counter(load_tokenizer(base_model_uri))
     prepared = D.prepare_records(
-        D.iter_records(data.source),
+        D.iter_records(data.source, data.revision),
         eval_fraction=data.eval_fraction,
         max_chars=data.max_chars,
         max_tokens=data.max_tokens,
@@ -126,7 +126,8 @@ def prepare_to_store(
             (tmp / "validation.json").write_text(json.dumps(validation, indent=2))
             (tmp / "quarantine.jsonl").write_bytes(quarantine)
             manifest = {"ref": ref.model_dump(mode="json"), "prep_config": cfg,
-                        "num_input": prepared.num_input, "run_id": run_id}  # fmt: skip
+                        "num_input": prepared.num_input, "run_id": run_id,
+                        "source_fingerprint": D.fingerprint_source(data.source, data.revision)}  # fmt: skip
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     else:
         ref = DatasetRef.model_validate(store.read_json(*parts, MANIFEST)["ref"])
@@ -137,7 +138,7 @@ def _prepare_cache_key(context, parameters: dict[str, Any]) -> str:
     """Same source bytes + same prep config + same tokenizer + same store = same dataset."""
     data: DataConfig = parameters["data"]
     h = hashlib.sha256()
-    h.update(D.fingerprint_source(data.source).encode())
+    h.update(D.fingerprint_source(data.source, data.revision).encode())
     h.update(json.dumps(prep_config(data, parameters["base_model_uri"]), sort_keys=True).encode())
     h.update(json.dumps(data.model_dump(mode="json"), sort_keys=True).encode())
     h.update(Store().root.encode())
