@@ -19,9 +19,9 @@ request body for a query parameter.
 
 import asyncio
 import json
-import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -276,7 +276,11 @@ class OpenAIServer:
         BodyLimit.max_bytes = int(max_body_bytes)
         self._generate.set_max_batch_size(max_batch_size)
         self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._lock = threading.Lock()  # generate is not re-entrant on one model
+        # One thread runs every generate call, batched or streamed, one at a time (generate is
+        # not re-entrant on one model). The event loop only awaits it: it never blocks on a
+        # lock that a stream holds for a whole generation, so /health and new requests are
+        # answered while a batch or a stream runs.
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     # -- checks -------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -329,9 +333,8 @@ class OpenAIServer:
             groups.setdefault((j.temperature, j.top_p, j.seed, j.stop), []).append(i)
         results: list[GenResult | None] = [None] * len(jobs)
         for idx in groups.values():
-            with self._lock:
-                outs = await asyncio.to_thread(generate_batch, self.model, self.tokenizer,
-                                               [jobs[i] for i in idx])  # fmt: skip
+            outs = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, generate_batch, self.model, self.tokenizer, [jobs[i] for i in idx])
             for i, r in zip(idx, outs):
                 results[i] = r
         return results  # type: ignore[return-value]
@@ -366,7 +369,7 @@ class OpenAIServer:
 
         def run():
             try:
-                with self._lock, torch.inference_mode():
+                with torch.inference_mode():
                     if job.temperature > 0 and job.seed is not None:
                         torch.manual_seed(job.seed)
                     out = self.model.generate(**kwargs)
@@ -376,9 +379,8 @@ class OpenAIServer:
                 outcome["error"] = exc
                 streamer.end()  # else the loop below would wait on the streamer forever
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
         loop = asyncio.get_running_loop()
+        generating = loop.run_in_executor(self._model_thread, run)
         while True:
             piece = await loop.run_in_executor(None, lambda: next(streamer, None))
             if piece is None:
@@ -388,7 +390,7 @@ class OpenAIServer:
                 yield f"data: {json.dumps(make_chunk(text))}\n\n"
         if rest := stops.flush():
             yield f"data: {json.dumps(make_chunk(rest))}\n\n"
-        await asyncio.to_thread(thread.join)
+        await generating
         if stops.stopped and "finish" in outcome:
             outcome["finish"] = "stop"
         if "error" in outcome:

@@ -304,3 +304,46 @@ def test_api_key_is_never_written_to_logs(served, stack):
                 except OSError:
                     pass
     assert os.path.isdir(roots[1]) and leaks == [], leaks
+
+
+def test_health_answers_while_a_long_stream_and_a_batch_generate(served):
+    """The replica's event loop never waits on a generation: streams and batches run in the
+    replica's one generate thread, so /health answers at once while both run. (A lock taken
+    on the event loop around the batch, held by the stream's thread for its whole generation,
+    made /health wait for it: seconds.)"""
+    import statistics
+    import threading
+    import time
+
+    # Greedy on the untrained tiny model: special tokens to the limit, never an early stop.
+    long = {"model": "tiny", "max_tokens": 400, "temperature": 0.0}
+    busy = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{served}/open/v1/chat/completions", timeout=120,
+                          json=long | {"stream": True, "messages": CHAT["messages"]}) as r:  # fmt: skip
+            busy.set()
+            for _ in r.iter_lines():
+                pass
+
+    def batch() -> None:
+        with cf.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: httpx.post(f"{served}/open/v1/completions", timeout=120,
+                                               json=long | {"prompt": p}), ["1", "22", "333", "4444"]))  # fmt: skip
+
+    workers = [threading.Thread(target=stream), threading.Thread(target=batch),
+               threading.Thread(target=stream)]  # fmt: skip
+    for w in workers:
+        w.start()
+    busy.wait(60)
+    latencies = []
+    with httpx.Client(timeout=30) as client:
+        while any(w.is_alive() for w in workers) and len(latencies) < 200:
+            t0 = time.perf_counter()
+            assert client.get(f"{served}/open/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+    for w in workers:
+        w.join(120)
+    assert len(latencies) >= 5, latencies  # the generations ran long enough to probe
+    assert statistics.median(latencies) < 0.1 and max(latencies) < 1.0, latencies
