@@ -132,6 +132,45 @@ def rollout(f: dict) -> list[Row]:
     )]  # fmt: skip
 
 
+def _resolved(s: dict) -> bool:
+    return all(e["wall_s"][1] - e["wall_s"][0] >= 2.0 for e in s.values())
+
+
+def _marginal(e: dict, n: int) -> str:
+    """The marginal rate, or why it is not one: a T(2N) - T(N) under 2 s is the machine's
+    noise, not N prompts' generation time."""
+    extra = e["wall_s"][1] - e["wall_s"][0]
+    if extra < 2.0:
+        return f"not resolved: T(2N) - T(N) = {extra:+.1f} s for {n} more prompts (noise)"
+    return f"{n / extra:.1f}/s"
+
+
+def vllm(f: dict) -> list[Row]:
+    s, v, r = f["scoring"], f["serving"], f["ratios"]
+    rows: list[Row] = [
+        (f"scoring {f['prompts']} prompts, examples/s with start-up (vllm)",
+         f"{s['vllm']['examples_per_s_with_startup']:.1f}/s",
+         f"{s['hf']['examples_per_s_with_startup']:.1f}/s (hf)", f"{r['scoring_with_startup']:.2f}x", "-"),
+        ("scoring, examples/s without start-up (vllm; marginal rate N vs 2N)",
+         _marginal(s["vllm"], f["prompts"]), _marginal(s["hf"], f["prompts"]) + " (hf)",
+         f"{r['scoring_without_startup']:.2f}x" if _resolved(s) else "-",
+         "report (0.5-0.6x measured before on 0.57 M)"),
+        ("scoring start-up, peak added RSS (vllm)",
+         f"{s['vllm']['startup_s']:.0f} s, {s['vllm']['peak_mib']:.0f} MiB",
+         f"{s['hf']['startup_s']:.0f} s, {s['hf']['peak_mib']:.0f} MiB (hf)", "-", "-"),
+    ]
+    for c in (1, 32):
+        a, b = v["vllm"][f"c{c}"], v["hf"][f"c{c}"]
+        rows.append((f"serving, concurrency {c}: req/s, p50 (vllm)",
+                     f"{a['req_per_s']:.1f} req/s, {a['p50_ms']:.0f} ms",
+                     f"{b['req_per_s']:.1f} req/s, {b['p50_ms']:.0f} ms (hf)",
+                     f"{r[f'serving_c{c}']:.2f}x", "-"))  # fmt: skip
+    rows.append(("serving deploy, peak added RSS (vllm)",
+                 f"{v['vllm']['deploy_s']:.0f} s, {v['vllm']['peak_mib']:.0f} MiB",
+                 f"{v['hf']['deploy_s']:.0f} s, {v['hf']['peak_mib']:.0f} MiB (hf)", "-", "-"))
+    return rows
+
+
 # name -> (script args after --json, figures -> rows)
 BENCHES: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
     "overhead": ([], overhead),
@@ -140,6 +179,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
     "score": ([], score),
     "serve": ([], serve),
     "rollout": ([], rollout),
+    "engines": ([], vllm),
 }
 
 
