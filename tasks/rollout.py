@@ -180,8 +180,8 @@ def build_application(serve_cfg: ServeConfig, model: ModelRef):
 def _apply_declarative(app: dict[str, Any]) -> float:
     """Deploy one declarative application, keeping every other declarative one (a Serve
     config replaces the whole declarative set; apps run with serve.run are not part of it).
-    Returns the controller's time before the apply, to tell the new deployment's status from
-    the old one's."""
+    Returns the app's last deployment time before the apply (the controller's clock, not
+    this machine's), to tell the new deployment's status from the old one's."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -189,7 +189,7 @@ def _apply_declarative(app: dict[str, Any]) -> float:
     details = client.get_serve_details().get("applications", {})
     keep = [d["deployed_app_config"] for name, d in details.items()
             if d.get("deployed_app_config") and name != app["name"]]  # fmt: skip
-    before = time.time()
+    before = float((details.get(app["name"]) or {}).get("last_deployed_time_s") or 0.0)
     client.deploy_apps(ServeDeploySchema(applications=[*keep, app]))
     return before
 
@@ -251,7 +251,7 @@ def deploy(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | Non
 
     engine = serve_engine(serve_cfg, cluster)
     timeout_s = timeout_s or (900 if engine == "vllm" else 300)
-    since = 0.0
+    since = -1.0  # serve.run returns once its deployment is the app's
     try:
         if engine == "vllm":
             since = _apply_declarative(vllm_app_schema(serve_cfg, model, cluster))
@@ -266,7 +266,7 @@ def deploy(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | Non
     while time.monotonic() < deadline:
         app = serve.status().applications.get(serve_cfg.app_name)
         status = str(getattr(app, "status", ""))
-        current = getattr(app, "last_deployed_time_s", 0.0) >= since  # not the old version's
+        current = getattr(app, "last_deployed_time_s", 0.0) > since  # not the old version's
         if current and status.endswith("RUNNING"):
             if serve_cfg.chat:
                 deploy_chat(serve_cfg, model, cluster)
