@@ -211,9 +211,24 @@ def check_route_prefix(serve_cfg: ServeConfig) -> None:
                               f"its own prefix (e.g. /{serve_cfg.app_name})")  # fmt: skip
 
 
+def check_api_key_source(serve_cfg: ServeConfig, cluster: ClusterConfig) -> None:
+    """ConfigError, one line, when the configured key source holds no key. Checked where it
+    can be: on the local stack the replicas read this machine's environment and files; on a
+    remote cluster (cluster.ray_address) only its nodes can say, and the deploy does."""
+    from llmflow.apikey import resolve_api_key
+
+    if cluster.ray_address:
+        return
+    try:
+        resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_serving(serve_cfg: ServeConfig, cluster: ClusterConfig) -> None:
-    """What can be checked of serving before any work: the route prefix is free or this
-    app's (on the cluster the config names)."""
+    """What can be checked of serving before any work: the API key's source, and the route
+    prefix is free or this app's (on the cluster the config names)."""
+    check_api_key_source(serve_cfg, cluster)
     connect(cluster)
     check_route_prefix(serve_cfg)
 

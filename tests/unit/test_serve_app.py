@@ -211,3 +211,20 @@ def test_the_smoke_test_calls_the_configured_clusters_serve_url(monkeypatch):
         server.shutdown()
     assert result.passed, result.checks
     assert paths[0] == "/remote/v1/models" and paths[1] == "/remote/v1/chat/completions"
+
+
+def test_a_key_source_without_a_key_fails_before_any_work(tmp_path, monkeypatch):
+    from llmflow.config import ClusterConfig
+    from tasks.rollout import check_api_key_source
+
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    local = ClusterConfig()
+    with pytest.raises(ConfigError, match="^serve.api_key_env: environment variable NO_SUCH_KEY_VAR is not set$"):
+        check_api_key_source(_serve("serve.api_key_env=NO_SUCH_KEY_VAR"), local)
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=f"^serve.api_key_file: {empty} is empty$"):
+        check_api_key_source(_serve(f"serve.api_key_file={empty}"), local)
+    check_api_key_source(_serve(), local)  # no key configured: nothing to check
+    # A remote cluster's nodes hold the key: not checkable from here, so not refused.
+    check_api_key_source(_serve("serve.api_key_env=NO_SUCH_KEY_VAR"), ClusterConfig(ray_address="ray://h:10001"))
