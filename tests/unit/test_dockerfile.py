@@ -82,4 +82,4 @@ def test_the_offline_switches_of_llmflow_are_set_and_the_hubs_follow_a_build_arg
 
 def test_the_build_context_leaves_local_state_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".llmflow", "**/__pycache__", "*.egg-info"} <= set(ignored)
+    assert {".git", ".venv", ".venv-vllm", ".llmflow", "**/__pycache__", "*.egg-info"} <= set(ignored)
