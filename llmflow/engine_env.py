@@ -141,9 +141,16 @@ def probe(cluster: ClusterConfig | None = None, placement: list[dict[str, float]
     import importlib.metadata as md
 
     python, minor = vllm_python(cluster), f"{sys.version_info[0]}.{sys.version_info[1]}"
-    if not Path(python).exists() and getattr(cluster, "ray_address", None):
-        return _probe_on_cluster(cluster, python, md.version("ray"), minor, placement)
+    address = getattr(cluster, "ray_address", None)
+    if not Path(python).exists() and address:
+        key = (address, python)
+        if key not in _remote_answers:  # one probe per cluster and path in a process
+            _remote_answers[key] = _probe_on_cluster(cluster, python, md.version("ray"), minor, placement)
+        return _remote_answers[key]
     return _probe_cached(python, md.version("ray"), minor)
+
+
+_remote_answers: dict[tuple[str, str], EnvInfo] = {}
 
 
 def _remote_probe() -> str:
