@@ -145,7 +145,8 @@ def probe(cluster: ClusterConfig | None = None, placement: list[dict[str, float]
     if not Path(python).exists() and address:
         key = (address, python)
         if key not in _remote_answers:  # one probe per cluster and path in a process
-            _remote_answers[key] = _probe_on_cluster(cluster, python, md.version("ray"), minor, placement)
+            _remote_answers[key] = _probe_on_cluster(cluster, python, md.version("ray"), minor,
+                                                     placement)  # fmt: skip
         return _remote_answers[key]
     return _probe_cached(python, md.version("ray"), minor)
 
@@ -180,7 +181,8 @@ def _probe_on_cluster(cluster: ClusterConfig, python: str, ray_version: str, min
         return EnvInfo(python, problem=f"{python}: no Ray worker started with it in "
                        f"{PROBE_TIMEOUT_S:.0f} s (is it the interpreter's path on the nodes?)")  # fmt: skip
     except RayError as exc:
-        return EnvInfo(python, problem=f"{python}: a Ray worker with it failed ({str(exc).splitlines()[0]})")
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return EnvInfo(python, problem=f"{python}: a Ray worker with it failed ({first})")
     return _judge(python, out, "", 0, ray_version, minor)
 
 
