@@ -286,13 +286,12 @@ class OpenAIServer:
     def _auth(self, request: Request) -> None:
         if not self._api_key:
             return
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer "):
-            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                           "authentication_error", "missing_api_key")  # fmt: skip
-        if header.removeprefix("Bearer ").strip() != self._api_key:
-            raise APIError(401, "Incorrect API key provided.", "authentication_error",
-                           "invalid_api_key")  # fmt: skip
+        from llmflow.apikey import bearer_problem
+
+        problem = bearer_problem(request.headers.get("authorization", ""), self._api_key)
+        if problem:
+            code, message = problem
+            raise APIError(401, message, "authentication_error", code)
 
     def _check_model(self, name: str) -> None:
         if name not in (self.model_name, f"{self.model_name}:{self.version}"):

@@ -4,13 +4,12 @@ Imported only in the vLLM engine environment (it needs ray.serve.llm, hence vllm
 declarative Serve application of deployments/vllm_app.py names it. On top of ray.serve.llm's
 `OpenAiIngress` (completions, chat, streaming, /v1/models) it adds the served version and
 lineage to /v1/models, a /health that names the version (the promote stage's rollback reads
-it), the bearer API key (serve.api_key_env / api_key_file, checked with compare_digest), and
+it), the bearer API key (serve.api_key_env / api_key_file; llmflow.apikey.bearer_problem), and
 the `name:version` model alias.
 """
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -24,7 +23,7 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-from llmflow.apikey import resolve_api_key
+from llmflow.apikey import bearer_problem, resolve_api_key
 
 
 class LlmflowIngress(OpenAiIngress):
@@ -87,20 +86,17 @@ def _with_key_check(app, api_key_env: str | None, api_key_file: str | None):
             cache.append(resolve_api_key(api_key_env, api_key_file))
         key = cache[0]
         if key and "/v1/" in request.url.path:
-            header = request.headers.get("authorization", "")
-            if not header.startswith("Bearer "):
-                return _unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-            if not secrets.compare_digest(header.removeprefix("Bearer ").strip().encode(), key.encode()):
-                return _unauthorized("Incorrect API key provided.")
+            problem = bearer_problem(request.headers.get("authorization", ""), key)
+            if problem:
+                return _unauthorized(*problem)
         return await call_next(request)
 
     return app
 
 
-def _unauthorized(message: str) -> JSONResponse:
+def _unauthorized(code: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=401, content={"error": {
-        "message": message, "type": "authentication_error", "param": None,
-        "code": "invalid_api_key"}})  # fmt: skip
+        "message": message, "type": "authentication_error", "param": None, "code": code}})  # fmt: skip
 
 
 def build(config: dict[str, Any], args: dict[str, Any]) -> serve.Application:

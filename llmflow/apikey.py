@@ -31,3 +31,17 @@ def resolve_api_key(api_key_env: str | None = None, api_key_file: str | None = N
             raise ValueError(f"serve.api_key_env: environment variable {api_key_env} is not set")
         return key
     return None
+
+
+def bearer_problem(authorization: str, key: str) -> tuple[str, str] | None:
+    """What is wrong with an ``Authorization`` header against ``key``: (OpenAI error code,
+    message), or None when it carries the key. Compared in constant time. Both Serve apps
+    (hf and vllm) answer with it, so their 401s say the same."""
+    import secrets
+
+    if not authorization.startswith("Bearer "):
+        return "missing_api_key", "Missing API key: send 'Authorization: Bearer <key>'."
+    given = authorization.removeprefix("Bearer ").strip()
+    if not secrets.compare_digest(given.encode(), key.encode()):
+        return "invalid_api_key", "Incorrect API key provided."
+    return None

@@ -105,3 +105,13 @@ def test_api_key_comes_from_a_file_or_a_named_variable_and_errors_never_show_it(
     monkeypatch.delenv("LLMFLOW_TEST_KEY")
     with pytest.raises(ValueError, match="environment variable LLMFLOW_TEST_KEY is not set"):
         resolve_api_key("LLMFLOW_TEST_KEY", None)
+
+
+def test_both_serve_apps_judge_a_bearer_header_the_same_way():
+    from llmflow.apikey import bearer_problem
+
+    assert bearer_problem("Bearer k3y", "k3y") is None
+    assert bearer_problem("Bearer  k3y ", "k3y") is None
+    assert bearer_problem("", "k3y")[0] == "missing_api_key"
+    assert bearer_problem("Basic k3y", "k3y")[0] == "missing_api_key"
+    assert bearer_problem("Bearer k3", "k3y") == ("invalid_api_key", "Incorrect API key provided.")
