@@ -10,7 +10,7 @@ from prefect_ray.context import remote_options
 
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig, default_config
-from llmflow.preflight import check_config
+from llmflow.preflight import check_flow
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
 from tasks.data import source_files
 from tasks.evaluation import candidate_of, champion_model, compare_reports, score_model
@@ -33,7 +33,7 @@ def evaluate(
            on model version, dataset and eval config
         3. compare-reports: side-by-side table and the ten worst examples
     """
-    check_config(config, "evaluate")  # a missing vLLM environment fails here, in one line
+    check_flow(config, "evaluate")  # a missing vLLM environment fails here, in one line
     candidate = candidate_of(model, config.train)
     champ_uri, champ_version = champion_model(config.train)
     if dataset is None:

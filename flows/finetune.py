@@ -10,6 +10,7 @@ from prefect_ray.context import remote_options
 
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig, default_config
+from llmflow.preflight import check_flow
 from llmflow.refs import DatasetRef, ModelRef
 from tasks.data import source_files
 from tasks.prepare import base_model, prepare_dataset
@@ -32,6 +33,7 @@ def finetune(
            its lineage, the loss curve as artifacts
     """
     check_inputs(config.train, dataset)  # bad model or dataset fails here, before cluster work
+    check_flow(config, "finetune")  # and workers that could never be placed
     if dataset is None:
         source_files(config.data.source)
     model_uri = base_model.submit(config.train).result()

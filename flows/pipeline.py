@@ -13,7 +13,7 @@ from prefect_ray.context import remote_options
 from flows.promote import promote
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig, default_config
-from llmflow.preflight import check_config
+from llmflow.preflight import check_flow
 from llmflow.refs import GateDecision, GateRule
 from llmflow.runs import model_slot
 from tasks.data import source_files
@@ -49,7 +49,7 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
     """
     source_files(config.data.source)  # bad inputs fail here, before any cluster work
     check_inputs(config.train, None)
-    check_config(config, "pipeline")
+    check_flow(config, "pipeline")
     check_serving(config.serve, config.cluster)
     with model_slot(config.train.model_name):
         model_uri = base_model.submit(config.train).result()

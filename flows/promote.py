@@ -12,7 +12,7 @@ from prefect.transactions import transaction
 
 from llmflow import aliases, registry
 from llmflow.config import PipelineConfig, default_config
-from llmflow.preflight import check_config
+from llmflow.preflight import check_flow
 from llmflow.refs import GateDecision, ModelRef, Rollout
 from llmflow.runs import model_slot
 from llmflow.store import Store
@@ -74,7 +74,7 @@ def promote(
         2. smoke-test: real HTTP requests, the new version must answer
         3. move-champion: the alias moves only after the smoke test passed
     """
-    check_config(config, "promote")  # a missing vLLM environment fails here, in one line
+    check_flow(config, "promote")  # a missing vLLM environment fails here, in one line
     store = Store()
     candidate = candidate or registry.get_version(store, config.train.model_name)
     with model_slot(candidate.name, kind="promote"):  # promotions of a model never interleave

@@ -152,9 +152,13 @@ class ClusterTaskRunner(RayTaskRunner):
             )
         self._connected = True
 
-    def submit(self, task, parameters, wait_for=None, dependencies=None):  # type: ignore[override]
+    def ensure_connected(self) -> None:
+        """Connect now, once (the flows' resource check reads the cluster before any task)."""
         if not self._connected:
             self.connect()
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):  # type: ignore[override]
+        self.ensure_connected()
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
 
     @staticmethod

@@ -284,6 +284,11 @@ class ClusterConfig(Section):
         "the promote stage's smoke test, the CLI's sample answer and the chat call it. Empty: "
         "LLMFLOW_SERVE_URL, else the local stack's.",
     )
+    autoscaling: bool = Field(
+        False,
+        description="The cluster starts nodes on demand (KubeRay's autoscaler): the flows do "
+        "not check the stages' resources against the nodes alive at the start.",
+    )
     vllm_python: str | None = Field(
         None,
         description="Interpreter of the vLLM engine environment on the Ray nodes (the image "

@@ -6,13 +6,21 @@ run started from the UI or a schedule fails the same way, before training starts
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from llmflow.errors import ConfigError
 
 if TYPE_CHECKING:
     from llmflow.config import PipelineConfig
 
+log = logging.getLogger(__name__)
+
 # The stages whose settings each flow uses.
 FLOW_STAGES = {"pipeline": ("eval", "serve"), "evaluate": ("eval",), "promote": ("serve",)}
+TRAINS = ("pipeline", "finetune")
 
 
 def check_config(config: PipelineConfig, flow: str) -> None:
@@ -26,3 +34,60 @@ def check_config(config: PipelineConfig, flow: str) -> None:
         from tasks.metrics import load_metrics
 
         load_metrics(config.eval.extra_metrics)
+
+
+def check_resources(config: PipelineConfig, flow: str, nodes: Sequence[dict[str, Any]]) -> None:
+    """Whether the alive ``nodes`` (``ray.nodes()`` entries) could ever hold what the stages
+    of ``flow`` ask for: every training worker at once, one scoring actor or vLLM replica,
+    one Serve replica. Other jobs' usage is not counted: this catches what can never run,
+    not what must wait. Raises ConfigError naming the key."""
+    stages = FLOW_STAGES.get(flow, ())
+    if flow in TRAINS:
+        from tasks.training import InsufficientResources, check_placeable
+
+        try:
+            check_placeable(config.train, nodes)
+        except InsufficientResources as exc:
+            raise ConfigError(str(exc)) from exc
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    gpus = any(r.get("GPU", 0) > 0 for r in alive)
+    for stage in stages:
+        section = getattr(config, stage)
+        if section.engine == "vllm":
+            key, bundles = f"{stage}.vllm_placement", section.vllm_placement or [{"GPU": 1.0}]
+        elif stage == "eval":  # hf: one actor of cpus_per_actor, and a GPU where there are some
+            key = "eval.cpus_per_actor"
+            bundles = [{"CPU": section.cpus_per_actor, **({"GPU": 1.0} if gpus else {})}]
+        else:  # hf Serve replicas take one CPU (deployments/openai_app.py)
+            key, bundles = "serve", [{"CPU": 1.0}]
+        for bundle in bundles:
+            if not any(all(r.get(k, 0.0) >= v for k, v in bundle.items()) for r in alive):
+                wanted = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+                most = "; ".join(", ".join(f"{r.get(k, 0.0):g} {k}" for k in bundle) for r in alive)
+                raise ConfigError(f"{key}: a bundle of {wanted} fits on no node of the Ray "
+                                  f"cluster (nodes: {most or 'none alive'})")  # fmt: skip
+
+
+def check_placement(config: PipelineConfig, flow: str) -> None:
+    """check_resources against the cluster the running flow's task runner connects to (it
+    connects now; no task has run). Skipped, with a log line, on an autoscaling cluster
+    (``cluster.autoscaling``): nodes not started yet are not in ``ray.nodes()``."""
+    if config.cluster.autoscaling or os.environ.get("LLMFLOW_CLUSTER_AUTOSCALING") == "1":
+        log.info("cluster.autoscaling: resources are not checked against the nodes alive now")
+        return
+    import ray
+    from prefect.context import FlowRunContext
+
+    from llmflow.cluster import ClusterTaskRunner
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    if isinstance(runner, ClusterTaskRunner):
+        runner.ensure_connected()
+    if ray.is_initialized():
+        check_resources(config, flow, ray.nodes())
+
+
+def check_flow(config: PipelineConfig, flow: str) -> None:
+    """What each flow runs first: check_config, then check_placement."""
+    check_config(config, flow)
+    check_placement(config, flow)

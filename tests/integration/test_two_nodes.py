@@ -148,12 +148,12 @@ def test_use_gpu_workers_are_placed_on_the_gpu_node_and_fall_back_to_cpu(stack, 
 
 def test_training_that_asks_for_an_undeclared_resource_fails_before_it_starts(stack, dataset, second_node):
     from flows.finetune import finetune
-    from tasks.training import InsufficientResources
+    from llmflow.errors import ConfigError
 
     # Another seed: with the first test's inputs, the finished run would be reused as it is
     # (where a run is placed is not part of its key), and nothing would be placed at all.
     config = cfg("train.resources_per_worker={tpu_node: 1}", "train.seed=7",
                  "train.model_name=two-nodes-x")
-    with pytest.raises(InsufficientResources, match=r"needs 1 CPU, 1 tpu_node, but the Ray "
+    with pytest.raises(ConfigError, match=r"needs 1 CPU, 1 tpu_node, but the Ray "
                        r"cluster has \d+ CPU, 0 tpu_node in total"):  # fmt: skip
         finetune(config=config, dataset=dataset)

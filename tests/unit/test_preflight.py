@@ -1,0 +1,69 @@
+"""The flows' resource check against the alive nodes, before any task: each stage's ask
+(training workers all at once, a scoring actor or vLLM replica, a Serve replica) must fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmflow.config import load_config
+from llmflow.errors import ConfigError
+from llmflow.preflight import check_placement, check_resources
+
+CPU4 = {"Alive": True, "Resources": {"CPU": 4.0, "memory": 8e9}}
+GPU1 = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+DEAD_GPU = {**GPU1, "Alive": False}
+
+
+def cfg(*sets: str):
+    return load_config("configs/tiny.yaml", list(sets))
+
+
+def test_the_tiny_config_fits_a_four_cpu_node():
+    for flow in ("pipeline", "finetune", "evaluate", "promote"):
+        check_resources(cfg(), flow, [CPU4])
+
+
+def test_more_training_workers_than_the_nodes_hold_names_the_key():
+    with pytest.raises(ConfigError, match=r"^train.num_workers=5 x \(1 CPU\) needs 5 CPU, but "
+                       r"the Ray cluster has 4 CPU in total"):  # fmt: skip
+        check_resources(cfg("train.num_workers=5", "train.cpus_per_worker=1"), "finetune", [CPU4])
+    # evaluate and promote train nothing: the same config passes there
+    check_resources(cfg("train.num_workers=5", "train.cpus_per_worker=1"), "evaluate", [CPU4])
+
+
+def test_a_vllm_replica_that_wants_a_gpu_fails_on_a_cpu_cluster():
+    config = cfg("serve.engine=vllm", "serve.vllm_placement=[{GPU: 1}]")
+    with pytest.raises(ConfigError, match=r"^serve.vllm_placement: a bundle of 1 GPU fits on no "
+                       r"node of the Ray cluster \(nodes: 0 GPU\)"):  # fmt: skip
+        check_resources(config, "promote", [CPU4])
+    check_resources(config, "promote", [CPU4, GPU1])
+    with pytest.raises(ConfigError, match="fits on no node"):  # a dead node holds nothing
+        check_resources(config, "promote", [CPU4, DEAD_GPU])
+
+
+def test_an_empty_vllm_placement_means_one_gpu():
+    config = cfg("eval.engine=vllm", "eval.vllm_placement=null")
+    with pytest.raises(ConfigError, match=r"^eval.vllm_placement: a bundle of 1 GPU"):
+        check_resources(config, "evaluate", [CPU4])
+
+
+def test_a_bundle_must_fit_on_one_node_not_across_nodes():
+    config = cfg("eval.engine=vllm", "eval.vllm_placement=[{CPU: 6}]")
+    with pytest.raises(ConfigError, match=r"eval.vllm_placement: a bundle of 6 CPU fits on no "
+                       r"node of the Ray cluster \(nodes: 4 CPU; 4 CPU\)"):  # fmt: skip
+        check_resources(config, "evaluate", [CPU4, CPU4])
+
+
+def test_an_hf_scoring_actor_larger_than_any_node():
+    with pytest.raises(ConfigError, match=r"^eval.cpus_per_actor: a bundle of 6 CPU"):
+        check_resources(cfg("eval.engine=hf", "eval.cpus_per_actor=6"), "pipeline", [CPU4])
+
+
+def test_an_autoscaling_cluster_is_not_checked_against_the_nodes_alive_now(monkeypatch):
+    import ray
+
+    # No Ray is started or asked: with autoscaling the check returns before it connects.
+    monkeypatch.setattr(ray, "nodes", lambda: pytest.fail("ray.nodes() was called"))
+    check_placement(cfg("cluster.autoscaling=true", "train.num_workers=500"), "finetune")
+    monkeypatch.setenv("LLMFLOW_CLUSTER_AUTOSCALING", "1")
+    check_placement(cfg("train.num_workers=500"), "finetune")
