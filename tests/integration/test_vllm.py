@@ -103,6 +103,51 @@ def test_vllm_scoring_matches_the_hf_engine_on_the_same_split(ray_on_stack, eval
     assert "worst of 64" in worst_examples(pq.read_table(vl.predictions_uri), k=5)
 
 
+def test_both_engines_stop_on_every_end_id_of_the_generation_config(ray_on_stack, eval_dataset,
+                                                                   trained, tmp_path):
+    """A model whose turns end with a second end token (Phi-3's <|end|>, Llama-3's <|eot_id|>)
+    lists it in generation_config.eos_token_id: vLLM and the hf engine both stop there. Here a
+    copy of the trained model names a digit its answers use as that token: every generation is
+    the plain one cut before the digit."""
+    import json
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from tasks.scoring import score_dataset
+
+    tiny = load_config("configs/tiny.yaml")
+    hf_cfg = tiny.eval.model_copy(update={"engine": "hf", "batch_size": 16, "max_new_tokens": 12,
+                                          "max_examples": 32})  # fmt: skip
+    store = Store()
+    plain = score_dataset(hf_cfg, trained, eval_dataset, store.uri("runs", "vllm-stop", "plain"))
+    texts = {r["id"]: r["generation"] for r in pq.read_table(plain.predictions_uri).to_pylist()}
+    # The digit most often found after an answer's first character: the "turn end" token.
+    digit = Counter(c for t in texts.values() for c in t[1:] if c.isdigit()).most_common(1)[0][0]
+    turned = tmp_path / "turned"
+    shutil.copytree(trained, turned)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(turned)
+    [end_id] = tok(digit, add_special_tokens=False)["input_ids"][-1:]
+    assert tok.decode([end_id]) == digit
+    gen = json.loads((turned / "generation_config.json").read_text())
+    gen["eos_token_id"] = [tok.eos_token_id, end_id]
+    (turned / "generation_config.json").write_text(json.dumps(gen))
+
+    expected = {i: t[: t.index(digit)] if digit in t else t for i, t in texts.items()}
+    assert sum(expected[i] != texts[i] for i in texts) >= 8  # the digit cuts many answers
+    for engine in ("hf", "vllm"):
+        report = score_dataset(hf_cfg.model_copy(update={"engine": engine}), str(turned),
+                               eval_dataset, store.uri("runs", "vllm-stop", engine),
+                               cluster=tiny.cluster)  # fmt: skip
+        rows = pq.read_table(report.predictions_uri).to_pylist()
+        got = {r["id"]: r["generation"] for r in rows}
+        agree = sum(got[i] == expected[i] for i in expected)
+        assert agree >= 0.95 * len(expected), (engine, agree, len(expected))
+        assert not any(digit in g for g in got.values()), engine
+
+
 @pytest.fixture(scope="module")
 def versions(stack, trained, tmp_path_factory):
     store = Store()
@@ -157,6 +202,13 @@ def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versio
     answer = chat.choices[0].message.content
     assert chat.usage.completion_tokens >= 1 and chat.usage.prompt_tokens > 5
     assert answer.strip(), answer
+    # finish_reason agrees with the count, and the OpenAI `stop` strings end the answer.
+    assert (chat.choices[0].finish_reason == "length") == (chat.usage.completion_tokens == 12), chat
+    assert len(answer) >= 2, answer
+    cut = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0, stop=[answer[1]],
+                                         messages=[{"role": "user", "content": question}])  # fmt: skip
+    assert cut.choices[0].message.content == answer[: answer.index(answer[1])]
+    assert cut.choices[0].finish_reason == "stop"
     comp = client.completions.create(model=f"{NAME}:{good.version}", prompt="12", max_tokens=4)
     assert comp.usage.completion_tokens >= 1 and comp.choices[0].finish_reason in ("stop", "length")
     stream = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0, stream=True,
