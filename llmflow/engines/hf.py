@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from llmflow.engines.stops import cut_at_stop_ids
+
 if TYPE_CHECKING:
     import numpy as np
     import ray.data
@@ -255,7 +257,12 @@ class HFGenerator:
             )
         latency = time.perf_counter() - t0
         new = generated[:, input_ids.shape[1] :].cpu()
-        answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        # The answer ends before its first stop id, special or not (a generation_config may
+        # name any token as a turn's end); what follows it is padding.
+        answers = self.tokenizer.batch_decode(
+            [cut_at_stop_ids(row.tolist(), self.eos_ids)[0] for row in new],
+            skip_special_tokens=True,
+        )
         n = len(answers)
         out.update(
             generation=np.array(answers, dtype=object),
