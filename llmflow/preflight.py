@@ -36,6 +36,16 @@ def check_config(config: PipelineConfig, flow: str) -> None:
         load_metrics(config.eval.extra_metrics)
 
 
+def bundles_on_node(bundle: dict[str, float], resources: dict[str, float]) -> int:
+    """How many copies of ``bundle`` a node's total ``resources`` hold at once."""
+    return int(min(resources.get(k, 0.0) / v for k, v in bundle.items()) + 1e-9)
+
+
+def describe_nodes(keys, alive: Sequence[dict[str, float]]) -> str:
+    """'4 CPU, 0 GPU; 8 CPU, 1 GPU': each alive node's totals of ``keys``."""
+    return "; ".join(", ".join(f"{r.get(k, 0.0):g} {k}" for k in keys) for r in alive)
+
+
 def check_resources(config: PipelineConfig, flow: str, nodes: Sequence[dict[str, Any]]) -> None:
     """Whether the alive ``nodes`` (``ray.nodes()`` entries) could ever hold what the stages
     of ``flow`` ask for: every training worker at once, one scoring actor or vLLM replica,
@@ -61,9 +71,9 @@ def check_resources(config: PipelineConfig, flow: str, nodes: Sequence[dict[str,
         else:  # hf Serve replicas take one CPU (deployments/openai_app.py)
             key, bundles = "serve", [{"CPU": 1.0}]
         for bundle in bundles:
-            if not any(all(r.get(k, 0.0) >= v for k, v in bundle.items()) for r in alive):
+            if not any(bundles_on_node(bundle, r) for r in alive):
                 wanted = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
-                most = "; ".join(", ".join(f"{r.get(k, 0.0):g} {k}" for k in bundle) for r in alive)
+                most = describe_nodes(bundle, alive)
                 raise ConfigError(f"{key}: a bundle of {wanted} fits on no node of the Ray "
                                   f"cluster (nodes: {most or 'none alive'})")  # fmt: skip
 

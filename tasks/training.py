@@ -125,15 +125,15 @@ def check_placeable(train: TrainConfig, nodes: Sequence[dict[str, Any]]) -> None
         train: the train config.
         nodes: ``ray.nodes()`` entries (``Alive`` and ``Resources`` are read).
     """
+    from llmflow.preflight import bundles_on_node, describe_nodes
+
     need = worker_resources(train)
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
-    fits = sum(int(min(res.get(k, 0.0) / v for k, v in need.items()) + 1e-9) for res in alive)
+    fits = sum(bundles_on_node(need, res) for res in alive)
     if fits >= train.num_workers:
         return
     total = {k: sum(r.get(k, 0.0) for r in alive) for k in need}
-    per_node = "; ".join(
-        ", ".join(f"{r.get(k, 0.0):g} {k}" for k in need) for r in alive
-    ) or "no alive nodes"
+    per_node = describe_nodes(need, alive) or "no alive nodes"
     wanted = ", ".join(f"{v:g} {k}" for k, v in need.items())
     raise InsufficientResources(
         f"train.num_workers={train.num_workers} x ({wanted}) needs "
