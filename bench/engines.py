@@ -6,7 +6,7 @@ prompts, side by side on one private local Ray: batch scoring and serving.
 (Not bench/vllm.py: Ray hands the driver's sys.path to its workers, and a module named vllm
 there shadowed the real one in the engine environment: measured, the engine failed to start.)
 
-Scoring (tasks/scoring.py, Ray Data, the tiny model, greedy, --max-tokens each):
+Scoring (llmflow/evaluate/scoring.py, Ray Data, the tiny model, greedy, --max-tokens each):
   - examples/s with start-up: N prompts over the whole job's wall time (engine start
     included), as a pipeline run pays it;
   - examples/s without start-up: N / (T(2N) - T(N)), the marginal rate of a second job
@@ -14,7 +14,7 @@ Scoring (tasks/scoring.py, Ray Data, the tiny model, greedy, --max-tokens each):
     fills vLLM's compile cache and pays Ray Data's first start);
   - peak memory: the largest summed RSS of the Ray workers during the job, less their RSS
     before it.
-Serving (tasks.rollout.deploy, the hf app and the vllm app in turn, one replica on one CPU):
+Serving (llmflow.promote.rollout.deploy, the hf app and the vllm app in turn, one replica on one CPU):
 req/s and p50 at concurrency 1 and 32 of the same chat request. Engines alternate within
 each measurement pair, so a change in the machine's load weighs on both. On a 0.57 M model
 vLLM's per-step scheduling dominates (0.5-0.6x of batched transformers in generation alone
@@ -88,7 +88,7 @@ def eval_split(store, n: int, name: str) -> str:
 
 def score_once(engine: str, model: str, dataset: str, out: str, max_tokens: int) -> dict:
     from llmflow.config import load_config
-    from tasks.scoring import score_dataset
+    from llmflow.evaluate.scoring import score_dataset
 
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
     cfg = tiny.eval.model_copy(update={"engine": engine, "max_new_tokens": max_tokens})
@@ -126,8 +126,8 @@ def bench_serving(model: str, base_url: str, requests: int, max_tokens: int) -> 
     from ray import serve
 
     from llmflow.config import load_config
+    from llmflow.promote.rollout import deploy
     from llmflow.refs import ModelRef
-    from tasks.rollout import deploy
 
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
     ref = ModelRef(uri=model, name="tiny", version="1", base_model="tiny")

@@ -4,7 +4,7 @@
 
 Side by side in one run, each in a fresh child process (so peak RSS is its own):
   baseline  read the JSONL and json.loads every line (the I/O floor)
-  prepare   tasks.prepare.prepare_to_store: load, normalise, clean, count tokens with the
+  prepare   llmflow.prepare.dataset.prepare_to_store: load, normalise, clean, count tokens with the
             tiny model's tokenizer, split, validate with Great Expectations, write Parquet
 Prints figures; asserts nothing.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _forkserver import small_forkserver  # noqa: E402 (bench/ is the script's own dir)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -41,10 +42,10 @@ def _baseline(path: str, q) -> None:
 def _prepare(path: str, store_root: str, model_uri: str, q) -> None:
     import great_expectations  # noqa: F401
 
-    import tasks.validation  # noqa: F401 - import cost is not per-row work
+    import llmflow.prepare.validation  # noqa: F401 - import cost is not per-row work
     from llmflow.config import DataConfig
+    from llmflow.prepare.dataset import prepare_to_store
     from llmflow.store import Store
-    from tasks.prepare import prepare_to_store
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = DataConfig(source=path, min_rows=10)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/rollout.py [--clients 4] [--before 10] [--after 10]
         [--max-surge-percent 100] [--address ADDR --serve-url URL] [--json out.json]
 
-Serves version A of the tiny model with tasks.rollout.deploy (what the promote stage runs),
+Serves version A of the tiny model with llmflow.promote.rollout.deploy (what the promote stage runs),
 puts --clients clients on it, each looping greedy chat requests back to back, then rolls the
 app in place to version B with the same deploy and keeps the load on --after seconds more.
 A poller reads /health every 0.2 s to see when B starts answering. --max-surge-percent 0
@@ -51,8 +51,8 @@ def main() -> None:
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import ServeConfig, TrainConfig
+    from llmflow.promote.rollout import deploy
     from llmflow.refs import ModelRef
-    from tasks.rollout import deploy
 
     path = resolve_base_model(TrainConfig())
     cfg = ServeConfig(app_name="bench-rollout", route_prefix="/bench-rollout", engine="hf")
@@ -134,7 +134,7 @@ def main() -> None:
         "health_without_answer": health_gaps,
     }  # fmt: skip
     print(f"machine: {figures['machine']}; tiny model, {args.clients} clients looping greedy chat "
-          f"requests (max_tokens {args.max_tokens}); in-place rollout A -> B with tasks.rollout.deploy, "
+          f"requests (max_tokens {args.max_tokens}); in-place rollout A -> B with llmflow.promote.rollout.deploy, "
           f"max_surge_percent {cfg.max_surge_percent}")  # fmt: skip
     print(f"{'phase':<8} {'requests':>8} {'failed':>7} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in rows.items():

@@ -9,7 +9,7 @@ size, one run:
   (b) local: batched generate in this process, no Ray, with 1 and with 2 torch threads: the
       faster is the local limit (on a busy machine 2 threads spin-wait and can be 10x
       slower than 1, so one fixed setting would flatter (c));
-  (c) ray:   tasks.scoring.generate_predictions, the scoring job itself, with the eval
+  (c) ray:   llmflow.evaluate.scoring.generate_predictions, the scoring job itself, with the eval
              section of --config (actors, CPUs and threads per actor, batch size) as the
              evaluate flow runs it: read eval.parquet, split_chats, the HFGenerator actor
              pool on Ray Data, score_row. Wall time of the whole job, the actors' start-up
@@ -102,10 +102,11 @@ def main() -> None:
     from llmflow.bundled import generate_examples
     from llmflow.config import TrainConfig, load_config
     from llmflow.engines.hf import HFGenerator
+    from llmflow.evaluate.eval_split import split_chat
+    from llmflow.evaluate.scoring import eval_loss, generate_predictions
+    from llmflow.prepare.dataset import parquet_bytes
     from llmflow.stack import default_logical_cpus
     from llmflow.store import Store
-    from tasks.prepare import _parquet_bytes
-    from tasks.scoring import eval_loss, generate_predictions, split_chat
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -120,7 +121,7 @@ def main() -> None:
         {"id": f"p{i:05d}", "messages": r["messages"], "n_chars": 0, "n_tokens": 0}
         for i, r in enumerate(examples)
     ]
-    store.write_bytes(_parquet_bytes(prepared), "datasets", "bench", "eval.parquet")
+    store.write_bytes(parquet_bytes(prepared), "datasets", "bench", "eval.parquet")
     dataset_uri = store.uri("datasets", "bench")
     rows = [split_chat(r) for r in prepared]
     threads = cfg.threads_per_actor or max(1, int(cfg.cpus_per_actor))

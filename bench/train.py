@@ -5,11 +5,11 @@
 Same tiny model, same prepared dataset (the bundled task, prepared into a temporary store),
 same batches and learning rate (configs/tiny.yaml: batch 16, lr 3e-3), side by side in one run:
   plain   a single-process torch loop, torch.set_num_threads(--cpus), in a fresh child
-          process (so its peak RSS is its own). It does what tasks.training.train_loop does
+          process (so its peak RSS is its own). It does what llmflow.finetune.loop.train_loop does
           with the same pure helpers (read_rows, encode_rows, load_model, batch_indices,
           collate, lr_at): the same rows per step, then the loop's closing eval loss and
           checkpoint save, which train_loop also times.
-  ray-1   tasks.training.run_training: 1 worker x --cpus threads.
+  ray-1   llmflow.finetune.trainer.run_training: 1 worker x --cpus threads.
   ray-2   run_training: 2 workers x --cpus/2 threads, batch 8 each (the same 16 rows per
           step; --per-worker-batch gives each worker 16, so 32 rows per step).
 Ray is a private local instance started here (num_cpus=2*--cpus, no dashboard); each run
@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _forkserver import small_forkserver  # noqa: E402 (bench/ is the script's own dir)
+
 # Ray workers are started by the raylet, which inherits this environment: they find the
 # project's `tasks` package and the offline switches this way.
 os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -65,19 +66,21 @@ def _plain(train_cfg: dict, base_model: str, dataset_uri: str, threads: int, q) 
 
     from llmflow.basemodels import load_tokenizer
     from llmflow.config import TrainConfig
-    from tasks.training import (
-        EVAL_BATCH_SIZE,
+    from llmflow.finetune.batches import (  # fmt: skip
         IGNORE_INDEX,
-        MAX_EVAL_ROWS,
-        MAX_GRAD_NORM,
         batch_indices,
         collate,
         encode_rows,
-        load_model,
         lr_at,
         read_rows,
+    )
+    from llmflow.finetune.loop import (
+        EVAL_BATCH_SIZE,
+        MAX_EVAL_ROWS,
+        MAX_GRAD_NORM,
+        load_model,
         trainable_state,
-    )  # fmt: skip
+    )
 
     train = TrainConfig.model_validate(train_cfg)
     torch.set_num_threads(threads)
@@ -193,8 +196,8 @@ def main() -> None:
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import load_config
+    from llmflow.prepare.dataset import prepare_to_store
     from llmflow.store import Store
-    from tasks.prepare import prepare_to_store
 
     tmp = Path(tempfile.mkdtemp(prefix="llmflow-bench-train-"))
     store = Store(tmp / "store")
@@ -252,7 +255,7 @@ def main() -> None:
     # (2) Ray Train through the project's run_training, on a private local Ray.
     import ray
 
-    from tasks.training import run_training
+    from llmflow.finetune.trainer import run_training
 
     t0 = time.time()
     ray.init(address="local", num_cpus=2 * args.cpus, include_dashboard=False,

@@ -8,13 +8,32 @@ from __future__ import annotations
 from prefect import flow
 from prefect_ray.context import remote_options
 
+from flows.prepare import prepare_stage
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig, default_config
+from llmflow.evaluate.models import candidate_of, champion_model
 from llmflow.preflight import check_flow
+from llmflow.prepare.sources import source_files
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
-from tasks.data import source_files
-from tasks.evaluation import candidate_of, champion_model, compare_reports, score_model
-from tasks.prepare import base_model, prepare_dataset
+from tasks.evaluate import compare_reports, score_model
+
+
+def evaluate_stage(
+    config: PipelineConfig, candidate: ModelRef, dataset: DatasetRef
+) -> dict[str, EvalReport]:
+    """score-model for the candidate, then for the champion; compare-reports."""
+    champ_uri, champ_version = champion_model(config.train)
+    models = {"candidate": (candidate.uri, candidate.version), "champion": (champ_uri, champ_version)}
+    reports = {}
+    # One after the other: two Ray Data jobs at once would each hold their actors' CPUs and
+    # could starve each other's read tasks on a small cluster.
+    with remote_options(num_cpus=0):  # the scoring actors hold the CPUs
+        for label, (uri, version) in models.items():
+            reports[label] = score_model.submit(
+                config.eval, uri, version, dataset, label, config.cluster
+            ).result()
+    compare_reports(reports["candidate"], reports["champion"])
+    return reports
 
 
 @flow(name="evaluate", task_runner=ClusterTaskRunner(), log_prints=True)
@@ -29,24 +48,12 @@ def evaluate(
     Stages:
         1. prepare-dataset (only without ``dataset``): cached, as the prepare flow
         2. score-model, candidate then champion (Ray Data; the tasks reserve no CPU, the
-           scoring actors do): cached
-           on model version, dataset and eval config
+           scoring actors do): cached on model version, dataset and eval config
         3. compare-reports: side-by-side table and the ten worst examples
     """
     check_flow(config, "evaluate")  # a missing vLLM environment fails here, in one line
     candidate = candidate_of(model, config.train)
-    champ_uri, champ_version = champion_model(config.train)
     if dataset is None:
         source_files(config.data.source)
-        dataset = prepare_dataset.submit(config.data, base_model.submit(config.train).result()).result()
-    # One after the other: two Ray Data jobs at once would each hold their actors' CPUs and
-    # could starve each other's read tasks on a small cluster.
-    with remote_options(num_cpus=0):
-        reports = {
-            "candidate": score_model.submit(config.eval, candidate.uri, candidate.version,
-                                            dataset, "candidate", config.cluster).result(),
-            "champion": score_model.submit(config.eval, champ_uri, champ_version, dataset,
-                                           "champion", config.cluster).result(),
-        }  # fmt: skip
-    compare_reports(reports["candidate"], reports["champion"])
-    return reports
+        dataset = prepare_stage(config)[1]
+    return evaluate_stage(config, candidate, dataset)

@@ -8,13 +8,25 @@ from __future__ import annotations
 from prefect import flow
 from prefect_ray.context import remote_options
 
+from flows.prepare import prepare_stage
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig, default_config
+from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
-from llmflow.refs import DatasetRef, ModelRef
-from tasks.data import source_files
-from tasks.prepare import base_model, prepare_dataset
-from tasks.training import check_inputs, register_model, train_model
+from llmflow.prepare.sources import source_files
+from llmflow.refs import DatasetRef, ModelRef, TrainRun
+from tasks.finetune import register_model, train_model
+from tasks.prepare import base_model
+
+
+def finetune_stage(
+    config: PipelineConfig, dataset: DatasetRef, model_uri: str
+) -> tuple[TrainRun, ModelRef]:
+    """train-model, then register-model: (the training run, the registered version)."""
+    with remote_options(num_cpus=0, num_gpus=0):  # the trainer's workers hold the resources
+        run = train_model.submit(config.train, dataset, model_uri).result()
+    lineage = config.model_dump(mode="json")
+    return run, register_model.submit(config.train, dataset, model_uri, run, lineage).result()
 
 
 @flow(name="finetune", task_runner=ClusterTaskRunner(), log_prints=True)
@@ -36,11 +48,7 @@ def finetune(
     check_flow(config, "finetune")  # and workers that could never be placed
     if dataset is None:
         source_files(config.data.source)
-    model_uri = base_model.submit(config.train).result()
-    if dataset is None:
-        dataset = prepare_dataset.submit(config.data, model_uri).result()
-    with remote_options(num_cpus=0, num_gpus=0):
-        run = train_model.submit(config.train, dataset, model_uri).result()
-    return register_model.submit(
-        config.train, dataset, model_uri, run, config.model_dump(mode="json")
-    ).result()
+        model_uri, dataset = prepare_stage(config)
+    else:
+        model_uri = base_model.submit(config.train).result()
+    return finetune_stage(config, dataset, model_uri)[1]

@@ -8,21 +8,23 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow
-from prefect_ray.context import remote_options
 
-from flows.promote import promote
+from flows.evaluate import evaluate_stage
+from flows.finetune import finetune_stage
+from flows.prepare import prepare_stage
+from flows.promote import gate_stage, promote
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig, default_config
+from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
-from llmflow.refs import GateDecision, GateRule
+from llmflow.prepare.sources import source_files
+from llmflow.promote.rollout import check_serving
+from llmflow.refs import DatasetRef, ModelRef
+from llmflow.report import pipeline_lines
 from llmflow.runs import model_slot
-from tasks.data import source_files
-from tasks.evaluation import champion_model, compare_reports, record_eval, score_model
-from tasks.gating import ask_for_approval, gate
-from tasks.prepare import base_model, prepare_dataset
+from tasks.evaluate import record_eval
+from tasks.finetune import trained_on_same_data
 from tasks.report import summarize
-from tasks.rollout import check_serving
-from tasks.training import check_inputs, register_model, train_model, trained_on_same_data
 
 Retrain = Literal["always", "if-data-changed"]
 
@@ -52,61 +54,32 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
     check_flow(config, "pipeline")
     check_serving(config.serve, config.cluster)
     with model_slot(config.train.model_name):
-        model_uri = base_model.submit(config.train).result()
-        dataset = prepare_dataset.submit(config.data, model_uri).result()
-        if retrain == "if-data-changed":
-            latest = trained_on_same_data(config.train, dataset)
-            if latest is not None:
-                reason = (f"data unchanged: {latest.name}:{latest.version} was trained on "
-                          f"dataset {dataset.short_sha}; nothing to retrain")  # fmt: skip
-                print(reason)
-                summarize(f"Pipeline: {latest.name}: skipped", [reason])
-                return {"skipped": reason, "dataset": dataset.model_dump(mode="json"),
-                        "model": latest.model_dump(mode="json")}  # fmt: skip
-        with remote_options(num_cpus=0, num_gpus=0):  # the trainer's workers hold the resources
-            run = train_model.submit(config.train, dataset, model_uri).result()
-        candidate = register_model.submit(
-            config.train, dataset, model_uri, run, config.model_dump(mode="json")
-        ).result()
-        champ_uri, champ_version = champion_model(config.train)
-        with remote_options(num_cpus=0):  # the scoring actors hold the CPUs
-            cand_report = score_model.submit(config.eval, candidate.uri, candidate.version,
-                                             dataset, "candidate", config.cluster).result()  # fmt: skip
-            champ_report = score_model.submit(config.eval, champ_uri, champ_version,
-                                              dataset, "champion", config.cluster).result()  # fmt: skip
-        compare_reports(cand_report, champ_report)
-        record_eval(candidate, cand_report, champ_version)
-        if champ_version == candidate.version:  # a re-run after this version was promoted
-            decision = GateDecision(passed=True, rules=[GateRule(
-                name="already-champion", passed=True,
-                reason=f"{candidate.version} is the champion already: not gated again")])  # fmt: skip
-        else:
-            decision = gate(config.gate, cand_report, champ_report)
-            if config.gate.require_approval:
-                decision = ask_for_approval(decision, config.gate.approval_timeout_s)
+        model_uri, dataset = prepare_stage(config)
+        if retrain == "if-data-changed" and (latest := trained_on_same_data(config.train, dataset)):
+            return skipped(dataset, latest)
+        run, candidate = finetune_stage(config, dataset, model_uri)
+        reports = evaluate_stage(config, candidate, dataset)
+        record_eval(candidate, reports["candidate"], reports["champion"].model_version)
+        decision = gate_stage(config, candidate, reports)
         promoted = promote(config=config, candidate=candidate, decision=decision, return_state=True)
         rollout = promoted.result(raise_on_failure=False)
-        metric = config.gate.primary_metric
-        summarize(f"Pipeline: {candidate.name}:{candidate.version}", [
-            f"dataset `{dataset.uri}`: {dataset.num_train} train / {dataset.num_eval} eval, "
-            f"{dataset.num_quarantined} quarantined",
-            f"training: {'reused a finished run, ' if run.reused else ''}loss "
-            f"{run.metrics.get('train_loss_first', float('nan')):.3f} -> "
-            f"{run.metrics.get('train_loss_last', float('nan')):.3f}",
-            f"{metric}: candidate {cand_report.metrics.get(metric, float('nan')):.3f}, champion "
-            f"({champ_version}) {champ_report.metrics.get(metric, float('nan')):.3f}",
-            (f"gate: {'passed' if decision.passed else 'failed'}: "
-             + "; ".join(r.reason for r in decision.rules)),
-            (f"rollout: {rollout.message}" if promoted.is_completed()
-             else f"rollout {promoted.name}: {promoted.message}"),
-        ], [promoted.state_details.flow_run_id])  # fmt: skip
-        if not promoted.is_completed():
-            promoted.result()  # a rolled-back promotion fails the pipeline, after the summary
-    return {
-        "dataset": dataset.model_dump(mode="json"),
-        "model": candidate.model_dump(mode="json"),
-        "candidate": cand_report.metrics,
-        "champion": champ_report.metrics,
-        "gate_passed": decision.passed,
-        "rollout": rollout.model_dump(mode="json"),
-    }
+        outcome = (f"rollout: {rollout.message}" if promoted.is_completed()
+                   else f"rollout {promoted.name}: {promoted.message}")  # fmt: skip
+        lines = pipeline_lines(dataset, run, config.gate.primary_metric, reports["candidate"],
+                               reports["champion"], decision, outcome)  # fmt: skip
+        summarize(f"Pipeline: {candidate.name}:{candidate.version}", lines,
+                  [promoted.state_details.flow_run_id])  # fmt: skip
+        promoted.result()  # a rolled-back promotion fails the pipeline, after the summary
+    return {"dataset": dataset.model_dump(mode="json"), "model": candidate.model_dump(mode="json"),
+            "candidate": reports["candidate"].metrics, "champion": reports["champion"].metrics,
+            "gate_passed": decision.passed, "rollout": rollout.model_dump(mode="json")}  # fmt: skip
+
+
+def skipped(dataset: DatasetRef, latest: ModelRef) -> dict:
+    """The outcome of a retrain=if-data-changed run whose data did not change."""
+    reason = (f"data unchanged: {latest.name}:{latest.version} was trained on dataset "
+              f"{dataset.short_sha}; nothing to retrain")  # fmt: skip
+    print(reason)
+    summarize(f"Pipeline: {latest.name}: skipped", [reason])
+    return {"skipped": reason, "dataset": dataset.model_dump(mode="json"),
+            "model": latest.model_dump(mode="json")}  # fmt: skip

@@ -9,9 +9,15 @@ from prefect import flow
 
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig, default_config
+from llmflow.prepare.sources import source_files
 from llmflow.refs import DatasetRef
-from tasks.data import source_files
 from tasks.prepare import base_model, prepare_dataset
+
+
+def prepare_stage(config: PipelineConfig) -> tuple[str, DatasetRef]:
+    """base-model, then prepare-dataset: (the base model's uri, the prepared dataset)."""
+    model_uri = base_model.submit(config.train).result()
+    return model_uri, prepare_dataset.submit(config.data, model_uri).result()
 
 
 @flow(name="prepare", task_runner=ClusterTaskRunner(), log_prints=True)
@@ -24,5 +30,4 @@ def prepare(config: PipelineConfig = default_config()) -> DatasetRef:
            cached on the source's bytes and the prep config
     """
     source_files(config.data.source)  # a missing path fails here, before any cluster work
-    model_uri = base_model.submit(config.train).result()
-    return prepare_dataset.submit(config.data, model_uri).result()
+    return prepare_stage(config)[1]

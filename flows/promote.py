@@ -6,56 +6,28 @@ the champion alias; on any failure, roll back and leave the alias as it was.
 
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.transactions import transaction
+from prefect import flow
 
 from llmflow import aliases, registry
 from llmflow.config import PipelineConfig, default_config
 from llmflow.preflight import check_flow
-from llmflow.refs import GateDecision, ModelRef, Rollout
+from llmflow.promote.rollout import check_serving, nothing_to_do
+from llmflow.refs import EvalReport, GateDecision, GateRule, ModelRef, Rollout
 from llmflow.runs import model_slot
 from llmflow.store import Store
-from tasks.rollout import (
-    RolloutError,
-    check_served,
-    check_serving,
-    deploy_version,
-    serve_url,
-    served_version,
-    summary,
-)
+from tasks.promote import ask_for_approval, gate, record_gate, report_rollout, roll_out
 
 
-@task(name="move-champion")
-def move_champion(name: str, version: str) -> str | None:
-    """Point the champion alias at the version; the transaction can put it back."""
-    from prefect.transactions import get_transaction
-
-    store = Store()
-    before = aliases.read_aliases(store, name)
-    txn = get_transaction()
-    if txn is not None:
-        txn.set("aliases_before", before)
-    _, previous = aliases.set_champion(store, name, version)
-    return previous
-
-
-@move_champion.on_rollback
-def _restore_aliases(txn) -> None:
-    before = txn.get("aliases_before")
-    aliases.restore_champion(Store(), txn.get("model_name"), before.get("champion"),
-                             before.get("previous"))  # fmt: skip
-
-
-@task(name="record-gate")
-def record_gate(candidate: ModelRef, decision: GateDecision) -> None:
-    """The gate's decision, its rules and the approver (from the UI form) into the version's
-    lineage manifest, before it is served: /v1/models shows them."""
-    registry.annotate(Store(), candidate.name, candidate.version, gate={
-        "passed": decision.passed, "approved_by": decision.approved_by,
-        "comment": decision.comment,
-        "rules": [r.model_dump(mode="json") for r in decision.rules]})  # fmt: skip
+def gate_stage(config: PipelineConfig, candidate: ModelRef, reports: dict[str, EvalReport]) -> GateDecision:
+    """gate (the metric policy), then the approval in the UI when required. A version that is
+    the champion already (a re-run after its promotion) is not gated again."""
+    if reports["champion"].model_version == candidate.version:
+        reason = f"{candidate.version} is the champion already: not gated again"
+        return GateDecision(passed=True, rules=[GateRule(name="already-champion", passed=True, reason=reason)])
+    decision = gate(config.gate, reports["candidate"], reports["champion"])
+    if config.gate.require_approval:  # a flow run pauses (not a task): called from the flow
+        decision = ask_for_approval(decision, config.gate.approval_timeout_s)
+    return decision
 
 
 @flow(name="promote", log_prints=True)
@@ -78,36 +50,13 @@ def promote(
     store = Store()
     candidate = candidate or registry.get_version(store, config.train.model_name)
     with model_slot(candidate.name, kind="promote"):  # promotions of a model never interleave
-        url = f"{serve_url(config.cluster)}{config.serve.route_prefix.rstrip('/')}"
         current = aliases.read_aliases(store, candidate.name)
-        champion = registry.get_version(store, candidate.name, current["champion"]) if current.get("champion") else None
-        live = served_version(config.serve, serve_url(config.cluster))
-        if decision is not None and not decision.passed:
-            rollout = Rollout(served_version=live, previous_version=None, endpoint=url,
-                              message="gate failed: " + "; ".join(r.reason for r in decision.rules if not r.passed))  # fmt: skip
-        elif current.get("champion") == candidate.version and live == candidate.version:
-            rollout = Rollout(served_version=live, previous_version=current.get("previous"), endpoint=url,
-                              message=f"{candidate.name}:{candidate.version} is already champion and served: nothing changed")  # fmt: skip
-        else:
+        champion, previous = current.get("champion"), current.get("previous")
+        rollout = nothing_to_do(config.serve, config.cluster, candidate, decision, champion, previous)
+        if rollout is None:
             check_serving(config.serve, config.cluster)
             if decision is not None:
                 record_gate(candidate, decision)
-            try:
-                with transaction() as txn:
-                    txn.set("model_name", candidate.name)
-                    deploy_version(config.serve, config.cluster, candidate, champion)
-                    smoke = check_served(config.serve, config.cluster, candidate)
-                    move_champion(candidate.name, candidate.version)
-                rollout = Rollout(served_version=candidate.version,
-                                  previous_version=champion.version if champion else None,
-                                  endpoint=url, smoke_test=smoke,
-                                  message=f"{candidate.name}:{candidate.version} is champion and served")  # fmt: skip
-            except RolloutError as exc:
-                rollout = Rollout(served_version=served_version(config.serve, serve_url(config.cluster)),
-                                  previous_version=champion.version if champion else None,
-                                  endpoint=url, rolled_back=True, message=f"rolled back: {exc}")  # fmt: skip
-    create_markdown_artifact(key="rollout", markdown=summary(rollout))
-    print(rollout.message)
-    if rollout.rolled_back:
-        raise RolloutError(rollout.message)
-    return rollout
+            champ = registry.get_version(store, candidate.name, champion) if champion else None
+            rollout = roll_out(config, candidate, champ)
+    return report_rollout(rollout)

@@ -400,13 +400,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(exc, where, overridden)) from None
 
 
+# configs/tiny.yaml's settings, in code: the flows' default `config` parameter, so the form
+# the Prefect UI renders for a deployment starts from the tiny CPU default (the config a
+# newcomer runs) without a file read at import. tests/unit/test_config.py holds the two equal.
+_VLLM_CPU = {"vllm_placement": [{"CPU": 1}],
+             "vllm_engine_kwargs": {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256,
+                                    "dtype": "float32"}}  # fmt: skip
+TINY = {
+    "data": {"source": "bundled", "eval_fraction": 0.1, "min_rows": 100, "max_tokens": 128},
+    "train": {"base_model": "tiny", "model_name": "llmflow-tiny", "max_steps": 300,
+              "batch_size": 16, "learning_rate": 0.003, "warmup_steps": 20, "eval_every": 50,
+              "checkpoint_every": 50, "max_failures": 2, "num_workers": 1, "use_gpu": False,
+              "cpus_per_worker": 1, "resources_per_worker": {}},  # fmt: skip
+    "eval": {"engine": "hf", "batch_size": 256, "concurrency": 1, "cpus_per_actor": 1,
+             "threads_per_actor": 1, "max_new_tokens": 16, **_VLLM_CPU},  # fmt: skip
+    "gate": {"primary_metric": "exact_match", "min_improvement": 0.0},
+    "serve": {"app_name": "llmflow", "engine": "hf", "num_replicas": 1, **_VLLM_CPU},
+    "cluster": {},
+}
+
+
 def default_config() -> PipelineConfig:
-    """The project's configs/tiny.yaml when present, else the defaults in code.
-
-    Flows take it as their `config` parameter's default, so the form the Prefect UI renders
-    for a deployment starts from the tiny CPU default, the config a newcomer runs.
-    """
-    from llmflow.settings import project_dir
-
-    tiny = project_dir() / "configs" / "tiny.yaml"
-    return load_config(tiny) if tiny.is_file() else PipelineConfig()
+    """The tiny CPU default (configs/tiny.yaml's settings), built from code, no file read."""
+    return PipelineConfig.model_validate(TINY)

@@ -31,7 +31,7 @@ def check_config(config: PipelineConfig, flow: str) -> None:
     stages = FLOW_STAGES.get(flow, ())
     check_engines(config, stages)
     if "eval" in stages:
-        from tasks.metrics import load_metrics
+        from llmflow.evaluate.metrics import load_metrics
 
         load_metrics(config.eval.extra_metrics)
 
@@ -53,7 +53,7 @@ def check_resources(config: PipelineConfig, flow: str, nodes: Sequence[dict[str,
     not what must wait. Raises ConfigError naming the key."""
     stages = FLOW_STAGES.get(flow, ())
     if flow in TRAINS:
-        from tasks.training import InsufficientResources, check_placeable
+        from llmflow.finetune.checks import InsufficientResources, check_placeable
 
         try:
             check_placeable(config.train, nodes)

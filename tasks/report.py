@@ -1,40 +1,15 @@
-"""The pipeline's summary: one markdown artifact that links each stage's own artifacts.
-
-`summary_markdown` is pure (tested without a server); `summarize` finds the artifacts the
-run and its promote subflow made and publishes the summary.
+"""The pipeline's summary artifact: the lines of llmflow/report.py plus links to the
+artifacts the run and its promote subflow made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
 from prefect import task
 
-# (artifact key, what it shows), in pipeline order.
-STAGE_ARTIFACTS = (
-    ("dataset-validation-report", "data validation (Great Expectations)"),
-    ("finetune-report", "training report"),
-    ("finetune-loss", "loss curve"),
-    ("eval-comparison", "candidate vs champion"),
-    ("eval-worst-examples", "worst examples"),
-    ("gate-decision", "gate decision"),
-    ("rollout", "rollout"),
-)
-
-
-def summary_markdown(title: str, lines: Iterable[str], links: dict[str, str], ui_url: str) -> str:
-    """The summary: ``lines`` (one per stage), then a link to every stage artifact. An
-    artifact this run did not make (a cached stage made it earlier) links to the newest
-    artifact of its key."""
-    out = [f"## {title}", "", *[f"- {line}" for line in lines], "", "### Stage artifacts", ""]
-    for key, what in STAGE_ARTIFACTS:
-        if key in links:
-            out.append(f"- [{what}]({links[key]}) `{key}`")
-        else:
-            out.append(f"- [{what}]({ui_url}/artifacts/key/{key}) `{key}` (latest; not made by this run)")
-    return "\n".join(out)
+from llmflow.report import summary_markdown
 
 
 def artifact_links(flow_run_ids: list[UUID], ui_url: str) -> dict[str, str]:

@@ -53,10 +53,10 @@ def train_tiny(base_dir: str, out_dir: str | Path, rows: list[dict], steps: int 
 def write_eval_split(store, rows: list[dict], name: str, id_prefix: str) -> str:
     """A prepared-format dataset directory in ``store`` whose eval.parquet holds ``rows``
     (bundled examples), ids ``<id_prefix>000``..; returns its URI."""
-    from tasks.prepare import _parquet_bytes
+    from llmflow.prepare.dataset import parquet_bytes
 
     prepared = [{"id": f"{id_prefix}{i:03d}", "messages": r["messages"], "n_chars": 0, "n_tokens": 0}
                 for i, r in enumerate(rows)]  # fmt: skip
-    store.write_bytes(_parquet_bytes(prepared), "datasets", name, "eval.parquet")
+    store.write_bytes(parquet_bytes(prepared), "datasets", name, "eval.parquet")
     return store.uri("datasets", name)
 

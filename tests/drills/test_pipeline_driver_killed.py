@@ -34,7 +34,7 @@ def app(stack):
     from ray import serve
 
     from llmflow.config import ClusterConfig
-    from tasks.rollout import connect
+    from llmflow.promote.rollout import connect
 
     connect(ClusterConfig())
     serve.delete(NAME)  # free its replica's CPU for the tests after this module

@@ -59,7 +59,7 @@ def local_ray():
 
 
 def test_hf_engine_scores_on_the_gpu(local_ray, base_dir, trained_dir, eval_dataset, store):
-    from tasks.scoring import score_dataset
+    from llmflow.evaluate.scoring import score_dataset
 
     cfg = EvalConfig(engine="hf", batch_size=32, concurrency=1, max_new_tokens=12)
     base = score_dataset(cfg, base_dir, eval_dataset, store.uri("runs", "gpu", "base"))

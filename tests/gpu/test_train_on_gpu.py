@@ -17,9 +17,9 @@ def test_use_gpu_run_trains_on_cuda_with_nccl(tmp_path):
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import load_config
+    from llmflow.finetune.trainer import run_training
+    from llmflow.prepare.dataset import prepare_to_store
     from llmflow.store import Store
-    from tasks.prepare import prepare_to_store
-    from tasks.training import run_training
 
     store = Store(tmp_path / "store")
     cfg = load_config(ROOT / "configs/tiny.yaml", [
@@ -56,9 +56,9 @@ def test_two_gpu_workers_reduce_on_their_gpus(tmp_path):
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import load_config
+    from llmflow.finetune.trainer import run_training
+    from llmflow.prepare.dataset import prepare_to_store
     from llmflow.store import Store
-    from tasks.prepare import prepare_to_store
-    from tasks.training import run_training
 
     store = Store(tmp_path / "store")
     cfg = load_config(ROOT / "configs/tiny.yaml", [

@@ -1,5 +1,5 @@
 """The vllm engine for real: ray.data.llm's vLLM processor, built by llmflow/engines/vllm.py,
-scores a model on a GPU through tasks/scoring.py, and the report's metrics are computed.
+scores a model on a GPU through llmflow/evaluate/scoring.py, and the report's metrics are computed.
 
     .venv/bin/python -m pytest tests/gpu/test_vllm_scoring.py -q -rs
 
@@ -76,7 +76,7 @@ def local_ray():
 
 
 def test_vllm_engine_scores_a_model_on_the_gpu(local_ray, model_dir, eval_dataset, store):
-    from tasks.scoring import score_dataset
+    from llmflow.evaluate.scoring import score_dataset
 
     cfg = EvalConfig(
         engine="vllm",

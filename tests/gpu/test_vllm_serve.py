@@ -34,9 +34,9 @@ def served(tmp_path_factory):
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import ServeConfig, TrainConfig
+    from llmflow.promote.rollout import deploy
     from llmflow.refs import ModelRef
     from llmflow.store import Store
-    from tasks.rollout import deploy
 
     path = os.environ.get("LLMFLOW_GPU_SERVE_MODEL") or resolve_base_model(
         TrainConfig(), Store(tmp_path_factory.mktemp("store")))  # fmt: skip
@@ -84,8 +84,8 @@ def test_streaming_chat(served):
 
 def test_the_rollout_smoke_test_passes(served):
     from llmflow.config import ServeConfig
+    from llmflow.promote.rollout import smoke_test
     from llmflow.refs import ModelRef
-    from tasks.rollout import smoke_test
 
     model = ModelRef(uri="unused", name=NAME, version="1", base_model="tiny")
     result = smoke_test(ServeConfig(route_prefix="/vllm"), model, served)

@@ -55,7 +55,7 @@ def dataset_of(ref) -> DatasetRef:
 
 
 def run_dir(config, dataset: DatasetRef) -> Path:
-    from tasks.training import run_key
+    from llmflow.finetune.trainer import run_key
 
     return Path(Store().path("runs", f"finetune-{run_key(config.train, dataset.sha256, base_uri())}"))
 
@@ -153,7 +153,7 @@ def test_finetune_lowers_the_loss_and_registers_a_loadable_version(stack, prefec
 
     # The same inputs again: the finished run is reused (no trainer starts) and its
     # checkpoint is already registered, so the same version comes back.
-    from tasks.training import RESULT
+    from llmflow.finetune.trainer import RESULT
 
     stamp = (Path(run_dir(cfg(*TINY), dataset_of(ref))) / RESULT).stat().st_mtime_ns
     again = finetune(config=cfg(*TINY), return_state=True)
@@ -189,7 +189,7 @@ def test_two_ddp_workers_with_grad_accum_train_a_lora_adapter_merged_on_export(s
 
 
 def test_interrupted_run_resumes_from_its_latest_checkpoint(stack, dataset):
-    from tasks.training import TrainingError
+    from llmflow.finetune.checks import TrainingError
 
     first = cfg(*LONG, "train.weight_decay=0.001", "train.max_failures=0")
     path = run_dir(first, dataset)
@@ -233,7 +233,7 @@ def test_base_model_that_is_not_a_causal_lm_is_refused(stack, tmp_path):
 
 def test_missing_dataset_ref_is_refused(stack, dataset):
     from flows.finetune import finetune
-    from tasks.training import DatasetNotFound
+    from llmflow.finetune.checks import DatasetNotFound
 
     gone = dataset.model_copy(update={"uri": Store().uri("datasets", "0" * 16)})
     with pytest.raises(DatasetNotFound, match="datasets/0000000000000000: no manifest.json"):
@@ -253,7 +253,7 @@ def test_more_workers_than_the_cluster_holds_fails_fast(stack, dataset):
 
 def test_nan_loss_stops_the_run_and_names_the_step(stack, dataset):
     from flows.finetune import finetune
-    from tasks.training import NonFiniteLoss
+    from llmflow.finetune.checks import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match=r"loss became (nan|inf) at step \d+"):
         finetune(config=cfg(*TINY, "train.learning_rate=1e30", "train.max_steps=10"),

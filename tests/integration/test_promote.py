@@ -125,7 +125,7 @@ def test_a_route_prefix_held_by_another_app_fails_before_any_work(stack, version
     """Serving a second model on the first one's prefix: one line before the pipeline trains,
     instead of Serve's refusal after it."""
     from llmflow.errors import ConfigError
-    from tasks.rollout import check_serving
+    from llmflow.promote.rollout import check_serving
 
     v1, _, _ = versions
     from flows.promote import promote

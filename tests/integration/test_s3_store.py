@@ -333,8 +333,8 @@ def test_prepare_a_dataset_into_the_bucket_and_read_it_back(tiny_store):
     import pyarrow.parquet as pq
 
     from llmflow.config import DataConfig
+    from llmflow.prepare.dataset import prepare_to_store
     from llmflow.refs import DatasetRef
-    from tasks.prepare import prepare_to_store
 
     store, base = tiny_store  # the tokenizer is read from the bucket
     data = DataConfig(max_rows=200)
@@ -355,7 +355,7 @@ def test_prepare_a_dataset_into_the_bucket_and_read_it_back(tiny_store):
 
 
 def test_a_serve_replica_loads_its_model_from_the_bucket(tiny_store):
-    """The hf Serve app gets a version's s3:// URI as model_path (tasks/rollout.py app_args)."""
+    """The hf Serve app gets a version's s3:// URI as model_path (llmflow/promote/rollout.py app_args)."""
     from deployments.openai_app import OpenAIServer
 
     _, base = tiny_store

@@ -25,7 +25,7 @@ def store(stack):
 def eval_dataset(store) -> str:
     """A prepared-format dataset directory whose eval.parquet holds N_EVAL bundled rows."""
     from llmflow.bundled import bundled_path, read_examples
-    from tasks.prepare import _parquet_bytes
+    from llmflow.prepare.dataset import parquet_bytes
 
     rows = read_examples(bundled_path())[-N_EVAL:]
     prepared = [
@@ -33,7 +33,7 @@ def eval_dataset(store) -> str:
          "n_chars": sum(len(m["content"]) for m in r["messages"]), "n_tokens": 10}
         for i, r in enumerate(rows)
     ]  # fmt: skip
-    store.write_bytes(_parquet_bytes(prepared), "datasets", "scoring-test", "eval.parquet")
+    store.write_bytes(parquet_bytes(prepared), "datasets", "scoring-test", "eval.parquet")
     return store.uri("datasets", "scoring-test")
 
 
@@ -60,7 +60,8 @@ CFG = EvalConfig(engine="hf", batch_size=16, concurrency=1, max_new_tokens=12)
 def test_scoring_the_untrained_then_the_trained_tiny_model(
     ray_on_stack, eval_dataset, tiny_base, tiny_trained, store
 ):
-    from tasks.scoring import comparison_rows, score_dataset, worst_examples
+    from llmflow.evaluate.compare import comparison_rows, worst_examples
+    from llmflow.evaluate.scoring import score_dataset
 
     before = score_dataset(CFG, tiny_base, eval_dataset, store.uri("runs", "t", "base"))
     after = score_dataset(CFG, tiny_trained, eval_dataset, store.uri("runs", "t", "trained"))
@@ -84,7 +85,7 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
     assert after.metrics["eval_loss"] < before.metrics["eval_loss"] - 1.0
     assert after.metrics["perplexity"] < before.metrics["perplexity"]
     # The hf actors computed the loss in the generation pass; the separate loss job agrees.
-    from tasks.scoring import eval_loss
+    from llmflow.evaluate.scoring import eval_loss
 
     separate, _ = eval_loss(CFG, tiny_trained, eval_dataset)
     assert after.metrics["eval_loss"] == pytest.approx(separate["eval_loss"], rel=1e-3)
@@ -108,9 +109,9 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
 
 
 def test_extra_metric_and_max_examples(ray_on_stack, eval_dataset, tiny_trained, store):
-    from tasks.scoring import score_dataset
+    from llmflow.evaluate.scoring import score_dataset
 
-    cfg = CFG.model_copy(update={"max_examples": 20, "extra_metrics": ["tasks.metrics:rouge_l"]})
+    cfg = CFG.model_copy(update={"max_examples": 20, "extra_metrics": ["llmflow.evaluate.metrics:rouge_l"]})
     with pytest.raises(Exception, match="exists"):
         score_dataset(cfg, tiny_trained, eval_dataset, store.uri("runs", "t", "x"))
     cfg = CFG.model_copy(update={"max_examples": 20,
@@ -125,10 +126,11 @@ def test_bad_inputs_fail_with_one_clear_line(ray_on_stack, tiny_base, store, tmp
     import shutil
 
     from llmflow.basemodels import ModelError
-    from tasks.prepare import _parquet_bytes
-    from tasks.scoring import EvalDataError, score_dataset
+    from llmflow.evaluate.eval_split import EvalDataError
+    from llmflow.evaluate.scoring import score_dataset
+    from llmflow.prepare.dataset import parquet_bytes
 
-    store.write_bytes(_parquet_bytes([]), "datasets", "empty", "eval.parquet")
+    store.write_bytes(parquet_bytes([]), "datasets", "empty", "eval.parquet")
     with pytest.raises(EvalDataError, match=r"empty/eval.parquet: eval split is empty \(0 rows\)"):
         score_dataset(CFG, tiny_base, store.uri("datasets", "empty"), str(tmp_path / "o"))
     with pytest.raises(EvalDataError, match="eval split not found"):

@@ -30,7 +30,6 @@ def standins(stack, tmp_path_factory):
     from llmflow.bundled import bundled_path, read_examples
     from llmflow.standins import build_standin
     from llmflow.tinymodel import example_texts
-
     from tests.tiny_training import train_tiny
 
     rows = read_examples(bundled_path())

@@ -29,12 +29,12 @@ KEY = "vllm-s3cret"
 @pytest.fixture(scope="module")
 def eval_dataset(stack) -> str:
     from llmflow.bundled import bundled_path, read_examples
-    from tasks.prepare import _parquet_bytes
+    from llmflow.prepare.dataset import parquet_bytes
 
     rows = read_examples(bundled_path())[-N_EVAL:]
     prepared = [{"id": f"e{i:03d}", "messages": r["messages"], "n_chars": 1, "n_tokens": 10}
                 for i, r in enumerate(rows)]  # fmt: skip
-    Store().write_bytes(_parquet_bytes(prepared), "datasets", "vllm-test", "eval.parquet")
+    Store().write_bytes(parquet_bytes(prepared), "datasets", "vllm-test", "eval.parquet")
     return Store().uri("datasets", "vllm-test")
 
 
@@ -78,7 +78,8 @@ def test_an_interpreter_missing_on_a_remote_clusters_nodes_fails_in_one_line(ray
 def test_vllm_scoring_matches_the_hf_engine_on_the_same_split(ray_on_stack, eval_dataset, trained):
     import pyarrow.parquet as pq
 
-    from tasks.scoring import score_dataset, worst_examples
+    from llmflow.evaluate.compare import worst_examples
+    from llmflow.evaluate.scoring import score_dataset
 
     tiny = load_config("configs/tiny.yaml")
     hf_cfg = tiny.eval.model_copy(update={"engine": "hf", "batch_size": 16, "max_new_tokens": 12})
@@ -114,7 +115,7 @@ def test_both_engines_stop_on_every_end_id_of_the_generation_config(ray_on_stack
 
     import pyarrow.parquet as pq
 
-    from tasks.scoring import score_dataset
+    from llmflow.evaluate.scoring import score_dataset
 
     tiny = load_config("configs/tiny.yaml")
     hf_cfg = tiny.eval.model_copy(update={"engine": "hf", "batch_size": 16, "max_new_tokens": 12,

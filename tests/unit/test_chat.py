@@ -156,11 +156,11 @@ def test_served_lineage_reads_flow_run_and_eval_metrics_of_the_version(tmp_path,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from llmflow.evaluate.scoring import PREDICTIONS_FILE
+    from llmflow.promote.rollout import served_lineage
     from llmflow.refs import ModelRef
     from llmflow.registry import register_version
     from llmflow.store import Store
-    from tasks.rollout import served_lineage
-    from tasks.scoring import PREDICTIONS_FILE
 
     monkeypatch.setenv("LLMFLOW_STORE", str(tmp_path / "store"))
     (tmp_path / "model").mkdir()
@@ -186,7 +186,7 @@ def test_served_lineage_reads_flow_run_and_eval_metrics_of_the_version(tmp_path,
 def test_serve_chat_app_is_one_replica_with_no_cpu_and_no_key_in_its_args():
     from deployments.chat_app import build_app
     from llmflow.config import load_config
-    from tasks.rollout import chat_app_name, chat_route_prefix
+    from llmflow.promote.rollout import chat_app_name, chat_route_prefix
 
     deployment = build_app({"endpoint": ENDPOINT, "api_key_file": "/run/secrets/key"})._bound_deployment
     assert deployment.num_replicas == 1 and deployment.ray_actor_options["num_cpus"] == 0

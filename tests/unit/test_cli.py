@@ -161,8 +161,8 @@ def test_unreachable_ray_head(addr, tmp_path):
     (["serve.engine=vllm", f"cluster.vllm_python={sys.executable}"],
      "serve.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
      f"{sys.executable}: vllm is not installed there"),
-    (["eval.extra_metrics=[tasks.metrics:rouge_l]"],
-     "eval.extra_metrics: 'tasks.metrics:rouge_l': a metric named 'rouge_l' exists"),
+    (["eval.extra_metrics=[llmflow.evaluate.metrics:rouge_l]"],
+     "eval.extra_metrics: 'llmflow.evaluate.metrics:rouge_l': a metric named 'rouge_l' exists"),
 ])  # fmt: skip
 def test_a_pipeline_config_that_cannot_run_fails_before_anything_starts(tmp_path, overrides, line):
     """Checked before the stack comes up: no server, no Ray head, one line, exit 2."""

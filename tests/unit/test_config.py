@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.config import PipelineConfig, apply_overrides, load_config
+from llmflow.config import PipelineConfig, apply_overrides, default_config, load_config
 from llmflow.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,8 +131,8 @@ def test_the_gpu_configs_open_with_their_command_and_build_their_vllm_apps(name)
     from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 
     from deployments.vllm_app import llm_config
+    from llmflow.promote.rollout import vllm_app_args
     from llmflow.refs import ModelRef
-    from tasks.rollout import vllm_app_args
 
     path = ROOT / "configs" / f"{name}.yaml"
     head = path.read_text().splitlines()[:4]
@@ -145,3 +145,20 @@ def test_the_gpu_configs_open_with_their_command_and_build_their_vllm_apps(name)
     llm = LLMConfig(**llm_config(vllm_app_args(cfg.serve, model)))
     assert llm.engine_kwargs["dtype"] == "bfloat16" and llm.placement_group_config["bundles"] == [{"GPU": 1.0}]
     assert llm.deployment_config["max_surge_percent"] == 0  # one GPU: no room for two replicas
+
+
+def test_the_flows_default_is_configs_tiny_yaml_and_importing_them_reads_no_config_file():
+    import subprocess
+    import sys
+
+    assert default_config() == load_config(ROOT / "configs" / "tiny.yaml")
+    probe = (
+        "import sys\n"
+        "opened = []\n"
+        "sys.addaudithook(lambda e, a: opened.append(str(a[0])) if e == 'open' else None)\n"
+        "import flows.pipeline, flows.check\n"
+        "print([p for p in opened if p.endswith(('.yaml', '.yml')) and 'site-packages' not in p])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == "[]"

@@ -7,12 +7,13 @@ import unicodedata
 
 import pytest
 
-from tasks import data as D
+from llmflow.prepare import records as D
+from llmflow.prepare import sources as S
 
 
 def prep(source, **kw):
     args = {"eval_fraction": 0.2, "max_chars": 8000, "max_tokens": 512} | kw
-    return D.prepare_records(D.iter_records(str(source)), **args)
+    return D.prepare_records(S.iter_records(str(source)), **args)
 
 
 def write_jsonl(path, rows):
@@ -57,7 +58,7 @@ def test_csv_json_parquet_and_folder(tmp_path):
     out = prep(folder)
     assert out.num_input == 4 and not out.quarantined
     assert len(out.train) + len(out.eval) == 4
-    assert D.source_files(str(folder)) == sorted(folder / n for n in ("a.csv", "b.json", "c.parquet"))
+    assert S.source_files(str(folder)) == sorted(folder / n for n in ("a.csv", "b.json", "c.parquet"))
 
 
 def test_csv_messages_column_is_json(tmp_path):
@@ -77,15 +78,15 @@ def test_saved_to_disk_dataset(tmp_path):
                 ).save_to_disk(str(tmp_path / "saved"))  # fmt: skip
     out = prep(tmp_path / "saved")
     assert out.num_input == 2 and len(out.train) + len(out.eval) == 2
-    assert D.source_files(str(tmp_path / "saved")) == []
+    assert S.source_files(str(tmp_path / "saved")) == []
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(D.DataError, match=r"^data.source: someone/no-such-dataset@main: cannot resolve "
+    with pytest.raises(S.DataError, match=r"^data.source: someone/no-such-dataset@main: cannot resolve "
                        r"the revision offline \(HF_HUB_OFFLINE=1\)"):  # fmt: skip
-        list(D.iter_records("someone/no-such-dataset"))
+        list(S.iter_records("someone/no-such-dataset"))
 
 
 def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
@@ -127,7 +128,7 @@ def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
     assert out.num_input == 13 and len(out.train) + len(out.eval) == 1
     assert all(q.source == str(f) for q in out.quarantined)
     # The quarantine keeps a bounded snippet of each row, never the 10 MB row itself.
-    assert max(len(q.raw) for q in out.quarantined) <= D.RAW_SNIPPET + 3
+    assert max(len(q.raw) for q in out.quarantined) <= S.RAW_SNIPPET + 3
     assert next(q for q in out.quarantined if q.line == 2).raw == '{"prompt": "x"'
 
 
@@ -149,15 +150,15 @@ def test_malformed_json_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["missing.jsonl", "missing-dir/"])
 def test_missing_path_is_a_clear_error(tmp_path, name):
-    with pytest.raises(D.DataError, match=r"data.source: .*: no such file or directory"):
-        D.source_files(str(tmp_path / name))
+    with pytest.raises(S.DataError, match=r"data.source: .*: no such file or directory"):
+        S.source_files(str(tmp_path / name))
 
 
 def test_unsupported_file_type(tmp_path):
     f = tmp_path / "data.xlsx"
     f.write_bytes(b"x")
-    with pytest.raises(D.DataError, match="unsupported file type '.xlsx'"):
-        D.source_files(str(f))
+    with pytest.raises(S.DataError, match="unsupported file type '.xlsx'"):
+        S.source_files(str(f))
 
 
 def test_cleaning_nfc_whitespace_and_duplicates(tmp_path):
@@ -208,8 +209,8 @@ def test_dataset_sha_depends_on_rows_and_config(tmp_path):
 
 def test_fingerprint_follows_bytes(tmp_path):
     f = write_jsonl(tmp_path / "f.jsonl", [CHAT])
-    first = D.fingerprint_source(str(f))
-    assert first == D.fingerprint_source(str(f))
+    first = S.fingerprint_source(str(f))
+    assert first == S.fingerprint_source(str(f))
     f.write_text(f.read_text() + json.dumps(CHAT) + "\n")
-    assert D.fingerprint_source(str(f)) != first
-    assert D.fingerprint_source("bundled") == D.fingerprint_source(D.resolve_source("bundled"))
+    assert S.fingerprint_source(str(f)) != first
+    assert S.fingerprint_source("bundled") == S.fingerprint_source(S.resolve_source("bundled"))

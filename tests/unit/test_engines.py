@@ -64,7 +64,7 @@ def test_hf_udf_with_loss_matches_the_separate_teacher_forced_pass(tiny_trained)
 
     from llmflow.basemodels import load_tokenizer
     from llmflow.engines.hf import HFGenerator
-    from tasks.metrics import teacher_forced_loss
+    from llmflow.evaluate.metrics import teacher_forced_loss
 
     answers = ["54321", "271809", "3344"]
     b = batch(QUESTIONS)

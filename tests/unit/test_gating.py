@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from llmflow.config import GateConfig
+from llmflow.promote.gate import decide, decision_markdown, lower_is_better
 from llmflow.refs import EvalReport
-from tasks.gating import decide, decision_markdown, lower_is_better
 
 
 def report(**metrics: float) -> EvalReport:

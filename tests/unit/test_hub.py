@@ -26,7 +26,7 @@ def _ref(cache, kind: str, repo: str, name: str, commit: str) -> None:
 
 
 def test_a_new_commit_behind_a_branch_changes_the_fingerprint(hf_cache):
-    from tasks.data import fingerprint_source
+    from llmflow.prepare.sources import fingerprint_source
 
     _ref(hf_cache, "dataset", "org/chats", "main", A)
     before = fingerprint_source("org/chats")
@@ -38,7 +38,7 @@ def test_a_new_commit_behind_a_branch_changes_the_fingerprint(hf_cache):
 
 
 def test_an_unresolvable_revision_offline_is_one_line_naming_hf_hub_offline(hf_cache):
-    from tasks.data import DataError, fingerprint_source
+    from llmflow.prepare.sources import DataError, fingerprint_source
 
     with pytest.raises(DataError) as err:
         fingerprint_source("org/unknown", "v2")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from llmflow.errors import ConfigError
-from tasks import metrics as M
+from llmflow.evaluate import metrics as M
 
 
 def test_exact_match_strips_whitespace_only():
@@ -58,11 +58,11 @@ def test_load_metric_by_both_dotted_forms_and_clear_errors():
     with pytest.raises(ConfigError, match="cannot import no_such_mod"):
         M.load_metric("no_such_mod:f")
     with pytest.raises(ConfigError, match="has no function 'nope'"):
-        M.load_metric("tasks.metrics:nope")
+        M.load_metric("llmflow.evaluate.metrics:nope")
     with pytest.raises(ConfigError, match="expected 'module:function'"):
         M.load_metric("justaname")
     with pytest.raises(ConfigError, match="exists"):
-        M.load_metrics(["tasks.metrics:rouge_l"])
+        M.load_metrics(["llmflow.evaluate.metrics:rouge_l"])
 
 
 def test_score_example_and_aggregate_means():

@@ -90,7 +90,7 @@ def test_find_version_matches_lineage_newest_first(tmp_path, model_dir):
 
 
 def test_latest_if_same_data_compares_the_latest_versions_dataset_hash(tmp_path, model_dir):
-    from tasks.training import latest_if_same_data
+    from llmflow.finetune.export import latest_if_same_data
 
     store = Store(tmp_path / "store")
     assert latest_if_same_data(store, "m", "a" * 64) == (None, False)

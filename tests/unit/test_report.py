@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmflow import alerts
-from tasks.report import STAGE_ARTIFACTS, summary_markdown
+from llmflow.report import STAGE_ARTIFACTS, summary_markdown
 
 
 def test_summary_links_made_artifacts_by_id_and_the_rest_by_key():

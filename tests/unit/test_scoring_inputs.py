@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.prepare import _parquet_bytes
-from tasks.scoring import chat_requests, read_eval_split, split_chat
+from llmflow.evaluate.eval_split import chat_requests, read_eval_split, split_chat
+from llmflow.prepare.dataset import parquet_bytes
 
 ROWS = [
     {"id": "a", "messages": [{"role": "user", "content": "Reverse: 12"},
@@ -21,7 +21,7 @@ ROWS = [
 @pytest.fixture
 def dataset_dir(tmp_path):
     rows = [{**r, "n_chars": 0, "n_tokens": 0} for r in ROWS]
-    (tmp_path / "eval.parquet").write_bytes(_parquet_bytes(rows))
+    (tmp_path / "eval.parquet").write_bytes(parquet_bytes(rows))
     return str(tmp_path)
 
 

@@ -34,8 +34,10 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_remote_code_in_a_model_directory_is_never_run(tiny, tmp_path):
+    from llmflow.basemodels import ModelError
     from llmflow.config import TrainConfig
-    from tasks.training import ModelError, check_causal_lm, load_model
+    from llmflow.finetune.checks import check_causal_lm
+    from llmflow.finetune.loop import load_model
 
     model = tmp_path / "remote"
     shutil.copytree(tiny, model)
@@ -55,7 +57,7 @@ def test_remote_code_in_a_model_directory_is_never_run(tiny, tmp_path):
 
 def test_pickled_weights_are_never_unpickled(tiny, tmp_path):
     from llmflow.config import TrainConfig
-    from tasks.training import load_model
+    from llmflow.finetune.loop import load_model
 
     model = tmp_path / "pickled"
     shutil.copytree(tiny, model)

@@ -11,30 +11,21 @@ import pytest
 from llmflow.basemodels import ModelError
 from llmflow.bundled import generate_examples
 from llmflow.config import TrainConfig
-from llmflow.refs import DatasetRef
-from llmflow.tinymodel import build_tiny_model, example_texts
-from tasks.training import (
-    IGNORE_INDEX,
+from llmflow.finetune.batches import IGNORE_INDEX, batch_indices, collate, encode_chat, lr_at
+from llmflow.finetune.checks import (
     DatasetNotFound,
     InsufficientResources,
     NonFiniteLoss,
-    batch_indices,
     check_causal_lm,
     check_dataset,
-    check_finite_loss,
     check_placeable,
-    collate,
-    encode_chat,
-    export_model,
-    is_checkpoint_step,
-    load_model,
-    loss_plot_png,
-    loss_table,
-    lr_at,
-    run_key,
-    trainable_state,
     worker_resources,
 )
+from llmflow.finetune.export import export_model, loss_plot_png, loss_table
+from llmflow.finetune.loop import check_finite_loss, is_checkpoint_step, load_model, trainable_state
+from llmflow.finetune.trainer import run_key
+from llmflow.refs import DatasetRef
+from llmflow.tinymodel import build_tiny_model, example_texts
 
 ROWS = generate_examples(200, seed=0)
 CHAT = [
@@ -300,7 +291,7 @@ def _reduce_on_rank(rank: int, world: int, port: int, out) -> None:
     import torch
     import torch.distributed as dist
 
-    from tasks.training import all_sum
+    from llmflow.finetune.loop import all_sum
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -334,7 +325,7 @@ def test_all_sum_hands_the_process_group_the_workers_device(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from tasks.training import all_sum
+    from llmflow.finetune.loop import all_sum
 
     seen = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -344,7 +335,7 @@ def test_all_sum_hands_the_process_group_the_workers_device(monkeypatch):
     assert seen == [torch.device("cpu")]
     import inspect
 
-    import tasks.training as training
+    import llmflow.finetune.loop as training
 
     loop = inspect.getsource(training.train_loop)
     assert loop.count("all_sum(") == 2 and loop.count(", device)") >= 2

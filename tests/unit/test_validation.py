@@ -10,16 +10,14 @@ import pandas as pd
 import pytest
 
 from llmflow.config import DataConfig
-from tasks.validation import (
+from llmflow.prepare.validation import example_table, message_table, validate_dataset
+from llmflow.prepare.validation_report import (
     DISJOINT_CHECK,
     QUARANTINE_CHECK,
     ExpectationOutcome,
     ValidationReport,
-    example_table,
-    message_table,
     report_markdown,
     report_table,
-    validate_dataset,
 )
 
 CFG = DataConfig(min_rows=10, max_chars=200, max_tokens=64, max_quarantine_fraction=0.05)

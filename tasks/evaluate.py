@@ -1,5 +1,7 @@
-"""Prefect tasks of the evaluate stage: score a model with Ray Data (tasks/scoring.py), cached
-on its inputs, and publish the candidate-vs-champion comparison."""
+"""Prefect tasks of the evaluate stage: score a model with Ray Data
+(llmflow/evaluate/scoring.py), cached on its inputs; record the candidate's metrics in its
+lineage; publish the candidate-vs-champion comparison.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ from typing import Any
 
 from prefect import task
 
-from llmflow import aliases, registry
-from llmflow.basemodels import resolve_base_model
-from llmflow.config import ClusterConfig, EvalConfig, TrainConfig
+from llmflow import registry
+from llmflow.config import ClusterConfig, EvalConfig
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
 from llmflow.runs import flow_run_id
 from llmflow.store import Store
@@ -33,7 +34,7 @@ def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, datase
     """Generate on the eval split with the configured engine and score it."""
     from prefect import get_run_logger
 
-    from tasks.scoring import score_dataset
+    from llmflow.evaluate.scoring import score_dataset
 
     out = Store().uri("runs", flow_run_id(), "eval", label)
     report = score_dataset(eval_cfg, model_uri, dataset.uri, out, model_version=model_version,
@@ -53,31 +54,16 @@ def record_eval(candidate: ModelRef, report: EvalReport, champion_version: str) 
         "against": champion_version})  # fmt: skip
 
 
-def champion_model(train: TrainConfig) -> tuple[str, str]:
-    """(uri, version) of the current champion, or of the base model when there is none, so
-    the gate always compares like with like."""
-    store = Store()
-    champ = aliases.read_aliases(store, train.model_name).get("champion")
-    if champ:
-        ref = registry.get_version(store, train.model_name, champ)
-        return ref.uri, ref.version
-    return resolve_base_model(train, store), "base"
-
-
 @task(name="compare-reports")
 def compare_reports(candidate: EvalReport, champion: EvalReport) -> None:
     """Side-by-side table and the candidate's ten worst examples, as Prefect artifacts."""
     import pyarrow.parquet as pq
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.scoring import comparison_rows, worst_examples
+    from llmflow.evaluate.compare import comparison_rows, worst_examples
 
     create_table_artifact(key="eval-comparison", table=comparison_rows(candidate, champion),
                           description=f"candidate {candidate.model_version} vs champion "
                           f"{champion.model_version} on dataset {candidate.dataset_sha256[:16]}")  # fmt: skip
     preds = pq.read_table(candidate.predictions_uri)
     create_markdown_artifact(key="eval-worst-examples", markdown=worst_examples(preds, k=10))
-
-
-def candidate_of(model: ModelRef | None, train: TrainConfig) -> ModelRef:
-    return model or registry.get_version(Store(), train.model_name)

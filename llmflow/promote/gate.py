@@ -1,17 +1,10 @@
-"""The gate: a metric policy that decides whether a candidate may replace the champion,
-plus the optional human approval in the Prefect UI.
+"""The gate: a metric policy that decides whether a candidate may replace the champion.
 
-`decide` is pure (tested without Prefect); `gate` wraps it as a task with an artifact;
-`ask_for_approval` pauses the flow run with a form and must be called from a flow body.
+`decide` is pure (tested without Prefect); tasks/promote.py's `gate` wraps it with an
+artifact, and `ask_for_approval` adds the human decision in the Prefect UI.
 """
 
 from __future__ import annotations
-
-from typing import Literal
-
-from prefect import task
-from prefect.input import RunInput
-from pydantic import Field
 
 from llmflow.config import GateConfig
 from llmflow.refs import EvalReport, GateDecision, GateRule
@@ -97,49 +90,3 @@ def decision_markdown(decision: GateDecision) -> str:
     if decision.approved_by is not None or decision.comment:
         lines += ["", f"Human review: {decision.approved_by or '-'}: {decision.comment or ''}"]
     return "\n".join(lines)
-
-
-@task(name="gate")
-def gate(config: GateConfig, candidate: EvalReport, champion: EvalReport | None) -> GateDecision:
-    """Decide on the candidate; the decision is shown as a markdown artifact."""
-    from prefect.artifacts import create_markdown_artifact
-
-    decision = decide(config, candidate, champion)
-    create_markdown_artifact(key="gate-decision", markdown=decision_markdown(decision))
-    return decision
-
-
-class Approval(RunInput):
-    """The form the Prefect UI shows on a paused pipeline run."""
-
-    decision: Literal["approve", "reject"] = Field(
-        "reject", description="Approve to promote the candidate; reject to keep the champion."
-    )
-    comment: str = Field("", description="Why (kept with the decision).")
-    reviewer: str = Field("", description="Who decided.")
-
-
-def ask_for_approval(decision: GateDecision, timeout_s: int) -> GateDecision:
-    """Pause the flow run until a human approves or rejects in the UI; a timeout rejects.
-
-    Call it from a flow body (Prefect pauses flow runs, not tasks).
-    """
-    from prefect.exceptions import FlowPauseTimeout
-    from prefect.flow_runs import pause_flow_run
-
-    if not decision.passed:
-        return decision
-    try:
-        answer: Approval = pause_flow_run(wait_for_input=Approval, timeout=timeout_s)
-    except FlowPauseTimeout:
-        rule = GateRule(name="human-approval", passed=False,
-                        reason=f"no decision within {timeout_s}s: rejected")  # fmt: skip
-        return decision.model_copy(update={"passed": False, "rules": [*decision.rules, rule]})
-    ok = answer.decision == "approve"
-    rule = GateRule(name="human-approval", passed=ok,
-                    reason=f"{answer.decision}d by {answer.reviewer or 'a reviewer'}"
-                    + (f": {answer.comment}" if answer.comment else ""))  # fmt: skip
-    return decision.model_copy(update={
-        "passed": ok, "rules": [*decision.rules, rule],
-        "approved_by": answer.reviewer or None, "comment": answer.comment or None,
-    })  # fmt: skip

@@ -1,11 +1,6 @@
-"""Promotion: roll a model version out on Ray Serve, smoke-test it over HTTP, then move the
-champion alias; on any failure roll back to what was served before.
-
-It runs as one Prefect transaction: `deploy_version` registers an on_rollback hook that puts
-the previous version back (or removes the app when there was none), so a failed smoke test
-or alias update undoes the deployment. Serve's in-place update is rolling, and with
-serve.max_surge_percent (default 100) new replicas start before old ones stop, so requests
-keep being answered, without a stall, during a rollout (bench/rollout.py).
+"""Rolling a model version out on Ray Serve: the application's arguments (hf or vLLM), the
+in-place deploy, the smoke test over HTTP, the restore of what was served before, and the
+checks that can run before any of it. tasks/promote.py runs them in one transaction.
 """
 
 from __future__ import annotations
@@ -14,12 +9,10 @@ import time
 from typing import Any
 
 import httpx
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from llmflow.config import ClusterConfig, ServeConfig
 from llmflow.errors import ConfigError, LlmflowError
-from llmflow.refs import ModelRef, Rollout, SmokeTest
+from llmflow.refs import GateDecision, ModelRef, Rollout, SmokeTest
 from llmflow.settings import serve_url
 
 SMOKE_PROMPTS = ("Reverse this number: 1234", "Reverse this number: 905")
@@ -86,8 +79,8 @@ def _eval_metrics(run_id: str) -> dict[str, float]:
     try:
         import pyarrow.parquet as pq
 
+        from llmflow.evaluate.scoring import PREDICTION_COLUMNS, PREDICTIONS_FILE
         from llmflow.store import Store
-        from tasks.scoring import PREDICTION_COLUMNS, PREDICTIONS_FILE
 
         store = Store()
         if not store.exists("runs", run_id, "eval", "candidate", PREDICTIONS_FILE):
@@ -325,29 +318,6 @@ def smoke_test(serve_cfg: ServeConfig, model: ModelRef, base_url: str,
     return SmokeTest(passed=all(c["passed"] for c in checks), checks=checks)
 
 
-@task(name="deploy-version", cache_policy=NO_CACHE)
-def deploy_version(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef,
-                   previous: ModelRef | None) -> str:  # fmt: skip
-    """Roll the version out in place; the transaction remembers what to restore."""
-    from prefect.transactions import get_transaction
-
-    connect(cluster)
-    txn = get_transaction()
-    if txn is not None:
-        txn.set("serve_cfg", serve_cfg)
-        txn.set("cluster", cluster)
-        txn.set("previous", previous)
-    try:
-        deploy(serve_cfg, model, cluster)
-    except RolloutError:
-        # A failed task registers no rollback hook: undo its own half-done update here.
-        # (Serve keeps the old replicas, but marks the app failed until the next deploy.)
-        restore(serve_cfg, previous, cluster)
-        raise
-    get_run_logger().info("Serving %s:%s on app '%s'", model.name, model.version, serve_cfg.app_name)
-    return model.version
-
-
 def restore(serve_cfg: ServeConfig, previous: ModelRef | None,
             cluster: ClusterConfig | None = None) -> None:  # fmt: skip
     """Serve ``previous`` again, or remove the app when nothing was served before."""
@@ -361,24 +331,30 @@ def restore(serve_cfg: ServeConfig, previous: ModelRef | None,
             serve.delete(chat_app_name(serve_cfg))
 
 
-@deploy_version.on_rollback
-def _restore_previous(txn) -> None:
-    restore(txn.get("serve_cfg"), txn.get("previous"), txn.get("cluster", None))
+def nothing_to_do(
+    serve_cfg: ServeConfig,
+    cluster: ClusterConfig,
+    candidate: ModelRef,
+    decision: GateDecision | None,
+    champion: str | None,
+    previous: str | None,
+) -> Rollout | None:
+    """The outcome of a promotion that changes nothing (a failed gate, or the candidate is
+    already champion and served); None when there is a rollout to do."""
+    live = served_version(serve_cfg, serve_url(cluster))
+    url = endpoint(serve_cfg, cluster)
+    if decision is not None and not decision.passed:
+        failed = "; ".join(r.reason for r in decision.rules if not r.passed)
+        return Rollout(served_version=live, endpoint=url, message=f"gate failed: {failed}")
+    if champion == candidate.version and live == candidate.version:
+        message = f"{candidate.name}:{candidate.version} is already champion and served: nothing changed"
+        return Rollout(served_version=live, previous_version=previous, endpoint=url, message=message)
+    return None
 
 
-@task(name="smoke-test", cache_policy=NO_CACHE)
-def check_served(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef) -> SmokeTest:
-    from llmflow.apikey import resolve_api_key
-
-    try:
-        key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
-    except ValueError as exc:
-        raise RolloutError(f"smoke test of {model.name}:{model.version}: {exc}") from None
-    result = smoke_test(serve_cfg, model, serve_url(cluster), key)
-    if not result.passed:
-        failed = "; ".join(f"{c['check']}: {c['detail']}" for c in result.checks if not c["passed"])
-        raise RolloutError(f"smoke test of {model.name}:{model.version} failed: {failed}")
-    return result
+def endpoint(serve_cfg: ServeConfig, cluster: ClusterConfig) -> str:
+    """The OpenAI base URL of the app (without /v1)."""
+    return f"{serve_url(cluster)}{serve_cfg.route_prefix.rstrip('/')}"
 
 
 def summary(rollout: Rollout) -> str:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
 
 from llmflow.config import DataConfig
 
@@ -31,63 +30,28 @@ if TYPE_CHECKING:
     from great_expectations.core.expectation_validation_result import (
         ExpectationValidationResult,
     )
+from llmflow.prepare.validation_report import (
+    DISJOINT_CHECK,
+    QUARANTINE_CHECK,
+    ExpectationOutcome,
+    ValidationReport,
+)
 
 VALID_ROLES = ("system", "user", "assistant")
+
+
 ID_REGEX = r"^[0-9a-f]{16}$"
+
+
 EXAMPLE_COLUMNS = ("id", "n_chars", "n_tokens", "n_messages", "last_role")
+
+
 TABLES = ("train", "eval", "messages")
+
+
 # Column-map failures keep this many offending values and ids: enough to find the rows,
 # small enough for a one-line failure message.
 SAMPLE_SIZE = 5
-
-QUARANTINE_CHECK = "expect_quarantine_fraction_to_be_at_most"
-DISJOINT_CHECK = "expect_eval_ids_to_be_disjoint_from_train"
-
-
-class ExpectationOutcome(BaseModel):
-    """One expectation's verdict on one table."""
-
-    name: str = Field(description="Expectation type, e.g. expect_table_row_count_to_be_between.")
-    table: str = Field(description="train, eval, messages, or input (the loader's counts).")
-    column: str | None = None
-    success: bool
-    observed: Any = Field(
-        None,
-        description="The observed value (aggregate expectations), or for column-map ones "
-        "{unexpected_count, element_count, sample, ids}; {error} when GX raised.",
-    )
-    expected: str = Field(description="The bound, in words: '>= 10', 'in {system, user}'.")
-
-    def describe(self) -> str:
-        """One clause for failure_message()."""
-        if self.name == QUARANTINE_CHECK:
-            bound = self.expected.removeprefix("<= ")
-            return f"quarantined share {_fmt(self.observed)} > {bound}"
-        where = f"{self.table}.{self.column}" if self.column else self.table
-        observed = _fmt_observed(self.observed)
-        return f"{self.name} on {where}: observed {observed} (expected {self.expected})"
-
-
-class ValidationReport(BaseModel):
-    """Every outcome of the suite plus the row counts it ran on."""
-
-    success: bool
-    outcomes: list[ExpectationOutcome]
-    num_input: int = Field(ge=0, description="Rows the loader read.")
-    num_train: int = Field(ge=0)
-    num_eval: int = Field(ge=0)
-    num_quarantined: int = Field(ge=0, description="Rows the loader or cleaner rejected.")
-    quarantine_fraction: float = Field(ge=0)
-
-    @property
-    def failures(self) -> list[ExpectationOutcome]:
-        return [o for o in self.outcomes if not o.success]
-
-    def failure_message(self) -> str:
-        """One line naming each failed expectation with its observed value."""
-        if self.success:
-            return f"validation passed: {len(self.outcomes)} checks"
-        return "validation failed: " + "; ".join(o.describe() for o in self.failures)
 
 
 def validate_dataset(
@@ -101,7 +65,7 @@ def validate_dataset(
     """Run the data-quality suite over the prepared splits. Pure: no Prefect, no files.
 
     Args:
-        train, eval: the splits, columns id, messages, n_chars, n_tokens (tasks/data.py).
+        train, eval: the splits, columns id, messages, n_chars, n_tokens (llmflow/prepare/records.py).
         cfg: bounds: min_rows (train split), max_chars, max_tokens, max_duplicate_fraction
             (per split), max_quarantine_fraction.
         num_input, num_quarantined: rows the loader read and rows it rejected.
@@ -145,9 +109,6 @@ def validate_dataset(
         num_quarantined=num_quarantined,
         quarantine_fraction=fraction,
     )
-
-
-# --- flat tables -----------------------------------------------------------------------
 
 
 def _message_lists(split: pd.DataFrame) -> list[list | None]:
@@ -209,9 +170,6 @@ def message_table(
             )
         )
     return pd.concat(parts, ignore_index=True)
-
-
-# --- the suites ------------------------------------------------------------------------
 
 
 def _example_suite(split: str, cfg: DataConfig, table: pd.DataFrame) -> Any:
@@ -299,9 +257,6 @@ def _suite(
     return suite
 
 
-# --- running GX ------------------------------------------------------------------------
-
-
 class _Gx:
     """An ephemeral context with one whole-dataframe batch definition per table."""
 
@@ -320,6 +275,8 @@ class _Gx:
 
 
 _GX: _Gx | None = None
+
+
 # One context per process, reused: Prefect may run validations in threads at once, and a
 # GX context is not documented to be thread-safe.
 _GX_LOCK = threading.Lock()
@@ -419,9 +376,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# --- checks outside GX -----------------------------------------------------------------
-
-
 def _disjoint_outcome(train: pd.DataFrame, eval: pd.DataFrame) -> ExpectationOutcome:
     # A split without an id column has nothing to leak; the schema expectation reports it.
     no_ids = pd.Series([], dtype=object)
@@ -443,69 +397,3 @@ def _disjoint_outcome(train: pd.DataFrame, eval: pd.DataFrame) -> ExpectationOut
         },
         expected="no id also in train",
     )
-
-
-# --- rendering -------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _fmt_observed(observed: Any) -> str:
-    if isinstance(observed, dict) and "error" in observed:
-        return f"error: {observed['error']}"
-    if isinstance(observed, dict) and "missing" in observed:
-        return f"missing {observed['missing']} in {observed['columns']}"
-    if isinstance(observed, dict) and "unexpected_count" in observed:
-        text = f"{observed['unexpected_count']} of {observed['element_count']} unexpected"
-        if observed.get("sample"):
-            text += f", e.g. {observed['sample']}"
-        if observed.get("ids") and observed["ids"] != observed.get("sample"):
-            text += f" (ids {observed['ids']})"
-        return text
-    return _fmt(observed)
-
-
-def report_table(report: ValidationReport) -> list[dict]:
-    """Rows for a Prefect table artifact: one per outcome, failures first."""
-    ordered = sorted(report.outcomes, key=lambda o: o.success)
-    return [
-        {
-            "status": "pass" if o.success else "FAIL",
-            "expectation": o.name,
-            "table": o.table,
-            "column": o.column or "",
-            "observed": _fmt_observed(o.observed),
-            "expected": o.expected,
-        }
-        for o in ordered
-    ]
-
-
-def report_markdown(report: ValidationReport) -> str:
-    """A Markdown summary for a Prefect markdown artifact."""
-    verdict = "passed" if report.success else f"FAILED ({len(report.failures)} checks)"
-    lines = [
-        f"# Data validation {verdict}",
-        "",
-        f"- rows read: {report.num_input}",
-        f"- train: {report.num_train}, eval: {report.num_eval}",
-        f"- quarantined: {report.num_quarantined} ({report.quarantine_fraction:.2%})",
-        "",
-    ]
-    if not report.success:
-        lines += [report.failure_message(), ""]
-    lines += [
-        "| status | expectation | table | column | observed | expected |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in report_table(report):
-        cells = [
-            str(row[k]).replace("|", "\\|")
-            for k in ("status", "expectation", "table", "column", "observed", "expected")
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -4,15 +4,14 @@
                  -> predictions.parquet + EvalReport (metrics, engine, throughput)
 
 plus a teacher-forced pass (eval loss, perplexity) over the same rows. Every Ray Data
-function here is named and pure enough to test alone. The lead's @task wrapper adds the
-Prefect side (retries on I/O, artifacts: ``worst_examples``, ``comparison_rows``).
+function here is named and pure enough to test alone. tasks/evaluate.py's @task adds the
+Prefect side (caching, artifacts: compare.py's ``worst_examples``, ``comparison_rows``).
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 import os
 import time
@@ -20,157 +19,29 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmflow.config import ClusterConfig, EvalConfig
-from llmflow.errors import LlmflowError
+from llmflow.evaluate.compare import basename
+from llmflow.evaluate.eval_split import (
+    as_blocks,
+    chat_requests,
+    check_eval_split,
+    read_eval_split,
+    read_manifest,
+)
 from llmflow.refs import EvalReport
 
-EVAL_FILE = "eval.parquet"
 PREDICTIONS_FILE = "predictions.parquet"
-REQUIRED_COLUMNS = ("id", "messages")
-
-
-class EvalDataError(LlmflowError):
-    """The eval split is missing, empty or not in the prepared format."""
-
-
-# -- inputs ----------------------------------------------------------------------------------
-
-
-def eval_split_uri(dataset_uri: str) -> str:
-    return dataset_uri.rstrip("/") + "/" + EVAL_FILE
-
-
-def check_eval_split(dataset_uri: str) -> int:
-    """Rows of the dataset's eval split; EvalDataError when it is missing, empty or malformed.
-
-    Reads only the Parquet footer, so it is cheap enough to run before any cluster work.
-    """
-    import fsspec
-    import pyarrow.parquet as pq
-
-    uri = eval_split_uri(dataset_uri)
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        raise EvalDataError(f"{uri}: eval split not found (is {dataset_uri} a prepared dataset?)")
-    try:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            names = set(pf.schema_arrow.names)
-            num_rows = pf.metadata.num_rows
-    except Exception as exc:  # noqa: BLE001 - one line naming the file and the cause
-        raise EvalDataError(f"{uri}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise EvalDataError(f"{uri}: eval split lacks column(s) {', '.join(missing)}")
-    if num_rows == 0:
-        raise EvalDataError(f"{uri}: eval split is empty (0 rows); nothing to score")
-    return num_rows
-
-
-def read_eval_split(dataset_uri: str, max_examples: int | None = None):
-    """The eval split's ``id`` and ``messages`` (the first ``max_examples`` rows) as Arrow.
-
-    The driver reads it itself, through fsspec like every store access: an eval split is
-    small, and every row of it comes back to the driver anyway. ``ray.data.read_parquet``
-    costs more than scoring on 2 cores: Ray 2.60 lists the files on a pool of 32
-    FooterReader actors (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS; ray PR #65273), measured at
-    13.5 s for one 5,000-row file, against 0.4 s here.
-    """
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, path = fsspec.core.url_to_fs(eval_split_uri(dataset_uri))
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=list(REQUIRED_COLUMNS))
-    return table.slice(0, max_examples) if max_examples else table
-
-
-def as_blocks(table, rows_per_block: int):
-    """A Ray Dataset of ``table`` cut into blocks of ``rows_per_block`` rows, in order.
-
-    One block per generate batch spreads the rows over every actor of a pool (a single
-    block goes whole to one actor: measured, the second actor sat idle), and the first
-    batches are done while the last still wait. ``from_blocks`` computes the blocks'
-    metadata here; ``from_arrow`` runs one Ray task per block for it (3 to 4 s of 79 tasks
-    before the job started, measured).
-    """
-    import ray
-
-    step = max(1, rows_per_block)
-    return ray.data.from_blocks([table.slice(i, step) for i in range(0, table.num_rows, step)])
-
-
-def chat_requests(table, keep_messages: bool = False):
-    """``split_chats`` over an eval split table: the generation requests, as Arrow.
-
-    ``keep_messages`` also keeps each full chat (``messages``), for an engine that computes
-    the teacher-forced loss in the same pass.
-    """
-    import pyarrow as pa
-
-    batch = split_chats({c: table.column(c).to_numpy(zero_copy_only=False) for c in REQUIRED_COLUMNS})
-    if keep_messages:
-        batch["messages"] = table.column("messages").to_pylist()
-    return pa.table({name: list(values) for name, values in batch.items()})
-
-
-def _manifest(uri: str) -> dict[str, Any]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri.rstrip("/") + "/manifest.json")
-    try:
-        with fs.open(path, "rb") as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-# -- Ray Data functions ----------------------------------------------------------------------
-
-
-def split_chat(row: dict[str, Any]) -> dict[str, Any]:
-    """A prepared row as a generation request: the chat before the last assistant reply
-    (``prompt_messages``), that reply (``reference``) and the last user turn (``question``).
-    """
-    from llmflow.engines.hf import to_messages
-
-    messages = to_messages(row["messages"])
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    prompt = messages[:last] if last is not None else messages
-    reference = messages[last]["content"] if last is not None else ""
-    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-    return {
-        "id": str(row["id"]),
-        "prompt_messages": prompt,
-        "reference": reference,
-        "question": question,
-    }
-
-
-def split_chats(batch: dict[str, Any]) -> dict[str, Any]:
-    """``split_chat`` over a numpy batch: one Ray Data call per batch, not per row."""
-    import numpy as np
-
-    rows = [split_chat({"id": i, "messages": m}) for i, m in zip(batch["id"], batch["messages"])]
-    prompts = np.empty(len(rows), dtype=object)
-    prompts[:] = [r["prompt_messages"] for r in rows]
-    return {
-        "id": np.array([r["id"] for r in rows], dtype=object),
-        "prompt_messages": prompts,
-        "reference": np.array([r["reference"] for r in rows], dtype=object),
-        "question": np.array([r["question"] for r in rows], dtype=object),
-    }
 
 
 @functools.lru_cache(maxsize=8)
 def _metrics(extra: tuple[str, ...]):
-    from tasks.metrics import load_metrics
+    from llmflow.evaluate.metrics import load_metrics
 
     return load_metrics(extra)
 
 
 def score_row(row: dict[str, Any], extra_metrics: tuple[str, ...] = ()) -> dict[str, Any]:
     """The row with one column per metric of its generation against its reference."""
-    from tasks.metrics import score_example
+    from llmflow.evaluate.metrics import score_example
 
     scores = score_example(str(row["generation"]), str(row["reference"]), _metrics(tuple(extra_metrics)))
     return {**row, **scores}
@@ -199,8 +70,7 @@ class TeacherForcedLoss:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from llmflow.engines.hf import to_messages
-        from tasks.metrics import example_losses
+        from llmflow.engines.hf import example_losses, to_messages
 
         chats = [to_messages(c) for c in batch["messages"]]
         losses = example_losses(self.model, self.tokenizer, chats)
@@ -209,9 +79,6 @@ class TeacherForcedLoss:
             "loss_sum": np.array([s for s, _ in losses], dtype=np.float64),
             "loss_tokens": np.array([n for _, n in losses], dtype=np.int64),
         }
-
-
-# -- the stage -------------------------------------------------------------------------------
 
 
 def _ensure_ray() -> None:
@@ -299,7 +166,7 @@ def eval_loss(
     """
     import ray
 
-    from tasks.metrics import loss_summary
+    from llmflow.evaluate.metrics import loss_summary
 
     batch_size = min(eval_cfg.batch_size, 32)
     ds = as_blocks(read_eval_split(dataset_uri, eval_cfg.max_examples), batch_size)
@@ -375,8 +242,8 @@ def score_dataset(
         ModelError: the model directory lacks config, tokenizer or safetensors weights.
     """
     from llmflow.engines import check_model_dir, select_engine
+    from llmflow.evaluate.metrics import aggregate, load_metrics, loss_summary
     from llmflow.store import Store
-    from tasks.metrics import aggregate, load_metrics, loss_summary
 
     # Everything that can be wrong with the inputs fails here, before any cluster work.
     check_model_dir(model_uri)
@@ -410,12 +277,12 @@ def score_dataset(
     pq.write_table(predictions_table(rows, metric_names), buf)
     predictions_uri = Store(out_uri).write_bytes(buf.getvalue(), PREDICTIONS_FILE)
 
-    model_manifest = _manifest(model_uri).get("ref", {})
-    data_manifest = _manifest(dataset_uri).get("ref", {})
+    model_manifest = read_manifest(model_uri).get("ref", {})
+    data_manifest = read_manifest(dataset_uri).get("ref", {})
     return EvalReport(
         model_uri=model_uri,
-        model_version=model_version or model_manifest.get("version") or _basename(model_uri),
-        dataset_sha256=dataset_sha256 or data_manifest.get("sha256") or _basename(dataset_uri),
+        model_version=model_version or model_manifest.get("version") or basename(model_uri),
+        dataset_sha256=dataset_sha256 or data_manifest.get("sha256") or basename(dataset_uri),
         engine=engine_name,
         metrics=metrics,
         num_examples=len(rows),
@@ -423,91 +290,3 @@ def score_dataset(
         predictions_uri=predictions_uri,
         throughput=throughput(rows, wall_s),
     )
-
-
-def _basename(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
-
-
-# -- reports ---------------------------------------------------------------------------------
-
-
-def _cell(text: Any, width: int = 80) -> str:
-    s = " ".join(str(text).split()).replace("|", "\\|")
-    return s if len(s) <= width else s[: width - 1] + "…"
-
-
-def worst_examples(predictions, k: int = 10, metric: str = "token_f1") -> str:
-    """Markdown table of the ``k`` lowest-scoring predictions (ties: longest loss first).
-
-    Args:
-        predictions: rows (dicts), a pandas DataFrame or an Arrow table of predictions.
-        metric: the per-row score to rank by (falls back to exact_match when absent).
-    """
-    rows = _as_rows(predictions)
-    if not rows:
-        return "_No predictions._"
-    if metric not in rows[0]:
-        metric = "exact_match"
-
-    def key(r):
-        loss = r.get("eval_loss")
-        return (float(r[metric]), -(loss if isinstance(loss, float) and not math.isnan(loss) else 0.0))
-
-    worst = sorted(rows, key=key)[:k]
-    lines = [
-        f"### {len(worst)} worst of {len(rows)} examples by {metric}",
-        "",
-        f"| id | question | reference | generation | {metric} |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in worst:
-        gen = r["generation"] if str(r["generation"]).strip() else "_(empty)_"
-        lines.append(
-            f"| {_cell(r['id'], 12)} | {_cell(r.get('question', ''))} | {_cell(r['reference'])} "
-            f"| {_cell(gen)} | {float(r[metric]):.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def _as_rows(predictions) -> list[dict[str, Any]]:
-    if hasattr(predictions, "to_pylist"):
-        return predictions.to_pylist()
-    if hasattr(predictions, "to_dict"):
-        return predictions.to_dict("records")
-    return [dict(r) for r in predictions]
-
-
-def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[dict[str, Any]]:
-    """Side-by-side metrics of a candidate and the champion: rows for a Prefect table artifact.
-
-    One row per metric (and throughput figure) in either report, with the difference and
-    whether it is better for the candidate (lower is better for loss, perplexity, latency,
-    empty generations and truncations).
-    """
-    from tasks.gating import lower_is_better
-
-    def fmt(v: float | None) -> str:
-        return "" if v is None else f"{v:.4g}"
-
-    rows = []
-    sections = (("metric", "metrics"), ("throughput", "throughput"))
-    for kind, attr in sections:
-        cand = getattr(candidate, attr)
-        champ = getattr(champion, attr) if champion else {}
-        for name in sorted(set(cand) | set(champ)):
-            c, p = cand.get(name), champ.get(name)
-            delta = c - p if c is not None and p is not None else None
-            lower = lower_is_better(name) or name.startswith("latency") or name in ("truncated_prompts", "wall_s")
-            better = None if delta is None or delta == 0 else (delta < 0) == lower
-            rows.append(
-                {
-                    "kind": kind,
-                    "name": name,
-                    "candidate": fmt(c),
-                    "champion": fmt(p),
-                    "delta": "" if delta is None else f"{delta:+.4g}",
-                    "better": "" if better is None else ("yes" if better else "no"),
-                }
-            )
-    return rows

@@ -1,0 +1,93 @@
+"""Reading two eval reports side by side: the comparison table and the worst examples."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from llmflow.refs import EvalReport
+
+
+def basename(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _cell(text: Any, width: int = 80) -> str:
+    s = " ".join(str(text).split()).replace("|", "\\|")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def worst_examples(predictions, k: int = 10, metric: str = "token_f1") -> str:
+    """Markdown table of the ``k`` lowest-scoring predictions (ties: longest loss first).
+
+    Args:
+        predictions: rows (dicts), a pandas DataFrame or an Arrow table of predictions.
+        metric: the per-row score to rank by (falls back to exact_match when absent).
+    """
+    rows = _as_rows(predictions)
+    if not rows:
+        return "_No predictions._"
+    if metric not in rows[0]:
+        metric = "exact_match"
+
+    def key(r):
+        loss = r.get("eval_loss")
+        return (float(r[metric]), -(loss if isinstance(loss, float) and not math.isnan(loss) else 0.0))
+
+    worst = sorted(rows, key=key)[:k]
+    lines = [
+        f"### {len(worst)} worst of {len(rows)} examples by {metric}",
+        "",
+        f"| id | question | reference | generation | {metric} |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in worst:
+        gen = r["generation"] if str(r["generation"]).strip() else "_(empty)_"
+        lines.append(
+            f"| {_cell(r['id'], 12)} | {_cell(r.get('question', ''))} | {_cell(r['reference'])} "
+            f"| {_cell(gen)} | {float(r[metric]):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _as_rows(predictions) -> list[dict[str, Any]]:
+    if hasattr(predictions, "to_pylist"):
+        return predictions.to_pylist()
+    if hasattr(predictions, "to_dict"):
+        return predictions.to_dict("records")
+    return [dict(r) for r in predictions]
+
+
+def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[dict[str, Any]]:
+    """Side-by-side metrics of a candidate and the champion: rows for a Prefect table artifact.
+
+    One row per metric (and throughput figure) in either report, with the difference and
+    whether it is better for the candidate (lower is better for loss, perplexity, latency,
+    empty generations and truncations).
+    """
+    from llmflow.promote.gate import lower_is_better
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.4g}"
+
+    rows = []
+    sections = (("metric", "metrics"), ("throughput", "throughput"))
+    for kind, attr in sections:
+        cand = getattr(candidate, attr)
+        champ = getattr(champion, attr) if champion else {}
+        for name in sorted(set(cand) | set(champ)):
+            c, p = cand.get(name), champ.get(name)
+            delta = c - p if c is not None and p is not None else None
+            lower = lower_is_better(name) or name.startswith("latency") or name in ("truncated_prompts", "wall_s")
+            better = None if delta is None or delta == 0 else (delta < 0) == lower
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "candidate": fmt(c),
+                    "champion": fmt(p),
+                    "delta": "" if delta is None else f"{delta:+.4g}",
+                    "better": "" if better is None else ("yes" if better else "no"),
+                }
+            )
+    return rows

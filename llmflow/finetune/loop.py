@@ -1,0 +1,275 @@
+"""What each Ray Train worker runs: ``train_loop``, a plain torch loop under DDP with
+gradient accumulation and checkpoints (batches.py builds its batches, trainer.py launches it).
+
+Why a plain torch loop with ``ray.train.torch.prepare_model`` and not the HF Trainer or
+``prepare_data_loader``: resuming must land on exactly the batch the interrupted run would
+have seen next, and the loss must stay on assistant tokens of the chat template. A batch
+here is a pure function of (seed, step, rank) (``batch_indices``), so a resumed or replaced
+worker needs only the step from its checkpoint; a DistributedSampler would need its
+position replayed, and the HF Trainer brings a second checkpoint format (and its own
+resume logic) on top of Ray's. The loop is the one bench/tiny_task.py measured, plus DDP,
+gradient accumulation and checkpoints: about 100 lines a reader can hold in mind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llmflow.config import TrainConfig
+from llmflow.finetune.batches import (
+    IGNORE_INDEX,
+    batch_indices,
+    collate,
+    encode_rows,
+    lr_at,
+    read_rows,
+)
+from llmflow.finetune.checks import NonFiniteLoss, TrainingError
+
+log = logging.getLogger(__name__)
+
+
+MAX_GRAD_NORM = 1.0
+
+
+MAX_EVAL_ROWS = 256  # eval loss on at most this many eval rows: a trend, not a benchmark
+
+
+EVAL_BATCH_SIZE = 64
+
+
+TRAIN_STATE = "train_state.pt"
+
+
+HISTORY = "history.json"
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    """Raise NonFiniteLoss naming the (1-based) step when ``loss`` is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"training loss became {loss} at step {step}: lower train.learning_rate or check "
+            "the data; the run keeps its checkpoints from before that step"
+        )
+
+
+def is_checkpoint_step(step: int, train: TrainConfig) -> bool:
+    """Checkpoint every ``checkpoint_every`` steps and always after the last one."""
+    return step % train.checkpoint_every == 0 or step == train.max_steps
+
+
+# -- model -----------------------------------------------------------------------------------
+def load_model(base_model_uri: str, train: TrainConfig):
+    """The base model in float32, wrapped in a LoRA adapter when ``train.lora``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmflow.engines import loadable_path
+
+    path = loadable_path(base_model_uri)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    if train.lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=train.lora_rank,
+            lora_alpha=2 * train.lora_rank,
+            lora_dropout=0.0,  # no dropout: runs stay reproducible on CPU
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, cfg)
+    return model
+
+
+def trainable_state(model) -> dict[str, Any]:
+    """The trainable parameters (all of them, or the LoRA adapter's), on CPU."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, Any]) -> None:
+    """Put ``trainable_state`` output back into a model built by ``load_model``."""
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise TrainingError(
+            f"checkpoint does not match the model: unexpected keys {result.unexpected_keys[:3]}"
+        )
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """``values`` summed over every rank of the process group (as they are without one).
+
+    The tensor lives on ``device``, the worker's own: NCCL, the backend of GPU training,
+    refuses CPU tensors ("No backend type associated with device type cpu"); gloo takes either.
+    """
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def pick_device(use_gpu: bool):
+    """The worker's torch device: its GPU when it has one, else CPU (with a warning if asked).
+
+    A node can declare GPUs (``ray start --num-gpus``) that CUDA cannot see; training then
+    runs on that node's CPU instead of crashing.
+    """
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        from ray.train.torch import get_device
+
+        return get_device()
+    if use_gpu:
+        log.warning(
+            "train.use_gpu is set and this worker holds a Ray GPU, but CUDA is not available "
+            "here (torch %s): training on CPU", torch.__version__,
+        )  # fmt: skip
+    return torch.device("cpu")
+
+
+# -- the Ray Train worker --------------------------------------------------------------------
+def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: resume from the latest checkpoint, train, checkpoint, eval.
+
+    ``cfg``: ``train`` (TrainConfig as a dict), ``base_model``, ``dataset_uri``. Returns
+    (from rank 0, as ``Result.return_value``) the loss history and timings; a non-finite loss
+    ends the loop on every worker at the same step and comes back as ``error`` (raising would
+    count as a worker failure, and a deterministic NaN would be retried max_failures times).
+    """
+    import contextlib
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train.torch import prepare_model
+
+    from llmflow.basemodels import load_tokenizer
+
+    t_start = time.time()
+    train = TrainConfig.model_validate(cfg["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    torch.manual_seed(train.seed)
+    device = pick_device(train.use_gpu)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else contextlib.nullcontext()
+    )
+
+    tokenizer = load_tokenizer(cfg["base_model"])
+    data = encode_rows(tokenizer, read_rows(cfg["dataset_uri"], "train"))
+    eval_data = encode_rows(tokenizer, read_rows(cfg["dataset_uri"], "eval")[:MAX_EVAL_ROWS])
+    if not data:
+        raise TrainingError(f"{cfg['dataset_uri']}: no training row has an assistant token")
+
+    model = load_model(cfg["base_model"], train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    history: dict[str, list] = {"train": [], "eval": []}
+    start_step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=True)
+            history = json.loads((Path(d) / HISTORY).read_text())
+        load_trainable_state(model, state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+    model = prepare_model(model, move_to_device=device)
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+
+    def eval_loss() -> float:
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad(), autocast:
+            mine = eval_data[rank::world]
+            for i in range(0, len(mine), EVAL_BATCH_SIZE):
+                b = {k: v.to(device) for k, v in collate(mine[i : i + EVAL_BATCH_SIZE], tokenizer.pad_token_id).items()}
+                n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                total += torch.tensor([float(model(**b).loss) * n, n], dtype=torch.float64)
+        model.train()
+        s, n = all_sum(total.tolist(), device)
+        return s / n if n else float("nan")
+
+    def save_checkpoint(step: int, metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                state = {"model": trainable_state(model), "optimizer": opt.state_dict(), "step": step}
+                torch.save(state, Path(d) / TRAIN_STATE)
+                (Path(d) / HISTORY).write_text(json.dumps(history))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    model.train()
+    tokens, error = 0, None
+    t_first_step = time.time()
+    for step in range(start_step, train.max_steps):
+        lr = lr_at(step, train.learning_rate, train.warmup_steps, train.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        sums = [0.0, 0.0, 0.0]  # loss x target tokens, target tokens, input tokens
+        for micro in range(train.grad_accum):
+            idx = batch_indices(len(data), train.seed, step, micro, train.grad_accum, rank,
+                                world, train.batch_size)  # fmt: skip
+            b = {k: v.to(device) for k, v in collate([data[i] for i in idx], tokenizer.pad_token_id).items()}
+            last = micro == train.grad_accum - 1
+            sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+            with sync, autocast:
+                loss = model(**b).loss
+                (loss / train.grad_accum).backward()
+            loss = loss.detach()
+            n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            sums = [sums[0] + loss.item() * n, sums[1] + n, sums[2] + int(b["attention_mask"].sum())]
+        loss_sum, n_target, n_tokens = all_sum(sums, device)
+        step_loss = loss_sum / max(1.0, n_target)
+        try:
+            check_finite_loss(step_loss, step + 1)
+        except NonFiniteLoss as exc:
+            error = str(exc)
+            break
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(n_tokens)
+        done = step + 1
+        history["train"].append([done, step_loss, lr])
+        metrics = {"step": done, "loss": step_loss, "lr": lr}
+        if done % train.eval_every == 0 or done == train.max_steps:
+            metrics["eval_loss"] = eval_loss()
+            history["eval"].append([done, metrics["eval_loss"]])
+        if is_checkpoint_step(done, train):
+            save_checkpoint(done, metrics)
+    t_end = time.time()
+    steps_run = len([s for s, *_ in history["train"] if s > start_step])
+    return {
+        "history": history,
+        "start_step": start_step,
+        "end_step": start_step + steps_run,
+        "steps_run": steps_run,
+        "tokens": tokens,
+        "train_s": t_end - t_first_step,
+        "t_start": t_start,
+        "t_first_step": t_first_step,
+        "device": str(device),
+        "precision": "bf16" if not isinstance(autocast, contextlib.nullcontext) else "fp32",
+        "world_size": world,
+        "backend": backend,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "error": error,
+    }

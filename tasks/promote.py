@@ -1,0 +1,196 @@
+"""The promote stage's tasks: the gate (metric policy, optional approval in the Prefect UI),
+then the rollout as one Prefect transaction.
+
+`deploy_version` registers an on_rollback hook that puts the previous version back (or
+removes the app when there was none), and `move_champion` one that restores the aliases, so
+a failed smoke test or alias update undoes the deployment. Serve's in-place update is
+rolling, and with serve.max_surge_percent (default 100) new replicas start before old ones
+stop, so requests keep being answered during a rollout (bench/rollout.py). The logic lives
+in llmflow/promote/.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.input import RunInput
+from pydantic import Field
+
+from llmflow import aliases, registry
+from llmflow.config import ClusterConfig, GateConfig, PipelineConfig, ServeConfig
+from llmflow.promote.gate import decide, decision_markdown
+from llmflow.promote.rollout import (
+    RolloutError,
+    connect,
+    deploy,
+    endpoint,
+    restore,
+    served_version,
+    smoke_test,
+    summary,
+)
+from llmflow.refs import EvalReport, GateDecision, GateRule, ModelRef, Rollout, SmokeTest
+from llmflow.settings import serve_url
+from llmflow.store import Store
+
+
+@task(name="gate")
+def gate(config: GateConfig, candidate: EvalReport, champion: EvalReport | None) -> GateDecision:
+    """Decide on the candidate; the decision is shown as a markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    decision = decide(config, candidate, champion)
+    create_markdown_artifact(key="gate-decision", markdown=decision_markdown(decision))
+    return decision
+
+
+class Approval(RunInput):
+    """The form the Prefect UI shows on a paused pipeline run."""
+
+    decision: Literal["approve", "reject"] = Field(
+        "reject", description="Approve to promote the candidate; reject to keep the champion."
+    )
+    comment: str = Field("", description="Why (kept with the decision).")
+    reviewer: str = Field("", description="Who decided.")
+
+
+def ask_for_approval(decision: GateDecision, timeout_s: int) -> GateDecision:
+    """Pause the flow run until a human approves or rejects in the UI; a timeout rejects.
+
+    Call it from a flow body (Prefect pauses flow runs, not tasks).
+    """
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    if not decision.passed:
+        return decision
+    try:
+        answer: Approval = pause_flow_run(wait_for_input=Approval, timeout=timeout_s)
+    except FlowPauseTimeout:
+        rule = GateRule(name="human-approval", passed=False,
+                        reason=f"no decision within {timeout_s}s: rejected")  # fmt: skip
+        return decision.model_copy(update={"passed": False, "rules": [*decision.rules, rule]})
+    ok = answer.decision == "approve"
+    rule = GateRule(name="human-approval", passed=ok,
+                    reason=f"{answer.decision}d by {answer.reviewer or 'a reviewer'}"
+                    + (f": {answer.comment}" if answer.comment else ""))  # fmt: skip
+    return decision.model_copy(update={
+        "passed": ok, "rules": [*decision.rules, rule],
+        "approved_by": answer.reviewer or None, "comment": answer.comment or None,
+    })  # fmt: skip
+
+
+@task(name="deploy-version", cache_policy=NO_CACHE)
+def deploy_version(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef,
+                   previous: ModelRef | None) -> str:  # fmt: skip
+    """Roll the version out in place; the transaction remembers what to restore."""
+    from prefect.transactions import get_transaction
+
+    connect(cluster)
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("serve_cfg", serve_cfg)
+        txn.set("cluster", cluster)
+        txn.set("previous", previous)
+    try:
+        deploy(serve_cfg, model, cluster)
+    except RolloutError:
+        # A failed task registers no rollback hook: undo its own half-done update here.
+        # (Serve keeps the old replicas, but marks the app failed until the next deploy.)
+        restore(serve_cfg, previous, cluster)
+        raise
+    get_run_logger().info("Serving %s:%s on app '%s'", model.name, model.version, serve_cfg.app_name)
+    return model.version
+
+
+@deploy_version.on_rollback
+def _restore_previous(txn) -> None:
+    restore(txn.get("serve_cfg"), txn.get("previous"), txn.get("cluster", None))
+
+
+@task(name="smoke-test", cache_policy=NO_CACHE)
+def check_served(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef) -> SmokeTest:
+    from llmflow.apikey import resolve_api_key
+
+    try:
+        key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
+    except ValueError as exc:
+        raise RolloutError(f"smoke test of {model.name}:{model.version}: {exc}") from None
+    result = smoke_test(serve_cfg, model, serve_url(cluster), key)
+    if not result.passed:
+        failed = "; ".join(f"{c['check']}: {c['detail']}" for c in result.checks if not c["passed"])
+        raise RolloutError(f"smoke test of {model.name}:{model.version} failed: {failed}")
+    return result
+
+
+@task(name="move-champion")
+def move_champion(name: str, version: str) -> str | None:
+    """Point the champion alias at the version; the transaction can put it back."""
+    from prefect.transactions import get_transaction
+
+    store = Store()
+    before = aliases.read_aliases(store, name)
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("aliases_before", before)
+    _, previous = aliases.set_champion(store, name, version)
+    return previous
+
+
+@move_champion.on_rollback
+def _restore_aliases(txn) -> None:
+    before = txn.get("aliases_before")
+    aliases.restore_champion(
+        Store(), txn.get("model_name"), before.get("champion"), before.get("previous")
+    )
+
+
+@task(name="record-gate")
+def record_gate(candidate: ModelRef, decision: GateDecision) -> None:
+    """The gate's decision, its rules and the approver (from the UI form) into the version's
+    lineage manifest, before it is served: /v1/models shows them."""
+    registry.annotate(
+        Store(),
+        candidate.name,
+        candidate.version,
+        gate={
+            "passed": decision.passed,
+            "approved_by": decision.approved_by,
+            "comment": decision.comment,
+            "rules": [r.model_dump(mode="json") for r in decision.rules],
+        },
+    )
+
+
+def roll_out(config: PipelineConfig, candidate: ModelRef, champion: ModelRef | None) -> Rollout:
+    """deploy-version, smoke-test, move-champion in one transaction: a failure in any of them
+    rolls all of them back, and the Rollout says so."""
+    from prefect.transactions import transaction
+
+    url = endpoint(config.serve, config.cluster)
+    previous = champion.version if champion else None
+    try:
+        with transaction() as txn:
+            txn.set("model_name", candidate.name)
+            deploy_version(config.serve, config.cluster, candidate, champion)
+            smoke = check_served(config.serve, config.cluster, candidate)
+            move_champion(candidate.name, candidate.version)
+    except RolloutError as exc:
+        live = served_version(config.serve, serve_url(config.cluster))
+        return Rollout(served_version=live, previous_version=previous, endpoint=url,
+                       rolled_back=True, message=f"rolled back: {exc}")  # fmt: skip
+    return Rollout(served_version=candidate.version, previous_version=previous, endpoint=url,
+                   smoke_test=smoke, message=f"{candidate.name}:{candidate.version} is champion and served")  # fmt: skip
+
+
+def report_rollout(rollout: Rollout) -> Rollout:
+    """The rollout artifact and its one line; a rolled-back rollout fails the flow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key="rollout", markdown=summary(rollout))
+    print(rollout.message)
+    if rollout.rolled_back:
+        raise RolloutError(rollout.message)
+    return rollout
