@@ -26,10 +26,16 @@ def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> st
 
         # Replicas still write their access logs (a cost measured here), just not to stdout.
         ray.init(address, **(ray_init_kwargs(ClusterConfig()) | {"log_to_driver": False}))
-        return (serve_url or os.environ.get("LLMFLOW_SERVE_URL")
-                or StackSettings.from_env().serve_url).rstrip("/")  # fmt: skip
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)  # fmt: skip
+        return (
+            serve_url or os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
+        ).rstrip("/")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     # Picked after ray.init, whose processes take ephemeral ports too; one retry on a clash.
     for attempt in range(2):
         with socket.socket() as s:

@@ -54,8 +54,9 @@ class PeakRSS:
         total = 0
         for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["memory_info"] and ("ray::" in cmd or "ray::" in (p.info["name"] or "")
-                                          or "EngineCore" in cmd):  # fmt: skip
+            if p.info["memory_info"] and (
+                "ray::" in cmd or "ray::" in (p.info["name"] or "") or "EngineCore" in cmd
+            ):
                 total += p.info["memory_info"].rss
         return total
 
@@ -96,8 +97,12 @@ def score_once(engine: str, model: str, dataset: str, out: str, max_tokens: int)
         t0 = time.perf_counter()
         report = score_dataset(cfg, model, dataset, out, with_loss=False, cluster=tiny.cluster)
         wall = time.perf_counter() - t0
-    return {"wall_s": wall, "examples": report.num_examples, "peak_mib": mem.added_mib,
-            "tokens": report.throughput["tokens_per_s"] * report.throughput["wall_s"]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "examples": report.num_examples,
+        "peak_mib": mem.added_mib,
+        "tokens": report.throughput["tokens_per_s"] * report.throughput["wall_s"],
+    }
 
 
 def bench_scoring(model: str, store, n: int, max_tokens: int) -> dict:
@@ -131,12 +136,17 @@ def bench_serving(model: str, base_url: str, requests: int, max_tokens: int) -> 
 
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
     ref = ModelRef(uri=model, name="tiny", version="1", base_model="tiny")
-    body = {"model": "tiny", "max_tokens": max_tokens, "temperature": 0.0,
-            "messages": [{"role": "user", "content": "Reverse this number: 90817"}]}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "messages": [{"role": "user", "content": "Reverse this number: 90817"}],
+    }
     out: dict = {}
     for engine in ("hf", "vllm"):
-        cfg = tiny.serve.model_copy(update={"engine": engine, "app_name": f"bench-{engine}",
-                                            "route_prefix": f"/{engine}"})  # fmt: skip
+        cfg = tiny.serve.model_copy(
+            update={"engine": engine, "app_name": f"bench-{engine}", "route_prefix": f"/{engine}"}
+        )
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             deploy(cfg, ref, tiny.cluster)
@@ -145,14 +155,19 @@ def bench_serving(model: str, base_url: str, requests: int, max_tokens: int) -> 
             drive(url, body, 1, 4)  # warm-up
             rows = {c: drive(url, body, c, requests).row() for c in (1, 32)}
         serve.delete(cfg.app_name)
-        out[engine] = {"deploy_s": round(start, 1), "peak_mib": round(mem.added_mib, 0),
-                       **{f"c{c}": r for c, r in rows.items()}}  # fmt: skip
+        out[engine] = {
+            "deploy_s": round(start, 1),
+            "peak_mib": round(mem.added_mib, 0),
+            **{f"c{c}": r for c, r in rows.items()},
+        }
         print(f"serving {engine}: {out[engine]}", flush=True)
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--prompts", type=int, default=1024)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -171,18 +186,24 @@ def main() -> None:
         store = Store()
         model = resolve_base_model(TrainConfig(), store)
         base_url = start_serve(None, args.num_cpus, None)
-        figures = {"engine_env": info.as_dict(), "prompts": args.prompts,
-                   "max_tokens": args.max_tokens,
-                   "scoring": bench_scoring(model, store, args.prompts, args.max_tokens),
-                   "serving": bench_serving(model, base_url, args.requests, args.max_tokens)}  # fmt: skip
+        figures = {
+            "engine_env": info.as_dict(),
+            "prompts": args.prompts,
+            "max_tokens": args.max_tokens,
+            "scoring": bench_scoring(model, store, args.prompts, args.max_tokens),
+            "serving": bench_serving(model, base_url, args.requests, args.max_tokens),
+        }
     s, v = figures["scoring"], figures["serving"]
     figures["ratios"] = {
-        "scoring_with_startup": s["vllm"]["examples_per_s_with_startup"] / s["hf"]["examples_per_s_with_startup"],
-        "scoring_without_startup": ((s["vllm"]["examples_per_s_without_startup"] or 0)
-                                    / (s["hf"]["examples_per_s_without_startup"] or float("inf"))),
+        "scoring_with_startup": s["vllm"]["examples_per_s_with_startup"]
+        / s["hf"]["examples_per_s_with_startup"],
+        "scoring_without_startup": (
+            (s["vllm"]["examples_per_s_without_startup"] or 0)
+            / (s["hf"]["examples_per_s_without_startup"] or float("inf"))
+        ),
         "serving_c1": v["vllm"]["c1"]["req_per_s"] / max(v["hf"]["c1"]["req_per_s"], 1e-9),
         "serving_c32": v["vllm"]["c32"]["req_per_s"] / max(v["hf"]["c32"]["req_per_s"], 1e-9),
-    }  # fmt: skip
+    }
     print(json.dumps(figures["ratios"], indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

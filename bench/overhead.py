@@ -99,7 +99,9 @@ def main() -> None:
     print(f"machine: {figures['machine']}")
     print(f"cold `llmflow up` (server + head + serve + worker + deploy): {cold_up:.1f} s")
     print(f"second `llmflow up` (everything healthy, starts nothing):     {warm_up:.1f} s")
-    print(f"{n} no-op tasks, thread pool: {results['thread pool']:.2f} s ({per['thread pool'] * 1e3:.1f} ms/task)")
+    print(
+        f"{n} no-op tasks, thread pool: {results['thread pool']:.2f} s ({per['thread pool'] * 1e3:.1f} ms/task)"
+    )
     print(f"{n} no-op tasks, Ray:         {results['ray']:.2f} s ({per['ray'] * 1e3:.1f} ms/task)")
     print(f"Ray per-task overhead vs thread pool: {figures['ray_vs_thread_pool']}x")
     if args.json:

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _forkserver import small_forkserver  # noqa: E402 (bench/ is the script's own dir)
+from _forkserver import small_forkserver
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-
 
 
 def _baseline(path: str, q) -> None:
@@ -94,9 +93,13 @@ def main() -> None:
         "baseline_peak_rss_mb": round(rss_b / 1024),
     }
     print(f"machine: {figures['machine']}")
-    print(f"baseline (json.loads per line): {n_b} rows in {t_b:.2f} s = {n_b / t_b:,.0f} rows/s, peak RSS {rss_b / 1024:.0f} MB")
-    print(f"prepare (load..validate..parquet): {n_p} rows in {t_p:.2f} s = {n_p / t_p:,.0f} rows/s, "
-          f"peak RSS {rss_p / 1024:.0f} MB (after imports {rss_p0 / 1024:.0f} MB)")
+    print(
+        f"baseline (json.loads per line): {n_b} rows in {t_b:.2f} s = {n_b / t_b:,.0f} rows/s, peak RSS {rss_b / 1024:.0f} MB"
+    )
+    print(
+        f"prepare (load..validate..parquet): {n_p} rows in {t_p:.2f} s = {n_p / t_p:,.0f} rows/s, "
+        f"peak RSS {rss_p / 1024:.0f} MB (after imports {rss_p0 / 1024:.0f} MB)"
+    )
     print(f"prepare vs baseline: {figures['prepare_vs_baseline']}x")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

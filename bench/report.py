@@ -34,22 +34,41 @@ def _target(ok: bool, text: str) -> str:
 
 def overhead(f: dict) -> list[Row]:
     return [
-        ("no-op task on Ray (RayTaskRunner)", f"{f['ray_s_per_task'] * 1e3:.1f} ms",
-         f"{f['thread_pool_s_per_task'] * 1e3:.1f} ms on the thread pool",
-         f"{f['ray_vs_thread_pool']:.1f}x", "-"),
-        ("cold `llmflow up` (server, head, Serve, worker, deploy)", f"{f['cold_up_s']:.1f} s", "-", "-", "-"),
+        (
+            "no-op task on Ray (RayTaskRunner)",
+            f"{f['ray_s_per_task'] * 1e3:.1f} ms",
+            f"{f['thread_pool_s_per_task'] * 1e3:.1f} ms on the thread pool",
+            f"{f['ray_vs_thread_pool']:.1f}x",
+            "-",
+        ),
+        (
+            "cold `llmflow up` (server, head, Serve, worker, deploy)",
+            f"{f['cold_up_s']:.1f} s",
+            "-",
+            "-",
+            "-",
+        ),
         ("second `llmflow up` (all healthy)", f"{f['idempotent_up_s']:.2f} s", "-", "-", "-"),
-    ]  # fmt: skip
+    ]
 
 
 def prepare(f: dict) -> list[Row]:
     return [
-        (f"prepare {f['rows']:,} rows (load..GX validation..parquet)",
-         f"{f['prepare_rows_per_s']:,} rows/s", f"{f['baseline_rows_per_s']:,} rows/s (json.loads only)",
-         f"{f['prepare_vs_baseline']:.3f}x", "-"),
-        ("prepare peak RSS", f"{f['prepare_peak_rss_mb']} MB",
-         f"{f['prepare_rss_before_mb']} MB after imports", "-", "-"),
-    ]  # fmt: skip
+        (
+            f"prepare {f['rows']:,} rows (load..GX validation..parquet)",
+            f"{f['prepare_rows_per_s']:,} rows/s",
+            f"{f['baseline_rows_per_s']:,} rows/s (json.loads only)",
+            f"{f['prepare_vs_baseline']:.3f}x",
+            "-",
+        ),
+        (
+            "prepare peak RSS",
+            f"{f['prepare_peak_rss_mb']} MB",
+            f"{f['prepare_rss_before_mb']} MB after imports",
+            "-",
+            "-",
+        ),
+    ]
 
 
 def train(f: dict) -> list[Row]:
@@ -62,14 +81,26 @@ def train(f: dict) -> list[Row]:
             rows.append((f"Ray Train {name}", "failed", "-", "-", r["error"][:80]))
             continue
         best = name == f.get("best")
-        rows.append((
-            f"Ray Train {name} ({r['workers']} x {r['threads']} threads), {f['steps']} steps",
-            f"{r['tokens_per_s']:,.0f} tokens/s", f"{plain['tokens_per_s']:,.0f} tokens/s (plain loop)",
-            f"{r['vs_plain']:.2f}x",
-            _target(r["vs_plain"] >= f["target"], f">= {f['target']}x (best setting)") if best else "-",
-        ))  # fmt: skip
-        rows.append((f"Ray Train {name}: task start to first step", f"{r['to_first_step_s']:.1f} s",
-                     f"{plain['to_first_step_s']:.1f} s (plain)", "-", "-"))  # fmt: skip
+        rows.append(
+            (
+                f"Ray Train {name} ({r['workers']} x {r['threads']} threads), {f['steps']} steps",
+                f"{r['tokens_per_s']:,.0f} tokens/s",
+                f"{plain['tokens_per_s']:,.0f} tokens/s (plain loop)",
+                f"{r['vs_plain']:.2f}x",
+                _target(r["vs_plain"] >= f["target"], f">= {f['target']}x (best setting)")
+                if best
+                else "-",
+            )
+        )
+        rows.append(
+            (
+                f"Ray Train {name}: task start to first step",
+                f"{r['to_first_step_s']:.1f} s",
+                f"{plain['to_first_step_s']:.1f} s (plain)",
+                "-",
+                "-",
+            )
+        )
     rows.append(("training peak RSS (plain loop)", f"{plain['peak_rss_mb']:.0f} MB", "-", "-", "-"))
     return rows
 
@@ -79,25 +110,56 @@ def score(f: dict) -> list[Row]:
     rows: list[Row] = []
     if "naive_examples_per_s" in f:
         naive = f["naive_examples_per_s"]
-        rows.append((f"Ray Data hf scoring, {f['prompts']:,} prompts (start-up included)",
-                     f"{ray_eps:.1f} examples/s", f"{naive:.1f} examples/s (one at a time)",
-                     f"{ray_eps / naive:.1f}x", _target(ray_eps / naive >= 10, ">= 10x")))  # fmt: skip
+        rows.append(
+            (
+                f"Ray Data hf scoring, {f['prompts']:,} prompts (start-up included)",
+                f"{ray_eps:.1f} examples/s",
+                f"{naive:.1f} examples/s (one at a time)",
+                f"{ray_eps / naive:.1f}x",
+                _target(ray_eps / naive >= 10, ">= 10x"),
+            )
+        )
     local = f["local_examples_per_s"]
-    rows.append((f"Ray Data hf scoring, {f['prompts']:,} prompts (start-up included)",
-                 f"{ray_eps:.1f} examples/s", f"{local:.1f} examples/s (batched generate, no Ray)",
-                 f"{ray_eps / local:.2f}x", _target(ray_eps / local >= 0.7, ">= 0.7x")))  # fmt: skip
+    rows.append(
+        (
+            f"Ray Data hf scoring, {f['prompts']:,} prompts (start-up included)",
+            f"{ray_eps:.1f} examples/s",
+            f"{local:.1f} examples/s (batched generate, no Ray)",
+            f"{ray_eps / local:.2f}x",
+            _target(ray_eps / local >= 0.7, ">= 0.7x"),
+        )
+    )
     # Where the whole job's time goes: generation inside the actors against the same work
     # in this process, and the cold start of one actor (imports + model load).
     gen_s = f["ray_generate_s"] / max(f["concurrency"], 1)
-    rows.append(("Ray Data hf scoring: time in generate (actors, start-up excluded)",
-                 f"{gen_s:.1f} s", f"{f['local_wall_s']:.1f} s (batched generate, no Ray)",
-                 f"{f['local_wall_s'] / gen_s:.2f}x" if gen_s else "-", "-"))  # fmt: skip
-    rows.append(("cold start of one scoring actor's process (imports + model load)",
-                 f"{f['cold_start_s']:.1f} s", "-", "-", "-"))  # fmt: skip
+    rows.append(
+        (
+            "Ray Data hf scoring: time in generate (actors, start-up excluded)",
+            f"{gen_s:.1f} s",
+            f"{f['local_wall_s']:.1f} s (batched generate, no Ray)",
+            f"{f['local_wall_s'] / gen_s:.2f}x" if gen_s else "-",
+            "-",
+        )
+    )
+    rows.append(
+        (
+            "cold start of one scoring actor's process (imports + model load)",
+            f"{f['cold_start_s']:.1f} s",
+            "-",
+            "-",
+            "-",
+        )
+    )
     if "loss_same_pass_s" in f:
-        rows.append(("scoring + eval loss, one actor pass (evaluate stage)",
-                     f"{f['loss_same_pass_s']:.1f} s", f"{f['loss_apart_s']:.1f} s (two jobs, two model loads)",
-                     f"{f['loss_same_pass_vs_apart']:.2f}x", "-"))  # fmt: skip
+        rows.append(
+            (
+                "scoring + eval loss, one actor pass (evaluate stage)",
+                f"{f['loss_same_pass_s']:.1f} s",
+                f"{f['loss_apart_s']:.1f} s (two jobs, two model loads)",
+                f"{f['loss_same_pass_vs_apart']:.2f}x",
+                "-",
+            )
+        )
     return rows
 
 
@@ -108,28 +170,45 @@ def serve(f: dict) -> list[Row]:
     rows: list[Row] = []
     for c in (1, 8, 32):
         b, u = cell("batched", c), cell("unbatched", c)
-        rows.append((f"Serve, concurrency {c}: req/s, p50/p99 (batched)",
-                     f"{b['req_per_s']:.1f} req/s, {b['p50_ms']:.0f}/{b['p99_ms']:.0f} ms",
-                     f"{u['req_per_s']:.1f} req/s, {u['p50_ms']:.0f}/{u['p99_ms']:.0f} ms (unbatched)",
-                     f"{b['req_per_s'] / max(u['req_per_s'], 1e-9):.2f}x",
-                     _target(f["batched_vs_unbatched_c32"] >= 4, ">= 4x") if c == 32 else "-"))  # fmt: skip
-    rows.append(("Serve p50 overhead over calling the engine directly, concurrency 1",
-                 f"{f['serve_p50_overhead_ms_c1']:+.1f} ms", "direct call", "-",
-                 _target(f["serve_p50_overhead_ms_c1"] <= 5, "<= 5 ms")))  # fmt: skip
+        rows.append(
+            (
+                f"Serve, concurrency {c}: req/s, p50/p99 (batched)",
+                f"{b['req_per_s']:.1f} req/s, {b['p50_ms']:.0f}/{b['p99_ms']:.0f} ms",
+                f"{u['req_per_s']:.1f} req/s, {u['p50_ms']:.0f}/{u['p99_ms']:.0f} ms (unbatched)",
+                f"{b['req_per_s'] / max(u['req_per_s'], 1e-9):.2f}x",
+                _target(f["batched_vs_unbatched_c32"] >= 4, ">= 4x") if c == 32 else "-",
+            )
+        )
+    rows.append(
+        (
+            "Serve p50 overhead over calling the engine directly, concurrency 1",
+            f"{f['serve_p50_overhead_ms_c1']:+.1f} ms",
+            "direct call",
+            "-",
+            _target(f["serve_p50_overhead_ms_c1"] <= 5, "<= 5 ms"),
+        )
+    )
     return rows
 
 
 def rollout(f: dict) -> list[Row]:
     before, during = f["phases"]["before"], f["phases"]["during"]
-    return [(
-        f"rolling update under load ({f['clients']} clients, {f['rollout_s']:.0f} s rollout)",
-        f"{f['failed']} failed of {f['requests']}", "-", "-", _target(f["failed"] == 0, "0 failed"),
-    ), (
-        "latency during the rollout: p50/p99",
-        f"{during['p50_ms']:.0f}/{during['p99_ms']:.0f} ms",
-        f"{before['p50_ms']:.0f}/{before['p99_ms']:.0f} ms before it",
-        f"{during['p50_ms'] / max(before['p50_ms'], 1e-9):.2f}x", "-",
-    )]  # fmt: skip
+    return [
+        (
+            f"rolling update under load ({f['clients']} clients, {f['rollout_s']:.0f} s rollout)",
+            f"{f['failed']} failed of {f['requests']}",
+            "-",
+            "-",
+            _target(f["failed"] == 0, "0 failed"),
+        ),
+        (
+            "latency during the rollout: p50/p99",
+            f"{during['p50_ms']:.0f}/{during['p99_ms']:.0f} ms",
+            f"{before['p50_ms']:.0f}/{before['p99_ms']:.0f} ms before it",
+            f"{during['p50_ms'] / max(before['p50_ms'], 1e-9):.2f}x",
+            "-",
+        ),
+    ]
 
 
 def _resolved(s: dict) -> bool:
@@ -148,26 +227,48 @@ def _marginal(e: dict, n: int) -> str:
 def vllm(f: dict) -> list[Row]:
     s, v, r = f["scoring"], f["serving"], f["ratios"]
     rows: list[Row] = [
-        (f"scoring {f['prompts']} prompts, examples/s with start-up (vllm)",
-         f"{s['vllm']['examples_per_s_with_startup']:.1f}/s",
-         f"{s['hf']['examples_per_s_with_startup']:.1f}/s (hf)", f"{r['scoring_with_startup']:.2f}x", "-"),
-        ("scoring, examples/s without start-up (vllm; marginal rate N vs 2N)",
-         _marginal(s["vllm"], f["prompts"]), _marginal(s["hf"], f["prompts"]) + " (hf)",
-         f"{r['scoring_without_startup']:.2f}x" if _resolved(s) else "-",
-         "report (0.5-0.6x measured before on 0.57 M)"),
-        ("scoring start-up, peak added RSS (vllm)",
-         f"{s['vllm']['startup_s']:.0f} s, {s['vllm']['peak_mib']:.0f} MiB",
-         f"{s['hf']['startup_s']:.0f} s, {s['hf']['peak_mib']:.0f} MiB (hf)", "-", "-"),
+        (
+            f"scoring {f['prompts']} prompts, examples/s with start-up (vllm)",
+            f"{s['vllm']['examples_per_s_with_startup']:.1f}/s",
+            f"{s['hf']['examples_per_s_with_startup']:.1f}/s (hf)",
+            f"{r['scoring_with_startup']:.2f}x",
+            "-",
+        ),
+        (
+            "scoring, examples/s without start-up (vllm; marginal rate N vs 2N)",
+            _marginal(s["vllm"], f["prompts"]),
+            _marginal(s["hf"], f["prompts"]) + " (hf)",
+            f"{r['scoring_without_startup']:.2f}x" if _resolved(s) else "-",
+            "report (0.5-0.6x measured before on 0.57 M)",
+        ),
+        (
+            "scoring start-up, peak added RSS (vllm)",
+            f"{s['vllm']['startup_s']:.0f} s, {s['vllm']['peak_mib']:.0f} MiB",
+            f"{s['hf']['startup_s']:.0f} s, {s['hf']['peak_mib']:.0f} MiB (hf)",
+            "-",
+            "-",
+        ),
     ]
     for c in (1, 32):
         a, b = v["vllm"][f"c{c}"], v["hf"][f"c{c}"]
-        rows.append((f"serving, concurrency {c}: req/s, p50 (vllm)",
-                     f"{a['req_per_s']:.1f} req/s, {a['p50_ms']:.0f} ms",
-                     f"{b['req_per_s']:.1f} req/s, {b['p50_ms']:.0f} ms (hf)",
-                     f"{r[f'serving_c{c}']:.2f}x", "-"))  # fmt: skip
-    rows.append(("serving deploy, peak added RSS (vllm)",
-                 f"{v['vllm']['deploy_s']:.0f} s, {v['vllm']['peak_mib']:.0f} MiB",
-                 f"{v['hf']['deploy_s']:.0f} s, {v['hf']['peak_mib']:.0f} MiB (hf)", "-", "-"))
+        rows.append(
+            (
+                f"serving, concurrency {c}: req/s, p50 (vllm)",
+                f"{a['req_per_s']:.1f} req/s, {a['p50_ms']:.0f} ms",
+                f"{b['req_per_s']:.1f} req/s, {b['p50_ms']:.0f} ms (hf)",
+                f"{r[f'serving_c{c}']:.2f}x",
+                "-",
+            )
+        )
+    rows.append(
+        (
+            "serving deploy, peak added RSS (vllm)",
+            f"{v['vllm']['deploy_s']:.0f} s, {v['vllm']['peak_mib']:.0f} MiB",
+            f"{v['hf']['deploy_s']:.0f} s, {v['hf']['peak_mib']:.0f} MiB (hf)",
+            "-",
+            "-",
+        )
+    )
     return rows
 
 
@@ -186,7 +287,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
 def machine() -> str:
     mem = ""
     try:
-        kb = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+        with open("/proc/meminfo") as f:
+            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal"))
         mem = f", {kb / 2**20:.0f} GiB memory"
     except (OSError, StopIteration):
         pass
@@ -194,23 +296,33 @@ def machine() -> str:
 
 
 def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return out.stdout.strip() or "?"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", help="Comma-separated benchmarks to run (default: all).")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
-        raise SystemExit(f"error: --only: unknown benchmark(s) {', '.join(unknown)}; have {', '.join(BENCHES)}")
+        raise SystemExit(
+            f"error: --only: unknown benchmark(s) {', '.join(unknown)}; have {', '.join(BENCHES)}"
+        )
 
     table: list[Row] = []
     runs: list[str] = []
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="llmflow-bench-") as tmp:
         for name in names:
@@ -219,8 +331,14 @@ def main() -> None:
             cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--json", str(out), *extra]
             print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.monotonic()
-            proc = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
             wall = time.monotonic() - t0
             print(proc.stdout[-3000:], flush=True)
             if proc.returncode != 0 or not out.exists():

@@ -37,8 +37,9 @@ def main() -> None:
     ap.add_argument("--before", type=float, default=10, help="Seconds of load before the rollout.")
     ap.add_argument("--after", type=float, default=10, help="Seconds of load after it.")
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--max-surge-percent", type=int, help="serve.max_surge_percent (default: "
-                    "the config's)")  # fmt: skip
+    ap.add_argument(
+        "--max-surge-percent", type=int, help="serve.max_surge_percent (default: the config's)"
+    )
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs of the private Ray.")
     ap.add_argument("--address", help="Use this Ray cluster instead of a private one.")
     ap.add_argument("--serve-url", help="Its Serve HTTP address (with --address).")
@@ -61,8 +62,11 @@ def main() -> None:
     a, b = (ModelRef(uri=path, name="tiny", version=v, base_model="tiny") for v in ("A", "B"))
     base = start_serve(args.address, args.num_cpus, args.serve_url)
     url = f"{base}/bench-rollout"
-    body = {"model": "tiny", "max_tokens": args.max_tokens,
-            "messages": [{"role": "user", "content": "Reverse this number: 4321"}]}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "max_tokens": args.max_tokens,
+        "messages": [{"role": "user", "content": "Reverse this number: 4321"}],
+    }
     sent: list[tuple[float, float, bool]] = []  # (sent at, latency s, answered 200)
     versions: list[tuple[float, str | None]] = []
     stop = threading.Event()
@@ -126,23 +130,33 @@ def main() -> None:
     failed = sum(r["failures"] for r in rows.values())
     figures = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
-        "clients": args.clients, "max_tokens": args.max_tokens,
-        "max_surge_percent": cfg.max_surge_percent, "phases": rows,
-        "requests": total, "failed": failed, "rollout_s": round(end - start, 2),
+        "clients": args.clients,
+        "max_tokens": args.max_tokens,
+        "max_surge_percent": cfg.max_surge_percent,
+        "phases": rows,
+        "requests": total,
+        "failed": failed,
+        "rollout_s": round(end - start, 2),
         "health_first_B_s": None if first_b is None else round(first_b, 2),
         "health_last_A_s": None if last_a is None else round(last_a, 2),
         "health_without_answer": health_gaps,
-    }  # fmt: skip
-    print(f"machine: {figures['machine']}; tiny model, {args.clients} clients looping greedy chat "
-          f"requests (max_tokens {args.max_tokens}); in-place rollout A -> B with llmflow.promote.rollout.deploy, "
-          f"max_surge_percent {cfg.max_surge_percent}")  # fmt: skip
+    }
+    print(
+        f"machine: {figures['machine']}; tiny model, {args.clients} clients looping greedy chat "
+        f"requests (max_tokens {args.max_tokens}); in-place rollout A -> B with llmflow.promote.rollout.deploy, "
+        f"max_surge_percent {cfg.max_surge_percent}"
+    )
     print(f"{'phase':<8} {'requests':>8} {'failed':>7} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in rows.items():
-        print(f"{name:<8} {r['requests']:>8} {r['failures']:>7} {r['req_per_s']:>7.1f} "
-              f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")  # fmt: skip
-    print(f"rollout (deploy B until RUNNING): {end - start:.1f} s; /health first answered B at "
-          f"{figures['health_first_B_s']} s, last answered A at {figures['health_last_A_s']} s "
-          f"(from the rollout's start); /health unanswered {health_gaps} times")  # fmt: skip
+        print(
+            f"{name:<8} {r['requests']:>8} {r['failures']:>7} {r['req_per_s']:>7.1f} "
+            f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}"
+        )
+    print(
+        f"rollout (deploy B until RUNNING): {end - start:.1f} s; /health first answered B at "
+        f"{figures['health_first_B_s']} s, last answered A at {figures['health_last_A_s']} s "
+        f"(from the rollout's start); /health unanswered {health_gaps} times"
+    )
     print(f"failed requests: {failed} of {total} (target 0)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

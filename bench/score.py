@@ -74,8 +74,13 @@ def cold_start_s(model: str) -> float:
     import subprocess
 
     root = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run([sys.executable, "-c", COLD_START, model], cwd=root, check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", COLD_START, model],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -84,13 +89,25 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5000)
     ap.add_argument("--naive", type=int, default=200, help="Prompts for the one-at-a-time run.")
     ap.add_argument("--config", default="configs/tiny.yaml", help="Its eval section runs (c).")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="Config override, e.g. eval.concurrency=1 (repeatable).")  # fmt: skip
-    ap.add_argument("--local-threads", default="1,2",
-                    help="Torch thread counts tried for (b); (a) uses the first.")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Config override, e.g. eval.concurrency=1 (repeatable).",
+    )
+    ap.add_argument(
+        "--local-threads",
+        default="1,2",
+        help="Torch thread counts tried for (b); (a) uses the first.",
+    )
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--loss-prompts", type=int, default=400,
-                    help="Prompts for (e), the eval loss in the same pass or apart; 0 skips.")  # fmt: skip
+    ap.add_argument(
+        "--loss-prompts",
+        type=int,
+        default=400,
+        help="Prompts for (e), the eval loss in the same pass or apart; 0 skips.",
+    )
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
 
@@ -149,8 +166,12 @@ def main() -> None:
         ray.init(address=address, logging_level="WARNING")
     else:
         # "local": a fresh instance, never whichever cluster started last on this machine.
-        ray.init(address="local", num_cpus=default_logical_cpus(), include_dashboard=False,
-                 logging_level="WARNING")  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=default_logical_cpus(),
+            include_dashboard=False,
+            logging_level="WARNING",
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -191,27 +212,45 @@ def main() -> None:
         local_threads=local_threads,
         max_new_tokens=cfg.max_new_tokens,
     )
-    print(f"machine: {figures['machine']}; {len(rows)} prompts, max_new_tokens {cfg.max_new_tokens}")
+    print(
+        f"machine: {figures['machine']}; {len(rows)} prompts, max_new_tokens {cfg.max_new_tokens}"
+    )
     if "naive_examples_per_s" in figures:
-        print(f"(a) naive, one prompt a call ({args.naive} prompts, {figures['naive_threads']} "
-              f"thread(s)): {figures['naive_examples_per_s']} ex/s")  # fmt: skip
+        print(
+            f"(a) naive, one prompt a call ({args.naive} prompts, {figures['naive_threads']} "
+            f"thread(s)): {figures['naive_examples_per_s']} ex/s"
+        )
     tried = ", ".join(f"{n} thread(s) {figures[f'local_{n}t_examples_per_s']}" for n in local)
-    print(f"(b) local batched generate (batch {cfg.batch_size}, no Ray): "
-          f"{figures['local_examples_per_s']} ex/s ({local_s:.1f} s; {tried} ex/s)")  # fmt: skip
-    print(f"(c) Ray Data scoring job ({cfg.concurrency} actor(s) x {threads} thread(s), "
-          f"{cfg.cpus_per_actor} CPU each, batch {cfg.batch_size}): {figures['ray_examples_per_s']} "
-          f"ex/s ({ray_s:.1f} s, start-up included; {figures['ray_generate_s']} s in generate "
-          f"over all actors, {figures['ray_other_s']} s of start-up and Ray Data)")  # fmt: skip
-    print(f"(d) cold start of one actor's process (imports + model load): {figures['cold_start_s']} s")
+    print(
+        f"(b) local batched generate (batch {cfg.batch_size}, no Ray): "
+        f"{figures['local_examples_per_s']} ex/s ({local_s:.1f} s; {tried} ex/s)"
+    )
+    print(
+        f"(c) Ray Data scoring job ({cfg.concurrency} actor(s) x {threads} thread(s), "
+        f"{cfg.cpus_per_actor} CPU each, batch {cfg.batch_size}): {figures['ray_examples_per_s']} "
+        f"ex/s ({ray_s:.1f} s, start-up included; {figures['ray_generate_s']} s in generate "
+        f"over all actors, {figures['ray_other_s']} s of start-up and Ray Data)"
+    )
+    print(
+        f"(d) cold start of one actor's process (imports + model load): {figures['cold_start_s']} s"
+    )
     if "loss_same_pass_s" in figures:
-        figures["loss_same_pass_vs_apart"] = round(figures["loss_apart_s"] / figures["loss_same_pass_s"], 2)
-        print(f"(e) scoring + eval loss on {args.loss_prompts} prompts: one pass "
-              f"{figures['loss_same_pass_s']} s, two jobs {figures['loss_apart_s']} s: "
-              f"{figures['loss_same_pass_vs_apart']}x")  # fmt: skip
+        figures["loss_same_pass_vs_apart"] = round(
+            figures["loss_apart_s"] / figures["loss_same_pass_s"], 2
+        )
+        print(
+            f"(e) scoring + eval loss on {args.loss_prompts} prompts: one pass "
+            f"{figures['loss_same_pass_s']} s, two jobs {figures['loss_apart_s']} s: "
+            f"{figures['loss_same_pass_vs_apart']}x"
+        )
     if "naive_examples_per_s" in figures:
-        figures["ray_vs_naive"] = round(figures["ray_examples_per_s"] / figures["naive_examples_per_s"], 2)
+        figures["ray_vs_naive"] = round(
+            figures["ray_examples_per_s"] / figures["naive_examples_per_s"], 2
+        )
         print(f"ray vs naive: {figures['ray_vs_naive']}x (target >= 10x)")
-    figures["ray_vs_local"] = round(figures["ray_examples_per_s"] / figures["local_examples_per_s"], 2)
+    figures["ray_vs_local"] = round(
+        figures["ray_examples_per_s"] / figures["local_examples_per_s"], 2
+    )
     print(f"ray vs local batched: {figures['ray_vs_local']}x (target >= 0.7x)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -37,8 +37,12 @@ DIRECT = "direct (no Serve)"
 
 
 def chat_body(max_tokens: int) -> dict:
-    return {"model": "tiny", "max_tokens": max_tokens, "temperature": 0.0,
-            "messages": [{"role": "user", "content": "Reverse this number: 90817"}]}  # fmt: skip
+    return {
+        "model": "tiny",
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "messages": [{"role": "user", "content": "Reverse this number: 90817"}],
+    }
 
 
 def direct_call(model_path: str, body: dict, threads: int):
@@ -54,8 +58,9 @@ def direct_call(model_path: str, body: dict, threads: int):
     model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True).eval()
 
     def once() -> bool:
-        ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)["input_ids"]  # fmt: skip
+        ids = tok.apply_chat_template(
+            body["messages"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         generate_batch(model, tok, [GenJob(list(ids), body["max_tokens"], 0.0, 1.0, None)])
         return True
 
@@ -112,20 +117,26 @@ def main() -> None:
     rows: list[dict] = []
     try:
         for name, batch in apps.items():
-            app = build_app({"model_path": model_path, "model_name": "tiny", "max_batch_size": batch})
+            app = build_app(
+                {"model_path": model_path, "model_name": "tiny", "max_batch_size": batch}
+            )
             serve.run(app, name=f"bench-{name}", route_prefix=f"/bench-{name}")
         for url in urls.values():
             drive(url, body, 8, 16)  # warm-up: connections, first generate calls
         with httpx.Client(timeout=120) as http:
             calls = {DIRECT: direct}
-            calls |= {name: (lambda u=url: http.post(u, json=body).status_code == 200)
-                      for name, url in urls.items()}  # fmt: skip
+            calls |= {
+                name: (lambda u=url: http.post(u, json=body).status_code == 200)
+                for name, url in urls.items()
+            }
             one_at_a_time(calls, 5)  # warm-up
             for name, run in one_at_a_time(calls, args.requests).items():
                 rows.append({"setting": name, "concurrency": 1} | run.row())
         for name, url in urls.items():
             for c in (8, 32):
-                rows.append({"setting": name, "concurrency": c} | drive(url, body, c, args.requests).row())  # fmt: skip
+                rows.append(
+                    {"setting": name, "concurrency": c} | drive(url, body, c, args.requests).row()
+                )
     finally:
         for name in apps:
             serve.delete(f"bench-{name}")
@@ -141,22 +152,32 @@ def main() -> None:
     figures = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-        "requests_per_cell": args.requests, "max_tokens": args.max_tokens,
-        "max_batch_size": args.max_batch_size, "rows": rows,
+        "requests_per_cell": args.requests,
+        "max_tokens": args.max_tokens,
+        "max_batch_size": args.max_batch_size,
+        "rows": rows,
         "batched_vs_unbatched_c32": round(speedup, 2),
         "serve_p50_overhead_ms_c1": round(overhead, 1),
         "serve_p50_overhead_ms_c1_batched": round(overhead_batched, 1),
-    }  # fmt: skip
-    print(f"machine: {figures['machine']}, load average {figures['load_avg_1m_at_end']}; tiny model, "
-          f"greedy chat, max_tokens {args.max_tokens}, {args.requests} requests a cell")  # fmt: skip
+    }
+    print(
+        f"machine: {figures['machine']}, load average {figures['load_avg_1m_at_end']}; tiny model, "
+        f"greedy chat, max_tokens {args.max_tokens}, {args.requests} requests a cell"
+    )
     print(f"{'setting':<18} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failures':>8}")
     for r in rows:
-        print(f"{r['setting']:<18} {r['concurrency']:>4} {r['req_per_s']:>8.1f} {r['p50_ms']:>8.1f} "
-              f"{r['p99_ms']:>8.1f} {r['failures']:>8}")  # fmt: skip
-    print(f"dynamic batching (max_batch_size {args.max_batch_size}) vs unbatched at concurrency 32: "
-          f"{speedup:.2f}x requests/s (target >= 4x)")  # fmt: skip
-    print(f"Serve p50 overhead over the direct call at concurrency 1: {overhead:+.1f} ms unbatched "
-          f"(target <= 5 ms); {overhead_batched:+.1f} ms batched (includes the batch wait)")  # fmt: skip
+        print(
+            f"{r['setting']:<18} {r['concurrency']:>4} {r['req_per_s']:>8.1f} {r['p50_ms']:>8.1f} "
+            f"{r['p99_ms']:>8.1f} {r['failures']:>8}"
+        )
+    print(
+        f"dynamic batching (max_batch_size {args.max_batch_size}) vs unbatched at concurrency 32: "
+        f"{speedup:.2f}x requests/s (target >= 4x)"
+    )
+    print(
+        f"Serve p50 overhead over the direct call at concurrency 1: {overhead:+.1f} ms unbatched "
+        f"(target <= 5 ms); {overhead_batched:+.1f} ms batched (includes the batch wait)"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from _forkserver import small_forkserver  # noqa: E402 (bench/ is the script's own dir)
+from _forkserver import small_forkserver
 
 # Ray workers are started by the raylet, which inherits this environment: they find the
 # project's `tasks` package and the offline switches this way.
@@ -50,12 +50,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
 )
 for _k, _v in {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0",
-    "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-}.items():  # fmt: skip
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ.setdefault(_k, _v)
-
 
 
 # -- the plain loop (a child process) ---------------------------------------------------------
@@ -66,7 +70,7 @@ def _plain(train_cfg: dict, base_model: str, dataset_uri: str, threads: int, q) 
 
     from llmflow.basemodels import load_tokenizer
     from llmflow.config import TrainConfig
-    from llmflow.finetune.batches import (  # fmt: skip
+    from llmflow.finetune.batches import (
         IGNORE_INDEX,
         batch_indices,
         collate,
@@ -100,8 +104,9 @@ def _plain(train_cfg: dict, base_model: str, dataset_uri: str, threads: int, q) 
             group["lr"] = lr
         loss_sum = n_target = 0.0
         for micro in range(train.grad_accum):
-            idx = batch_indices(len(data), train.seed, step, micro, train.grad_accum, 0, 1,
-                                train.batch_size)  # fmt: skip
+            idx = batch_indices(
+                len(data), train.seed, step, micro, train.grad_accum, 0, 1, train.batch_size
+            )
             b = collate([data[i] for i in idx], tokenizer.pad_token_id)
             loss = model(**b).loss
             (loss / train.grad_accum).backward()
@@ -120,15 +125,28 @@ def _plain(train_cfg: dict, base_model: str, dataset_uri: str, threads: int, q) 
         for i in range(0, len(eval_data), EVAL_BATCH_SIZE):
             float(model(**collate(eval_data[i : i + EVAL_BATCH_SIZE], tokenizer.pad_token_id)).loss)
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": trainable_state(model), "optimizer": opt.state_dict(),
-                    "step": train.max_steps}, Path(d) / "train_state.pt")  # fmt: skip
+        torch.save(
+            {
+                "model": trainable_state(model),
+                "optimizer": opt.state_dict(),
+                "step": train.max_steps,
+            },
+            Path(d) / "train_state.pt",
+        )
     t_end = time.time()
-    q.put({
-        "t_start": t_start, "t_first_step": t_first_step, "t_end": t_end,
-        "steps_s": t_steps_end - t_first_step, "train_s": t_end - t_first_step,
-        "tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
-        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    })  # fmt: skip
+    q.put(
+        {
+            "t_start": t_start,
+            "t_first_step": t_first_step,
+            "t_end": t_end,
+            "steps_s": t_steps_end - t_first_step,
+            "train_s": t_end - t_first_step,
+            "tokens": tokens,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
 
 
 # -- memory sampling --------------------------------------------------------------------------
@@ -186,8 +204,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--cpus", type=int, default=2, help="Cores used by every setting.")
-    ap.add_argument("--per-worker-batch", action="store_true",
-                    help="ray-2: batch 16 per worker (32 rows per step) instead of 8.")
+    ap.add_argument(
+        "--per-worker-batch",
+        action="store_true",
+        help="ray-2: batch 16 per worker (32 rows per step) instead of 8.",
+    )
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
@@ -206,31 +227,56 @@ def main() -> None:
     model_uri = resolve_base_model(base.train, store)
     dataset, report, _ = prepare_to_store(base.data, model_uri, store)
     assert dataset is not None, report.failure_message()
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, "
-          f"load avg {os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"setup (tiny model + prepared bundled task): {time.perf_counter() - t0:.1f} s; "
-          f"dataset {dataset.uri}")  # fmt: skip
+    print(
+        f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"setup (tiny model + prepared bundled task): {time.perf_counter() - t0:.1f} s; "
+        f"dataset {dataset.uri}"
+    )
 
-    common = [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
-              f"train.checkpoint_every={args.steps}", "train.max_failures=0"]  # fmt: skip
+    common = [
+        f"train.max_steps={args.steps}",
+        f"train.eval_every={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        "train.max_failures=0",
+    ]
     half = max(1, args.cpus // 2)
-    half_batch = base.train.batch_size if args.per_worker_batch else max(1, base.train.batch_size // 2)
+    half_batch = (
+        base.train.batch_size if args.per_worker_batch else max(1, base.train.batch_size // 2)
+    )
     settings = {
         "plain": (load_config(ROOT / "configs" / "tiny.yaml", common).train, args.cpus),
-        "ray-1": (load_config(ROOT / "configs" / "tiny.yaml", common + [
-            "train.num_workers=1", f"train.cpus_per_worker={args.cpus}"]).train, args.cpus),
-        "ray-2": (load_config(ROOT / "configs" / "tiny.yaml", common + [
-            "train.num_workers=2", f"train.cpus_per_worker={half}",
-            f"train.batch_size={half_batch}"]).train, half),
-    }  # fmt: skip
+        "ray-1": (
+            load_config(
+                ROOT / "configs" / "tiny.yaml",
+                common + ["train.num_workers=1", f"train.cpus_per_worker={args.cpus}"],
+            ).train,
+            args.cpus,
+        ),
+        "ray-2": (
+            load_config(
+                ROOT / "configs" / "tiny.yaml",
+                common
+                + [
+                    "train.num_workers=2",
+                    f"train.cpus_per_worker={half}",
+                    f"train.batch_size={half_batch}",
+                ],
+            ).train,
+            half,
+        ),
+    }
     rows: dict[str, dict] = {}
 
     # (1) the plain loop, in a fresh child process.
     train, threads = settings["plain"]
     with RssSampler(("forkserver",)) as sampler:
         t0 = time.time()
-        p = ctx.Process(target=_plain, args=(train.model_dump(mode="json"), model_uri,
-                                             dataset.uri, threads, q))  # fmt: skip
+        p = ctx.Process(
+            target=_plain, args=(train.model_dump(mode="json"), model_uri, dataset.uri, threads, q)
+        )
         p.start()
         out = None
         while out is None:
@@ -242,14 +288,20 @@ def main() -> None:
         p.join()
         wall = time.time() - t0
     rows["plain"] = {
-        "workers": 1, "threads": threads, "rows_per_step": train.batch_size,
-        "tokens": out["tokens"], "train_s": out["train_s"],
+        "workers": 1,
+        "threads": threads,
+        "rows_per_step": train.batch_size,
+        "tokens": out["tokens"],
+        "train_s": out["train_s"],
         "tokens_per_s": out["tokens"] / out["train_s"],
         "steps_only_tokens_per_s": out["tokens"] / out["steps_s"],
-        "wall_s": wall, "to_first_step_s": out["t_first_step"] - t0,
-        "peak_rss_mb": out["ru_maxrss_mb"], "peak_rss_sampled_mb": sampler.peak_one["forkserver"],
-        "loss_first": out["loss_first"], "loss_last": out["loss_last"],
-    }  # fmt: skip
+        "wall_s": wall,
+        "to_first_step_s": out["t_first_step"] - t0,
+        "peak_rss_mb": out["ru_maxrss_mb"],
+        "peak_rss_sampled_mb": sampler.peak_one["forkserver"],
+        "loss_first": out["loss_first"],
+        "loss_last": out["loss_last"],
+    }
     print(f"plain: {rows['plain']['tokens_per_s']:.0f} tokens/s, wall {wall:.1f} s")
 
     # (2) Ray Train through the project's run_training, on a private local Ray.
@@ -258,8 +310,13 @@ def main() -> None:
     from llmflow.finetune.trainer import run_training
 
     t0 = time.time()
-    ray.init(address="local", num_cpus=2 * args.cpus, include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=2 * args.cpus,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     ray_init_s = time.time() - t0
     try:
         for name in ("ray-1", "ray-2"):
@@ -276,18 +333,24 @@ def main() -> None:
                 wall = time.time() - t0
             m = run.metrics
             rows[name] = {
-                "workers": train.num_workers, "threads": threads,
+                "workers": train.num_workers,
+                "threads": threads,
                 "rows_per_step": train.batch_size * train.num_workers,
-                "tokens": m["tokens"], "train_s": m["train_s"], "tokens_per_s": m["tokens_per_s"],
-                "wall_s": m["fit_s"], "call_s": wall,
-                "to_first_step_s": m["startup_s"], "worker_setup_s": m["worker_setup_s"],
+                "tokens": m["tokens"],
+                "train_s": m["train_s"],
+                "tokens_per_s": m["tokens_per_s"],
+                "wall_s": m["fit_s"],
+                "call_s": wall,
+                "to_first_step_s": m["startup_s"],
+                "worker_setup_s": m["worker_setup_s"],
                 "peak_rss_mb": sampler.peak_one["RayTrainWorker"],
                 "workers_rss_sum_mb": sampler.peak_sum["RayTrainWorker"],
                 "controller_rss_mb": sampler.peak_one["TrainController"],
                 "ray_all_rss_mb": sampler.peak_all,
-                "loss_first": m["train_loss_first"], "loss_last": m["train_loss_last"],
+                "loss_first": m["train_loss_first"],
+                "loss_last": m["train_loss_last"],
                 "steps_run": m["steps_run"],
-            }  # fmt: skip
+            }
             print(f"{name}: {m['tokens_per_s']:.0f} tokens/s, fit {m['fit_s']:.1f} s")
     finally:
         ray.shutdown()
@@ -298,11 +361,15 @@ def main() -> None:
             r["vs_plain"] = r["tokens_per_s"] / plain_tps
 
     print()
-    print(f"steps {args.steps}, batch {base.train.batch_size} rows/step (ray-2: "
-          f"{rows['ray-2'].get('rows_per_step', '?')}), lr {base.train.learning_rate}, "
-          f"{args.cpus} cores per setting; ray.init {ray_init_s:.1f} s (not counted)")  # fmt: skip
-    head = (f"{'setting':<8} {'workers x thr':>13} {'tokens/s':>9} {'vs plain':>9} {'loop s':>7} "
-            f"{'wall s':>7} {'1st step s':>10} {'peak RSS MB':>12} {'loss first->last':>17}")  # fmt: skip
+    print(
+        f"steps {args.steps}, batch {base.train.batch_size} rows/step (ray-2: "
+        f"{rows['ray-2'].get('rows_per_step', '?')}), lr {base.train.learning_rate}, "
+        f"{args.cpus} cores per setting; ray.init {ray_init_s:.1f} s (not counted)"
+    )
+    head = (
+        f"{'setting':<8} {'workers x thr':>13} {'tokens/s':>9} {'vs plain':>9} {'loop s':>7} "
+        f"{'wall s':>7} {'1st step s':>10} {'peak RSS MB':>12} {'loss first->last':>17}"
+    )
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
@@ -310,32 +377,46 @@ def main() -> None:
             print(f"{name:<8} FAILED: {r['error']}")
             continue
         rss = f"{r['peak_rss_mb']:.0f}" + (
-            f" (sum {r['workers_rss_sum_mb']:.0f})" if r["workers"] > 1 else "")
-        print(f"{name:<8} {r['workers']:>9} x {r['threads']:<1} {r['tokens_per_s']:>9.0f} "
-              f"{r['vs_plain']:>8.2f}x {r['train_s']:>7.1f} {r['wall_s']:>7.1f} "
-              f"{r['to_first_step_s']:>10.1f} {rss:>12} "
-              f"{r['loss_first']:>8.3f}->{r['loss_last']:.3f}")  # fmt: skip
+            f" (sum {r['workers_rss_sum_mb']:.0f})" if r["workers"] > 1 else ""
+        )
+        print(
+            f"{name:<8} {r['workers']:>9} x {r['threads']:<1} {r['tokens_per_s']:>9.0f} "
+            f"{r['vs_plain']:>8.2f}x {r['train_s']:>7.1f} {r['wall_s']:>7.1f} "
+            f"{r['to_first_step_s']:>10.1f} {rss:>12} "
+            f"{r['loss_first']:>8.3f}->{r['loss_last']:.3f}"
+        )
     print()
-    print(f"plain: steps-only {rows['plain']['steps_only_tokens_per_s']:.0f} tokens/s (without "
-          f"the closing eval + checkpoint); peak RSS sampled {rows['plain']['peak_rss_sampled_mb']:.0f} MB")
+    print(
+        f"plain: steps-only {rows['plain']['steps_only_tokens_per_s']:.0f} tokens/s (without "
+        f"the closing eval + checkpoint); peak RSS sampled {rows['plain']['peak_rss_sampled_mb']:.0f} MB"
+    )
     for name in ("ray-1", "ray-2"):
         r = rows[name]
         if "error" not in r:
-            print(f"{name}: worker setup {r['worker_setup_s']:.1f} s of {r['to_first_step_s']:.1f} s "
-                  f"to first step; run_training call {r['call_s']:.1f} s; controller RSS "
-                  f"{r['controller_rss_mb']:.0f} MB; whole local Ray peak {r['ray_all_rss_mb']:.0f} MB")
+            print(
+                f"{name}: worker setup {r['worker_setup_s']:.1f} s of {r['to_first_step_s']:.1f} s "
+                f"to first step; run_training call {r['call_s']:.1f} s; controller RSS "
+                f"{r['controller_rss_mb']:.0f} MB; whole local Ray peak {r['ray_all_rss_mb']:.0f} MB"
+            )
     ok = {n: r["vs_plain"] for n, r in rows.items() if n != "plain" and "vs_plain" in r}
     best = max(ok, key=ok.get) if ok else None
     if best:
         verdict = "meets" if ok[best] >= args.target else "misses"
-        print(f"best Ray Train setting: {best} at {ok[best]:.2f}x the plain loop's tokens/s "
-              f"({verdict} the {args.target}x target)")
+        print(
+            f"best Ray Train setting: {best} at {ok[best]:.2f}x the plain loop's tokens/s "
+            f"({verdict} the {args.target}x target)"
+        )
     figures = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
-        "load_avg_1m_end": os.getloadavg()[0], "steps": args.steps, "cpus": args.cpus,
-        "ray_init_s": ray_init_s, "settings": rows, "best": best,
-        "best_vs_plain": ok.get(best) if best else None, "target": args.target,
-    }  # fmt: skip
+        "load_avg_1m_end": os.getloadavg()[0],
+        "steps": args.steps,
+        "cpus": args.cpus,
+        "ray_init_s": ray_init_s,
+        "settings": rows,
+        "best": best,
+        "best_vs_plain": ok.get(best) if best else None,
+        "target": args.target,
+    }
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -19,8 +19,13 @@ class ChatPage:
     """Gradio's app (built in the replica: gradio is imported there, not by the driver)
     mounted on a FastAPI app."""
 
-    def __init__(self, endpoint: str, api_key_env: str | None = None, model: str | None = None,
-                 api_key_file: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        api_key_env: str | None = None,
+        model: str | None = None,
+        api_key_file: str | None = None,
+    ):
         self.endpoint, self.api_key_env, self.model = endpoint, api_key_env, model
         self.api_key_file = api_key_file
 
@@ -30,11 +35,18 @@ class ChatPage:
 
         from llmflow.chat import build_chat, theme
 
-        page = build_chat(self.endpoint, self.api_key_env, self.model,
-                          api_key_file=self.api_key_file)  # fmt: skip
+        page = build_chat(
+            self.endpoint, self.api_key_env, self.model, api_key_file=self.api_key_file
+        )
         # Serve passes the route prefix as the ASGI root_path: Gradio builds its URLs from it.
-        return gr.mount_gradio_app(FastAPI(), page.queue(default_concurrency_limit=8), path="",
-                                   theme=theme(), footer_links=[], show_error=False)  # fmt: skip
+        return gr.mount_gradio_app(
+            FastAPI(),
+            page.queue(default_concurrency_limit=8),
+            path="",
+            theme=theme(),
+            footer_links=[],
+            show_error=False,
+        )
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -16,7 +16,6 @@ runtime, and with string annotations on methods wrapped by serve.ingress it took
 request body for a query parameter.
 """
 
-
 import asyncio
 import json
 import time
@@ -40,14 +39,32 @@ GREEDY_EPS = 1e-5
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None,
-                 param: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.status, self.message, self.type, self.code, self.param = (
+            status,
+            message,
+            type_,
+            code,
+            param,
+        )
 
     def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}  # fmt: skip
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
         # ASCII-escaped: a message quoting client text stays encodable (JSONResponse would
         # raise on a lone surrogate, turning a 4xx into a 500).
         return Response(json.dumps(body), status_code=self.status, media_type="application/json")
@@ -63,11 +80,17 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> Response
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
         why = first.get("ctx", {}).get("error")
-        return APIError(400, f"request body is not valid JSON ({why})", "invalid_request_error",
-                        "invalid_json").response()  # fmt: skip
+        return APIError(
+            400, f"request body is not valid JSON ({why})", "invalid_request_error", "invalid_json"
+        ).response()
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    return APIError(400, f"{param or 'request'}: {first['msg']}", "invalid_request_error",
-                    "invalid_value", param).response()  # fmt: skip
+    return APIError(
+        400,
+        f"{param or 'request'}: {first['msg']}",
+        "invalid_request_error",
+        "invalid_value",
+        param,
+    ).response()
 
 
 _HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
@@ -77,8 +100,9 @@ _HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowe
 async def _http_error(_: Request, exc: HTTPException) -> Response:
     """Starlette's own errors (unknown route, wrong method, unparsable body) in OpenAI's shape."""
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return APIError(exc.status_code, str(exc.detail), kind,
-                    _HTTP_CODES.get(exc.status_code)).response()  # fmt: skip
+    return APIError(
+        exc.status_code, str(exc.detail), kind, _HTTP_CODES.get(exc.status_code)
+    ).response()
 
 
 @api.exception_handler(Exception)
@@ -125,8 +149,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
-        await APIError(413, f"Request body exceeds {self.max_bytes} bytes.", "invalid_request_error",
-                       "request_too_large").response()(scope, receive, send)  # fmt: skip
+        await APIError(
+            413,
+            f"Request body exceeds {self.max_bytes} bytes.",
+            "invalid_request_error",
+            "request_too_large",
+        ).response()(scope, receive, send)
 
 
 api.add_middleware(BodyLimit)
@@ -212,11 +240,14 @@ def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
     ids = torch.full((len(jobs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(jobs), width), dtype=torch.long)
     for i, j in enumerate(jobs):
-        ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-        mask[i, width - len(j.prompt_ids):] = 1
+        ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+        mask[i, width - len(j.prompt_ids) :] = 1
     first = jobs[0]
-    kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_tokens for j in jobs), "pad_token_id": pad,
-                              "eos_token_id": list(stop_ids)}  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max(j.max_tokens for j in jobs),
+        "pad_token_id": pad,
+        "eos_token_id": list(stop_ids),
+    }
     if first.temperature > 0:
         if first.seed is not None:
             torch.manual_seed(first.seed)
@@ -224,14 +255,22 @@ def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
     else:
         kwargs |= {"do_sample": False}
     with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
+        out = model.generate(
+            input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs
+        )
     results = []
     for i, j in enumerate(jobs):
         new, stopped = cut_at_stop_ids(out[i, width:].tolist()[: j.max_tokens], stop_ids)
         new = [t for t in new if t != pad]
         text, hit = cut_at_stop_strings(tokenizer.decode(new, skip_special_tokens=True), j.stop)
-        results.append(GenResult(text, len(j.prompt_ids), len(new),
-                                 finish_reason(len(new), j.max_tokens, stopped or hit)))  # fmt: skip
+        results.append(
+            GenResult(
+                text,
+                len(j.prompt_ids),
+                len(new),
+                finish_reason(len(new), j.max_tokens, stopped or hit),
+            )
+        )
     return results
 
 
@@ -246,10 +285,19 @@ def usage(results: list[GenResult]) -> dict:
 class OpenAIServer:
     """Serves one registered model version over the OpenAI API."""
 
-    def __init__(self, model_path: str, model_name: str, version: str = "",
-                 lineage: dict | None = None, api_key_env: str | None = None,
-                 api_key_file: str | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
-                 device: str = "auto", max_body_bytes: int = 1 << 20):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str,
+        model_name: str,
+        version: str = "",
+        lineage: dict | None = None,
+        api_key_env: str | None = None,
+        api_key_file: str | None = None,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+        device: str = "auto",
+        max_body_bytes: int = 1 << 20,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -295,29 +343,48 @@ class OpenAIServer:
 
     def _check_model(self, name: str) -> None:
         if name not in (self.model_name, f"{self.model_name}:{self.version}"):
-            raise APIError(404, f"The model '{name}' does not exist; this server serves "
-                           f"'{self.model_name}' (version {self.version}).",
-                           "invalid_request_error", "model_not_found", "model")  # fmt: skip
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; this server serves "
+                f"'{self.model_name}' (version {self.version}).",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
 
     def _job(self, prompt_ids: list[int], req: _Sampling) -> GenJob:
         if len(prompt_ids) + req.max_tokens > self.context:
-            raise APIError(413, f"Prompt of {len(prompt_ids)} tokens plus max_tokens "
-                           f"{req.max_tokens} exceeds the model's context of {self.context} tokens.",
-                           "invalid_request_error", "context_length_exceeded", "prompt")  # fmt: skip
+            raise APIError(
+                413,
+                f"Prompt of {len(prompt_ids)} tokens plus max_tokens "
+                f"{req.max_tokens} exceeds the model's context of {self.context} tokens.",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "prompt",
+            )
         temperature = req.temperature if req.temperature >= GREEDY_EPS else 0.0
-        return GenJob(prompt_ids, req.max_tokens, temperature, req.top_p, req.seed, tuple(req.stop or ()))
+        return GenJob(
+            prompt_ids, req.max_tokens, temperature, req.top_p, req.seed, tuple(req.stop or ())
+        )
 
     def _chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         from jinja2 import TemplateError
 
         try:
             enc = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True,
+                [m.model_dump() for m in messages],
+                add_generation_prompt=True,
+                tokenize=True,
                 return_dict=True,
-            )  # fmt: skip
+            )
         except TemplateError as exc:  # e.g. a template that wants user/assistant turns alternating
-            raise APIError(400, f"messages: the model's chat template rejects them: {exc}",
-                           "invalid_request_error", "invalid_value", "messages") from None  # fmt: skip
+            raise APIError(
+                400,
+                f"messages: the model's chat template rejects them: {exc}",
+                "invalid_request_error",
+                "invalid_value",
+                "messages",
+            ) from None
         return list(enc["input_ids"])
 
     def _text_ids(self, prompt: str) -> list[int]:
@@ -333,7 +400,12 @@ class OpenAIServer:
         results: list[GenResult | None] = [None] * len(jobs)
         for idx in groups.values():
             outs = await asyncio.get_running_loop().run_in_executor(
-                self._model_thread, generate_batch, self.model, self.tokenizer, [jobs[i] for i in idx])
+                self._model_thread,
+                generate_batch,
+                self.model,
+                self.tokenizer,
+                [jobs[i] for i in idx],
+            )
             for i, r in zip(idx, outs):
                 results[i] = r
         return results  # type: ignore[return-value]
@@ -358,10 +430,15 @@ class OpenAIServer:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         ids = torch.tensor([job.prompt_ids], device=self.model.device)
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                  "max_new_tokens": job.max_tokens, "streamer": streamer,
-                                  "pad_token_id": pad, "do_sample": False,
-                                  "eos_token_id": list(stop_ids)}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": job.max_tokens,
+            "streamer": streamer,
+            "pad_token_id": pad,
+            "do_sample": False,
+            "eos_token_id": list(stop_ids),
+        }
         if job.temperature > 0:
             kwargs |= {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
         outcome: dict[str, Any] = {}
@@ -372,7 +449,7 @@ class OpenAIServer:
                     if job.temperature > 0 and job.seed is not None:
                         torch.manual_seed(job.seed)
                     out = self.model.generate(**kwargs)
-                new, stopped = cut_at_stop_ids(out[0, ids.shape[1]:].tolist(), stop_ids)
+                new, stopped = cut_at_stop_ids(out[0, ids.shape[1] :].tolist(), stop_ids)
                 outcome["finish"] = finish_reason(len(new), job.max_tokens, stopped)
             except Exception as exc:  # noqa: BLE001 - reported in the stream, not lost in a thread
                 outcome["error"] = exc
@@ -393,8 +470,12 @@ class OpenAIServer:
         if stops.stopped and "finish" in outcome:
             outcome["finish"] = "stop"
         if "error" in outcome:
-            error = {"message": f"generation failed: {type(outcome['error']).__name__}",
-                     "type": "server_error", "param": None, "code": None}  # fmt: skip
+            error = {
+                "message": f"generation failed: {type(outcome['error']).__name__}",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
             yield f"data: {json.dumps({'error': error})}\n\n"
         else:
             yield f"data: {json.dumps(final_chunk(outcome['finish']))}\n\n"
@@ -408,10 +489,20 @@ class OpenAIServer:
     @api.get("/v1/models")
     def models(self, request: Request) -> dict:
         self._auth(request)
-        return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": 0, "owned_by": "llmflow",
-            "version": self.version, "lineage": self.lineage, "context_length": self.context,
-        }]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "llmflow",
+                    "version": self.version,
+                    "lineage": self.lineage,
+                    "context_length": self.context,
+                }
+            ],
+        }
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -419,30 +510,53 @@ class OpenAIServer:
         self._check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or any(not p for p in prompts):
-            raise APIError(400, "prompt: must be a non-empty string or list of strings",
-                           "invalid_request_error", "invalid_value", "prompt")  # fmt: skip
+            raise APIError(
+                400,
+                "prompt: must be a non-empty string or list of strings",
+                "invalid_request_error",
+                "invalid_value",
+                "prompt",
+            )
         if len(prompts) > MAX_PROMPTS:
-            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts in one request",
-                           "invalid_request_error", "invalid_value", "prompt")  # fmt: skip
+            raise APIError(
+                400,
+                f"prompt: at most {MAX_PROMPTS} prompts in one request",
+                "invalid_request_error",
+                "invalid_value",
+                "prompt",
+            )
         jobs = [self._job(self._text_ids(p), body) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             if len(jobs) != 1:
-                raise APIError(400, "stream: supported for a single prompt", "invalid_request_error",
-                               "invalid_value", "stream")  # fmt: skip
+                raise APIError(
+                    400,
+                    "stream: supported for a single prompt",
+                    "invalid_request_error",
+                    "invalid_value",
+                    "stream",
+                )
             base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
-            return StreamingResponse(self._stream(
-                jobs[0],
-                lambda t: base | {"choices": [{"index": 0, "text": t, "finish_reason": None}]},
-                lambda f: base | {"choices": [{"index": 0, "text": "", "finish_reason": f}]},
-            ), media_type="text/event-stream")  # fmt: skip
+            return StreamingResponse(
+                self._stream(
+                    jobs[0],
+                    lambda t: base | {"choices": [{"index": 0, "text": t, "finish_reason": None}]},
+                    lambda f: base | {"choices": [{"index": 0, "text": "", "finish_reason": f}]},
+                ),
+                media_type="text/event-stream",
+            )
         results = await asyncio.gather(*(self._generate(j) for j in jobs))
         return {
-            "id": rid, "object": "text_completion", "created": created, "model": body.model,
-            "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                         "logprobs": None} for i, r in enumerate(results)],
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                for i, r in enumerate(results)
+            ],
             "usage": usage(results),
-        }  # fmt: skip
+        }
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
@@ -451,21 +565,42 @@ class OpenAIServer:
         job = self._job(self._chat_ids(body.messages), body)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": body.model}  # fmt: skip
-            return StreamingResponse(self._stream(
-                job,
-                lambda t: base | {"choices": [{"index": 0, "delta": {"content": t},
-                                               "finish_reason": None}]},
-                lambda f: base | {"choices": [{"index": 0, "delta": {}, "finish_reason": f}]},
-            ), media_type="text/event-stream")  # fmt: skip
+            base = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+            }
+            return StreamingResponse(
+                self._stream(
+                    job,
+                    lambda t: (
+                        base
+                        | {
+                            "choices": [
+                                {"index": 0, "delta": {"content": t}, "finish_reason": None}
+                            ]
+                        }
+                    ),
+                    lambda f: base | {"choices": [{"index": 0, "delta": {}, "finish_reason": f}]},
+                ),
+                media_type="text/event-stream",
+            )
         r = await self._generate(job)
         return {
-            "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                         "finish_reason": r.finish_reason}],
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": r.finish_reason,
+                }
+            ],
             "usage": usage([r]),
-        }  # fmt: skip
+        }
 
 
 def deployment_options(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -33,8 +33,10 @@ def model_source(model_path: str) -> str | dict[str, str]:
     if model_path.startswith("file://"):
         return model_path.removeprefix("file://")
     if "://" in model_path:
-        raise ValueError(f"{model_path}: vllm serving reads local paths or s3://, gs://, "
-                         "abfss://, azure:// buckets")  # fmt: skip
+        raise ValueError(
+            f"{model_path}: vllm serving reads local paths or s3://, gs://, "
+            "abfss://, azure:// buckets"
+        )
     return model_path
 
 
@@ -80,8 +82,10 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
         config["placement_group_config"] = {"bundles": bundles}
         if not any(b.get("GPU", 0) > 0 for b in bundles):
             if args.get("accelerator_type"):
-                raise ValueError("serve.accelerator_type: a GPU type, but serve.vllm_placement "
-                                 "asks for CPUs only")  # fmt: skip
+                raise ValueError(
+                    "serve.accelerator_type: a GPU type, but serve.vllm_placement "
+                    "asks for CPUs only"
+                )
             config["accelerator_config"] = {"kind": "cpu"}
     if args.get("runtime_env"):
         config["runtime_env"] = dict(args["runtime_env"])

@@ -29,9 +29,17 @@ from llmflow.apikey import bearer_problem, resolve_api_key
 class LlmflowIngress(OpenAiIngress):
     """ray.serve.llm's ingress for one model version, with llmflow's version, lineage and key."""
 
-    def __init__(self, llm_deployments, model_cards, *, version: str = "",
-                 lineage: dict[str, Any] | None = None, api_key_env: str | None = None,
-                 api_key_file: str | None = None, **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        llm_deployments,
+        model_cards,
+        *,
+        version: str = "",
+        lineage: dict[str, Any] | None = None,
+        api_key_env: str | None = None,
+        api_key_file: str | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._model_name = next(iter(model_cards))
         self._version, self._lineage = version, dict(lineage or {})
@@ -50,9 +58,11 @@ class LlmflowIngress(OpenAiIngress):
         try:
             return await super()._get_model_id(model)
         except HTTPException as exc:  # FastAPI's {"detail"} shape: answer in OpenAI's
-            raise OpenAIHTTPException(status_code=exc.status_code, message=str(exc.detail),
-                                      type="NotFoundError" if exc.status_code == 404
-                                      else "BadRequestError") from exc  # fmt: skip
+            raise OpenAIHTTPException(
+                status_code=exc.status_code,
+                message=str(exc.detail),
+                type="NotFoundError" if exc.status_code == 404 else "BadRequestError",
+            ) from exc
 
     async def health(self) -> dict[str, str]:
         return {"status": "ok", "model": self._model_name, "version": self._version}
@@ -95,8 +105,17 @@ def _with_key_check(app, api_key_env: str | None, api_key_file: str | None):
 
 
 def _unauthorized(code: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=401, content={"error": {
-        "message": message, "type": "authentication_error", "param": None, "code": code}})  # fmt: skip
+    return JSONResponse(
+        status_code=401,
+        content={
+            "error": {
+                "message": message,
+                "type": "authentication_error",
+                "param": None,
+                "code": code,
+            }
+        },
+    )
 
 
 def build(config: dict[str, Any], args: dict[str, Any]) -> serve.Application:

@@ -1,6 +1,6 @@
 """The evaluate stage: batch scoring on Ray Data of a candidate and of the current champion.
 
-    llmflow run evaluate --config configs/tiny.yaml   (scores the latest registered version)
+llmflow run evaluate --config configs/tiny.yaml   (scores the latest registered version)
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def evaluate_stage(
 ) -> dict[str, EvalReport]:
     """score-model for the candidate, then for the champion; compare-reports."""
     champ_uri, champ_version = champion_model(config.train)
-    models = {"candidate": (candidate.uri, candidate.version), "champion": (champ_uri, champ_version)}
+    models = {
+        "candidate": (candidate.uri, candidate.version),
+        "champion": (champ_uri, champ_version),
+    }
     reports = {}
     # One after the other: two Ray Data jobs at once would each hold their actors' CPUs and
     # could starve each other's read tasks on a small cluster.

@@ -1,6 +1,6 @@
 """The finetune stage: supervised fine-tuning on Ray Train, resumable, registered with lineage.
 
-    llmflow run finetune --config configs/tiny.yaml [--set train.max_steps=50]
+llmflow run finetune --config configs/tiny.yaml [--set train.max_steps=50]
 """
 
 from __future__ import annotations

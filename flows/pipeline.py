@@ -1,6 +1,6 @@
 """The end-to-end pipeline: prepare -> finetune -> evaluate -> gate -> promote.
 
-    llmflow run pipeline --config configs/tiny.yaml [--retrain if-data-changed]
+llmflow run pipeline --config configs/tiny.yaml [--retrain if-data-changed]
 """
 
 from __future__ import annotations
@@ -63,23 +63,46 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
         decision = gate_stage(config, candidate, reports)
         promoted = promote(config=config, candidate=candidate, decision=decision, return_state=True)
         rollout = promoted.result(raise_on_failure=False)
-        outcome = (f"rollout: {rollout.message}" if promoted.is_completed()
-                   else f"rollout {promoted.name}: {promoted.message}")  # fmt: skip
-        lines = pipeline_lines(dataset, run, config.gate.primary_metric, reports["candidate"],
-                               reports["champion"], decision, outcome)  # fmt: skip
-        summarize(f"Pipeline: {candidate.name}:{candidate.version}", lines,
-                  [promoted.state_details.flow_run_id])  # fmt: skip
+        outcome = (
+            f"rollout: {rollout.message}"
+            if promoted.is_completed()
+            else f"rollout {promoted.name}: {promoted.message}"
+        )
+        lines = pipeline_lines(
+            dataset,
+            run,
+            config.gate.primary_metric,
+            reports["candidate"],
+            reports["champion"],
+            decision,
+            outcome,
+        )
+        summarize(
+            f"Pipeline: {candidate.name}:{candidate.version}",
+            lines,
+            [promoted.state_details.flow_run_id],
+        )
         promoted.result()  # a rolled-back promotion fails the pipeline, after the summary
-    return {"dataset": dataset.model_dump(mode="json"), "model": candidate.model_dump(mode="json"),
-            "candidate": reports["candidate"].metrics, "champion": reports["champion"].metrics,
-            "gate_passed": decision.passed, "rollout": rollout.model_dump(mode="json")}  # fmt: skip
+    return {
+        "dataset": dataset.model_dump(mode="json"),
+        "model": candidate.model_dump(mode="json"),
+        "candidate": reports["candidate"].metrics,
+        "champion": reports["champion"].metrics,
+        "gate_passed": decision.passed,
+        "rollout": rollout.model_dump(mode="json"),
+    }
 
 
 def skipped(dataset: DatasetRef, latest: ModelRef) -> dict:
     """The outcome of a retrain=if-data-changed run whose data did not change."""
-    reason = (f"data unchanged: {latest.name}:{latest.version} was trained on dataset "
-              f"{dataset.short_sha}; nothing to retrain")  # fmt: skip
+    reason = (
+        f"data unchanged: {latest.name}:{latest.version} was trained on dataset "
+        f"{dataset.short_sha}; nothing to retrain"
+    )
     print(reason)
     summarize(f"Pipeline: {latest.name}: skipped", [reason])
-    return {"skipped": reason, "dataset": dataset.model_dump(mode="json"),
-            "model": latest.model_dump(mode="json")}  # fmt: skip
+    return {
+        "skipped": reason,
+        "dataset": dataset.model_dump(mode="json"),
+        "model": latest.model_dump(mode="json"),
+    }

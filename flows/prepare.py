@@ -1,6 +1,6 @@
 """The prepare stage: load, normalise, validate (Great Expectations) and version the data.
 
-    llmflow run prepare --config configs/tiny.yaml [--set data.source=PATH]
+llmflow run prepare --config configs/tiny.yaml [--set data.source=PATH]
 """
 
 from __future__ import annotations

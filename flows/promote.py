@@ -18,12 +18,16 @@ from llmflow.store import Store
 from tasks.promote import ask_for_approval, gate, record_gate, report_rollout, roll_out
 
 
-def gate_stage(config: PipelineConfig, candidate: ModelRef, reports: dict[str, EvalReport]) -> GateDecision:
+def gate_stage(
+    config: PipelineConfig, candidate: ModelRef, reports: dict[str, EvalReport]
+) -> GateDecision:
     """gate (the metric policy), then the approval in the UI when required. A version that is
     the champion already (a re-run after its promotion) is not gated again."""
     if reports["champion"].model_version == candidate.version:
         reason = f"{candidate.version} is the champion already: not gated again"
-        return GateDecision(passed=True, rules=[GateRule(name="already-champion", passed=True, reason=reason)])
+        return GateDecision(
+            passed=True, rules=[GateRule(name="already-champion", passed=True, reason=reason)]
+        )
     decision = gate(config.gate, reports["candidate"], reports["champion"])
     if config.gate.require_approval:  # a flow run pauses (not a task): called from the flow
         decision = ask_for_approval(decision, config.gate.approval_timeout_s)
@@ -52,7 +56,9 @@ def promote(
     with model_slot(candidate.name, kind="promote"):  # promotions of a model never interleave
         current = aliases.read_aliases(store, candidate.name)
         champion, previous = current.get("champion"), current.get("previous")
-        rollout = nothing_to_do(config.serve, config.cluster, candidate, decision, champion, previous)
+        rollout = nothing_to_do(
+            config.serve, config.cluster, candidate, decision, champion, previous
+        )
         if rollout is None:
             check_serving(config.serve, config.cluster)
             if decision is not None:

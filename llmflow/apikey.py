@@ -21,7 +21,9 @@ def resolve_api_key(api_key_env: str | None = None, api_key_file: str | None = N
         try:
             key = Path(api_key_file).read_text().strip()
         except OSError as exc:
-            raise ValueError(f"serve.api_key_file: cannot read {api_key_file}: {exc.strerror}") from None
+            raise ValueError(
+                f"serve.api_key_file: cannot read {api_key_file}: {exc.strerror}"
+            ) from None
         if not key:
             raise ValueError(f"serve.api_key_file: {api_key_file} is empty")
         return key

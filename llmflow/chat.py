@@ -70,8 +70,9 @@ def is_notice(text: str) -> bool:
     return text.startswith(NOTICE)
 
 
-def to_openai_messages(message: Any, history: Sequence[Any],
-                       system: str | None = None) -> list[dict[str, str]]:  # fmt: skip
+def to_openai_messages(
+    message: Any, history: Sequence[Any], system: str | None = None
+) -> list[dict[str, str]]:
     """Gradio's chat history plus the new message as OpenAI chat messages.
 
     Args:
@@ -123,8 +124,9 @@ def _metrics(values: Any, prefer: Sequence[str] = (), limit: int = 4) -> str:
     return ", ".join(parts)
 
 
-def describe_model(models: Sequence[ServedModel], endpoint: str,
-                   prefect_ui: str | None = None) -> str:  # fmt: skip
+def describe_model(
+    models: Sequence[ServedModel], endpoint: str, prefect_ui: str | None = None
+) -> str:
     """Markdown for the page's header: the version serving, its lineage, the endpoint."""
     if not models:
         return f"{NOTICE}No model is listed at `{endpoint}/models`.\n\nEndpoint: `{endpoint}`"
@@ -141,8 +143,11 @@ def describe_model(models: Sequence[ServedModel], endpoint: str,
         facts.append(f"dataset `{_short(sha)}`{rows}")
     run = lineage.get("flow_run_id")
     if run:
-        facts.append(f"flow run [`{_short(run, 8)}`]({prefect_ui.rstrip('/')}/runs/flow-run/{run})"
-                     if prefect_ui else f"flow run `{run}`")  # fmt: skip
+        facts.append(
+            f"flow run [`{_short(run, 8)}`]({prefect_ui.rstrip('/')}/runs/flow-run/{run})"
+            if prefect_ui
+            else f"flow run `{run}`"
+        )
     if _metrics(lineage.get("eval_metrics")):
         facts.append(f"eval: {_metrics(lineage['eval_metrics'], EVAL_FIRST)}")
     train = _metrics(lineage.get("train_metrics"), TRAIN_FIRST, limit=len(TRAIN_FIRST))
@@ -159,8 +164,9 @@ def describe_model(models: Sequence[ServedModel], endpoint: str,
     return "\n\n".join(lines)
 
 
-def error_text(exc: BaseException, endpoint: str, key_source: str | None = None,
-               key_set: bool = False) -> str:  # fmt: skip
+def error_text(
+    exc: BaseException, endpoint: str, key_source: str | None = None, key_set: bool = False
+) -> str:
     """One readable line (a notice) for what went wrong talking to the endpoint.
 
     Args:
@@ -172,21 +178,29 @@ def error_text(exc: BaseException, endpoint: str, key_source: str | None = None,
     """
     status, detail = _status(exc)
     if status == "down":
-        return (f"{NOTICE}The model endpoint {endpoint} is not reachable. Start the stack with "
-                "`llmflow up` and serve a model (`llmflow run pipeline`, or "
-                "`llmflow models promote NAME VERSION`).")  # fmt: skip
+        return (
+            f"{NOTICE}The model endpoint {endpoint} is not reachable. Start the stack with "
+            "`llmflow up` and serve a model (`llmflow run pipeline`, or "
+            "`llmflow models promote NAME VERSION`)."
+        )
     if status == "timeout":
-        return (f"{NOTICE}The model endpoint {endpoint} did not answer in time; it may be busy. "
-                "Try again.")  # fmt: skip
+        return (
+            f"{NOTICE}The model endpoint {endpoint} did not answer in time; it may be busy. "
+            "Try again."
+        )
     if status == 401:
         if not key_set:
             where = key_source or "serve.api_key_file or serve.api_key_env"
-            return (f"{NOTICE}The endpoint {endpoint} needs an API key: set {where} where the "
-                    f"chat runs ({detail}).")  # fmt: skip
+            return (
+                f"{NOTICE}The endpoint {endpoint} needs an API key: set {where} where the "
+                f"chat runs ({detail})."
+            )
         return f"{NOTICE}The endpoint {endpoint} refused the API key in {key_source}: {detail}"
     if status == 404:
-        return (f"{NOTICE}Nothing at {endpoint} answers for this model ({detail}). Is a model "
-                "served there? Check serve.route_prefix and `llmflow status`.")  # fmt: skip
+        return (
+            f"{NOTICE}Nothing at {endpoint} answers for this model ({detail}). Is a model "
+            "served there? Check serve.route_prefix and `llmflow status`."
+        )
     if isinstance(status, int) and status < 500:
         return f"{NOTICE}The endpoint rejected the request (HTTP {status}): {detail}"
     if isinstance(status, int):
@@ -241,8 +255,14 @@ class ChatBackend:
             Serve application's arguments or the logs.
     """
 
-    def __init__(self, endpoint: str, api_key_env: str | None = None, model: str | None = None,
-                 timeout: float = 60.0, api_key_file: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        api_key_env: str | None = None,
+        model: str | None = None,
+        timeout: float = 60.0,
+        api_key_file: str | None = None,
+    ):
         self.endpoint = endpoint.rstrip("/")
         self.api_key_env, self.api_key_file = api_key_env, api_key_file
         self.model, self.timeout = model, timeout
@@ -269,12 +289,15 @@ class ChatBackend:
 
     def models(self) -> list[ServedModel]:
         """What /v1/models lists; raises EndpointError or httpx errors."""
-        r = httpx.get(f"{self.endpoint}/models", headers=self._headers(),
-                      timeout=min(self.timeout, 10))  # fmt: skip
+        r = httpx.get(
+            f"{self.endpoint}/models", headers=self._headers(), timeout=min(self.timeout, 10)
+        )
         if r.status_code != 200:
             raise EndpointError(r.status_code, _server_message(r))
-        return [ServedModel(m["id"], m.get("version"), m.get("lineage") or {})
-                for m in r.json().get("data", [])]  # fmt: skip
+        return [
+            ServedModel(m["id"], m.get("version"), m.get("lineage") or {})
+            for m in r.json().get("data", [])
+        ]
 
     def error(self, exc: BaseException) -> str:
         return error_text(exc, self.endpoint, self.key_source, self.api_key is not None)
@@ -297,24 +320,43 @@ class ChatBackend:
             raise EndpointError(404, f"no model is listed at {self.endpoint}/models")
         return models[0].id
 
-    def stream(self, messages: list[dict[str, str]], temperature: float, max_tokens: int,
-               seed: int | None = None) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        temperature: float,
+        max_tokens: int,
+        seed: int | None = None,
+    ) -> Iterator[str]:
         """The answer's pieces as the endpoint streams them (SSE); raises on any failure."""
         import openai
 
-        client = openai.OpenAI(base_url=self.endpoint, api_key=self.api_key or "none",
-                               max_retries=0, timeout=self.timeout)  # fmt: skip
+        client = openai.OpenAI(
+            base_url=self.endpoint,
+            api_key=self.api_key or "none",
+            max_retries=0,
+            timeout=self.timeout,
+        )
         extra = {"seed": int(seed)} if seed is not None else {}
-        with client.chat.completions.create(model=self._model_id(), messages=messages,
-                                            temperature=float(temperature),
-                                            max_tokens=int(max_tokens), stream=True,
-                                            **extra) as chunks:  # fmt: skip
+        with client.chat.completions.create(
+            model=self._model_id(),
+            messages=messages,
+            temperature=float(temperature),
+            max_tokens=int(max_tokens),
+            stream=True,
+            **extra,
+        ) as chunks:
             for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
 
-    def respond(self, message: Any, history: Sequence[Any], temperature: float = 0.7,
-                max_tokens: int = 64, seed: float | None = None) -> Iterator[str]:  # fmt: skip
+    def respond(
+        self,
+        message: Any,
+        history: Sequence[Any],
+        temperature: float = 0.7,
+        max_tokens: int = 64,
+        seed: float | None = None,
+    ) -> Iterator[str]:
         """ChatInterface's function: yields the answer so far after each streamed piece; on
         failure, yields one notice instead (and raises nothing)."""
         if not content_text(message).strip():
@@ -332,8 +374,10 @@ class ChatBackend:
             yield f"{answer}\n\n{note}" if answer else note
             return
         if not answer:
-            yield (f"{NOTICE}The model answered with no text (it ended at once). Try a higher "
-                   "temperature or another seed.")  # fmt: skip
+            yield (
+                f"{NOTICE}The model answered with no text (it ended at once). Try a higher "
+                "temperature or another seed."
+            )
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -356,8 +400,14 @@ def theme():
     return gr.themes.Default(font=system, font_mono=mono)
 
 
-def build_chat(endpoint: str, api_key_env: str | None = None, model: str | None = None,
-               *, api_key_file: str | None = None, backend: ChatBackend | None = None):  # fmt: skip
+def build_chat(
+    endpoint: str,
+    api_key_env: str | None = None,
+    model: str | None = None,
+    *,
+    api_key_file: str | None = None,
+    backend: ChatBackend | None = None,
+):
     """The chat page as a Gradio Blocks: header (version, lineage, endpoint), the chat, and
     the sampling settings. Launch it, or mount it on a FastAPI app (deployments/chat_app.py).
 
@@ -382,24 +432,43 @@ def build_chat(endpoint: str, api_key_env: str | None = None, model: str | None 
 
     with gr.Blocks(title=PAGE_TITLE, analytics_enabled=False, fill_height=True) as page:
         gr.Markdown(f"## {PAGE_TITLE}")
-        info = gr.Markdown(f"Endpoint: `{backend.endpoint}` (asking it which model serves...)",
-                           elem_id="model-info")  # fmt: skip
+        info = gr.Markdown(
+            f"Endpoint: `{backend.endpoint}` (asking it which model serves...)",
+            elem_id="model-info",
+        )
         with gr.Row():
             refresh = gr.Button("Refresh model info", size="sm", scale=0, elem_id="refresh-info")
         settings = [  # rendered by ChatInterface, in its "Sampling" accordion
-            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", render=False,
-                      info="0: greedy (the same answer every time)"),
+            gr.Slider(
+                0.0,
+                2.0,
+                value=0.7,
+                step=0.05,
+                label="Temperature",
+                render=False,
+                info="0: greedy (the same answer every time)",
+            ),
             gr.Slider(1, 512, value=64, step=1, label="Max tokens", render=False),
-            gr.Number(value=None, precision=0, label="Seed", render=False, placeholder="random",
-                      info="empty: a new sample each time; a number: the same answer again"),
+            gr.Number(
+                value=None,
+                precision=0,
+                label="Seed",
+                render=False,
+                placeholder="random",
+                info="empty: a new sample each time; a number: the same answer again",
+            ),
         ]
         gr.ChatInterface(
             backend.respond,
             additional_inputs=settings,
             additional_inputs_accordion=gr.Accordion("Sampling", open=True, render=False),
             chatbot=gr.Chatbot(elem_id="chatbot", scale=1, label="Chat"),
-            textbox=gr.Textbox(placeholder="Ask the served model...", elem_id="prompt",
-                               submit_btn=True, show_label=False),
+            textbox=gr.Textbox(
+                placeholder="Ask the served model...",
+                elem_id="prompt",
+                submit_btn=True,
+                show_label=False,
+            ),
             flagging_mode="never",
             api_name="chat",
         )
@@ -408,14 +477,27 @@ def build_chat(endpoint: str, api_key_env: str | None = None, model: str | None 
     return page
 
 
-def launch(endpoint: str, api_key_env: str | None = None, model: str | None = None,
-           host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key_file: str | None = None,
-           echo: Callable[[str], None] = print) -> None:  # fmt: skip
+def launch(
+    endpoint: str,
+    api_key_env: str | None = None,
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    api_key_file: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
     """Serve the page on host:port in the foreground until interrupted."""
     page = build_chat(endpoint, api_key_env, model, api_key_file=api_key_file)
     page.queue(default_concurrency_limit=8).launch(
-        server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
-        show_error=False, theme=theme(), footer_links=[], prevent_thread_lock=True,
-    )  # fmt: skip
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        quiet=True,
+        show_error=False,
+        theme=theme(),
+        footer_links=[],
+        prevent_thread_lock=True,
+    )
     echo(f"Chat: http://{host}:{port}  (model endpoint {endpoint}; Ctrl-C stops it)")
     page.block_thread()  # until Ctrl-C or SIGTERM

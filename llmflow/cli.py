@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -48,11 +48,9 @@ def _add_subcommands() -> None:
 
 _add_subcommands()
 
-ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="A configs/*.yaml file.")
-]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A configs/*.yaml file.")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set train.max_steps=50."),
 ]
 
@@ -72,20 +70,33 @@ def _main(
 
 @app.command()
 def up(
-    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs the Ray head offers.")] = None,
-    num_gpus: Annotated[Optional[int], typer.Option(help="GPUs the Ray head declares.")] = None,
-    nodes: Annotated[Optional[int], typer.Option(
-        help="Ray nodes on this machine, the head included: each extra node declares 2 CPUs, "
-        "one logical GPU and the resource gpu_node (train.resources_per_worker places "
-        "training there). Default: keep the nodes that run.")] = None,
-    database: Annotated[Optional[str], typer.Option(
-        help="The Prefect server's database: postgresql+asyncpg://user:password@host:5432/db "
-        "(default: LLMFLOW_DATABASE_URL, else SQLite under .llmflow/prefect/).",
-        show_default=False)] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs the Ray head offers.")] = None,
+    num_gpus: Annotated[int | None, typer.Option(help="GPUs the Ray head declares.")] = None,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            help="Ray nodes on this machine, the head included: each extra node declares 2 CPUs, "
+            "one logical GPU and the resource gpu_node (train.resources_per_worker places "
+            "training there). Default: keep the nodes that run."
+        ),
+    ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            help="The Prefect server's database: postgresql+asyncpg://user:password@host:5432/db "
+            "(default: LLMFLOW_DATABASE_URL, else SQLite under .llmflow/prefect/).",
+            show_default=False,
+        ),
+    ] = None,
     no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Skip prefect deploy.")] = False,
-    chat: Annotated[bool, typer.Option(
-        "--chat", help="Also start the chat page over the served model (llmflow chat), "
-        "on 127.0.0.1:7860 (LLMFLOW_CHAT_PORT).")] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Also start the chat page over the served model (llmflow chat), "
+            "on 127.0.0.1:7860 (LLMFLOW_CHAT_PORT).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Start the local stack (Prefect server, Ray head + Serve, Prefect worker), idempotently."""
@@ -93,9 +104,16 @@ def up(
 
     settings.apply_offline_defaults()
     endpoint, chat_args = _chat_target(config) if chat else (None, [])
-    parts = stack.up(num_cpus=num_cpus, num_gpus=num_gpus, nodes=nodes, database=database,
-                     with_deploy=not no_deploy, chat_endpoint=endpoint, chat_args=chat_args,
-                     echo=_echo)  # fmt: skip
+    parts = stack.up(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        nodes=nodes,
+        database=database,
+        with_deploy=not no_deploy,
+        chat_endpoint=endpoint,
+        chat_args=chat_args,
+        echo=_echo,
+    )
     _print_status(parts)
 
 
@@ -141,16 +159,22 @@ def _print_engine_env() -> None:
 
     info = engine_env.probe()
     if info.healthy:
-        typer.echo(f"vllm engine environment: {info.python}: {info.vllm_dist} {info.vllm_version}, "
-                   f"Ray {info.ray_version} and Python {info.python_version} match the cluster's")  # fmt: skip
+        typer.echo(
+            f"vllm engine environment: {info.python}: {info.vllm_dist} {info.vllm_version}, "
+            f"Ray {info.ray_version} and Python {info.python_version} match the cluster's"
+        )
     else:
         typer.echo(f"vllm engine environment: not usable ({info.problem}); the hf engine serves")
 
 
 @app.command()
 def alerts(
-    webhook: Annotated[Optional[str], typer.Option(
-        help="URL to POST to when an llmflow flow run fails (Slack/Teams/any webhook).")] = None,
+    webhook: Annotated[
+        str | None,
+        typer.Option(
+            help="URL to POST to when an llmflow flow run fails (Slack/Teams/any webhook)."
+        ),
+    ] = None,
     off: Annotated[bool, typer.Option("--off", help="Remove the failure automation.")] = False,
 ) -> None:
     """Failure alerts: a Prefect automation on the stack's server that posts to a webhook
@@ -166,14 +190,18 @@ def alerts(
     s = settings.StackSettings.from_env()
     os.environ.setdefault("PREFECT_API_URL", s.prefect_api_url)
     if not stack.prefect_healthy(os.environ["PREFECT_API_URL"], timeout=5):
-        raise StackError(f"Prefect server at {os.environ['PREFECT_API_URL']} is not reachable "
-                         "(start it with: llmflow up)")  # fmt: skip
+        raise StackError(
+            f"Prefect server at {os.environ['PREFECT_API_URL']} is not reachable "
+            "(start it with: llmflow up)"
+        )
     if off:
         _echo(f"removed {alerts_mod.disable()} automation(s) named {alerts_mod.AUTOMATION}")
     else:
         automation_id = alerts_mod.enable(webhook)
-        _echo(f"automation {alerts_mod.AUTOMATION} ({automation_id}): failed runs of "
-              f"{', '.join(alerts_mod.FLOW_NAMES)} post to {webhook}")  # fmt: skip
+        _echo(
+            f"automation {alerts_mod.AUTOMATION} ({automation_id}): failed runs of "
+            f"{', '.join(alerts_mod.FLOW_NAMES)} post to {webhook}"
+        )
 
 
 def _chat_config(config: Path | None, set_: list[str] | None = None):
@@ -195,21 +223,29 @@ def _chat_target(config: Path | None, set_: list[str] | None = None) -> tuple[st
     cfg = _chat_config(config, set_)
     args = ["--config", str(Path(config).resolve())] if config else []
     return endpoint_for(serve_url(cfg.cluster), cfg.serve.route_prefix), args + [
-        a for s in (set_ or []) for a in ("--set", s)]  # fmt: skip
+        a for s in (set_ or []) for a in ("--set", s)
+    ]
 
 
 @app.command()
 def chat(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    port: Annotated[int | None, typer.Option(
-        help="Port of the page (default: LLMFLOW_CHAT_PORT, else 7860).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port of the page (default: LLMFLOW_CHAT_PORT, else 7860).")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address the page binds.")] = "127.0.0.1",
-    endpoint: Annotated[str | None, typer.Option(
-        help="OpenAI base URL of the model (…/v1). Default: the local stack's Serve URL plus "
-        "serve.route_prefix of the config.")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="Model id to ask (default: the first one the endpoint lists).")] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI base URL of the model (…/v1). Default: the local stack's Serve URL plus "
+            "serve.route_prefix of the config."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model id to ask (default: the first one the endpoint lists)."),
+    ] = None,
 ) -> None:
     """Chat with the served model in the browser (Gradio), in the foreground.
 
@@ -225,10 +261,19 @@ def chat(
     s = settings.StackSettings.from_env()
     port = port if port is not None else s.chat_port
     if stack.port_open(host, port):
-        raise StackError(f"cannot start the chat: port {host}:{port} is already in use; "
-                         "pass --port or set LLMFLOW_CHAT_PORT")  # fmt: skip
-    chat_mod.launch(url, cfg.serve.api_key_env, model, host=host, port=port,
-                    api_key_file=cfg.serve.api_key_file, echo=_echo)  # fmt: skip
+        raise StackError(
+            f"cannot start the chat: port {host}:{port} is already in use; "
+            "pass --port or set LLMFLOW_CHAT_PORT"
+        )
+    chat_mod.launch(
+        url,
+        cfg.serve.api_key_env,
+        model,
+        host=host,
+        port=port,
+        api_key_file=cfg.serve.api_key_file,
+        echo=_echo,
+    )
 
 
 @app.command("config")
@@ -289,8 +334,11 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     retrain: Annotated[
-        str, typer.Option(help="pipeline only: 'always', or 'if-data-changed' (the dataset "
-                          "hash decides, as the retrain-nightly deployment does).")
+        str,
+        typer.Option(
+            help="pipeline only: 'always', or 'if-data-changed' (the dataset "
+            "hash decides, as the retrain-nightly deployment does)."
+        ),
     ] = "always",
 ) -> None:
     """Run a flow from the command line; exit 0 only when its run Completed."""
@@ -334,8 +382,12 @@ def sample_answer(result: dict, serve_cfg) -> tuple[str, str]:
     key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    r = httpx.post(f"{endpoint}/v1/chat/completions", headers=headers, timeout=60,
-                   json={"model": result["model"]["name"], "messages": messages, "max_tokens": 32})  # fmt: skip
+    r = httpx.post(
+        f"{endpoint}/v1/chat/completions",
+        headers=headers,
+        timeout=60,
+        json={"model": result["model"]["name"], "messages": messages, "max_tokens": 32},
+    )
     r.raise_for_status()
     return messages[-1]["content"], r.json()["choices"][0]["message"]["content"]
 
@@ -344,9 +396,13 @@ def sample_answer(result: dict, serve_cfg) -> tuple[str, str]:
 def demo(
     config: ConfigOpt = Path("configs/tiny.yaml"),
     set_: SetOpt = None,
-    chat: Annotated[bool, typer.Option(
-        "--chat", help="Start the chat page over the served model at the end (as `llmflow up "
-        "--chat`).")] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Start the chat page over the served model at the end (as `llmflow up --chat`).",
+        ),
+    ] = False,
 ) -> None:
     """Bring the stack up, run the whole pipeline on the tiny default, ask the served model."""
     from llmflow import stack
@@ -375,16 +431,22 @@ def _show_chat(cfg, running_url: str | None) -> None:
     from llmflow.settings import StackSettings
 
     if running_url:
-        _echo(f"Chat with the served model: {running_url}  (`llmflow status` shows it, "
-              "`llmflow down` stops it)")  # fmt: skip
+        _echo(
+            f"Chat with the served model: {running_url}  (`llmflow status` shows it, "
+            "`llmflow down` stops it)"
+        )
     elif cfg.serve.chat:
         from llmflow.settings import serve_url
 
-        _echo(f"Chat with the served model: {serve_url(cfg.cluster)}{cfg.serve.route_prefix.rstrip('/')}/chat/"
-              "  (served by Ray Serve next to the model)")  # fmt: skip
+        _echo(
+            f"Chat with the served model: {serve_url(cfg.cluster)}{cfg.serve.route_prefix.rstrip('/')}/chat/"
+            "  (served by Ray Serve next to the model)"
+        )
     else:
-        _echo(f"Chat with the served model: {StackSettings.from_env().chat_url}  after "
-              "`llmflow chat` (or `llmflow up --chat`)")  # fmt: skip
+        _echo(
+            f"Chat with the served model: {StackSettings.from_env().chat_url}  after "
+            "`llmflow chat` (or `llmflow up --chat`)"
+        )
 
 
 def _show_served(result: dict, cfg) -> None:
@@ -398,12 +460,16 @@ def _show_served(result: dict, cfg) -> None:
         return
     endpoint, name = rollout["endpoint"], result["model"]["name"]
     question, answer = sample_answer(result, cfg.serve)
-    _echo(f"Served endpoint: {endpoint}/v1  (model {name}:{rollout['served_version']}, "
-          f"OpenAI-compatible)")  # fmt: skip
+    _echo(
+        f"Served endpoint: {endpoint}/v1  (model {name}:{rollout['served_version']}, "
+        f"OpenAI-compatible)"
+    )
     _echo(f"Sample: {question!r} -> {answer!r}")
-    _echo(f"Try: curl {endpoint}/v1/chat/completions -H 'content-type: application/json' "
-          f"-d '{{\"model\": \"{name}\", \"messages\": "
-          f"[{{\"role\": \"user\", \"content\": \"{question}\"}}]}}'")  # fmt: skip
+    _echo(
+        f"Try: curl {endpoint}/v1/chat/completions -H 'content-type: application/json' "
+        f'-d \'{{"model": "{name}", "messages": '
+        f'[{{"role": "user", "content": "{question}"}}]}}\''
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,8 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence for the one-line rule
         if debug:
             traceback.print_exc()
-        typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                   err=True)  # fmt: skip
+        typer.echo(
+            f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True
+        )
         return 1
     return 0
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-models_app = typer.Typer(help="The model registry: versions, lineage, champion.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model registry: versions, lineage, champion.", no_args_is_help=True
+)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A configs/*.yaml file.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A configs/*.yaml file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key.")]
 
 
 @models_app.command("list")
-def list_(name: Annotated[Optional[str], typer.Argument(help="A model name.")] = None) -> None:
+def list_(name: Annotated[str | None, typer.Argument(help="A model name.")] = None) -> None:
     """Model names, or the versions of one model with their aliases and metrics."""
     from rich.console import Console
     from rich.table import Table
@@ -44,13 +46,21 @@ def list_(name: Annotated[Optional[str], typer.Argument(help="A model name.")] =
         decided = ("passed" if gate.get("passed") else "failed") if gate else "-"
         if gate.get("approved_by"):
             decided += f" ({gate['approved_by']})"
-        table.add_row(ref.version, tags.get(ref.version, ""), f"{ref.created_at:%Y-%m-%d %H:%M}",
-                      ref.base_model[-30:], (ref.dataset_sha256 or "-")[:12], train, evals, decided)  # fmt: skip
+        table.add_row(
+            ref.version,
+            tags.get(ref.version, ""),
+            f"{ref.created_at:%Y-%m-%d %H:%M}",
+            ref.base_model[-30:],
+            (ref.dataset_sha256 or "-")[:12],
+            train,
+            evals,
+            decided,
+        )
     Console(width=220).print(table)  # a row per version, also in logs and pipes
 
 
 @models_app.command()
-def show(name: str, version: Annotated[Optional[str], typer.Argument()] = None) -> None:
+def show(name: str, version: Annotated[str | None, typer.Argument()] = None) -> None:
     """A version's lineage manifest (default: the champion, else the latest)."""
     from llmflow import aliases, registry
     from llmflow.store import Store
@@ -80,8 +90,12 @@ def _promote(name: str, version: str | None, config: Path | None, set_: list[str
 
 
 @models_app.command()
-def promote(name: str, version: Annotated[Optional[str], typer.Argument()] = None,
-            config: ConfigOpt = None, set_: SetOpt = None) -> None:  # fmt: skip
+def promote(
+    name: str,
+    version: Annotated[str | None, typer.Argument()] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
     """Serve a version and make it champion (smoke-tested; rolled back on failure)."""
     _promote(name, version, config, set_)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Self
 
 from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
@@ -120,7 +120,7 @@ class ClusterTaskRunner(RayTaskRunner):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ClusterTaskRunner) and self.cluster == other.cluster
 
-    def __enter__(self) -> ClusterTaskRunner:
+    def __enter__(self) -> Self:
         TaskRunner.__enter__(self)  # connect lazily, in submit(): parameters are known then
         return self
 

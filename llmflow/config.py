@@ -109,8 +109,10 @@ class TrainConfig(Section):
                 raise ValueError("a resource name is empty")
             # Ray's rule: an amount above 1 must be whole (fractions share one unit).
             if amount <= 0 or (amount > 1 and amount != int(amount)):
-                raise ValueError(f"{name}: {amount:g} is not a positive amount (a fraction up "
-                                 "to 1, or a whole number)")  # fmt: skip
+                raise ValueError(
+                    f"{name}: {amount:g} is not a positive amount (a fraction up "
+                    "to 1, or a whole number)"
+                )
         return value
 
 
@@ -152,7 +154,6 @@ class EvalConfig(Section):
         "or [{GPU: 1}, {GPU: 1}] for tensor_parallel_size 2; empty: one GPU.",
     )
 
-
     @field_validator("vllm_placement")
     @classmethod
     def _bundles(cls, value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
@@ -175,7 +176,9 @@ class GateConfig(Section):
 class ServeAutoscaling(Section):
     """Serve's autoscaling: replicas follow the ongoing requests per replica."""
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 lets the app scale to zero).")
+    min_replicas: int = Field(
+        1, ge=0, description="Fewest replicas (0 lets the app scale to zero)."
+    )
     max_replicas: int = Field(2, ge=1, description="Most replicas.")
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Ongoing requests per replica the autoscaler aims at."
@@ -211,11 +214,14 @@ class ServeConfig(Section):
         return data
 
     engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="'auto' picks vllm (ray.serve.llm) when its engine environment is "
+        "auto",
+        description="'auto' picks vllm (ray.serve.llm) when its engine environment is "
         "healthy and it can be placed (a GPU, or vllm_placement asks for CPUs only), else hf "
-        "(the OpenAI-compatible app of deployments/openai_app.py)."
+        "(the OpenAI-compatible app of deployments/openai_app.py).",
     )
-    num_replicas: int = Field(1, ge=1, description="Fixed replicas; unused when autoscaling is set.")
+    num_replicas: int = Field(
+        1, ge=1, description="Fixed replicas; unused when autoscaling is set."
+    )
     autoscaling: ServeAutoscaling | None = Field(
         None, description="Scale replicas between min and max by load (replaces num_replicas)."
     )
@@ -237,12 +243,14 @@ class ServeConfig(Section):
         "new ones load.",
     )
     api_key_env: str | None = Field(
-        None, description="Name of an environment variable holding the bearer API key (hf); "
-        "it must be set where the replicas run (the Ray nodes' environment)."
+        None,
+        description="Name of an environment variable holding the bearer API key (hf); "
+        "it must be set where the replicas run (the Ray nodes' environment).",
     )
     api_key_file: str | None = Field(
-        None, description="Path of a file holding the bearer API key (hf), readable on every "
-        "Ray node (e.g. a mounted Kubernetes secret); wins over api_key_env."
+        None,
+        description="Path of a file holding the bearer API key (hf), readable on every "
+        "Ray node (e.g. a mounted Kubernetes secret); wins over api_key_env.",
     )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="vllm: engine arguments (max_model_len, dtype, ...)."
@@ -255,14 +263,16 @@ class ServeConfig(Section):
         description="vllm: Ray resource bundles of one replica, e.g. [{CPU: 1}] on CPUs; "
         "empty: one GPU.",
     )
+
     @field_validator("vllm_placement")
     @classmethod
     def _bundles(cls, value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
         return check_bundles(value)
 
     chat: bool = Field(
-        False, description="Also serve the chat page (deployments/chat_app.py) as its own Serve "
-        "application, at <route_prefix>/chat, talking to this model's endpoint."
+        False,
+        description="Also serve the chat page (deployments/chat_app.py) as its own Serve "
+        "application, at <route_prefix>/chat, talking to this model's endpoint.",
     )
 
 
@@ -379,7 +389,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Load a PipelineConfig from a YAML file (or the defaults) with --set overrides applied.
 
     Args:
@@ -403,17 +415,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # configs/tiny.yaml's settings, in code: the flows' default `config` parameter, so the form
 # the Prefect UI renders for a deployment starts from the tiny CPU default (the config a
 # newcomer runs) without a file read at import. tests/unit/test_config.py holds the two equal.
-_VLLM_CPU = {"vllm_placement": [{"CPU": 1}],
-             "vllm_engine_kwargs": {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256,
-                                    "dtype": "float32"}}  # fmt: skip
+_VLLM_CPU = {
+    "vllm_placement": [{"CPU": 1}],
+    "vllm_engine_kwargs": {
+        "kv_cache_memory_bytes": 64 << 20,
+        "max_model_len": 256,
+        "dtype": "float32",
+    },
+}
 TINY = {
     "data": {"source": "bundled", "eval_fraction": 0.1, "min_rows": 100, "max_tokens": 128},
-    "train": {"base_model": "tiny", "model_name": "llmflow-tiny", "max_steps": 300,
-              "batch_size": 16, "learning_rate": 0.003, "warmup_steps": 20, "eval_every": 50,
-              "checkpoint_every": 50, "max_failures": 2, "num_workers": 1, "use_gpu": False,
-              "cpus_per_worker": 1, "resources_per_worker": {}},  # fmt: skip
-    "eval": {"engine": "hf", "batch_size": 256, "concurrency": 1, "cpus_per_actor": 1,
-             "threads_per_actor": 1, "max_new_tokens": 16, **_VLLM_CPU},  # fmt: skip
+    "train": {
+        "base_model": "tiny",
+        "model_name": "llmflow-tiny",
+        "max_steps": 300,
+        "batch_size": 16,
+        "learning_rate": 0.003,
+        "warmup_steps": 20,
+        "eval_every": 50,
+        "checkpoint_every": 50,
+        "max_failures": 2,
+        "num_workers": 1,
+        "use_gpu": False,
+        "cpus_per_worker": 1,
+        "resources_per_worker": {},
+    },
+    "eval": {
+        "engine": "hf",
+        "batch_size": 256,
+        "concurrency": 1,
+        "cpus_per_actor": 1,
+        "threads_per_actor": 1,
+        "max_new_tokens": 16,
+        **_VLLM_CPU,
+    },
     "gate": {"primary_metric": "exact_match", "min_improvement": 0.0},
     "serve": {"app_name": "llmflow", "engine": "hf", "num_replicas": 1, **_VLLM_CPU},
     "cluster": {},

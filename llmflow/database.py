@@ -66,8 +66,10 @@ def validate(url: str) -> str:
         )
     if not u.host or not u.database:
         missing = "host" if not u.host else "database name"
-        raise ConfigError(f"--database: {mask(url)}: no {missing} (expected "
-                          f"{POSTGRES}://user:password@host:5432/dbname)")  # fmt: skip
+        raise ConfigError(
+            f"--database: {mask(url)}: no {missing} (expected "
+            f"{POSTGRES}://user:password@host:5432/dbname)"
+        )
     return url
 
 
@@ -89,9 +91,14 @@ def check_reachable(url: str, timeout: float = 10.0) -> None:
 
     async def probe() -> None:
         conn = await asyncpg.connect(
-            host=u.host, port=u.port or 5432, user=u.username, password=u.password,
-            database=u.database, timeout=timeout, **dict(u.query),
-        )  # fmt: skip
+            host=u.host,
+            port=u.port or 5432,
+            user=u.username,
+            password=u.password,
+            database=u.database,
+            timeout=timeout,
+            **dict(u.query),
+        )
         await conn.close()
 
     try:

@@ -99,8 +99,14 @@ def _probe(python: str, ray_version: str, python_minor: str) -> EnvInfo:
     if not Path(python).is_file() or not os.access(python, os.X_OK):
         return EnvInfo(python, problem=f"{python}: no such interpreter")
     try:
-        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, check=False,
-                              timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.run(
+            [python, "-c", _PROBE],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=PROBE_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return EnvInfo(python, problem=f"{python}: no answer in {PROBE_TIMEOUT_S:.0f} s")
     except OSError as exc:
@@ -108,8 +114,9 @@ def _probe(python: str, ray_version: str, python_minor: str) -> EnvInfo:
     return _judge(python, proc.stdout, proc.stderr, proc.returncode, ray_version, python_minor)
 
 
-def _judge(python: str, stdout: str, stderr: str, returncode: int, ray_version: str,
-           python_minor: str) -> EnvInfo:  # fmt: skip
+def _judge(
+    python: str, stdout: str, stderr: str, returncode: int, ray_version: str, python_minor: str
+) -> EnvInfo:
     try:
         found = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -130,7 +137,9 @@ def _judge(python: str, stdout: str, stderr: str, returncode: int, ray_version: 
     return EnvInfo(**{**asdict(info), "problem": f"{python}: {problem}"})
 
 
-def probe(cluster: ClusterConfig | None = None, placement: list[dict[str, float]] | None = None) -> EnvInfo:
+def probe(
+    cluster: ClusterConfig | None = None, placement: list[dict[str, float]] | None = None
+) -> EnvInfo:
     """Probe the engine environment against this process's Ray version and Python minor
     (the cluster's: its nodes run the same Ray). Cached per interpreter path.
 
@@ -145,8 +154,9 @@ def probe(cluster: ClusterConfig | None = None, placement: list[dict[str, float]
     if not Path(python).exists() and address:
         key = (address, python)
         if key not in _remote_answers:  # one probe per cluster and path in a process
-            _remote_answers[key] = _probe_on_cluster(cluster, python, md.version("ray"), minor,
-                                                     placement)  # fmt: skip
+            _remote_answers[key] = _probe_on_cluster(
+                cluster, python, md.version("ray"), minor, placement
+            )
         return _remote_answers[key]
     return _probe_cached(python, md.version("ray"), minor)
 
@@ -156,13 +166,19 @@ _remote_answers: dict[tuple[str, str], EnvInfo] = {}
 
 def _remote_probe() -> str:
     # Runs in a Ray worker started with the engine environment's interpreter.
-    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                          check=False, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=False, timeout=60
+    )
     return proc.stdout
 
 
-def _probe_on_cluster(cluster: ClusterConfig, python: str, ray_version: str, minor: str,
-                      placement: list[dict[str, float]] | None) -> EnvInfo:  # fmt: skip
+def _probe_on_cluster(
+    cluster: ClusterConfig,
+    python: str,
+    ray_version: str,
+    minor: str,
+    placement: list[dict[str, float]] | None,
+) -> EnvInfo:
     import ray
     from ray.exceptions import GetTimeoutError, RayError
 
@@ -178,28 +194,37 @@ def _probe_on_cluster(cluster: ClusterConfig, python: str, ray_version: str, min
         out = ray.get(ref, timeout=PROBE_TIMEOUT_S)
     except GetTimeoutError:
         ray.cancel(ref, force=True)
-        return EnvInfo(python, problem=f"{python}: no Ray worker started with it in "
-                       f"{PROBE_TIMEOUT_S:.0f} s (is it the interpreter's path on the nodes?)")  # fmt: skip
+        return EnvInfo(
+            python,
+            problem=f"{python}: no Ray worker started with it in "
+            f"{PROBE_TIMEOUT_S:.0f} s (is it the interpreter's path on the nodes?)",
+        )
     except RayError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         return EnvInfo(python, problem=f"{python}: a Ray worker with it failed ({first})")
     return _judge(python, out, "", 0, ray_version, minor)
 
 
-def available(cluster: ClusterConfig | None = None,
-              placement: list[dict[str, float]] | None = None) -> bool:  # fmt: skip
+def available(
+    cluster: ClusterConfig | None = None, placement: list[dict[str, float]] | None = None
+) -> bool:
     """Whether the environment is present and healthy (what ``engine: auto`` asks)."""
     return probe(cluster, placement).healthy
 
 
-def check(cluster: ClusterConfig | None = None, key: str = "engine",
-          placement: list[dict[str, float]] | None = None) -> EnvInfo:  # fmt: skip
+def check(
+    cluster: ClusterConfig | None = None,
+    key: str = "engine",
+    placement: list[dict[str, float]] | None = None,
+) -> EnvInfo:
     """The environment's EnvInfo; EngineEnvError (one line naming ``key`` and the fix) when
     it cannot run vLLM. Run before any cluster work."""
     info = probe(cluster, placement)
     if not info.healthy:
-        raise EngineEnvError(f"{key}: 'vllm' needs the vLLM engine environment, from "
-                             f"{_where(cluster)}: {info.problem}")  # fmt: skip
+        raise EngineEnvError(
+            f"{key}: 'vllm' needs the vLLM engine environment, from "
+            f"{_where(cluster)}: {info.problem}"
+        )
     return info
 
 

@@ -50,14 +50,16 @@ def resolve_revision(repo_id: str, revision: str | None, repo_type: RepoType, ke
         ref = _cache_dir() / f"{repo_type}s--{repo_id.replace('/', '--')}" / "refs" / rev
         if ref.is_file():
             return ref.read_text().strip()
-        raise HubError(f"{where}: cannot resolve the revision offline (HF_HUB_OFFLINE=1) and it "
-                       f"is not in the HF cache ({_cache_dir()}); set HF_HUB_OFFLINE=0 where the "
-                       "hub is reachable, or give a commit")  # fmt: skip
+        raise HubError(
+            f"{where}: cannot resolve the revision offline (HF_HUB_OFFLINE=1) and it "
+            f"is not in the HF cache ({_cache_dir()}); set HF_HUB_OFFLINE=0 where the "
+            "hub is reachable, or give a commit"
+        )
     from huggingface_hub import HfApi
 
     try:
         return HfApi().repo_info(repo_id, repo_type=repo_type, revision=rev).sha
-    except Exception as exc:  # noqa: BLE001 - one line naming the repo, the revision, the cause
+    except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise HubError(f"{where}: cannot resolve the revision on the hub: {first}") from exc
 
@@ -70,7 +72,7 @@ def snapshot(repo_id: str, revision: str | None, key: str) -> tuple[str, str]:
     commit = resolve_revision(repo_id, revision, "model", key)
     try:
         path = snapshot_download(repo_id, revision=commit, local_files_only=offline())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         hint = " (HF_HUB_OFFLINE=1: only models already in the HF cache load)" if offline() else ""
         raise HubError(f"{key}: {repo_id}@{commit}: cannot load the model{hint}: {first}") from exc

@@ -74,8 +74,10 @@ def check_resources(config: PipelineConfig, flow: str, nodes: Sequence[dict[str,
             if not any(bundles_on_node(bundle, r) for r in alive):
                 wanted = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
                 most = describe_nodes(bundle, alive)
-                raise ConfigError(f"{key}: a bundle of {wanted} fits on no node of the Ray "
-                                  f"cluster (nodes: {most or 'none alive'})")  # fmt: skip
+                raise ConfigError(
+                    f"{key}: a bundle of {wanted} fits on no node of the Ray "
+                    f"cluster (nodes: {most or 'none alive'})"
+                )
 
 
 def check_placement(config: PipelineConfig, flow: str) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Ref(BaseModel):
@@ -56,8 +56,11 @@ class TrainRun(Ref):
     )
     device: str = ""
     precision: str = Field("fp32", description="bf16 (autocast on a GPU that has it) or fp32.")
-    backend: str = Field("none", description="torch.distributed backend of the workers: nccl "
-                         "(GPUs), gloo (CPUs); none without a process group.")
+    backend: str = Field(
+        "none",
+        description="torch.distributed backend of the workers: nccl "
+        "(GPUs), gloo (CPUs); none without a process group.",
+    )
     node_id: str = ""
     world_size: int = 1
     reused: bool = Field(False, description="A finished run of the same inputs, not trained again.")

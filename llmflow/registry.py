@@ -68,8 +68,11 @@ def get_version(store: Store, name: str, version: str | None = None) -> ModelRef
     if version is None:
         # The newest complete one: on an object store a registration that died mid-upload
         # leaves files under v<N> but no manifest.
-        complete = (f"v{n}" for n in reversed(_numbers(store, name))
-                    if store.exists(MODELS, name, f"v{n}", MANIFEST))  # fmt: skip
+        complete = (
+            f"v{n}"
+            for n in reversed(_numbers(store, name))
+            if store.exists(MODELS, name, f"v{n}", MANIFEST)
+        )
         version = next(complete, None)
         if version is None:
             raise RegistryError(f"model {name!r}: no versions in {store.uri(MODELS)}")

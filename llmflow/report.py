@@ -30,7 +30,9 @@ def summary_markdown(title: str, lines: Iterable[str], links: dict[str, str], ui
         if key in links:
             out.append(f"- [{what}]({links[key]}) `{key}`")
         else:
-            out.append(f"- [{what}]({ui_url}/artifacts/key/{key}) `{key}` (latest; not made by this run)")
+            out.append(
+                f"- [{what}]({ui_url}/artifacts/key/{key}) `{key}` (latest; not made by this run)"
+            )
     return "\n".join(out)
 
 
@@ -48,12 +50,18 @@ def pipeline_lines(
     nan = float("nan")
     reused = "reused a finished run, " if run.reused else ""
     return [
-        f"dataset `{dataset.uri}`: {dataset.num_train} train / {dataset.num_eval} eval, "
-        f"{dataset.num_quarantined} quarantined",
-        f"training: {reused}loss {run.metrics.get('train_loss_first', nan):.3f} -> "
-        f"{run.metrics.get('train_loss_last', nan):.3f}",
-        f"{metric}: candidate {candidate.metrics.get(metric, nan):.3f}, champion "
-        f"({champion.model_version}) {champion.metrics.get(metric, nan):.3f}",
+        (
+            f"dataset `{dataset.uri}`: {dataset.num_train} train / {dataset.num_eval} eval, "
+            f"{dataset.num_quarantined} quarantined"
+        ),
+        (
+            f"training: {reused}loss {run.metrics.get('train_loss_first', nan):.3f} -> "
+            f"{run.metrics.get('train_loss_last', nan):.3f}"
+        ),
+        (
+            f"{metric}: candidate {candidate.metrics.get(metric, nan):.3f}, champion "
+            f"({champion.model_version}) {champion.metrics.get(metric, nan):.3f}"
+        ),
         f"gate: {'passed' if decision.passed else 'failed'}: "
         + "; ".join(r.reason for r in decision.rules),
         rollout,

@@ -24,7 +24,9 @@ def slot_name(model_name: str, kind: str = "pipeline") -> str:
 
 
 @contextmanager
-def model_slot(model_name: str, timeout_s: float | None = None, kind: str = "pipeline") -> Iterator[None]:
+def model_slot(
+    model_name: str, timeout_s: float | None = None, kind: str = "pipeline"
+) -> Iterator[None]:
     """Hold the pipeline slot of ``model_name``: at most one pipeline run per model name at a
     time, whoever started it (UI, schedule, CLI). A second run waits here until the first
     leaves (or ``timeout_s`` passes: TimeoutError).
@@ -47,6 +49,12 @@ def model_slot(model_name: str, timeout_s: float | None = None, kind: str = "pip
         except ObjectNotFound:
             client.upsert_global_concurrency_limit_by_name(name, limit=1)
     log.info("taking the slot %r (one %s run per model at a time)", name, kind)
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True,
-                     lease_duration=LEASE_S, raise_on_lease_renewal_failure=False):  # fmt: skip
+    with concurrency(
+        name,
+        occupy=1,
+        timeout_seconds=timeout_s,
+        strict=True,
+        lease_duration=LEASE_S,
+        raise_on_lease_renewal_failure=False,
+    ):
         yield

@@ -13,6 +13,7 @@ already healthy is left alone. `llmflow down` stops exactly what `up` started, b
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -29,6 +30,8 @@ import httpx
 from llmflow import database as db
 from llmflow.errors import ConfigError, StackError
 from llmflow.settings import StackSettings, offline_env, project_dir
+
+log = logging.getLogger(__name__)
 
 PARTS = ("prefect-server", "ray-head", "ray-serve", "prefect-worker")
 # Started only on request; listed by `status` only when it was started.
@@ -180,8 +183,8 @@ def _port_owner(port: int) -> str:
         for c in psutil.net_connections(kind="tcp"):
             if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
                 return f" by pid {c.pid} ({psutil.Process(c.pid).name()})"
-    except Exception:  # noqa: BLE001 - best effort: the owner is a hint, not the error
-        pass
+    except Exception as exc:  # noqa: BLE001 - best effort: the owner is a hint, not the error
+        log.debug("could not find the owner of port %d: %s", port, exc)
     return ""
 
 
@@ -203,7 +206,9 @@ def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2
 
 def _prefect_auth_string() -> str | None:
     """Prefect basic auth's "user:password": the client's setting, else the server's."""
-    return os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    return os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get(
+        "PREFECT_SERVER_API_AUTH_STRING"
+    )
 
 
 def prefect_auth_headers() -> dict[str, str]:
@@ -215,7 +220,9 @@ def prefect_auth_headers() -> dict[str, str]:
 
 
 def prefect_healthy(api_url: str, timeout: float = 2.0) -> bool:
-    return _http_ok(f"{api_url.rstrip('/')}/health", headers=prefect_auth_headers(), timeout=timeout)
+    return _http_ok(
+        f"{api_url.rstrip('/')}/health", headers=prefect_auth_headers(), timeout=timeout
+    )
 
 
 def _ray_headers(s: StackSettings) -> dict[str, str]:
@@ -246,8 +253,12 @@ def ray_nodes(s: StackSettings) -> list[dict]:
     """The cluster's nodes as Ray's state API lists them (node_id, state, resources_total,
     is_head_node ...), through the head's dashboard; [] when it does not answer."""
     try:
-        r = httpx.get(f"{s.dashboard_url}/api/v0/nodes", params={"limit": 1000, "detail": 1},
-                      headers=_ray_headers(s), timeout=5.0)  # fmt: skip
+        r = httpx.get(
+            f"{s.dashboard_url}/api/v0/nodes",
+            params={"limit": 1000, "detail": 1},
+            headers=_ray_headers(s),
+            timeout=5.0,
+        )
         return r.json()["data"]["result"]["result"] if r.status_code == 200 else []
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return []
@@ -285,8 +296,12 @@ def worker_healthy(s: StackSettings) -> bool:
     if not _process_alive(_read_state(s).get("prefect-worker")):
         return False
     try:
-        r = httpx.post(f"{s.prefect_api_url}/work_pools/{s.work_pool}/workers/filter", json={},
-                       headers=prefect_auth_headers(), timeout=2.0)  # fmt: skip
+        r = httpx.post(
+            f"{s.prefect_api_url}/work_pools/{s.work_pool}/workers/filter",
+            json={},
+            headers=prefect_auth_headers(),
+            timeout=2.0,
+        )
         return r.status_code == 200 and any(w.get("status") == "ONLINE" for w in r.json())
     except httpx.HTTPError:
         return False
@@ -326,8 +341,13 @@ def _spawn(s: StackSettings, name: str, cmd: list[str], env: dict[str, str], cwd
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         out.flush()
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cwd, start_new_session=True,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
     return {
         "pid": proc.pid,
@@ -413,14 +433,17 @@ def _start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None
     _check_port_free(s, s.dashboard_port, "the Ray dashboard", "LLMFLOW_DASHBOARD_PORT")
     ensure_ray_token(s)
     cmd = [
-        _bin("ray"), "start", "--head", "--block",
+        _bin("ray"),
+        "start",
+        "--head",
+        "--block",
         f"--node-ip-address={s.host}",
         f"--port={s.ray_port}",
         "--include-dashboard=true",
         f"--dashboard-host={s.host}",
         f"--dashboard-port={s.dashboard_port}",
         "--disable-usage-stats",
-    ]  # fmt: skip
+    ]
     cmd.append(f"--num-cpus={num_cpus if num_cpus is not None else default_logical_cpus()}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
@@ -433,12 +456,16 @@ def _start_ray_node(s: StackSettings, index: int) -> dict:
     GPU and NODE_RESOURCE. Its other ports (node manager, object manager, agents) are
     Ray's free picks, so several nodes share the machine."""
     cmd = [
-        _bin("ray"), "start", f"--address={s.ray_address}", "--block",
+        _bin("ray"),
+        "start",
+        f"--address={s.ray_address}",
+        "--block",
         f"--node-ip-address={s.host}",
-        f"--num-cpus={NODE_CPUS}", f"--num-gpus={NODE_GPUS}",
+        f"--num-cpus={NODE_CPUS}",
+        f"--num-gpus={NODE_GPUS}",
         f"--resources={json.dumps({NODE_RESOURCE: 1})}",
         "--disable-usage-stats",
-    ]  # fmt: skip
+    ]
     return _spawn(s, node_part(index), cmd, _child_env(s), s.home)
 
 
@@ -473,12 +500,27 @@ def _start_worker(s: StackSettings) -> dict:
 
 
 def _chat_cmd(s: StackSettings, endpoint: str, args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "llmflow.cli", "chat", "--host", s.host,
-            "--port", str(s.chat_port), "--endpoint", endpoint, *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "llmflow.cli",
+        "chat",
+        "--host",
+        s.host,
+        "--port",
+        str(s.chat_port),
+        "--endpoint",
+        endpoint,
+        *args,
+    ]
 
 
-def start_chat(s: StackSettings, endpoint: str, args: Sequence[str] = (),
-               echo: Callable[[str], None] = lambda _: None) -> PartStatus:  # fmt: skip
+def start_chat(
+    s: StackSettings,
+    endpoint: str,
+    args: Sequence[str] = (),
+    echo: Callable[[str], None] = lambda _: None,
+) -> PartStatus:
     """Start the chat page (`llmflow chat`) as a part of the stack, unless it runs already
     with the same endpoint and options.
 
@@ -495,7 +537,9 @@ def start_chat(s: StackSettings, endpoint: str, args: Sequence[str] = (),
         if _process_alive(state.get("chat")):
             _stop(state["chat"])  # unhealthy, or started for another endpoint or config
         _check_port_free(s, s.chat_port, "the chat", "LLMFLOW_CHAT_PORT")
-        state["chat"] = _spawn(s, "chat", cmd, _child_env(s), project_dir()) | {"endpoint": endpoint}
+        state["chat"] = _spawn(s, "chat", cmd, _child_env(s), project_dir()) | {
+            "endpoint": endpoint
+        }
         _write_state(s, state)
         _wait("the chat", lambda: chat_healthy(s), 120, state["chat"], Path(state["chat"]["log"]))
         echo(f"chat: {s.chat_url} (model endpoint {endpoint})")
@@ -524,9 +568,14 @@ def deploy(s: StackSettings, prefect_file: Path | None = None) -> None:
     with open(log, "ab") as out:
         proc = subprocess.run(
             [_bin("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(source)],
-            cwd=project_dir(), env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, timeout=300,
-        )  # fmt: skip
+            cwd=project_dir(),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+            check=False,
+        )
     if proc.returncode != 0:
         raise StackError(f"prefect deploy --all failed (exit {proc.returncode}); see {log}")
 
@@ -611,13 +660,25 @@ def up(
     _write_state(s, state)
     try:
         if "prefect-server" in started:
-            _wait("the Prefect server", lambda: prefect_healthy(s.prefect_api_url), 120,
-                  state["prefect-server"], Path(state["prefect-server"]["log"]))  # fmt: skip
-            echo(f"prefect-server: started at {s.prefect_url} (database "
-                 f"{state['prefect-server']['database']})")  # fmt: skip
+            _wait(
+                "the Prefect server",
+                lambda: prefect_healthy(s.prefect_api_url),
+                120,
+                state["prefect-server"],
+                Path(state["prefect-server"]["log"]),
+            )
+            echo(
+                f"prefect-server: started at {s.prefect_url} (database "
+                f"{state['prefect-server']['database']})"
+            )
         if "ray-head" in started:
-            _wait("the Ray head", lambda: ray_healthy(s), 120, state["ray-head"],
-                  Path(state["ray-head"]["log"]))  # fmt: skip
+            _wait(
+                "the Ray head",
+                lambda: ray_healthy(s),
+                120,
+                state["ray-head"],
+                Path(state["ray-head"]["log"]),
+            )
             echo(f"ray-head: started at {s.ray_address} (dashboard {s.dashboard_url})")
         if not serve_healthy(s):
             entry = _start_serve(s)
@@ -635,12 +696,20 @@ def up(
         if need("prefect-worker", lambda: worker_healthy(s)):
             state["prefect-worker"] = _start_worker(s)
             _write_state(s, state)
-            _wait("the Prefect worker", lambda: worker_healthy(s), 90, state["prefect-worker"],
-                  Path(state["prefect-worker"]["log"]))  # fmt: skip
+            _wait(
+                "the Prefect worker",
+                lambda: worker_healthy(s),
+                90,
+                state["prefect-worker"],
+                Path(state["prefect-worker"]["log"]),
+            )
             echo(f"prefect-worker: polling work pool '{s.work_pool}'")
         if with_deploy:
             deploy(s)
-            echo("deployments: prefect.yaml deployed" + (" (schedules paused)" if s.pause_schedules else ""))
+            echo(
+                "deployments: prefect.yaml deployed"
+                + (" (schedules paused)" if s.pause_schedules else "")
+            )
     finally:
         _write_state(s, state)
     if chat_endpoint:
@@ -660,20 +729,30 @@ def _check_database(s: StackSettings, state: dict, database: str | None) -> None
         return
     # A server this home did not start (another LLMFLOW_HOME on the same port): its
     # database is not ours to know.
-    was = entry.get("database", db.mask(default_database(s))) if entry else (
-        f"a database this stack did not choose (not started from {s.home})")
+    was = (
+        entry.get("database", db.mask(default_database(s)))
+        if entry
+        else (f"a database this stack did not choose (not started from {s.home})")
+    )
     want = db.mask(database or default_database(s))
     if running and database and was != want:
-        raise StackError(f"the Prefect server runs on {was}; stop the stack (llmflow down) "
-                         f"to start it on {want}")  # fmt: skip
+        raise StackError(
+            f"the Prefect server runs on {was}; stop the stack (llmflow down) to start it on {want}"
+        )
     if not running and not database and was != want:
-        raise StackError(f"the Prefect server was started on {was}; give that URL again "
-                         f"(llmflow up --database, or {DATABASE_ENV}) or run llmflow down")  # fmt: skip
+        raise StackError(
+            f"the Prefect server was started on {was}; give that URL again "
+            f"(llmflow up --database, or {DATABASE_ENV}) or run llmflow down"
+        )
 
 
-def _converge_nodes(s: StackSettings, state: dict, nodes: int | None,
-                    need: Callable[[str, Callable[[], bool]], bool],
-                    echo: Callable[[str], None]) -> None:  # fmt: skip
+def _converge_nodes(
+    s: StackSettings,
+    state: dict,
+    nodes: int | None,
+    need: Callable[[str, Callable[[], bool]], bool],
+    echo: Callable[[str], None],
+) -> None:
     """Start nodes 2..``nodes`` that are not healthy; stop recorded nodes above ``nodes``."""
     recorded = [int(n[9:]) for n in _node_parts(state)]
     wanted = range(2, nodes + 1) if nodes is not None else recorded
@@ -687,11 +766,18 @@ def _converge_nodes(s: StackSettings, state: dict, nodes: int | None,
         if need(name, lambda name=name: node_healthy(s, name)):
             state[name] = _start_ray_node(s, index)
             _write_state(s, state)
-            _wait(f"Ray node {index}", lambda name=name: node_healthy(s, name), 120, state[name],
-                  Path(state[name]["log"]))  # fmt: skip
+            _wait(
+                f"Ray node {index}",
+                lambda name=name: node_healthy(s, name),
+                120,
+                state[name],
+                Path(state[name]["log"]),
+            )
             state[name]["node_id"] = _raylet_node_id(state[name])
-            echo(f"{name}: joined {s.ray_address} ({NODE_CPUS} CPUs, {NODE_GPUS} logical GPU, "
-                 f"{NODE_RESOURCE}), node {state[name]['node_id'][:12]}")  # fmt: skip
+            echo(
+                f"{name}: joined {s.ray_address} ({NODE_CPUS} CPUs, {NODE_GPUS} logical GPU, "
+                f"{NODE_RESOURCE}), node {state[name]['node_id'][:12]}"
+            )
 
 
 def down(s: StackSettings | None = None, echo: Callable[[str], None] = lambda _: None) -> list[str]:
@@ -721,22 +807,46 @@ def status(s: StackSettings | None = None) -> list[PartStatus]:
 
     database = (state.get("prefect-server") or {}).get("database") or db.mask(default_database(s))
     parts = [
-        PartStatus("prefect-server", s.prefect_url, pid("prefect-server"),
-                   prefect_healthy(s.prefect_api_url), f"database {database}"),
-        PartStatus("ray-head", s.ray_address, pid("ray-head"), ray_healthy(s),
-                   f"dashboard {s.dashboard_url}"),
+        PartStatus(
+            "prefect-server",
+            s.prefect_url,
+            pid("prefect-server"),
+            prefect_healthy(s.prefect_api_url),
+            f"database {database}",
+        ),
+        PartStatus(
+            "ray-head",
+            s.ray_address,
+            pid("ray-head"),
+            ray_healthy(s),
+            f"dashboard {s.dashboard_url}",
+        ),
         PartStatus("ray-serve", s.serve_url, pid("ray-head"), serve_healthy(s)),
-        PartStatus("prefect-worker", f"pool {s.work_pool}", pid("prefect-worker"),
-                   worker_healthy(s)),
-    ]  # fmt: skip
+        PartStatus(
+            "prefect-worker", f"pool {s.work_pool}", pid("prefect-worker"), worker_healthy(s)
+        ),
+    ]
     for name in _node_parts(state):
         node_id = state[name].get("node_id") or _raylet_node_id(state[name]) or "?"
-        parts.append(PartStatus(name, f"joined {s.ray_address}", pid(name), node_healthy(s, name),
-                                f"node {node_id[:12]}: {NODE_CPUS} CPU, {NODE_GPUS} GPU "
-                                f"(logical), {NODE_RESOURCE}"))  # fmt: skip
+        parts.append(
+            PartStatus(
+                name,
+                f"joined {s.ray_address}",
+                pid(name),
+                node_healthy(s, name),
+                f"node {node_id[:12]}: {NODE_CPUS} CPU, {NODE_GPUS} GPU (logical), {NODE_RESOURCE}",
+            )
+        )
     if "chat" in state:
-        parts.append(PartStatus("chat", s.chat_url, pid("chat"), chat_healthy(s),
-                                f"model endpoint {state['chat'].get('endpoint', '?')}"))  # fmt: skip
+        parts.append(
+            PartStatus(
+                "chat",
+                s.chat_url,
+                pid("chat"),
+                chat_healthy(s),
+                f"model endpoint {state['chat'].get('endpoint', '?')}",
+            )
+        )
     return parts
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 FAMILIES = {
     "qwen2": {
         "special": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-        "pad": "<|endoftext|>", "eos": "<|im_end|>", "stops": ("<|im_end|>", "<|endoftext|>"),
+        "pad": "<|endoftext|>",
+        "eos": "<|im_end|>",
+        "stops": ("<|im_end|>", "<|endoftext|>"),
         "template": (
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
             "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>"
@@ -31,7 +33,9 @@ FAMILIES = {
     },
     "phi3": {
         "special": ("<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"),
-        "pad": "<|endoftext|>", "eos": "<|endoftext|>", "stops": ("<|endoftext|>", "<|end|>"),
+        "pad": "<|endoftext|>",
+        "eos": "<|endoftext|>",
+        "stops": ("<|endoftext|>", "<|end|>"),
         "template": (
             "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}\n"
             "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|end|>"
@@ -39,7 +43,7 @@ FAMILIES = {
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
         ),
     },
-}  # fmt: skip
+}
 
 
 def build_standin(out_dir: str | Path, family: str, texts: Iterable[str], seed: int = 0) -> Path:
@@ -58,12 +62,17 @@ def build_standin(out_dir: str | Path, family: str, texts: Iterable[str], seed: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(list(texts), special_tokens=fam["special"], unk_token=None),
-        eos_token=fam["eos"], pad_token=fam["pad"],
+        tokenizer_object=train_tokenizer(
+            list(texts), special_tokens=fam["special"], unk_token=None
+        ),
+        eos_token=fam["eos"],
+        pad_token=fam["pad"],
         additional_special_tokens=[t for t in fam["special"] if t not in (fam["eos"], fam["pad"])],
-        chat_template=fam["template"], padding_side="left", clean_up_tokenization_spaces=False,
+        chat_template=fam["template"],
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
         model_max_length=512,
-    )  # fmt: skip
+    )
     stops = [tok.convert_tokens_to_ids(t) for t in fam["stops"]]
     config = _config(family, len(tok), tok.pad_token_id, tok.eos_token_id)
     with torch.random.fork_rng(devices=[]):
@@ -71,17 +80,26 @@ def build_standin(out_dir: str | Path, family: str, texts: Iterable[str], seed: 
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tok.pad_token_id,
-                                               do_sample=False)  # fmt: skip
+    model.generation_config = GenerationConfig(
+        eos_token_id=stops, pad_token_id=tok.pad_token_id, do_sample=False
+    )
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 
 
 def _config(family: str, vocab: int, pad_id: int, eos_id: int):
-    sizes = {"vocab_size": vocab, "hidden_size": 128, "intermediate_size": 256,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512,
-             "pad_token_id": pad_id, "eos_token_id": eos_id, "bos_token_id": None}  # fmt: skip
+    sizes = {
+        "vocab_size": vocab,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_id,
+        "bos_token_id": None,
+    }
     if family == "qwen2":
         from transformers import Qwen2Config
 

@@ -122,7 +122,9 @@ class Store:
         return self.uri(*parts)
 
     def write_json(self, obj: Any, *parts: str) -> str:
-        return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+        return self.write_bytes(
+            json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts
+        )
 
     @contextlib.contextmanager
     def atomic_dir(self, *parts: str, overwrite: bool = False) -> Iterator[Path]:

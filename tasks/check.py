@@ -11,15 +11,12 @@ from prefect import get_run_logger, task
 def node_info(index: int) -> dict:
     """Where this code runs: host, pid, and the Ray node and worker if inside Ray."""
     info = {"index": index, "host": socket.gethostname(), "pid": os.getpid(), "ray_node": None}
-    try:
-        import ray
+    import ray
 
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
-            info["ray_node"] = ctx.get_node_id()
-            info["ray_worker"] = ctx.get_worker_id()
-    except Exception:  # noqa: BLE001 - outside Ray the info is simply absent
-        pass
+    if ray.is_initialized():  # outside Ray the node and worker are absent
+        ctx = ray.get_runtime_context()
+        info["ray_node"] = ctx.get_node_id()
+        info["ray_worker"] = ctx.get_worker_id()
     info["prefect_api_url"] = os.environ.get("PREFECT_API_URL")
     return info
 

@@ -21,26 +21,46 @@ from llmflow.store import Store
 def _score_cache_key(context, parameters: dict[str, Any]) -> str:
     """Same weights (uri + version) on the same dataset with the same eval config: same report."""
     eval_cfg: EvalConfig = parameters["eval_cfg"]
-    blob = json.dumps({"model": parameters["model_uri"], "version": parameters["model_version"],
-                       "dataset": parameters["dataset"].sha256,
-                       "eval": eval_cfg.model_dump(mode="json"), "store": Store().root},
-                      sort_keys=True)  # fmt: skip
+    blob = json.dumps(
+        {
+            "model": parameters["model_uri"],
+            "version": parameters["model_version"],
+            "dataset": parameters["dataset"].sha256,
+            "eval": eval_cfg.model_dump(mode="json"),
+            "store": Store().root,
+        },
+        sort_keys=True,
+    )
     return "score-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 @task(name="score-model", cache_key_fn=_score_cache_key, persist_result=True)
-def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, dataset: DatasetRef,
-                label: str, cluster: ClusterConfig | None = None) -> EvalReport:  # fmt: skip
+def score_model(
+    eval_cfg: EvalConfig,
+    model_uri: str,
+    model_version: str,
+    dataset: DatasetRef,
+    label: str,
+    cluster: ClusterConfig | None = None,
+) -> EvalReport:
     """Generate on the eval split with the configured engine and score it."""
     from prefect import get_run_logger
 
     from llmflow.evaluate.scoring import score_dataset
 
     out = Store().uri("runs", flow_run_id(), "eval", label)
-    report = score_dataset(eval_cfg, model_uri, dataset.uri, out, model_version=model_version,
-                           dataset_sha256=dataset.sha256, cluster=cluster)  # fmt: skip
-    get_run_logger().info("%s %s: %s", label, model_version,
-                          {k: round(v, 4) for k, v in report.metrics.items()})  # fmt: skip
+    report = score_dataset(
+        eval_cfg,
+        model_uri,
+        dataset.uri,
+        out,
+        model_version=model_version,
+        dataset_sha256=dataset.sha256,
+        cluster=cluster,
+    )
+    get_run_logger().info(
+        "%s %s: %s", label, model_version, {k: round(v, 4) for k, v in report.metrics.items()}
+    )
     return report
 
 
@@ -48,10 +68,18 @@ def score_model(eval_cfg: EvalConfig, model_uri: str, model_version: str, datase
 def record_eval(candidate: ModelRef, report: EvalReport, champion_version: str) -> None:
     """The candidate's eval metrics into its lineage manifest (`llmflow models list` and
     /v1/models show them)."""
-    registry.annotate(Store(), candidate.name, candidate.version, eval={
-        "metrics": {k: round(v, 6) for k, v in report.metrics.items()}, "engine": report.engine,
-        "dataset_sha256": report.dataset_sha256, "num_examples": report.num_examples,
-        "against": champion_version})  # fmt: skip
+    registry.annotate(
+        Store(),
+        candidate.name,
+        candidate.version,
+        eval={
+            "metrics": {k: round(v, 6) for k, v in report.metrics.items()},
+            "engine": report.engine,
+            "dataset_sha256": report.dataset_sha256,
+            "num_examples": report.num_examples,
+            "against": champion_version,
+        },
+    )
 
 
 @task(name="compare-reports")
@@ -62,8 +90,11 @@ def compare_reports(candidate: EvalReport, champion: EvalReport) -> None:
 
     from llmflow.evaluate.compare import comparison_rows, worst_examples
 
-    create_table_artifact(key="eval-comparison", table=comparison_rows(candidate, champion),
-                          description=f"candidate {candidate.model_version} vs champion "
-                          f"{champion.model_version} on dataset {candidate.dataset_sha256[:16]}")  # fmt: skip
+    create_table_artifact(
+        key="eval-comparison",
+        table=comparison_rows(candidate, champion),
+        description=f"candidate {candidate.model_version} vs champion "
+        f"{champion.model_version} on dataset {candidate.dataset_sha256[:16]}",
+    )
     preds = pq.read_table(candidate.predictions_uri)
     create_markdown_artifact(key="eval-worst-examples", markdown=worst_examples(preds, k=10))

@@ -36,23 +36,39 @@ def train_model(train: TrainConfig, dataset: DatasetRef, base_model_uri: str) ->
     run = run_training(train, dataset, base_model_uri, Store())
     m = run.metrics
     if run.reused:
-        logger.info("reused the finished run %s (%d steps, loss %.4f -> %.4f): nothing to train",
-                    run.uri, m["steps"], m["train_loss_first"], m["train_loss_last"])  # fmt: skip
+        logger.info(
+            "reused the finished run %s (%d steps, loss %.4f -> %.4f): nothing to train",
+            run.uri,
+            m["steps"],
+            m["train_loss_first"],
+            m["train_loss_last"],
+        )
         return run
     logger.info(
         "trained %s: steps %d..%d (%d run) on %s, loss %.4f -> %.4f, %.0f tokens/s, "
-        "fit %.1f s (start-up %.1f s)", run.uri, m["start_step"], m["steps"], m["steps_run"],
-        run.device, m["train_loss_first"], m["train_loss_last"], m["tokens_per_s"], m["fit_s"],
+        "fit %.1f s (start-up %.1f s)",
+        run.uri,
+        m["start_step"],
+        m["steps"],
+        m["steps_run"],
+        run.device,
+        m["train_loss_first"],
+        m["train_loss_last"],
+        m["tokens_per_s"],
+        m["fit_s"],
         m["startup_s"],
-    )  # fmt: skip
+    )
     return run
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def register_model(
-    train: TrainConfig, dataset: DatasetRef, base_model_uri: str, run: TrainRun,
+    train: TrainConfig,
+    dataset: DatasetRef,
+    base_model_uri: str,
+    run: TrainRun,
     config: dict[str, Any] | None = None,
-) -> ModelRef:  # fmt: skip
+) -> ModelRef:
     """Export the final checkpoint as a HF directory, register it, publish the loss curve.
 
     Idempotent: a checkpoint already registered in this format returns that version (a
@@ -68,14 +84,21 @@ def register_model(
     run_id = flow_run_id()
     png = store.write_bytes(
         loss_plot_png(run.history, f"{train.model_name}: {Path(run.uri).name}"),
-        "runs", run_id, "finetune", "loss.png",
-    )  # fmt: skip
+        "runs",
+        run_id,
+        "finetune",
+        "loss.png",
+    )
     store.write_json(run.history, "runs", run_id, "finetune", "history.json")
     fmt = export_format(train)
     ref = find_version(store, train.model_name, checkpoint=run.checkpoint_uri, format=fmt)
     if ref is not None:
-        logger.info("checkpoint %s is already registered as %s %s", run.checkpoint_uri,
-                    ref.name, ref.version)  # fmt: skip
+        logger.info(
+            "checkpoint %s is already registered as %s %s",
+            run.checkpoint_uri,
+            ref.name,
+            ref.version,
+        )
     else:
         ref = export_and_register(store, train, dataset, base_model_uri, run, config, fmt, png)
     m = run.metrics
@@ -111,8 +134,11 @@ def trained_on_same_data(train: TrainConfig, dataset: DatasetRef) -> ModelRef | 
 
     latest, same = latest_if_same_data(Store(), train.model_name, dataset.sha256)
     get_run_logger().info(
-        "dataset %s; latest version %s: %s", dataset.short_sha,
-        f"{latest.version} (dataset {latest.dataset_sha256 and latest.dataset_sha256[:16]})" if latest else "none",
+        "dataset %s; latest version %s: %s",
+        dataset.short_sha,
+        f"{latest.version} (dataset {latest.dataset_sha256 and latest.dataset_sha256[:16]})"
+        if latest
+        else "none",
         "same data: nothing to retrain" if same else "new data: retraining",
-    )  # fmt: skip
+    )
     return latest if same else None

@@ -70,7 +70,10 @@ def prepare_dataset(data: DataConfig, base_model_uri: str) -> DatasetRef:
             f"{report.failure_message()}; quarantined rows: {run_uri}/quarantine.jsonl"
         )
     logger.info(
-        "dataset %s: %d train, %d eval, %d quarantined", ref.uri, ref.num_train, ref.num_eval,
+        "dataset %s: %d train, %d eval, %d quarantined",
+        ref.uri,
+        ref.num_train,
+        ref.num_eval,
         ref.num_quarantined,
-    )  # fmt: skip
+    )
     return ref

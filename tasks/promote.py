@@ -69,22 +69,31 @@ def ask_for_approval(decision: GateDecision, timeout_s: int) -> GateDecision:
     try:
         answer: Approval = pause_flow_run(wait_for_input=Approval, timeout=timeout_s)
     except FlowPauseTimeout:
-        rule = GateRule(name="human-approval", passed=False,
-                        reason=f"no decision within {timeout_s}s: rejected")  # fmt: skip
+        rule = GateRule(
+            name="human-approval", passed=False, reason=f"no decision within {timeout_s}s: rejected"
+        )
         return decision.model_copy(update={"passed": False, "rules": [*decision.rules, rule]})
     ok = answer.decision == "approve"
-    rule = GateRule(name="human-approval", passed=ok,
-                    reason=f"{answer.decision}d by {answer.reviewer or 'a reviewer'}"
-                    + (f": {answer.comment}" if answer.comment else ""))  # fmt: skip
-    return decision.model_copy(update={
-        "passed": ok, "rules": [*decision.rules, rule],
-        "approved_by": answer.reviewer or None, "comment": answer.comment or None,
-    })  # fmt: skip
+    rule = GateRule(
+        name="human-approval",
+        passed=ok,
+        reason=f"{answer.decision}d by {answer.reviewer or 'a reviewer'}"
+        + (f": {answer.comment}" if answer.comment else ""),
+    )
+    return decision.model_copy(
+        update={
+            "passed": ok,
+            "rules": [*decision.rules, rule],
+            "approved_by": answer.reviewer or None,
+            "comment": answer.comment or None,
+        }
+    )
 
 
 @task(name="deploy-version", cache_policy=NO_CACHE)
-def deploy_version(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef,
-                   previous: ModelRef | None) -> str:  # fmt: skip
+def deploy_version(
+    serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef, previous: ModelRef | None
+) -> str:
     """Roll the version out in place; the transaction remembers what to restore."""
     from prefect.transactions import get_transaction
 
@@ -101,7 +110,9 @@ def deploy_version(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelR
         # (Serve keeps the old replicas, but marks the app failed until the next deploy.)
         restore(serve_cfg, previous, cluster)
         raise
-    get_run_logger().info("Serving %s:%s on app '%s'", model.name, model.version, serve_cfg.app_name)
+    get_run_logger().info(
+        "Serving %s:%s on app '%s'", model.name, model.version, serve_cfg.app_name
+    )
     return model.version
 
 
@@ -179,10 +190,20 @@ def roll_out(config: PipelineConfig, candidate: ModelRef, champion: ModelRef | N
             move_champion(candidate.name, candidate.version)
     except RolloutError as exc:
         live = served_version(config.serve, serve_url(config.cluster))
-        return Rollout(served_version=live, previous_version=previous, endpoint=url,
-                       rolled_back=True, message=f"rolled back: {exc}")  # fmt: skip
-    return Rollout(served_version=candidate.version, previous_version=previous, endpoint=url,
-                   smoke_test=smoke, message=f"{candidate.name}:{candidate.version} is champion and served")  # fmt: skip
+        return Rollout(
+            served_version=live,
+            previous_version=previous,
+            endpoint=url,
+            rolled_back=True,
+            message=f"rolled back: {exc}",
+        )
+    return Rollout(
+        served_version=candidate.version,
+        previous_version=previous,
+        endpoint=url,
+        smoke_test=smoke,
+        message=f"{candidate.name}:{candidate.version} is champion and served",
+    )
 
 
 def report_rollout(rollout: Rollout) -> Rollout:

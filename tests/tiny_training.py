@@ -10,8 +10,15 @@ import random
 from pathlib import Path
 
 
-def train_tiny(base_dir: str, out_dir: str | Path, rows: list[dict], steps: int = 100,
-               batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> str:  # fmt: skip
+def train_tiny(
+    base_dir: str,
+    out_dir: str | Path,
+    rows: list[dict],
+    steps: int = 100,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> str:
     """Train ``base_dir``'s model on ``rows`` for ``steps`` and save it (safetensors) to ``out_dir``."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -38,7 +45,10 @@ def train_tiny(base_dir: str, out_dir: str | Path, rows: list[dict], steps: int 
         attn = torch.zeros((batch_size, width), dtype=torch.long)
         for i, (x, y) in enumerate(batch):
             ids[i, : len(x)], labels[i, : len(y)], attn[i, : len(x)] = (
-                torch.tensor(x), torch.tensor(y), 1)  # fmt: skip
+                torch.tensor(x),
+                torch.tensor(y),
+                1,
+            )
         model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -55,8 +65,9 @@ def write_eval_split(store, rows: list[dict], name: str, id_prefix: str) -> str:
     (bundled examples), ids ``<id_prefix>000``..; returns its URI."""
     from llmflow.prepare.dataset import parquet_bytes
 
-    prepared = [{"id": f"{id_prefix}{i:03d}", "messages": r["messages"], "n_chars": 0, "n_tokens": 0}
-                for i, r in enumerate(rows)]  # fmt: skip
+    prepared = [
+        {"id": f"{id_prefix}{i:03d}", "messages": r["messages"], "n_chars": 0, "n_tokens": 0}
+        for i, r in enumerate(rows)
+    ]
     store.write_bytes(parquet_bytes(prepared), "datasets", name, "eval.parquet")
     return store.uri("datasets", name)
-

@@ -41,8 +41,9 @@ class Engine(Protocol):
     def generate(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...
 
 
-def vllm_available(cluster: ClusterConfig | None = None,
-                   placement: list[dict[str, float]] | None = None) -> bool:  # fmt: skip
+def vllm_available(
+    cluster: ClusterConfig | None = None, placement: list[dict[str, float]] | None = None
+) -> bool:
     """Whether the vLLM engine environment is present and healthy (llmflow.engine_env); vllm
     never lives in this venv."""
     from llmflow import engine_env
@@ -99,8 +100,13 @@ def select_engine(
     return name
 
 
-def make_engine(name: str, eval_cfg: EvalConfig, model_path: str,
-                cluster: ClusterConfig | None = None, **options: Any) -> Engine:  # fmt: skip
+def make_engine(
+    name: str,
+    eval_cfg: EvalConfig,
+    model_path: str,
+    cluster: ClusterConfig | None = None,
+    **options: Any,
+) -> Engine:
     """The engine ``select_engine(name)`` picks, set up from ``eval_cfg`` for ``model_path``.
 
     Args:
@@ -121,15 +127,18 @@ def make_engine(name: str, eval_cfg: EvalConfig, model_path: str,
     return HFEngine(eval_cfg, model_path, **options)
 
 
-def check_engines(config: PipelineConfig, stages: tuple[str, ...] = ("eval", "serve")) -> dict[str, str]:
+def check_engines(
+    config: PipelineConfig, stages: tuple[str, ...] = ("eval", "serve")
+) -> dict[str, str]:
     """The engine each stage of ``config`` will use ({"eval": "hf", "serve": "vllm"}); one
     clear ConfigError line when an explicit vllm cannot run (its engine environment missing,
     broken, or not matching the cluster). Flows call it before any cluster work."""
     chosen = {}
     for stage in stages:
         section = getattr(config, stage)
-        chosen[stage] = select_engine(section.engine, config.cluster, section.vllm_placement,
-                                      key=f"{stage}.engine")  # fmt: skip
+        chosen[stage] = select_engine(
+            section.engine, config.cluster, section.vllm_placement, key=f"{stage}.engine"
+        )
     return chosen
 
 

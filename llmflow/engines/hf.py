@@ -130,7 +130,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def example_losses(model, tokenizer, chats: Sequence[Sequence[Mapping[str, str]]]) -> list[tuple[float, int]]:
+def example_losses(
+    model, tokenizer, chats: Sequence[Sequence[Mapping[str, str]]]
+) -> list[tuple[float, int]]:
     """(summed loss, tokens) of each chat's reply tokens, teacher forced in one batch.
 
     Sequences longer than the model's context keep their last tokens (the reply is last).

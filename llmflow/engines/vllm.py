@@ -39,11 +39,26 @@ CPU_STAGE_CPUS = 0.25
 
 # The processor's working columns, dropped once their content is in llmflow's columns.
 _PROCESSOR_COLUMNS = (
-    "messages", "sampling_params", "prompt", "prompt_token_ids", "tokenized_prompt",
-    "generated_tokens", "generated_text", "num_input_tokens", "num_generated_tokens",
-    "metrics", "embeddings", "logprobs", "prompt_logprobs", "request_id", "batch_uuid",
-    "time_taken_llm", "prompt_messages", "image", "params",
-)  # fmt: skip
+    "messages",
+    "sampling_params",
+    "prompt",
+    "prompt_token_ids",
+    "tokenized_prompt",
+    "generated_tokens",
+    "generated_text",
+    "num_input_tokens",
+    "num_generated_tokens",
+    "metrics",
+    "embeddings",
+    "logprobs",
+    "prompt_logprobs",
+    "request_id",
+    "batch_uuid",
+    "time_taken_llm",
+    "prompt_messages",
+    "image",
+    "params",
+)
 
 
 def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -94,8 +109,9 @@ def processor_config(eval_cfg: EvalConfig, model_path: str, cluster: ClusterConf
     )
 
 
-def build_vllm_processor(eval_cfg: EvalConfig, model_path: str, seed: int = 0,
-                         cluster: ClusterConfig | None = None):  # fmt: skip
+def build_vllm_processor(
+    eval_cfg: EvalConfig, model_path: str, seed: int = 0, cluster: ClusterConfig | None = None
+):
     """The vLLM processor for ``eval_cfg``: named pre/post-processing around the engine.
 
     Unlike the hf engine, prompts are not truncated: vLLM 0.32 dropped SamplingParams'
@@ -120,8 +136,14 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, eval_cfg: EvalConfig, model_path: str, seed: int = 0,
-                 cluster: ClusterConfig | None = None, **_: Any):  # fmt: skip
+    def __init__(
+        self,
+        eval_cfg: EvalConfig,
+        model_path: str,
+        seed: int = 0,
+        cluster: ClusterConfig | None = None,
+        **_: Any,
+    ):
         self.cfg = eval_cfg
         # ray.data.llm reads local directories, hub ids and s3:// or gs:// itself (its
         # engine actors download on their own nodes).

@@ -32,7 +32,10 @@ def worst_examples(predictions, k: int = 10, metric: str = "token_f1") -> str:
 
     def key(r):
         loss = r.get("eval_loss")
-        return (float(r[metric]), -(loss if isinstance(loss, float) and not math.isnan(loss) else 0.0))
+        return (
+            float(r[metric]),
+            -(loss if isinstance(loss, float) and not math.isnan(loss) else 0.0),
+        )
 
     worst = sorted(rows, key=key)[:k]
     lines = [
@@ -78,7 +81,11 @@ def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[
         for name in sorted(set(cand) | set(champ)):
             c, p = cand.get(name), champ.get(name)
             delta = c - p if c is not None and p is not None else None
-            lower = lower_is_better(name) or name.startswith("latency") or name in ("truncated_prompts", "wall_s")
+            lower = (
+                lower_is_better(name)
+                or name.startswith("latency")
+                or name in ("truncated_prompts", "wall_s")
+            )
             better = None if delta is None or delta == 0 else (delta < 0) == lower
             rows.append(
                 {

@@ -91,7 +91,9 @@ def chat_requests(table, keep_messages: bool = False):
     """
     import pyarrow as pa
 
-    batch = split_chats({c: table.column(c).to_numpy(zero_copy_only=False) for c in REQUIRED_COLUMNS})
+    batch = split_chats(
+        {c: table.column(c).to_numpy(zero_copy_only=False) for c in REQUIRED_COLUMNS}
+    )
     if keep_messages:
         batch["messages"] = table.column("messages").to_pylist()
     return pa.table({name: list(values) for name, values in batch.items()})

@@ -98,7 +98,9 @@ def load_metric(path: str) -> Metric:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"eval.extra_metrics: {path!r}: cannot import {module_name} ({exc})") from None
+        raise ConfigError(
+            f"eval.extra_metrics: {path!r}: cannot import {module_name} ({exc})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"eval.extra_metrics: {path!r}: {module_name} has no function {attr!r}")
@@ -121,7 +123,9 @@ def load_metrics(extra: Iterable[str] = ()) -> dict[str, Metric]:
     return metrics
 
 
-def score_example(prediction: str, reference: str, metrics: Mapping[str, Metric]) -> dict[str, float]:
+def score_example(
+    prediction: str, reference: str, metrics: Mapping[str, Metric]
+) -> dict[str, float]:
     """Every metric of one example."""
     return {name: float(fn(prediction, reference)) for name, fn in metrics.items()}
 

@@ -43,7 +43,9 @@ def score_row(row: dict[str, Any], extra_metrics: tuple[str, ...] = ()) -> dict[
     """The row with one column per metric of its generation against its reference."""
     from llmflow.evaluate.metrics import score_example
 
-    scores = score_example(str(row["generation"]), str(row["reference"]), _metrics(tuple(extra_metrics)))
+    scores = score_example(
+        str(row["generation"]), str(row["reference"]), _metrics(tuple(extra_metrics))
+    )
     return {**row, **scores}
 
 
@@ -144,7 +146,9 @@ def generate_predictions(
     from llmflow.engines import make_engine, select_engine
 
     options = dict(engine_options or {})
-    loss_in_engine = with_loss and select_engine(eval_cfg.engine, cluster, eval_cfg.vllm_placement) == "hf"
+    loss_in_engine = (
+        with_loss and select_engine(eval_cfg.engine, cluster, eval_cfg.vllm_placement) == "hf"
+    )
     if loss_in_engine:
         options["with_loss"] = True
     engine = make_engine(eval_cfg.engine, eval_cfg, model_uri, cluster, **options)
@@ -189,16 +193,27 @@ def eval_loss(
 
 
 PREDICTION_COLUMNS = (
-    "id", "question", "reference", "generation", "num_prompt_tokens", "num_generated_tokens",
-    "prompt_truncated", "empty_generation", "latency_s",
-)  # fmt: skip
+    "id",
+    "question",
+    "reference",
+    "generation",
+    "num_prompt_tokens",
+    "num_generated_tokens",
+    "prompt_truncated",
+    "empty_generation",
+    "latency_s",
+)
 
 
 def predictions_table(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]):
     """The predictions as an Arrow table, one row per example, sorted by id."""
     import pyarrow as pa
 
-    cols = [*PREDICTION_COLUMNS, *metric_names, *(["eval_loss"] if rows and "eval_loss" in rows[0] else [])]
+    cols = [
+        *PREDICTION_COLUMNS,
+        *metric_names,
+        *(["eval_loss"] if rows and "eval_loss" in rows[0] else []),
+    ]
     ordered = sorted(rows, key=lambda r: str(r["id"]))
     return pa.table({c: [_plain(r.get(c)) for r in ordered] for c in cols})
 

@@ -67,9 +67,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 
 def batch_indices(
-    n: int, seed: int, step: int, micro: int, grad_accum: int, rank: int, world: int,
+    n: int,
+    seed: int,
+    step: int,
+    micro: int,
+    grad_accum: int,
+    rank: int,
+    world: int,
     batch_size: int,
-) -> list[int]:  # fmt: skip
+) -> list[int]:
     """Rows of one worker's micro-batch: consecutive slices of an endless stream of epochs.
 
     Global micro-batch ``g = step * grad_accum + micro`` covers stream positions

@@ -18,7 +18,9 @@ from llmflow.runs import flow_run_id
 from llmflow.store import Store
 
 
-def export_model(base_model_uri: str, state: dict[str, Any], train: TrainConfig, out_dir: Path) -> str:
+def export_model(
+    base_model_uri: str, state: dict[str, Any], train: TrainConfig, out_dir: Path
+) -> str:
     """Write the trained model to ``out_dir`` as a Hugging Face directory (safetensors).
 
     Returns the format written: ``full`` (all weights trained), ``merged`` (LoRA folded into
@@ -53,10 +55,14 @@ def loss_table(history: dict[str, list], max_rows: int = 100) -> list[dict[str, 
     every = max(1, math.ceil(len(train) / max_rows))
     keep = [r for i, r in enumerate(train) if i % every == 0 or i == len(train) - 1]
     return [
-        {"step": int(s), "train_loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
-         "eval_loss": round(evals[int(s)], 5) if int(s) in evals else None}
+        {
+            "step": int(s),
+            "train_loss": round(loss, 5),
+            "lr": float(f"{lr:.3g}"),
+            "eval_loss": round(evals[int(s)], 5) if int(s) in evals else None,
+        }
         for s, loss, lr in keep
-    ]  # fmt: skip
+    ]
 
 
 def loss_plot_png(history: dict[str, list], title: str) -> bytes:
@@ -94,8 +100,9 @@ def git_commit() -> str | None:
     from llmflow.settings import project_dir
 
     try:
-        run = functools.partial(subprocess.run, cwd=project_dir(), capture_output=True,
-                                text=True, timeout=10)  # fmt: skip
+        run = functools.partial(
+            subprocess.run, cwd=project_dir(), capture_output=True, text=True, timeout=10
+        )
         sha = run(["git", "rev-parse", "HEAD"]).stdout.strip()
         dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -105,9 +112,15 @@ def git_commit() -> str | None:
 
 # -- Prefect tasks ---------------------------------------------------------------------------
 def export_and_register(
-    store: Store, train: TrainConfig, dataset: DatasetRef, base_model_uri: str, run: TrainRun,
-    config: dict[str, Any] | None, fmt: str, loss_plot: str,
-) -> ModelRef:  # fmt: skip
+    store: Store,
+    train: TrainConfig,
+    dataset: DatasetRef,
+    base_model_uri: str,
+    run: TrainRun,
+    config: dict[str, Any] | None,
+    fmt: str,
+    loss_plot: str,
+) -> ModelRef:
     """The run's final checkpoint as a HF directory, registered as the next version."""
     from llmflow.registry import register_version
 
@@ -137,7 +150,9 @@ def export_and_register(
         )
 
 
-def latest_if_same_data(store: Store, model_name: str, dataset_sha256: str) -> tuple[ModelRef | None, bool]:
+def latest_if_same_data(
+    store: Store, model_name: str, dataset_sha256: str
+) -> tuple[ModelRef | None, bool]:
     """(latest version of ``model_name`` or None, whether it was trained on this dataset)."""
     from llmflow.registry import list_versions
 

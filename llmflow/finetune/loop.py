@@ -135,8 +135,9 @@ def pick_device(use_gpu: bool):
     if use_gpu:
         log.warning(
             "train.use_gpu is set and this worker holds a Ray GPU, but CUDA is not available "
-            "here (torch %s): training on CPU", torch.__version__,
-        )  # fmt: skip
+            "here (torch %s): training on CPU",
+            torch.__version__,
+        )
     return torch.device("cpu")
 
 
@@ -199,7 +200,12 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad(), autocast:
             mine = eval_data[rank::world]
             for i in range(0, len(mine), EVAL_BATCH_SIZE):
-                b = {k: v.to(device) for k, v in collate(mine[i : i + EVAL_BATCH_SIZE], tokenizer.pad_token_id).items()}
+                b = {
+                    k: v.to(device)
+                    for k, v in collate(
+                        mine[i : i + EVAL_BATCH_SIZE], tokenizer.pad_token_id
+                    ).items()
+                }
                 n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                 total += torch.tensor([float(model(**b).loss) * n, n], dtype=torch.float64)
         model.train()
@@ -210,7 +216,11 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                state = {"model": trainable_state(model), "optimizer": opt.state_dict(), "step": step}
+                state = {
+                    "model": trainable_state(model),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                }
                 torch.save(state, Path(d) / TRAIN_STATE)
                 (Path(d) / HISTORY).write_text(json.dumps(history))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -225,9 +235,13 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
             group["lr"] = lr
         sums = [0.0, 0.0, 0.0]  # loss x target tokens, target tokens, input tokens
         for micro in range(train.grad_accum):
-            idx = batch_indices(len(data), train.seed, step, micro, train.grad_accum, rank,
-                                world, train.batch_size)  # fmt: skip
-            b = {k: v.to(device) for k, v in collate([data[i] for i in idx], tokenizer.pad_token_id).items()}
+            idx = batch_indices(
+                len(data), train.seed, step, micro, train.grad_accum, rank, world, train.batch_size
+            )
+            b = {
+                k: v.to(device)
+                for k, v in collate([data[i] for i in idx], tokenizer.pad_token_id).items()
+            }
             last = micro == train.grad_accum - 1
             sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
             with sync, autocast:
@@ -235,7 +249,11 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
                 (loss / train.grad_accum).backward()
             loss = loss.detach()
             n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-            sums = [sums[0] + loss.item() * n, sums[1] + n, sums[2] + int(b["attention_mask"].sum())]
+            sums = [
+                sums[0] + loss.item() * n,
+                sums[1] + n,
+                sums[2] + int(b["attention_mask"].sum()),
+            ]
         loss_sum, n_target, n_tokens = all_sum(sums, device)
         step_loss = loss_sum / max(1.0, n_target)
         try:

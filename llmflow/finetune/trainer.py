@@ -27,9 +27,17 @@ RESULT = "llmflow_result.json"  # a finished run's TrainRun, next to Ray Train's
 # Fields of TrainConfig that do not change the weights a run produces: left out of the run's
 # key, so changing them (say max_failures) still resumes the same run.
 OPERATIONAL_FIELDS = frozenset(
-    {"model_name", "merge_lora", "eval_every", "checkpoint_every", "checkpoints_to_keep",
-     "max_failures", "cpus_per_worker", "resources_per_worker"}
-)  # fmt: skip
+    {
+        "model_name",
+        "merge_lora",
+        "eval_every",
+        "checkpoint_every",
+        "checkpoints_to_keep",
+        "max_failures",
+        "cpus_per_worker",
+        "resources_per_worker",
+    }
+)
 
 
 def run_key(train: TrainConfig, dataset_sha256: str, base_model_uri: str) -> str:

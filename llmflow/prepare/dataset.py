@@ -120,9 +120,13 @@ def prepare_to_store(
             (tmp / "eval.parquet").write_bytes(parquet_bytes(prepared.eval))
             (tmp / "validation.json").write_text(json.dumps(validation, indent=2))
             (tmp / "quarantine.jsonl").write_bytes(quarantine)
-            manifest = {"ref": ref.model_dump(mode="json"), "prep_config": cfg,
-                        "num_input": prepared.num_input, "run_id": run_id,
-                        "source_fingerprint": fingerprint_source(data.source, data.revision)}  # fmt: skip
+            manifest = {
+                "ref": ref.model_dump(mode="json"),
+                "prep_config": cfg,
+                "num_input": prepared.num_input,
+                "run_id": run_id,
+                "source_fingerprint": fingerprint_source(data.source, data.revision),
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     else:
         ref = DatasetRef.model_validate(store.read_json(*parts, MANIFEST)["ref"])

@@ -23,8 +23,15 @@ MIN_CHARS = 2
 
 
 # sharegpt-style speaker names.
-SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-            "system": "system", "bot": "assistant", "model": "assistant"}  # fmt: skip
+SPEAKERS = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bot": "assistant",
+    "model": "assistant",
+}
 
 
 @dataclass
@@ -94,16 +101,20 @@ def normalise(record: Any) -> list[dict[str, str]]:
         extra = record.get("input")
         if extra not in (None, ""):
             user = f"{user}\n\n{_text(extra, 'input')}"
-        messages = [{"role": "user", "content": user},
-                    {"role": "assistant", "content": _text(record["output"], "output")}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _text(record["output"], "output")},
+        ]
         if record.get("system") not in (None, ""):
             messages.insert(0, {"role": "system", "content": _text(record["system"], "system")})
     elif "prompt" in record or "completion" in record:
         if "prompt" not in record or "completion" not in record:
             missing = "prompt" if "prompt" not in record else "completion"
             raise RowError(f"missing field '{missing}' (prompt/completion format)")
-        messages = [{"role": "user", "content": _text(record["prompt"], "prompt")},
-                    {"role": "assistant", "content": _text(record["completion"], "completion")}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": _text(record["prompt"], "prompt")},
+            {"role": "assistant", "content": _text(record["completion"], "completion")},
+        ]
     else:
         keys = ", ".join(sorted(map(str, record))[:8]) or "none"
         raise RowError(
@@ -135,7 +146,9 @@ def _from_messages(value: Any, field_name: str) -> list[dict[str, str]]:
         if not isinstance(role, str):
             raise RowError(f"{field_name}[{i}].role is {type(role).__name__}, expected a string")
         norm_role = role.strip().lower()
-        norm_role = SPEAKERS.get(norm_role, norm_role) if field_name == "conversations" else norm_role
+        norm_role = (
+            SPEAKERS.get(norm_role, norm_role) if field_name == "conversations" else norm_role
+        )
         if norm_role not in ROLES:
             raise RowError(f"{field_name}[{i}] has unknown role '{role}'")
         out.append({"role": norm_role, "content": _text(content, f"{field_name}[{i}].content")})

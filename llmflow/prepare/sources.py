@@ -68,7 +68,9 @@ def source_files(source: str) -> list[Path]:
     if path.is_dir():
         if _is_saved_dataset(path):
             return []
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+        )
         if not files:
             raise DataError(f"data.source: {path}: folder has no {'/'.join(FILE_SUFFIXES)} files")
         return files
@@ -154,8 +156,12 @@ def _iter_jsonl(f: Path) -> Iterator[Record]:
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield name, lineno, RowError(
-                    f"malformed JSON: {exc.msg} at column {exc.colno}", text[:RAW_SNIPPET]
+                yield (
+                    name,
+                    lineno,
+                    RowError(
+                        f"malformed JSON: {exc.msg} at column {exc.colno}", text[:RAW_SNIPPET]
+                    ),
                 )
                 continue
             yield name, lineno, obj

@@ -4,13 +4,9 @@ markdown for the Prefect artifact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, Field
-
-if TYPE_CHECKING:
-    pass
-
 
 QUARANTINE_CHECK = "expect_quarantine_fraction_to_be_at_most"
 

@@ -50,9 +50,11 @@ def served_lineage(model: ModelRef) -> dict[str, Any]:
     metrics from the ref; from the version's manifest, when it can be read, the flow run that
     registered it, the dataset's row counts, and the eval metrics that run scored it with
     (the means of the per-example metric columns of runs/<flow run>/eval/candidate)."""
-    lineage: dict[str, Any] = {"base_model": model.base_model,
-                               "dataset_sha256": model.dataset_sha256,
-                               "train_metrics": model.train_metrics}  # fmt: skip
+    lineage: dict[str, Any] = {
+        "base_model": model.base_model,
+        "dataset_sha256": model.dataset_sha256,
+        "train_metrics": model.train_metrics,
+    }
     try:
         from llmflow.store import Store
 
@@ -61,8 +63,11 @@ def served_lineage(model: ModelRef) -> dict[str, Any]:
         return lineage
     if manifest.get("gate"):
         gate = manifest["gate"]
-        lineage["gate"] = {"passed": gate.get("passed"), "approved_by": gate.get("approved_by"),
-                           "rules": [r.get("reason") for r in gate.get("rules", [])]}  # fmt: skip
+        lineage["gate"] = {
+            "passed": gate.get("passed"),
+            "approved_by": gate.get("approved_by"),
+            "rules": [r.get("reason") for r in gate.get("rules", [])],
+        }
     dataset = manifest.get("dataset") or {}
     if dataset:
         lineage["dataset"] = {k: dataset.get(k) for k in ("uri", "sha256", "num_train", "num_eval")}
@@ -105,7 +110,9 @@ def chat_route_prefix(serve_cfg: ServeConfig) -> str:
     return f"{_prefix(serve_cfg)}/chat"
 
 
-def deploy_chat(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | None = None) -> None:
+def deploy_chat(
+    serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | None = None
+) -> None:
     """serve.chat: the chat page as its own Serve application next to the model's (an
     unchanged one is left running: Serve redeploys only what changed)."""
     from ray import serve
@@ -114,13 +121,20 @@ def deploy_chat(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig 
     from llmflow.chat import endpoint_for
 
     endpoint = endpoint_for(serve_url(cluster), serve_cfg.route_prefix)
-    app = build_chat_app({"endpoint": endpoint, "api_key_env": serve_cfg.api_key_env,
-                          "api_key_file": serve_cfg.api_key_file, "model": model.name})  # fmt: skip
+    app = build_chat_app(
+        {
+            "endpoint": endpoint,
+            "api_key_env": serve_cfg.api_key_env,
+            "api_key_file": serve_cfg.api_key_file,
+            "model": model.name,
+        }
+    )
     try:
         serve.run(app, name=chat_app_name(serve_cfg), route_prefix=chat_route_prefix(serve_cfg))
     except RuntimeError as exc:
-        raise RolloutError(f"Serve app '{chat_app_name(serve_cfg)}' (the chat) failed to "
-                           f"deploy: {str(exc)[:300]}") from None  # fmt: skip
+        raise RolloutError(
+            f"Serve app '{chat_app_name(serve_cfg)}' (the chat) failed to deploy: {str(exc)[:300]}"
+        ) from None
 
 
 def vllm_app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
@@ -145,8 +159,9 @@ def serve_engine(serve_cfg: ServeConfig, cluster: ClusterConfig | None = None) -
 VLLM_IMPORT_PATH = "deployments.vllm_app:build_app"
 
 
-def vllm_app_schema(serve_cfg: ServeConfig, model: ModelRef,
-                    cluster: ClusterConfig | None = None) -> dict[str, Any]:  # fmt: skip
+def vllm_app_schema(
+    serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | None = None
+) -> dict[str, Any]:
     """The declarative Serve application of a version on the vllm engine: its builder runs in
     the vLLM engine environment (the app's runtime_env), since ray.serve.llm cannot be
     imported here. A setting vllm serving cannot honour fails here, as a ConfigError."""
@@ -158,9 +173,13 @@ def vllm_app_schema(serve_cfg: ServeConfig, model: ModelRef,
         llm_config(args)
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
-    return {"name": serve_cfg.app_name, "route_prefix": serve_cfg.route_prefix,
-            "import_path": VLLM_IMPORT_PATH, "args": args,
-            "runtime_env": engine_env.runtime_env(cluster)}  # fmt: skip
+    return {
+        "name": serve_cfg.app_name,
+        "route_prefix": serve_cfg.route_prefix,
+        "import_path": VLLM_IMPORT_PATH,
+        "args": args,
+        "runtime_env": engine_env.runtime_env(cluster),
+    }
 
 
 def build_application(serve_cfg: ServeConfig, model: ModelRef):
@@ -180,8 +199,11 @@ def _apply_declarative(app: dict[str, Any]) -> float:
 
     client = _get_global_client()
     details = client.get_serve_details().get("applications", {})
-    keep = [d["deployed_app_config"] for name, d in details.items()
-            if d.get("deployed_app_config") and name != app["name"]]  # fmt: skip
+    keep = [
+        d["deployed_app_config"]
+        for name, d in details.items()
+        if d.get("deployed_app_config") and name != app["name"]
+    ]
     before = float((details.get(app["name"]) or {}).get("last_deployed_time_s") or 0.0)
     client.deploy_apps(ServeDeploySchema(applications=[*keep, app]))
     return before
@@ -199,9 +221,11 @@ def check_route_prefix(serve_cfg: ServeConfig) -> None:
     for name, app in client.get_serve_details().get("applications", {}).items():
         held = (app.get("route_prefix") or "").rstrip("/") or "/"
         if name != serve_cfg.app_name and app.get("route_prefix") and held == prefix:
-            raise ConfigError(f"serve.route_prefix: {serve_cfg.route_prefix!r} is served by the Serve "
-                              f"application {name!r}; give serve.app_name={serve_cfg.app_name!r} "
-                              f"its own prefix (e.g. /{serve_cfg.app_name})")  # fmt: skip
+            raise ConfigError(
+                f"serve.route_prefix: {serve_cfg.route_prefix!r} is served by the Serve "
+                f"application {name!r}; give serve.app_name={serve_cfg.app_name!r} "
+                f"its own prefix (e.g. /{serve_cfg.app_name})"
+            )
 
 
 def check_api_key_source(serve_cfg: ServeConfig, cluster: ClusterConfig) -> None:
@@ -248,8 +272,12 @@ def _prefix(serve_cfg: ServeConfig) -> str:
     return serve_cfg.route_prefix.rstrip("/")
 
 
-def deploy(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | None = None,
-           timeout_s: float | None = None) -> None:  # fmt: skip
+def deploy(
+    serve_cfg: ServeConfig,
+    model: ModelRef,
+    cluster: ClusterConfig | None = None,
+    timeout_s: float | None = None,
+) -> None:
     """Deploy (or update in place) the app on the running Serve cluster; wait until RUNNING.
 
     hf: serve.run from here. vllm: a declarative application in the engine environment
@@ -265,11 +293,16 @@ def deploy(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | Non
             since = _apply_declarative(vllm_app_schema(serve_cfg, model, cluster))
         else:
             # serve.run returns once the app is RUNNING and raises when it cannot get there.
-            serve.run(build_application(serve_cfg, model), name=serve_cfg.app_name,
-                      route_prefix=serve_cfg.route_prefix)  # fmt: skip
+            serve.run(
+                build_application(serve_cfg, model),
+                name=serve_cfg.app_name,
+                route_prefix=serve_cfg.route_prefix,
+            )
     except RuntimeError as exc:
-        raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
-                           f"{model.name}:{model.version}: {str(exc)[:300]}") from exc
+        raise RolloutError(
+            f"Serve app '{serve_cfg.app_name}' failed to deploy "
+            f"{model.name}:{model.version}: {str(exc)[:300]}"
+        ) from exc
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         app = serve.status().applications.get(serve_cfg.app_name)
@@ -280,14 +313,17 @@ def deploy(serve_cfg: ServeConfig, model: ModelRef, cluster: ClusterConfig | Non
                 deploy_chat(serve_cfg, model, cluster)
             return
         if current and status.endswith("DEPLOY_FAILED"):
-            raise RolloutError(f"Serve app '{serve_cfg.app_name}' failed to deploy "
-                               f"{model.name}:{model.version}: {app.message[:300]}")  # fmt: skip
+            raise RolloutError(
+                f"Serve app '{serve_cfg.app_name}' failed to deploy "
+                f"{model.name}:{model.version}: {app.message[:300]}"
+            )
         time.sleep(1)
     raise RolloutError(f"Serve app '{serve_cfg.app_name}' not RUNNING after {timeout_s:.0f}s")
 
 
-def smoke_test(serve_cfg: ServeConfig, model: ModelRef, base_url: str,
-               api_key: str | None = None) -> SmokeTest:  # fmt: skip
+def smoke_test(
+    serve_cfg: ServeConfig, model: ModelRef, base_url: str, api_key: str | None = None
+) -> SmokeTest:
     """Real HTTP requests against the served app: the right version answers, and answers."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = f"{base_url}{_prefix(serve_cfg)}"
@@ -300,26 +336,41 @@ def smoke_test(serve_cfg: ServeConfig, model: ModelRef, base_url: str,
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
         served = models.json()["data"][0] if models.status_code == 200 else {}
         if "version" in served or models.status_code != 200:
-            check("models", served.get("version") == model.version,
-                  f"HTTP {models.status_code}, serving version {served.get('version')!r}")  # fmt: skip
+            check(
+                "models",
+                served.get("version") == model.version,
+                f"HTTP {models.status_code}, serving version {served.get('version')!r}",
+            )
         else:  # the vllm app (ray.serve.llm) lists model ids only
             check("models", served.get("id") == model.name, f"serving model {served.get('id')!r}")
         for prompt in SMOKE_PROMPTS:
-            r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={
-                "model": model.name, "max_tokens": 16,
-                "messages": [{"role": "user", "content": prompt}]})  # fmt: skip
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                headers=headers,
+                timeout=60,
+                json={
+                    "model": model.name,
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": prompt}],
+                },
+            )
             body = r.json() if r.status_code == 200 else {}
             text = body.get("choices", [{}])[0].get("message", {}).get("content")
-            check(f"chat: {prompt}", r.status_code == 200 and isinstance(text, str)
-                  and body["usage"]["completion_tokens"] > 0,
-                  f"HTTP {r.status_code}, answer {text!r}")  # fmt: skip
+            check(
+                f"chat: {prompt}",
+                r.status_code == 200
+                and isinstance(text, str)
+                and body["usage"]["completion_tokens"] > 0,
+                f"HTTP {r.status_code}, answer {text!r}",
+            )
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
         check("http", False, f"{type(exc).__name__}: {exc}")
     return SmokeTest(passed=all(c["passed"] for c in checks), checks=checks)
 
 
-def restore(serve_cfg: ServeConfig, previous: ModelRef | None,
-            cluster: ClusterConfig | None = None) -> None:  # fmt: skip
+def restore(
+    serve_cfg: ServeConfig, previous: ModelRef | None, cluster: ClusterConfig | None = None
+) -> None:
     """Serve ``previous`` again, or remove the app when nothing was served before."""
     from ray import serve
 
@@ -347,8 +398,12 @@ def nothing_to_do(
         failed = "; ".join(r.reason for r in decision.rules if not r.passed)
         return Rollout(served_version=live, endpoint=url, message=f"gate failed: {failed}")
     if champion == candidate.version and live == candidate.version:
-        message = f"{candidate.name}:{candidate.version} is already champion and served: nothing changed"
-        return Rollout(served_version=live, previous_version=previous, endpoint=url, message=message)
+        message = (
+            f"{candidate.name}:{candidate.version} is already champion and served: nothing changed"
+        )
+        return Rollout(
+            served_version=live, previous_version=previous, endpoint=url, message=message
+        )
     return None
 
 
@@ -358,11 +413,17 @@ def endpoint(serve_cfg: ServeConfig, cluster: ClusterConfig) -> str:
 
 
 def summary(rollout: Rollout) -> str:
-    lines = [f"## Rollout: {'rolled back' if rollout.rolled_back else 'done'}", "",
-             f"- served version: `{rollout.served_version}`",
-             f"- previous version: `{rollout.previous_version}`",
-             f"- endpoint: {rollout.endpoint}", f"- {rollout.message}"]  # fmt: skip
+    lines = [
+        f"## Rollout: {'rolled back' if rollout.rolled_back else 'done'}",
+        "",
+        f"- served version: `{rollout.served_version}`",
+        f"- previous version: `{rollout.previous_version}`",
+        f"- endpoint: {rollout.endpoint}",
+        f"- {rollout.message}",
+    ]
     if rollout.smoke_test:
         lines += ["", "| check | passed | detail |", "| --- | --- | --- |"]
-        lines += [f"| {c['check']} | {c['passed']} | {c['detail']} |" for c in rollout.smoke_test.checks]
+        lines += [
+            f"| {c['check']} | {c['passed']} | {c['detail']} |" for c in rollout.smoke_test.checks
+        ]
     return "\n".join(lines)

@@ -28,8 +28,9 @@ def test_two_promotions_at_once_leave_exactly_one_champion(stack):
 
     base = resolve_base_model(TrainConfig())
     a, b = (registry.register_version(Store(), NAME, base, base_model="tiny") for _ in range(2))
-    cfg = load_config(None, [f"train.model_name={NAME}", f"serve.app_name={NAME}",
-                             "serve.route_prefix=/race"])  # fmt: skip
+    cfg = load_config(
+        None, [f"train.model_name={NAME}", f"serve.app_name={NAME}", "serve.route_prefix=/race"]
+    )
     states: dict[str, object] = {}
     go = threading.Barrier(2)
 
@@ -38,7 +39,9 @@ def test_two_promotions_at_once_leave_exactly_one_champion(stack):
         states[version.version] = promote(config=cfg, candidate=version, return_state=True)
 
     # Copies of this context: Prefect's settings (the stack's API URL) live in a contextvar.
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, v)) for v in (a, b)]
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(run, v)) for v in (a, b)
+    ]
     try:
         for t in threads:
             t.start()
@@ -51,8 +54,10 @@ def test_two_promotions_at_once_leave_exactly_one_champion(stack):
         first, last = champ["previous"], champ["champion"]
         # The later promotion replaced the earlier one, and says so; the earlier had none.
         assert rollouts[last].previous_version == first and rollouts[first].previous_version is None
-        assert all(r.served_version == v and "is champion and served" in r.message
-                   for v, r in rollouts.items())  # fmt: skip
+        assert all(
+            r.served_version == v and "is champion and served" in r.message
+            for v, r in rollouts.items()
+        )
         health = httpx.get(f"{stack.serve_url}/race/health", timeout=30).json()
         assert health["version"] == last
     finally:

@@ -43,8 +43,13 @@ CHILD = textwrap.dedent("""
 
 
 def kill_when_half_done(*args: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         line = proc.stdout.readline()  # blocks until the first file is in the staging dir
         assert line.startswith("copied"), line
@@ -59,7 +64,13 @@ def kill_when_half_done(*args: str) -> None:
 def source(tmp_path) -> Path:
     d = tmp_path / "src"
     d.mkdir()
-    for name in ("config.json", "model.safetensors", "train.parquet", "eval.parquet", "manifest.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "train.parquet",
+        "eval.parquet",
+        "manifest.json",
+    ):
         (d / name).write_bytes(os.urandom(1024))
     return d
 
@@ -75,7 +86,8 @@ def test_model_version_killed_halfway_is_never_visible(tmp_path, source):
     ref = registry.register_version(store, "drill", source, base_model="tiny")  # the retry
     assert ref.version == "v1"
     assert sorted(p.name for p in Path(ref.uri).iterdir()) == sorted(
-        ["config.json", "model.safetensors", "train.parquet", "eval.parquet", "manifest.json"])
+        ["config.json", "model.safetensors", "train.parquet", "eval.parquet", "manifest.json"]
+    )
 
 
 def test_dataset_killed_halfway_is_never_visible(tmp_path, source):
@@ -87,4 +99,8 @@ def test_dataset_killed_halfway_is_never_visible(tmp_path, source):
     with store.atomic_dir("datasets", "abc123") as d:
         for name in ("train.parquet", "eval.parquet", "manifest.json"):
             (d / name).write_bytes((source / name).read_bytes())
-    assert sorted(store.listdir("datasets", "abc123")) == ["eval.parquet", "manifest.json", "train.parquet"]
+    assert sorted(store.listdir("datasets", "abc123")) == [
+        "eval.parquet",
+        "manifest.json",
+        "train.parquet",
+    ]

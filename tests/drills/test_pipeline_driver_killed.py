@@ -19,9 +19,17 @@ from tests.integration.helpers import kill_flow_process, task_states, wait_for, 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 NAME = "pipe-test"
-SETS = ["train.max_steps=40", "train.checkpoint_every=20", "train.eval_every=20",
-        "train.warmup_steps=5", "train.seed=7", f"train.model_name={NAME}", "eval.max_examples=64",
-        f"serve.app_name={NAME}", "serve.route_prefix=/pipe"]  # fmt: skip
+SETS = [
+    "train.max_steps=40",
+    "train.checkpoint_every=20",
+    "train.eval_every=20",
+    "train.warmup_steps=5",
+    "train.seed=7",
+    f"train.model_name={NAME}",
+    "eval.max_examples=64",
+    f"serve.app_name={NAME}",
+    "serve.route_prefix=/pipe",
+]
 
 
 def config(*extra: str):
@@ -51,13 +59,18 @@ def test_pipeline_killed_mid_run_is_rerun_reusing_the_finished_stages(stack, pre
     def candidate_scored() -> bool:
         run = prefect_client.read_flow_run(first.id)
         assert not run.state.is_final(), f"run 1 ended before the kill: {run.state}"
-        return [s for t, s in task_states(prefect_client, first.id) if t == "score-model"][:1] == ["Completed"]
+        return [s for t, s in task_states(prefect_client, first.id) if t == "score-model"][:1] == [
+            "Completed"
+        ]
 
     wait_for(candidate_scored, 900, "run 1 scored its candidate")
     assert prefect_client.read_flow_run(first.id).work_pool_name == stack.work_pool
     kill_flow_process(prefect_client, first.id)
-    crashed = wait_for(lambda: (r := prefect_client.read_flow_run(first.id)).state.is_final() and r,
-                       120, "the worker reports run 1 ended")  # fmt: skip
+    crashed = wait_for(
+        lambda: (r := prefect_client.read_flow_run(first.id)).state.is_final() and r,
+        120,
+        "the worker reports run 1 ended",
+    )
     assert crashed.state.is_crashed(), crashed.state
     states = dict(task_states(prefect_client, first.id))
     assert states["train-model"] == states["register-model"] == "Completed", states
@@ -71,9 +84,13 @@ def test_pipeline_killed_mid_run_is_rerun_reusing_the_finished_stages(stack, pre
     assert second.state.is_completed(), second.state
     states = task_states(prefect_client, second.id)
     assert dict(states)["prepare-dataset"] == "Cached", states
-    assert [s for t, s in states if t == "score-model"][0] == "Cached", states
-    wait_for_logs(prefect_client, second.id, "reused the finished run",
-                  f"already registered as {NAME} {v1.version}")  # fmt: skip
+    assert next(s for t, s in states if t == "score-model") == "Cached", states
+    wait_for_logs(
+        prefect_client,
+        second.id,
+        "reused the finished run",
+        f"already registered as {NAME} {v1.version}",
+    )
     assert [v.version for v in registry.list_versions(Store(), NAME)] == [v1.version]
     assert aliases.read_aliases(Store(), NAME)["champion"] == v1.version
     health = httpx.get(f"{stack.serve_url}/pipe/health", timeout=30).json()
@@ -87,13 +104,25 @@ def test_pipeline_killed_mid_run_is_rerun_reusing_the_finished_stages(stack, pre
         ArtifactFilterKey,
     )
 
-    [summary] = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
-        key=ArtifactFilterKey(any_=["pipeline-summary"]),
-        flow_run_id=ArtifactFilterFlowRunId(any_=[second.id])))  # fmt: skip
+    [summary] = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["pipeline-summary"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[second.id]),
+        )
+    )
     links = dict(re.findall(r"/artifacts/artifact/([0-9a-f-]{36})\) `([a-z-]+)`", summary.data))
     linked = prefect_client.read_artifacts(
-        artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=list(links))))
+        artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=list(links)))
+    )
     assert {str(a.id): a.key for a in linked} == links
-    assert {"finetune-report", "finetune-loss", "eval-comparison", "gate-decision",
-            "rollout"} <= set(links.values()), summary.data  # fmt: skip
-    assert "/artifacts/key/dataset-validation-report) `dataset-validation-report` (latest" in summary.data
+    assert {
+        "finetune-report",
+        "finetune-loss",
+        "eval-comparison",
+        "gate-decision",
+        "rollout",
+    } <= set(links.values()), summary.data
+    assert (
+        "/artifacts/key/dataset-validation-report) `dataset-validation-report` (latest"
+        in summary.data
+    )

@@ -36,8 +36,10 @@ def test_flow_run_survives_a_prefect_server_restart(stack, prefect_client):
 
     out: dict = {}
     # A copy of this context: Prefect's settings (the stack's API URL) live in a contextvar.
-    t = threading.Thread(target=contextvars.copy_context().run,
-                         args=(lambda: out.update(state=long_flow(N, return_state=True)),))
+    t = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(lambda: out.update(state=long_flow(N, return_state=True)),),
+    )
     t.start()
     assert started.wait(120)
     time.sleep(2)
@@ -59,10 +61,14 @@ def test_flow_run_survives_a_prefect_server_restart(stack, prefect_client):
     # Every task run's final state reached the server too (some while it was away).
     deadline = time.monotonic() + 60
     while True:
-        runs = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        runs = prefect_client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
         done = [r for r in runs if r.state and r.state.type.value == "COMPLETED"]
         if len(done) == N or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert len(done) == N, (f"{len(done)} of {N} task runs COMPLETED on the server after a "
-                            f"{down_s:.0f} s outage: {sorted(r.state.name for r in runs)}")  # fmt: skip
+    assert len(done) == N, (
+        f"{len(done)} of {N} task runs COMPLETED on the server after a "
+        f"{down_s:.0f} s outage: {sorted(r.state.name for r in runs)}"
+    )

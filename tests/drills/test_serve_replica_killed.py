@@ -21,8 +21,11 @@ BODY = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content
 def replicas(state: str = "ALIVE") -> list:
     from ray.util.state import list_actors
 
-    return list_actors(address=os.environ["LLMFLOW_RAY_ADDRESS"], detail=True, filters=[
-        ("class_name", "=", f"ServeReplica:{APP}:llm"), ("state", "=", state)])  # fmt: skip
+    return list_actors(
+        address=os.environ["LLMFLOW_RAY_ADDRESS"],
+        detail=True,
+        filters=[("class_name", "=", f"ServeReplica:{APP}:llm"), ("state", "=", state)],
+    )
 
 
 def test_killed_replica_is_replaced_and_no_request_is_lost(stack):
@@ -36,8 +39,18 @@ def test_killed_replica_is_replaced_and_no_request_is_lost(stack):
 
     if not ray.is_initialized():
         ray.init(stack.ray_address, **ray_init_kwargs(ClusterConfig()))
-    serve.run(build_app({"model_path": resolve_base_model(TrainConfig()), "model_name": "tiny",
-                         "version": "1", "num_replicas": 2}), name=APP, route_prefix="/drill")  # fmt: skip
+    serve.run(
+        build_app(
+            {
+                "model_path": resolve_base_model(TrainConfig()),
+                "model_name": "tiny",
+                "version": "1",
+                "num_replicas": 2,
+            }
+        ),
+        name=APP,
+        route_prefix="/drill",
+    )
     url = f"{stack.serve_url}/drill/v1/chat/completions"
     raw_failures: list[str] = []
     final: list[int] = []
@@ -81,8 +94,10 @@ def test_killed_replica_is_replaced_and_no_request_is_lost(stack):
         alive = replicas()
         assert len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}, alive
         lost = [s for s in final if s != 200]
-        print(f"requests {len(final)}, raw failures {len(raw_failures)} {raw_failures[:5]}, "
-              f"lost after one retry {len(lost)}")  # fmt: skip
+        print(
+            f"requests {len(final)}, raw failures {len(raw_failures)} {raw_failures[:5]}, "
+            f"lost after one retry {len(lost)}"
+        )
         assert before > 0 and len(final) > before + 10
         assert lost == [], f"{len(lost)} of {len(final)} requests lost: {lost[:5]}"
     finally:

@@ -20,4 +20,6 @@ def pytest_collection_modifyitems(config, items):
         if "tests/gpu/" in str(item.fspath):
             item.add_marker(pytest.mark.gpu)
             if not have:
-                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
+                item.add_marker(
+                    pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+                )

@@ -52,8 +52,9 @@ def eval_dataset(store) -> str:
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
-             logging_level="WARNING")  # fmt: skip
+    ray.init(
+        address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="WARNING"
+    )
     yield ray
     ray.shutdown()
 

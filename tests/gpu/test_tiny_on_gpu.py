@@ -15,8 +15,10 @@ def test_tiny_model_trains_and_generates_on_cuda(tmp_path):
     path = resolve_base_model(TrainConfig(), Store(tmp_path / "store"))
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).cuda()
-    msgs = [{"role": "user", "content": "Reverse this number: 1234"},
-            {"role": "assistant", "content": "4321"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "Reverse this number: 1234"},
+        {"role": "assistant", "content": "4321"},
+    ]
     ids, mask = assistant_mask(tok, msgs)
     x = torch.tensor([ids], device="cuda")
     labels = torch.where(torch.tensor([mask], device="cuda") == 1, x, -100)
@@ -29,6 +31,10 @@ def test_tiny_model_trains_and_generates_on_cuda(tmp_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.5
-    prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**{k: v.cuda() for k, v in prompt.items()}, max_new_tokens=8, do_sample=False)
+    prompt = tok.apply_chat_template(
+        msgs[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(
+        **{k: v.cuda() for k, v in prompt.items()}, max_new_tokens=8, do_sample=False
+    )
     assert out.device.type == "cuda" and out.shape[1] > prompt["input_ids"].shape[1]

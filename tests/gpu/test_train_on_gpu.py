@@ -1,6 +1,6 @@
 """Ray Train on a real GPU: the use_gpu run gets nccl, CUDA and bf16 autocast, and learns.
 
-    .venv/bin/python -m pytest tests/gpu/test_train_on_gpu.py -q
+.venv/bin/python -m pytest tests/gpu/test_train_on_gpu.py -q
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ def test_use_gpu_run_trains_on_cuda_with_nccl(tmp_path):
     from llmflow.store import Store
 
     store = Store(tmp_path / "store")
-    cfg = load_config(ROOT / "configs/tiny.yaml", [
-        "train.use_gpu=true", "train.max_steps=60", "train.checkpoint_every=30",
-        "train.eval_every=30", "train.warmup_steps=5"])  # fmt: skip
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        [
+            "train.use_gpu=true",
+            "train.max_steps=60",
+            "train.checkpoint_every=30",
+            "train.eval_every=30",
+            "train.warmup_steps=5",
+        ],
+    )
     model_uri = resolve_base_model(cfg.train, store)
     dataset, report, _ = prepare_to_store(cfg.data, model_uri, store)
     assert dataset is not None, report.failure_message()
@@ -61,9 +68,17 @@ def test_two_gpu_workers_reduce_on_their_gpus(tmp_path):
     from llmflow.store import Store
 
     store = Store(tmp_path / "store")
-    cfg = load_config(ROOT / "configs/tiny.yaml", [
-        "train.use_gpu=true", "train.num_workers=2", "train.max_steps=30",
-        "train.checkpoint_every=30", "train.eval_every=10", "train.warmup_steps=5"])  # fmt: skip
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        [
+            "train.use_gpu=true",
+            "train.num_workers=2",
+            "train.max_steps=30",
+            "train.checkpoint_every=30",
+            "train.eval_every=10",
+            "train.warmup_steps=5",
+        ],
+    )
     model_uri = resolve_base_model(cfg.train, store)
     dataset, report, _ = prepare_to_store(cfg.data, model_uri, store)
     assert dataset is not None, report.failure_message()

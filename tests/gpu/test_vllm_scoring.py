@@ -93,8 +93,16 @@ def test_vllm_engine_scores_a_model_on_the_gpu(local_ray, model_dir, eval_datase
     report = score_dataset(cfg, model_dir, eval_dataset, store.uri("runs", "gpu", "vllm"))
 
     assert report.engine == "vllm" and report.num_examples == N_EVAL
-    for name in ("exact_match", "normalized_exact_match", "token_f1", "rouge_l", "eval_loss",
-                 "perplexity", "truncated_prompts", "empty_generations"):  # fmt: skip
+    for name in (
+        "exact_match",
+        "normalized_exact_match",
+        "token_f1",
+        "rouge_l",
+        "eval_loss",
+        "perplexity",
+        "truncated_prompts",
+        "empty_generations",
+    ):
         assert name in report.metrics and report.metrics[name] == report.metrics[name], name
     assert 0.0 <= report.metrics["exact_match"] <= 1.0 and report.metrics["perplexity"] > 1.0
     assert report.throughput["examples_per_s"] > 0 and report.throughput["tokens_per_s"] > 0

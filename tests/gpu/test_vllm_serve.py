@@ -39,7 +39,8 @@ def served(tmp_path_factory):
     from llmflow.store import Store
 
     path = os.environ.get("LLMFLOW_GPU_SERVE_MODEL") or resolve_base_model(
-        TrainConfig(), Store(tmp_path_factory.mktemp("store")))  # fmt: skip
+        TrainConfig(), Store(tmp_path_factory.mktemp("store"))
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -47,9 +48,16 @@ def served(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # A small share of the GPU, no CUDA graphs: the engine starts in seconds, not minutes.
-        cfg = ServeConfig(engine="vllm", app_name="vllm-test", route_prefix="/vllm",
-                          vllm_engine_kwargs={"max_model_len": 512, "gpu_memory_utilization": 0.3,
-                                              "enforce_eager": True})  # fmt: skip
+        cfg = ServeConfig(
+            engine="vllm",
+            app_name="vllm-test",
+            route_prefix="/vllm",
+            vllm_engine_kwargs={
+                "max_model_len": 512,
+                "gpu_memory_utilization": 0.3,
+                "enforce_eager": True,
+            },
+        )
         deploy(cfg, ModelRef(uri=path, name=NAME, version="1", base_model="tiny"))
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -73,8 +81,9 @@ def test_models_and_chat(served):
 
 
 def test_streaming_chat(served):
-    with httpx.stream("POST", f"{served}/vllm/v1/chat/completions", json=CHAT | {"stream": True},
-                      timeout=120) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{served}/vllm/v1/chat/completions", json=CHAT | {"stream": True}, timeout=120
+    ) as r:
         assert r.status_code == 200
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
     assert events[-1] == "[DONE]"

@@ -13,12 +13,16 @@ def wait_for_logs(client, flow_run_id: UUID, *needles: str, timeout: float = 60)
 
     deadline = time.monotonic() + timeout
     while True:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
         missing = [n for n in needles if not any(n in log.message for log in logs)]
         if not missing:
             return logs
         if time.monotonic() > deadline:
-            raise AssertionError(f"not in the logs of flow run {flow_run_id} after {timeout} s: {missing}")
+            raise AssertionError(
+                f"not in the logs of flow run {flow_run_id} after {timeout} s: {missing}"
+            )
         time.sleep(1)
 
 
@@ -26,7 +30,9 @@ def task_states(client, flow_run_id) -> list[tuple[str, str]]:
     """(task name, state name) of one flow run's task runs (not its subflows'), in order."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    )
     runs.sort(key=lambda r: r.created)
     return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
 

@@ -49,16 +49,28 @@ def served(stack, tmp_path_factory):
     s = dataclasses.replace(stack, chat_port=free_port())
     try:
         with cf.ThreadPoolExecutor(1) as pool:  # the page starts while the model loads
-            page = pool.submit(stack_mod.start_chat, s, endpoint,
-                               ["--set", f"serve.api_key_file={key_file}"])  # fmt: skip
+            page = pool.submit(
+                stack_mod.start_chat, s, endpoint, ["--set", f"serve.api_key_file={key_file}"]
+            )
             if not ray.is_initialized():
                 ray.init(stack.ray_address, **ray_init_kwargs(ClusterConfig()))
-            serve.run(build_app({
-                "model_path": resolve_base_model(TrainConfig()), "model_name": "tiny",
-                "version": "7", "api_key_file": str(key_file),
-                "lineage": {"dataset_sha256": "d5a1" * 16, "flow_run_id": "run-42",
-                            "eval_metrics": {"exact_match": 0.5}},
-            }), name="test-chat", route_prefix="/chattest")  # fmt: skip
+            serve.run(
+                build_app(
+                    {
+                        "model_path": resolve_base_model(TrainConfig()),
+                        "model_name": "tiny",
+                        "version": "7",
+                        "api_key_file": str(key_file),
+                        "lineage": {
+                            "dataset_sha256": "d5a1" * 16,
+                            "flow_run_id": "run-42",
+                            "eval_metrics": {"exact_match": 0.5},
+                        },
+                    }
+                ),
+                name="test-chat",
+                route_prefix="/chattest",
+            )
             part = page.result()
         yield endpoint, str(key_file), part
     finally:
@@ -85,21 +97,33 @@ def test_answer_streams_from_the_served_model(served):
 def test_endpoint_down_is_one_clear_line(served):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     shown = list(ChatBackend(dead).respond(PROMPT, [], **SAMPLING))
-    assert shown == [(f"{NOTICE}The model endpoint {dead} is not reachable. Start the stack with "
-                     "`llmflow up` and serve a model (`llmflow run pipeline`, or "
-                     "`llmflow models promote NAME VERSION`).")]  # fmt: skip
-    assert ChatBackend(dead).info().startswith(f"{NOTICE}The model endpoint {dead} is not reachable")
+    assert shown == [
+        (
+            f"{NOTICE}The model endpoint {dead} is not reachable. Start the stack with "
+            "`llmflow up` and serve a model (`llmflow run pipeline`, or "
+            "`llmflow models promote NAME VERSION`)."
+        )
+    ]
+    assert (
+        ChatBackend(dead).info().startswith(f"{NOTICE}The model endpoint {dead} is not reachable")
+    )
 
 
 def test_wrong_or_missing_key_is_one_clear_line(served):
     endpoint, _, _ = served
     wrong = list(ChatBackend(endpoint, WRONG_ENV, model="tiny").respond(PROMPT, [], **SAMPLING))
-    assert wrong == [(f"{NOTICE}The endpoint {endpoint} refused the API key in the environment "
-                      f"variable {WRONG_ENV}: Incorrect API key provided.")]  # fmt: skip
+    assert wrong == [
+        (
+            f"{NOTICE}The endpoint {endpoint} refused the API key in the environment "
+            f"variable {WRONG_ENV}: Incorrect API key provided."
+        )
+    ]
     assert ChatBackend(endpoint, WRONG_ENV).info().startswith(wrong[0])  # the header says so too
     missing = list(ChatBackend(endpoint, "LLMFLOW_TEST_UNSET_KEY").respond(PROMPT, [], **SAMPLING))
-    assert len(missing) == 1 and "needs an API key: set the environment variable " \
-        "LLMFLOW_TEST_UNSET_KEY" in missing[0]  # fmt: skip
+    assert (
+        len(missing) == 1
+        and "needs an API key: set the environment variable LLMFLOW_TEST_UNSET_KEY" in missing[0]
+    )
 
 
 def test_chat_part_is_in_the_stack_status(served):
@@ -120,23 +144,31 @@ def test_browser_chat(served):
     streamed answer."""
     chromium = _chromium()
     if chromium is None:
-        pytest.skip("no chromium on PATH: `apt-get install chromium` (make install tries it "
-                    "when it runs as root)")  # fmt: skip
+        pytest.skip(
+            "no chromium on PATH: `apt-get install chromium` (make install tries it "
+            "when it runs as root)"
+        )
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     _, _, part = served
     expect = sync_api.expect
     with sync_api.sync_playwright() as pw:
         # --no-sandbox: Chromium's sandbox refuses to run as root (CI containers).
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage"])  # fmt: skip
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            args=["--no-sandbox", "--disable-dev-shm-usage"],
+        )
         try:
             page = browser.new_page()
             page.goto(part.url, wait_until="domcontentloaded", timeout=60_000)
-            expect(page.locator("#model-info")).to_contain_text("Serving tiny version 7",
-                                                                timeout=60_000)  # fmt: skip
-            for label, value in (("number input for Temperature", SAMPLING["temperature"]),
-                                 ("number input for Max tokens", SAMPLING["max_tokens"]),
-                                 ("Seed", SAMPLING["seed"])):  # fmt: skip
+            expect(page.locator("#model-info")).to_contain_text(
+                "Serving tiny version 7", timeout=60_000
+            )
+            for label, value in (
+                ("number input for Temperature", SAMPLING["temperature"]),
+                ("number input for Max tokens", SAMPLING["max_tokens"]),
+                ("Seed", SAMPLING["seed"]),
+            ):
                 page.get_by_label(label, exact=True).fill(str(value))
                 page.get_by_label(label, exact=True).press("Tab")
             prompt = page.locator("#prompt textarea")

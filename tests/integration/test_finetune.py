@@ -25,11 +25,21 @@ from tests.integration.helpers import wait_for_logs
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # Small enough for 2 CPU cores: the tiny Llama learns most of its loss drop in 40 steps.
-TINY = ["train.max_steps=40", "train.checkpoint_every=10", "train.eval_every=20",
-        "train.warmup_steps=5", "train.model_name=ft-test"]  # fmt: skip
+TINY = [
+    "train.max_steps=40",
+    "train.checkpoint_every=10",
+    "train.eval_every=20",
+    "train.warmup_steps=5",
+    "train.model_name=ft-test",
+]
 # Runs long enough to be killed between their first checkpoint and their end.
-LONG = ["train.max_steps=200", "train.checkpoint_every=20", "train.eval_every=100",
-        "train.warmup_steps=5", "train.model_name=ft-kill"]  # fmt: skip
+LONG = [
+    "train.max_steps=200",
+    "train.checkpoint_every=20",
+    "train.eval_every=100",
+    "train.warmup_steps=5",
+    "train.model_name=ft-kill",
+]
 
 
 def cfg(*overrides: str):
@@ -51,13 +61,17 @@ def base_uri() -> str:
 
 def dataset_of(ref) -> DatasetRef:
     """The DatasetRef a registered version was trained on (its manifest keeps it)."""
-    return DatasetRef.model_validate(json.loads((Path(ref.uri) / "manifest.json").read_text())["dataset"])
+    return DatasetRef.model_validate(
+        json.loads((Path(ref.uri) / "manifest.json").read_text())["dataset"]
+    )
 
 
 def run_dir(config, dataset: DatasetRef) -> Path:
     from llmflow.finetune.trainer import run_key
 
-    return Path(Store().path("runs", f"finetune-{run_key(config.train, dataset.sha256, base_uri())}"))
+    return Path(
+        Store().path("runs", f"finetune-{run_key(config.train, dataset.sha256, base_uri())}")
+    )
 
 
 def checkpoints(path: Path) -> list[Path]:
@@ -159,8 +173,12 @@ def test_finetune_lowers_the_loss_and_registers_a_loadable_version(stack, prefec
     again = finetune(config=cfg(*TINY), return_state=True)
     assert again.result() == ref
     assert (Path(run_dir(cfg(*TINY), dataset_of(ref))) / RESULT).stat().st_mtime_ns == stamp
-    wait_for_logs(prefect_client, again.state_details.flow_run_id, "reused the finished run",
-                  f"already registered as ft-test {ref.version}")  # fmt: skip
+    wait_for_logs(
+        prefect_client,
+        again.state_details.flow_run_id,
+        "reused the finished run",
+        f"already registered as ft-test {ref.version}",
+    )
 
 
 def test_two_ddp_workers_with_grad_accum_train_a_lora_adapter_merged_on_export(stack, dataset):
@@ -170,10 +188,20 @@ def test_two_ddp_workers_with_grad_accum_train_a_lora_adapter_merged_on_export(s
 
     from flows.finetune import finetune
 
-    config = cfg("train.max_steps=30", "train.checkpoint_every=30", "train.eval_every=30",
-                 "train.warmup_steps=3", "train.model_name=ft-ddp", "train.num_workers=2",
-                 "train.cpus_per_worker=1", "train.batch_size=8", "train.grad_accum=2",
-                 "train.lora=true", "train.lora_rank=16", "train.learning_rate=0.01")  # fmt: skip
+    config = cfg(
+        "train.max_steps=30",
+        "train.checkpoint_every=30",
+        "train.eval_every=30",
+        "train.warmup_steps=3",
+        "train.model_name=ft-ddp",
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        "train.batch_size=8",
+        "train.grad_accum=2",
+        "train.lora=true",
+        "train.lora_rank=16",
+        "train.learning_rate=0.01",
+    )
     ref = finetune(config=config, dataset=dataset)
     m = ref.train_metrics
     assert m["steps_run"] == 30 and m["train_loss_last"] < m["train_loss_first"] - 0.5, m
@@ -225,8 +253,13 @@ def test_base_model_that_is_not_a_causal_lm_is_refused(stack, tmp_path):
 
     from flows.finetune import finetune
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-               architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)  # fmt: skip
+    BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["BertForMaskedLM"],
+    ).save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="not a causal language model"):
         finetune(config=cfg(*TINY, f"train.base_model={tmp_path}"))
 
@@ -245,8 +278,11 @@ def test_more_workers_than_the_cluster_holds_fails_fast(stack, dataset):
     from llmflow.errors import ConfigError
 
     t0 = time.monotonic()
-    with pytest.raises(ConfigError, match=r"^train.num_workers=64 .* needs 64 CPU, but the Ray "
-                       r"cluster has \d+ CPU in total"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.num_workers=64 .* needs 64 CPU, but the Ray "
+        r"cluster has \d+ CPU in total",
+    ):
         finetune(config=cfg(*TINY, "train.num_workers=64"), dataset=dataset)
     assert time.monotonic() - t0 < 60
 
@@ -256,5 +292,6 @@ def test_nan_loss_stops_the_run_and_names_the_step(stack, dataset):
     from llmflow.finetune.checks import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match=r"loss became (nan|inf) at step \d+"):
-        finetune(config=cfg(*TINY, "train.learning_rate=1e30", "train.max_steps=10"),
-                 dataset=dataset)  # fmt: skip
+        finetune(
+            config=cfg(*TINY, "train.learning_rate=1e30", "train.max_steps=10"), dataset=dataset
+        )

@@ -23,12 +23,18 @@ def test_retrain_if_data_changed_skips_when_the_latest_version_saw_this_data(sta
     config = load_config("configs/tiny.yaml", [f"train.model_name={NAME}"])
     dataset = prepare(config=config)  # cached across the session
     # A version trained on this very dataset (its weights do not matter to the decision).
-    v1 = registry.register_version(Store(), NAME, resolve_base_model(config.train),
-                                   base_model="tiny", dataset_sha256=dataset.sha256)  # fmt: skip
+    v1 = registry.register_version(
+        Store(),
+        NAME,
+        resolve_base_model(config.train),
+        base_model="tiny",
+        dataset_sha256=dataset.sha256,
+    )
     state = pipeline(config=config, retrain="if-data-changed", return_state=True)
     assert state.is_completed(), state
     result = state.result()
     assert result["skipped"].startswith(f"data unchanged: {NAME}:{v1.version} was trained on")
-    assert result["model"]["version"] == v1.version and result["dataset"]["sha256"] == dataset.sha256
+    assert (
+        result["model"]["version"] == v1.version and result["dataset"]["sha256"] == dataset.sha256
+    )
     assert registry.list_versions(Store(), NAME) == [v1]  # nothing trained or registered
-

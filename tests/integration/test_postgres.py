@@ -35,7 +35,9 @@ NOBODY = 65534  # PostgreSQL refuses to run as root: as root, the cluster runs a
 
 
 def postgres_bindir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4])
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -70,8 +72,10 @@ def postgres():
         subprocess.run(["bash", str(ROOT / "infra/local/postgres.sh")], timeout=400, check=False)
         bindir = postgres_bindir()
     if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (/usr/lib/postgresql/*/bin) and apt-get "
-                    "could not install them (infra/local/postgres.sh)")  # fmt: skip
+        pytest.skip(
+            "no PostgreSQL server binaries (/usr/lib/postgresql/*/bin) and apt-get "
+            "could not install them (infra/local/postgres.sh)"
+        )
     if os.geteuid() == 0 and not shutil.which("setpriv"):
         pytest.skip("running as root without setpriv: cannot start PostgreSQL as another user")
     root = Path(tempfile.mkdtemp(prefix="llmflow-pg-"))
@@ -82,20 +86,50 @@ def postgres():
         os.chown(root / "pw", NOBODY, NOBODY)
     data = root / "data"
     init = subprocess.run(
-        as_owner([str(bindir / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={root / 'pw'}",
-                  "--auth=scram-sha-256", "--no-locale", "-E", "UTF8", "--no-sync"]),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        as_owner(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                USER,
+                f"--pwfile={root / 'pw'}",
+                "--auth=scram-sha-256",
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert init.returncode == 0, init.stdout + init.stderr
     (root / "pw").unlink()
     port = free_port()
-    log = open(root / "postgres.log", "wb")
+    log = open(root / "postgres.log", "wb")  # noqa: SIM115 - the server's stdout while it runs
     # -F: no fsync (a throwaway cluster); the socket in our folder, not /var/run/postgresql.
     proc = subprocess.Popen(
-        as_owner([str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
-                  "-k", str(root), "-F"]),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        as_owner(
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-k",
+                str(root),
+                "-F",
+            ]
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     pg = {"host": "127.0.0.1", "port": port, "user": USER, "password": password}
     try:
         deadline = time.monotonic() + 60
@@ -105,7 +139,9 @@ def postgres():
                 break
             except Exception as exc:  # noqa: BLE001 - refused or not accepting yet: starting
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"PostgreSQL did not start ({exc}); see {root / 'postgres.log'}") from None
+                    raise AssertionError(
+                        f"PostgreSQL did not start ({exc}); see {root / 'postgres.log'}"
+                    ) from None
                 time.sleep(0.3)
         sql(pg, f"CREATE DATABASE {DBNAME}", database="postgres")
         yield pg | {"url": f"postgresql+asyncpg://{USER}:{password}@127.0.0.1:{port}/{DBNAME}"}
@@ -121,8 +157,15 @@ def postgres():
 
 
 def run_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([LLMFLOW, *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [LLMFLOW, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def home_env(home: Path, **more: str) -> dict[str, str]:
@@ -139,8 +182,11 @@ def test_a_flow_runs_on_a_prefect_server_on_postgresql(stack, postgres, tmp_path
     from llmflow import stack as stack_mod
 
     home = tmp_path / "pg-home"
-    env = home_env(home, LLMFLOW_WORK_POOL="llmflow-pg",
-                   RAY_AUTH_TOKEN_PATH=str(stack_mod.ray_token_path(stack)))  # fmt: skip
+    env = home_env(
+        home,
+        LLMFLOW_WORK_POOL="llmflow-pg",
+        RAY_AUTH_TOKEN_PATH=str(stack_mod.ray_token_path(stack)),
+    )
     password, masked = postgres["password"], postgres["url"].replace(postgres["password"], "***")
     try:
         up = run_cli("up", "--database", postgres["url"], "--no-deploy", env=env)
@@ -155,12 +201,18 @@ def test_a_flow_runs_on_a_prefect_server_on_postgresql(stack, postgres, tmp_path
         run = run_cli("run", "check", "--config", "configs/tiny.yaml", env=env)
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-3000:]
-        flow_run_id = re.search(r"Flow 'check' Completed: \S+/runs/flow-run/([0-9a-f-]{36})", out)[1]
+        flow_run_id = re.search(r"Flow 'check' Completed: \S+/runs/flow-run/([0-9a-f-]{36})", out)[
+            1
+        ]
 
         # The run and its task runs are rows of PostgreSQL's `prefect` database.
-        [row] = sql(postgres, "SELECT name, state_type FROM flow_run WHERE id = $1::uuid", flow_run_id)
+        [row] = sql(
+            postgres, "SELECT name, state_type FROM flow_run WHERE id = $1::uuid", flow_run_id
+        )
         assert row["state_type"] == "COMPLETED"
-        tasks = sql(postgres, "SELECT state_type FROM task_run WHERE flow_run_id = $1::uuid", flow_run_id)
+        tasks = sql(
+            postgres, "SELECT state_type FROM task_run WHERE flow_run_id = $1::uuid", flow_run_id
+        )
         assert [t["state_type"] for t in tasks] == ["COMPLETED"] * 3  # check's 3 where_am_i tasks
 
         # The same URL again is idempotent; another database while it runs is refused.
@@ -169,8 +221,10 @@ def test_a_flow_runs_on_a_prefect_server_on_postgresql(stack, postgres, tmp_path
         other = postgres["url"].rsplit("/", 1)[0] + "/postgres"
         moved = run_cli("up", "--database", other, "--no-deploy", env=env, timeout=60)
         assert moved.returncode == 1 and "Traceback" not in moved.stderr
-        assert moved.stderr.strip() == (f"error: the Prefect server runs on {masked}; stop the stack "
-                                        f"(llmflow down) to start it on {other.replace(password, '***')}")  # fmt: skip
+        assert moved.stderr.strip() == (
+            f"error: the Prefect server runs on {masked}; stop the stack "
+            f"(llmflow down) to start it on {other.replace(password, '***')}"
+        )
 
         # The password is in no output, log or state file.
         shown = up.stdout + up.stderr + status.stdout + out + again.stdout + moved.stderr
@@ -188,7 +242,11 @@ def test_a_flow_runs_on_a_prefect_server_on_postgresql(stack, postgres, tmp_path
     "url, code, message",
     [
         ("postgresql+asyncpg://u:s3cr3t@127.0.0.1:5432", 2, "no database name"),
-        ("postgresql://u:s3cr3t@127.0.0.1:5432/db", 2, "through asyncpg; write postgresql+asyncpg://"),
+        (
+            "postgresql://u:s3cr3t@127.0.0.1:5432/db",
+            2,
+            "through asyncpg; write postgresql+asyncpg://",
+        ),
         ("mysql+aiomysql://u:s3cr3t@127.0.0.1/db", 2, "unsupported scheme 'mysql+aiomysql'"),
         ("not a url s3cr3t", 2, "the value is not a database URL"),
     ],
@@ -207,14 +265,24 @@ def test_an_unreachable_database_is_one_line(postgres, tmp_path):
     base = f"postgresql+asyncpg://{USER}:{{pw}}@127.0.0.1:{{port}}/{{db}}"
     cases = [
         (base.format(pw="s3cr3t", port=free_port(), db=DBNAME), "Connect call failed"),
-        (base.format(pw="s3cr3t", port=postgres["port"], db=DBNAME), "password authentication failed"),
-        (base.format(pw=postgres["password"], port=postgres["port"], db="nope"), 'database "nope" does not exist'),
-    ]  # fmt: skip
+        (
+            base.format(pw="s3cr3t", port=postgres["port"], db=DBNAME),
+            "password authentication failed",
+        ),
+        (
+            base.format(pw=postgres["password"], port=postgres["port"], db="nope"),
+            'database "nope" does not exist',
+        ),
+    ]
     for url, message in cases:
-        proc = run_cli("up", "--database", url, "--no-deploy", env=home_env(tmp_path / "h"), timeout=60)
+        proc = run_cli(
+            "up", "--database", url, "--no-deploy", env=home_env(tmp_path / "h"), timeout=60
+        )
         assert proc.returncode == 1, proc.stdout + proc.stderr
         [line] = proc.stderr.strip().splitlines()
         masked = url.replace("s3cr3t", "***").replace(postgres["password"], "***")
-        assert line.startswith(f"error: database {masked} is not reachable: ") and message in line, line
+        assert (
+            line.startswith(f"error: database {masked} is not reachable: ") and message in line
+        ), line
         assert "s3cr3t" not in proc.stdout + proc.stderr and postgres["password"] not in proc.stderr
         assert not (tmp_path / "h" / "stack.json").exists()

@@ -29,28 +29,49 @@ def test_basic_auth_is_enforced_and_the_stack_clients_use_it(tmp_path, monkeypat
     s = StackSettings.from_env()
     entry = stack._start_prefect_server(s)
     try:
-        stack._wait("prefect server", lambda: stack.prefect_healthy(s.prefect_api_url), 120, entry,
-                    s.logs_dir / "prefect-server.log")  # fmt: skip
+        stack._wait(
+            "prefect server",
+            lambda: stack.prefect_healthy(s.prefect_api_url),
+            120,
+            entry,
+            s.logs_dir / "prefect-server.log",
+        )
         api = s.prefect_api_url
         assert httpx.post(f"{api}/flows/filter", json={}, timeout=10).status_code == 401
         wrong = {"Authorization": "Basic " + base64.b64encode(b"llmflow-admin:nope").decode()}
-        assert httpx.post(f"{api}/flows/filter", json={}, headers=wrong, timeout=10).status_code == 401
-        assert httpx.post(f"{api}/flows/filter", json={}, headers=stack.prefect_auth_headers(),
-                          timeout=10).status_code == 200  # fmt: skip
+        assert (
+            httpx.post(f"{api}/flows/filter", json={}, headers=wrong, timeout=10).status_code == 401
+        )
+        assert (
+            httpx.post(
+                f"{api}/flows/filter", json={}, headers=stack.prefect_auth_headers(), timeout=10
+            ).status_code
+            == 200
+        )
 
         env = {**os.environ, **stack.client_env(s)}
         assert env["PREFECT_API_AUTH_STRING"] == AUTH  # derived from the server's setting
-        code = ("from prefect import flow\n"
-                "@flow(name='auth-check')\n"
-                "def f():\n    return 41 + 1\n"
-                "state = f(return_state=True)\n"
-                "print(state.type.value, state.state_details.flow_run_id)\n")  # fmt: skip
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, timeout=180)  # fmt: skip
+        code = (
+            "from prefect import flow\n"
+            "@flow(name='auth-check')\n"
+            "def f():\n    return 41 + 1\n"
+            "state = f(return_state=True)\n"
+            "print(state.type.value, state.state_details.flow_run_id)\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         state, run_id = proc.stdout.split()[-2:]
         assert state == "COMPLETED"
-        run = httpx.get(f"{api}/flow_runs/{run_id}", headers=stack.prefect_auth_headers(), timeout=10)
+        run = httpx.get(
+            f"{api}/flow_runs/{run_id}", headers=stack.prefect_auth_headers(), timeout=10
+        )
         assert run.status_code == 200 and run.json()["state"]["type"] == "COMPLETED"
 
     finally:

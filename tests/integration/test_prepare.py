@@ -26,10 +26,14 @@ pytestmark = pytest.mark.slow
 
 
 def _task_runs(client, flow_run_id):
-    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    )
 
 
-def test_prepare_leaves_a_dataset_and_a_validation_artifact_then_hits_the_cache(stack, prefect_client):
+def test_prepare_leaves_a_dataset_and_a_validation_artifact_then_hits_the_cache(
+    stack, prefect_client
+):
     from flows.prepare import prepare
 
     # A prep setting no other test uses (the same rows, another cache key): other modules
@@ -62,22 +66,44 @@ def test_prepare_leaves_a_dataset_and_a_validation_artifact_then_hits_the_cache(
     again = prepare(config=cfg, return_state=True)
     assert again.is_completed()
     assert again.result() == ref
-    names = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in _task_runs(prefect_client, again.state_details.flow_run_id)}
+    names = {
+        tr.name.rsplit("-", 1)[0]: tr.state.name
+        for tr in _task_runs(prefect_client, again.state_details.flow_run_id)
+    }
     assert names["prepare-dataset"] == "Cached"
 
 
 def test_bad_rows_past_the_bound_fail_with_a_readable_reason(stack, tmp_path):
-    rows = [json.dumps({"prompt": f"Reverse this number: {i}", "completion": str(i)[::-1]})
-            for i in range(1000, 1200)]  # fmt: skip
-    bad = ['{"prompt": "x"', json.dumps({"prompt": 5, "completion": "a"}),
-           json.dumps({"messages": [{"role": "wizard", "content": "hi"}]})] * 10  # fmt: skip
+    rows = [
+        json.dumps({"prompt": f"Reverse this number: {i}", "completion": str(i)[::-1]})
+        for i in range(1000, 1200)
+    ]
+    bad = [
+        '{"prompt": "x"',
+        json.dumps({"prompt": 5, "completion": "a"}),
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}),
+    ] * 10
     f = tmp_path / "bad.jsonl"
     f.write_text("\n".join(rows + bad) + "\n")
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "llmflow"), "run", "prepare", "--config",
-         "configs/tiny.yaml", "--set", f"data.source={f}", "--set", "data.min_rows=50"],
-        capture_output=True, text=True, env=dict(os.environ), cwd=ROOT, timeout=600,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "llmflow"),
+            "run",
+            "prepare",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            f"data.source={f}",
+            "--set",
+            "data.min_rows=50",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1, proc.stderr
@@ -96,8 +122,10 @@ def test_bad_rows_past_the_bound_fail_with_a_readable_reason(stack, tmp_path):
 def test_within_the_bound_the_run_passes_and_keeps_the_quarantine(stack, tmp_path):
     from flows.prepare import prepare
 
-    rows = [json.dumps({"prompt": f"Reverse this number: {i}", "completion": str(i)[::-1]})
-            for i in range(1000, 1300)]  # fmt: skip
+    rows = [
+        json.dumps({"prompt": f"Reverse this number: {i}", "completion": str(i)[::-1]})
+        for i in range(1000, 1300)
+    ]
     f = tmp_path / "few-bad.jsonl"
     f.write_text("\n".join(rows + ['{"prompt": 1, "completion": "x"}']) + "\n")
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.source={f}", "data.min_rows=50"])
@@ -111,9 +139,19 @@ def test_within_the_bound_the_run_passes_and_keeps_the_quarantine(stack, tmp_pat
 
 def test_missing_source_fails_before_any_cluster_work(stack):
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "llmflow"), "run", "prepare",
-         "--set", "data.source=/nonexistent/data.jsonl"],
-        capture_output=True, text=True, env=dict(os.environ), cwd=ROOT, timeout=300,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "llmflow"),
+            "run",
+            "prepare",
+            "--set",
+            "data.source=/nonexistent/data.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "data.source: /nonexistent/data.jsonl: no such file or directory" in proc.stderr

@@ -36,8 +36,10 @@ def versions(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(stack):
-    yield load_config(None, [f"train.model_name={NAME}", "serve.app_name=promote-test",
-                             "serve.route_prefix=/promote"])  # fmt: skip
+    yield load_config(
+        None,
+        [f"train.model_name={NAME}", "serve.app_name=promote-test", "serve.route_prefix=/promote"],
+    )
     from ray import serve
 
     serve.delete("promote-test")  # free its replica's CPU for the tests after this module
@@ -110,8 +112,14 @@ def test_a_candidate_that_fails_the_gate_is_not_served(stack, versions, cfg):
     v1, _, _ = versions
     before = aliases.read_aliases(Store(), NAME)
     served_before = httpx.get(f"{stack.serve_url}/promote/health", timeout=30)
-    decision = GateDecision(passed=False, rules=[GateRule(
-        name="primary:exact_match", passed=False, reason="exact_match 0.1 vs champion 0.9")])  # fmt: skip
+    decision = GateDecision(
+        passed=False,
+        rules=[
+            GateRule(
+                name="primary:exact_match", passed=False, reason="exact_match 0.1 vs champion 0.9"
+            )
+        ],
+    )
     rollout = promote(config=cfg, candidate=v1, decision=decision)
     assert rollout.message == "gate failed: exact_match 0.1 vs champion 0.9"
     assert aliases.read_aliases(Store(), NAME) == before
@@ -132,8 +140,11 @@ def test_a_route_prefix_held_by_another_app_fails_before_any_work(stack, version
 
     promote(config=cfg, candidate=v1)  # promote-test serves at /promote
     other = load_config(None, ["serve.app_name=qwen", "serve.route_prefix=/promote"])
-    with pytest.raises(ConfigError, match=r"^serve.route_prefix: '/promote' is served by the Serve "
-                       r"application 'promote-test'; give serve.app_name='qwen' its own prefix"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^serve.route_prefix: '/promote' is served by the Serve "
+        r"application 'promote-test'; give serve.app_name='qwen' its own prefix",
+    ):
         check_serving(other.serve, other.cluster)
     check_serving(cfg.serve, cfg.cluster)  # its own app: fine
     check_serving(load_config(None, ["serve.app_name=qwen"]).serve, other.cluster)  # /qwen: free
@@ -149,17 +160,31 @@ def test_the_gate_decision_and_approver_are_in_the_lineage_and_on_v1_models(stac
 
     _, v2, _ = versions  # v1 serves after the test before: a real promotion
     registry.annotate(Store(), NAME, v2.version, eval={"metrics": {"exact_match": 0.875}})
-    decision = GateDecision(passed=True, approved_by="alice", comment="looks right", rules=[
-        GateRule(name="primary:exact_match", passed=True, reason="exact_match 0.875 vs 0.5")])  # fmt: skip
+    decision = GateDecision(
+        passed=True,
+        approved_by="alice",
+        comment="looks right",
+        rules=[
+            GateRule(name="primary:exact_match", passed=True, reason="exact_match 0.875 vs 0.5")
+        ],
+    )
     rollout = promote(config=cfg, candidate=v2, decision=decision)
     assert rollout.served_version == v2.version
     gate = registry.read_manifest(Store(), NAME, v2.version)["gate"]
     assert gate["approved_by"] == "alice" and gate["passed"] and gate["comment"] == "looks right"
     assert gate["rules"][0]["reason"] == "exact_match 0.875 vs 0.5"
     served = httpx.get(f"{stack.serve_url}/promote/v1/models", timeout=30).json()["data"][0]
-    assert served["lineage"]["gate"] == {"passed": True, "approved_by": "alice",
-                                         "rules": ["exact_match 0.875 vs 0.5"]}  # fmt: skip
-    listed = subprocess.run([str(Path(sys.executable).parent / "llmflow"), "models", "list", NAME],
-                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert served["lineage"]["gate"] == {
+        "passed": True,
+        "approved_by": "alice",
+        "rules": ["exact_match 0.875 vs 0.5"],
+    }
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "llmflow"), "models", "list", NAME],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     row = next(line for line in listed.stdout.splitlines() if f" {v2.version} " in line)
     assert "exact_match=0.875" in row and "passed (alice)" in row, listed.stdout

@@ -43,6 +43,11 @@ def test_tasks_on_ray_report_runs_and_logs_to_the_server(stack, prefect_client):
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
         )
         task_run_ids = {tr.id for tr in task_runs}
-        found = {w for w in wanted for log in logs if w in log.message and log.task_run_id in task_run_ids}
+        found = {
+            w
+            for w in wanted
+            for log in logs
+            if w in log.message and log.task_run_id in task_run_ids
+        }
         time.sleep(1)
     assert found == wanted

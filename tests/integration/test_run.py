@@ -17,10 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_llmflow_run_exits_0_on_completed(stack):
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "llmflow"), "run", "check",
-         "--config", "configs/tiny.yaml"],
-        capture_output=True, text=True, env=dict(os.environ), cwd=ROOT, timeout=300,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "llmflow"),
+            "run",
+            "check",
+            "--config",
+            "configs/tiny.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Flow 'check' Completed: " + stack.prefect_url + "/runs/flow-run/" in out
@@ -55,8 +65,10 @@ def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
 
     # Each thread runs in a copy of this context: Prefect's settings (the session stack's API
     # URL) live in a contextvar, which a bare thread would not see.
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(f,))
-               for f in (first, second, other)]  # fmt: skip
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(f,))
+        for f in (first, second, other)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -78,8 +90,15 @@ def test_kubernetes_variant_deploys_to_a_kubernetes_work_pool(stack, prefect_cli
     env = dict(os.environ)
 
     def cli(*args: str) -> None:
-        proc = subprocess.run([prefect, "--no-prompt", *args], capture_output=True, text=True,
-                              env=env, cwd=ROOT, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [prefect, "--no-prompt", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     cli("work-pool", "create", "llmflow-k8s-test", "--type", "kubernetes", "--overwrite")
@@ -93,7 +112,10 @@ def test_kubernetes_variant_deploys_to_a_kubernetes_work_pool(stack, prefect_cli
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
     assert not nightly.schedules[0].active  # no scheduled run among the tests
     # The local variant is untouched: both live on one server.
-    assert prefect_client.read_deployment_by_name("pipeline/pipeline").work_pool_name == stack.work_pool
+    assert (
+        prefect_client.read_deployment_by_name("pipeline/pipeline").work_pool_name
+        == stack.work_pool
+    )
 
 
 def test_failure_alert_posts_to_a_webhook_when_a_run_fails(stack):
@@ -109,7 +131,7 @@ def test_failure_alert_posts_to_a_webhook_when_a_run_fails(stack):
     received: queue.Queue = queue.Queue()
 
     class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
+        def do_POST(self):
             received.put(json.loads(self.rfile.read(int(self.headers["content-length"]))))
             self.send_response(200)
             self.end_headers()
@@ -122,14 +144,25 @@ def test_failure_alert_posts_to_a_webhook_when_a_run_fails(stack):
     llmflow = str(Path(sys.executable).parent / "llmflow")
 
     def cli(*args: str) -> str:
-        proc = subprocess.run([llmflow, *args], capture_output=True, text=True,
-                              env=dict(os.environ), cwd=ROOT, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [llmflow, *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
     try:
-        assert "post to http://127.0.0.1:" in cli("alerts", "--webhook", f"http://127.0.0.1:{server.server_port}/hook")
-        state = prepare(config=load_config(None, ["data.source=/nonexistent/rows.jsonl"]), return_state=True)
+        assert "post to http://127.0.0.1:" in cli(
+            "alerts", "--webhook", f"http://127.0.0.1:{server.server_port}/hook"
+        )
+        state = prepare(
+            config=load_config(None, ["data.source=/nonexistent/rows.jsonl"]), return_state=True
+        )
         assert state.is_failed()
         msg = received.get(timeout=90)
         assert "prepare" in msg["subject"] and "Failed" in msg["subject"], msg

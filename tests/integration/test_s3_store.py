@@ -52,8 +52,11 @@ def s3_endpoint(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -115,7 +118,9 @@ def model_dir(tmp_path):
 def _objects(prefix: str) -> list[str]:
     import boto3
 
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    pages = (
+        boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    )
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
@@ -211,8 +216,11 @@ def test_download_dir_copies_a_tree(store, model_dir, tmp_path):
                 dest.write_bytes(f.read_bytes())
     out = store.download_dir(store.uri("models", "m", "v1"), tmp_path / "copy")
     got = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    want = {p.relative_to(model_dir).as_posix(): p.read_bytes() for p in model_dir.rglob("*")
-            if p.is_file()}  # fmt: skip
+    want = {
+        p.relative_to(model_dir).as_posix(): p.read_bytes()
+        for p in model_dir.rglob("*")
+        if p.is_file()
+    }
     assert got == want
 
 
@@ -245,8 +253,15 @@ def test_registry_versions_lineage_and_lookup(store, model_dir):
         register_version,
     )
 
-    a = register_version(store, "m", model_dir, base_model="tiny", dataset_sha256="d" * 64,
-                         metrics={"loss": 1.0}, lineage={"checkpoint": "c1"})  # fmt: skip
+    a = register_version(
+        store,
+        "m",
+        model_dir,
+        base_model="tiny",
+        dataset_sha256="d" * 64,
+        metrics={"loss": 1.0},
+        lineage={"checkpoint": "c1"},
+    )
     b = register_version(store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c2"})
     assert (a.version, b.version) == ("v1", "v2")
     assert a.uri == f"{store.root}/models/m/v1"
@@ -255,12 +270,17 @@ def test_registry_versions_lineage_and_lookup(store, model_dir):
     assert find_version(store, "m", checkpoint="c1") == a
     assert find_version(store, "m", checkpoint="c9") is None
     assert read_manifest(store, "m", "v1")["ref"]["train_metrics"] == {"loss": 1.0}
-    assert store.read_bytes("models", "m", "v2", "model.safetensors") == (
-        model_dir / "model.safetensors"
-    ).read_bytes()
+    assert (
+        store.read_bytes("models", "m", "v2", "model.safetensors")
+        == (model_dir / "model.safetensors").read_bytes()
+    )
     assert store.read_json("models", "m", "v2", "sub", "tokenizer.json") == {"t": 1}
-    assert store.listdir("models", "m", "v1") == ["config.json", "manifest.json",
-                                                  "model.safetensors", "sub"]  # fmt: skip
+    assert store.listdir("models", "m", "v1") == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+        "sub",
+    ]
 
 
 def test_concurrent_registrations_get_distinct_versions(store, model_dir):
@@ -311,7 +331,9 @@ def test_model_dir_of_a_version_loads_from_the_bucket(store, model_dir):
 
     ref = register_version(store, "m", model_dir, base_model="tiny")
     local = Path(local_model_dir(ref.uri))
-    assert (local / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert (local / "model.safetensors").read_bytes() == (
+        model_dir / "model.safetensors"
+    ).read_bytes()
     assert (local / "sub" / "tokenizer.json").is_file()
 
 
@@ -340,10 +362,18 @@ def test_prepare_a_dataset_into_the_bucket_and_read_it_back(tiny_store):
     data = DataConfig(max_rows=200)
     ref, report, run_uri = prepare_to_store(data, base, store, run_id="run-s3")
     assert report.success and ref is not None
-    assert ref.uri.startswith(f"{store.root}/datasets/") and run_uri == f"{store.root}/runs/run-s3/prepare"
+    assert (
+        ref.uri.startswith(f"{store.root}/datasets/")
+        and run_uri == f"{store.root}/runs/run-s3/prepare"
+    )
     key = store.rel(ref.uri)
-    assert store.listdir(key) == ["eval.parquet", "manifest.json", "quarantine.jsonl",
-                                  "train.parquet", "validation.json"]  # fmt: skip
+    assert store.listdir(key) == [
+        "eval.parquet",
+        "manifest.json",
+        "quarantine.jsonl",
+        "train.parquet",
+        "validation.json",
+    ]
     assert DatasetRef.model_validate(store.read_json(key, "manifest.json")["ref"]) == ref
     with store.fs.open(store.path(key, "train.parquet"), "rb") as f:
         train = pq.read_table(f)

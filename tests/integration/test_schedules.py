@@ -31,7 +31,9 @@ def test_retrain_nightly_is_registered_with_its_cron_timezone_and_next_run(stack
     dep = prefect_client.read_deployment_by_name("pipeline/retrain-nightly")
     [sched] = dep.schedules
     assert (sched.schedule.cron, sched.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
-    assert dep.parameters == {"retrain": "if-data-changed"} and dep.work_pool_name == stack.work_pool
+    assert (
+        dep.parameters == {"retrain": "if-data-changed"} and dep.work_pool_name == stack.work_pool
+    )
     assert not sched.active  # the session stack registers every schedule paused
     assert _runs_of(prefect_client, dep.id) == []
     # The next run, as the server's own schedule model computes it, from fixed instants: the
@@ -51,11 +53,17 @@ def test_retrain_nightly_is_registered_with_its_cron_timezone_and_next_run(stack
 def _deployment(nightly: dict, name: str, work_pool: dict) -> dict:
     """retrain-nightly's shape with a cron that is due within a minute, whatever the time."""
     [schedule] = nightly["schedules"]
-    return {**nightly, "name": name, "work_pool": work_pool,
-            "schedules": [{**schedule, "cron": "* * * * *", "active": True}]}  # fmt: skip
+    return {
+        **nightly,
+        "name": name,
+        "work_pool": work_pool,
+        "schedules": [{**schedule, "cron": "* * * * *", "active": True}],
+    }
 
 
-def test_a_schedule_due_within_the_session_starts_no_run_on_the_test_stack(stack, prefect_client, tmp_path):
+def test_a_schedule_due_within_the_session_starts_no_run_on_the_test_stack(
+    stack, prefect_client, tmp_path
+):
     """The session stack's deploy step (stack.deploy under LLMFLOW_PAUSE_SCHEDULES=1) with a
     schedule due every minute: it succeeds, and no run is created or started. A control, the
     same deployment registered active on a pool with no worker, gets its scheduled runs in the
@@ -71,26 +79,34 @@ def test_a_schedule_due_within_the_session_starts_no_run_on_the_test_stack(stack
 
     def write(name: str, work_pool: dict) -> Path:
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**doc, "deployments": [_deployment(nightly, name, work_pool)]}))
+        path.write_text(
+            yaml.safe_dump({**doc, "deployments": [_deployment(nightly, name, work_pool)]})
+        )
         return path
 
     assert stack.pause_schedules  # the session fixture's setting
     stack_mod.deploy(stack, prefect_file=write("due-every-minute", nightly["work_pool"]))
     control_settings = dataclasses.replace(stack, pause_schedules=False)
-    stack_mod.deploy(control_settings, prefect_file=write("due-every-minute-control",
-                                                          {"name": idle_pool}))  # fmt: skip
+    stack_mod.deploy(
+        control_settings, prefect_file=write("due-every-minute-control", {"name": idle_pool})
+    )
     due = prefect_client.read_deployment_by_name("pipeline/due-every-minute")
     control = prefect_client.read_deployment_by_name("pipeline/due-every-minute-control")
     try:
         assert due.work_pool_name == stack.work_pool  # the pool the session's worker polls
         assert [s.active for s in due.schedules] == [False]
         assert [s.active for s in control.schedules] == [True]
-        control_runs = wait_for(lambda: _runs_of(prefect_client, control.id), 90,
-                                "the scheduler to create the control's runs")  # fmt: skip
+        control_runs = wait_for(
+            lambda: _runs_of(prefect_client, control.id),
+            90,
+            "the scheduler to create the control's runs",
+        )
         soon = dt.datetime.now(UTC) + dt.timedelta(minutes=2)
         assert any(r.expected_start_time <= soon for r in control_runs)  # due within the window
         assert _runs_of(prefect_client, due.id) == []  # none created, so none started
     finally:
         for dep in (due, control):
-            delete_if_present(prefect_client.delete_deployment, dep.id, what=f"deployment {dep.name}")
+            delete_if_present(
+                prefect_client.delete_deployment, dep.id, what=f"deployment {dep.name}"
+            )
         delete_if_present(prefect_client.delete_work_pool, idle_pool, what=f"work pool {idle_pool}")

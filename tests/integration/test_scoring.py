@@ -29,10 +29,14 @@ def eval_dataset(store) -> str:
 
     rows = read_examples(bundled_path())[-N_EVAL:]
     prepared = [
-        {"id": f"e{i:03d}", "messages": r["messages"],
-         "n_chars": sum(len(m["content"]) for m in r["messages"]), "n_tokens": 10}
+        {
+            "id": f"e{i:03d}",
+            "messages": r["messages"],
+            "n_chars": sum(len(m["content"]) for m in r["messages"]),
+            "n_tokens": 10,
+        }
         for i, r in enumerate(rows)
-    ]  # fmt: skip
+    ]
     store.write_bytes(parquet_bytes(prepared), "datasets", "scoring-test", "eval.parquet")
     return store.uri("datasets", "scoring-test")
 
@@ -50,7 +54,7 @@ def tiny_trained(tiny_base, tmp_path_factory) -> str:
     from llmflow.bundled import bundled_path, read_examples
     from tests.tiny_training import train_tiny
 
-    rows = read_examples(bundled_path())[: -N_EVAL]
+    rows = read_examples(bundled_path())[:-N_EVAL]
     return train_tiny(tiny_base, tmp_path_factory.mktemp("trained"), rows, steps=150)
 
 
@@ -69,8 +73,16 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
     for report in (before, after):
         assert report.engine == "hf" and report.num_examples == N_EVAL
         assert report.device == "cpu"
-        assert {"exact_match", "normalized_exact_match", "token_f1", "rouge_l", "eval_loss",
-                "perplexity", "truncated_prompts", "empty_generations"} <= set(report.metrics)  # fmt: skip
+        assert {
+            "exact_match",
+            "normalized_exact_match",
+            "token_f1",
+            "rouge_l",
+            "eval_loss",
+            "perplexity",
+            "truncated_prompts",
+            "empty_generations",
+        } <= set(report.metrics)
         assert report.throughput["examples_per_s"] > 0 and report.throughput["tokens_per_s"] > 0
         assert 0 < report.throughput["latency_p50_s"] <= report.throughput["latency_p95_s"]
         assert report.throughput["batches"] == N_EVAL / CFG.batch_size
@@ -96,7 +108,9 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
     assert table.num_rows == N_EVAL and table.column("id").to_pylist()[0] == "e000"
     rows = table.to_pylist()
     assert all(r["generation"] == r["generation"].strip() or r["generation"] for r in rows)
-    assert sum(r["exact_match"] for r in rows) / N_EVAL == pytest.approx(after.metrics["exact_match"])
+    assert sum(r["exact_match"] for r in rows) / N_EVAL == pytest.approx(
+        after.metrics["exact_match"]
+    )
     right = [r for r in rows if r["exact_match"] == 1.0]
     assert all(r["generation"].strip() == r["reference"] for r in right)
     assert all(r["question"] and r["reference"].isdigit() for r in rows)
@@ -111,13 +125,17 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
 def test_extra_metric_and_max_examples(ray_on_stack, eval_dataset, tiny_trained, store):
     from llmflow.evaluate.scoring import score_dataset
 
-    cfg = CFG.model_copy(update={"max_examples": 20, "extra_metrics": ["llmflow.evaluate.metrics:rouge_l"]})
+    cfg = CFG.model_copy(
+        update={"max_examples": 20, "extra_metrics": ["llmflow.evaluate.metrics:rouge_l"]}
+    )
     with pytest.raises(Exception, match="exists"):
         score_dataset(cfg, tiny_trained, eval_dataset, store.uri("runs", "t", "x"))
-    cfg = CFG.model_copy(update={"max_examples": 20,
-                                 "extra_metrics": ["tests.unit.test_metrics:shouting_match"]})  # fmt: skip
-    report = score_dataset(cfg, tiny_trained, eval_dataset, store.uri("runs", "t", "x"),
-                           with_loss=False)  # fmt: skip
+    cfg = CFG.model_copy(
+        update={"max_examples": 20, "extra_metrics": ["tests.unit.test_metrics:shouting_match"]}
+    )
+    report = score_dataset(
+        cfg, tiny_trained, eval_dataset, store.uri("runs", "t", "x"), with_loss=False
+    )
     assert report.num_examples == 20 and "shouting_match" in report.metrics
     assert "eval_loss" not in report.metrics
 

@@ -28,21 +28,42 @@ def served(stack, tmp_path_factory):
     key_file.chmod(0o600)
     if not ray.is_initialized():
         ray.init(stack.ray_address, **ray_init_kwargs(ClusterConfig()))
-    serve.run(build_app({"model_path": path, "model_name": "tiny", "version": "7",
-                         "lineage": {"dataset_sha256": "abc"}}),
-              name="test-open", route_prefix="/open")  # fmt: skip
-    serve.run(build_app({"model_path": path, "model_name": "tiny", "version": "7",
-                         # The key reaches the replicas in a file (a mounted secret); only its
-                         # path travels (a runtime_env would log it: runtime_env_agent.log).
-                         "api_key_file": str(key_file)}),
-              name="test-key", route_prefix="/key")  # fmt: skip
+    serve.run(
+        build_app(
+            {
+                "model_path": path,
+                "model_name": "tiny",
+                "version": "7",
+                "lineage": {"dataset_sha256": "abc"},
+            }
+        ),
+        name="test-open",
+        route_prefix="/open",
+    )
+    serve.run(
+        build_app(
+            {
+                "model_path": path,
+                "model_name": "tiny",
+                "version": "7",
+                # The key reaches the replicas in a file (a mounted secret); only its
+                # path travels (a runtime_env would log it: runtime_env_agent.log).
+                "api_key_file": str(key_file),
+            }
+        ),
+        name="test-key",
+        route_prefix="/key",
+    )
     yield stack.serve_url
     serve.delete("test-open")
     serve.delete("test-key")
 
 
-CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Reverse this number: 123"}],
-        "max_tokens": 6}  # fmt: skip
+CHAT = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Reverse this number: 123"}],
+    "max_tokens": 6,
+}
 
 
 def test_models_lists_version_and_lineage(served):
@@ -56,9 +77,11 @@ def test_chat_and_completion_generate_tokens(served):
     chat = httpx.post(f"{served}/open/v1/chat/completions", json=CHAT, timeout=60).json()
     assert chat["object"] == "chat.completion"
     assert chat["usage"]["prompt_tokens"] > 5 and chat["usage"]["completion_tokens"] >= 1
-    comp = httpx.post(f"{served}/open/v1/completions",
-                      json={"model": "tiny", "prompt": ["Reverse 12", "Reverse 34"], "max_tokens": 4},
-                      timeout=60).json()  # fmt: skip
+    comp = httpx.post(
+        f"{served}/open/v1/completions",
+        json={"model": "tiny", "prompt": ["Reverse 12", "Reverse 34"], "max_tokens": 4},
+        timeout=60,
+    ).json()
     assert [c["index"] for c in comp["choices"]] == [0, 1]
     assert comp["usage"]["completion_tokens"] >= 2
 
@@ -66,13 +89,25 @@ def test_chat_and_completion_generate_tokens(served):
 def test_concurrent_requests_are_batched_and_match_single_answers(served):
     """Greedy decoding: an answer is the same alone or batched with others."""
     prompts = [f"Reverse this number: {n}" for n in (12, 345, 6789, 101, 2222, 90817)]
-    single = [httpx.post(f"{served}/open/v1/completions",
-                         json={"model": "tiny", "prompt": p, "max_tokens": 6}, timeout=60).json()
-              for p in prompts]  # fmt: skip
+    single = [
+        httpx.post(
+            f"{served}/open/v1/completions",
+            json={"model": "tiny", "prompt": p, "max_tokens": 6},
+            timeout=60,
+        ).json()
+        for p in prompts
+    ]
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: httpx.post(
-            f"{served}/open/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 6},
-            timeout=60).json(), prompts))  # fmt: skip
+        together = list(
+            pool.map(
+                lambda p: httpx.post(
+                    f"{served}/open/v1/completions",
+                    json={"model": "tiny", "prompt": p, "max_tokens": 6},
+                    timeout=60,
+                ).json(),
+                prompts,
+            )
+        )
     assert [s["choices"][0]["text"] for s in single] == [t["choices"][0]["text"] for t in together]
 
 
@@ -80,8 +115,9 @@ def test_streaming_over_sse(served):
     """A seeded sampled stream says what the same request unstreamed says (the untrained tiny
     model's greedy answer is special tokens only, empty once decoded)."""
     sampled = CHAT | {"max_tokens": 12, "temperature": 1.0, "seed": 3}
-    with httpx.stream("POST", f"{served}/open/v1/chat/completions", json=sampled | {"stream": True},
-                      timeout=60) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{served}/open/v1/chat/completions", json=sampled | {"stream": True}, timeout=60
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
     assert events[-1] == "[DONE]"
@@ -126,12 +162,14 @@ def test_official_openai_client(served):
 
     client = openai.OpenAI(base_url=f"{served}/open/v1", api_key="x", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list()] == ["tiny"]
-    done = client.completions.create(model="tiny", prompt="Reverse 12", max_tokens=8,
-                                     temperature=1.0, seed=1)  # fmt: skip
+    done = client.completions.create(
+        model="tiny", prompt="Reverse 12", max_tokens=8, temperature=1.0, seed=1
+    )
     assert isinstance(done.choices[0].text, str) and done.choices[0].finish_reason == "length"
     assert done.usage.completion_tokens == 8 and done.usage.total_tokens > 8
-    stream = client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=12,
-                                            temperature=1.0, seed=3, stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model="tiny", messages=CHAT["messages"], max_tokens=12, temperature=1.0, seed=3, stream=True
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -140,7 +178,9 @@ def test_official_openai_client(served):
     with pytest.raises(openai.AuthenticationError) as err:
         wrong.models.list()
     assert err.value.status_code == 401
-    right = openai.OpenAI(base_url=f"{served}/key/v1", api_key="s3cret-key", max_retries=0, timeout=60)
+    right = openai.OpenAI(
+        base_url=f"{served}/key/v1", api_key="s3cret-key", max_retries=0, timeout=60
+    )
     assert [m.id for m in right.models.list()] == ["tiny"]
 
 
@@ -164,14 +204,19 @@ def from_schema(schema: dict, defs: dict, overrides: dict | None = None):
     kind = schema.get("type")
     if kind == "object":
         overrides = overrides or {}
-        props = {k: overrides[k] if k in overrides else from_schema(v, defs)
-                 for k, v in schema.get("properties", {}).items()}  # fmt: skip
+        props = {
+            k: overrides[k] if k in overrides else from_schema(v, defs)
+            for k, v in schema.get("properties", {}).items()
+        }
         required = set(schema.get("required", ()))
-        return st.fixed_dictionaries({k: v for k, v in props.items() if k in required},
-                                     optional={k: v for k, v in props.items() if k not in required})  # fmt: skip
+        return st.fixed_dictionaries(
+            {k: v for k, v in props.items() if k in required},
+            optional={k: v for k, v in props.items() if k not in required},
+        )
     if kind == "array":
-        return st.lists(from_schema(schema["items"], defs),
-                        min_size=schema.get("minItems", 0), max_size=3)  # fmt: skip
+        return st.lists(
+            from_schema(schema["items"], defs), min_size=schema.get("minItems", 0), max_size=3
+        )
     if kind == "string":
         return st.text(max_size=20) | st.sampled_from(["", "\ud800"])
     if kind == "integer":
@@ -179,15 +224,22 @@ def from_schema(schema: dict, defs: dict, overrides: dict | None = None):
         if "exclusiveMaximum" in schema:
             high = schema["exclusiveMaximum"] - 1
         low, high = (None if v is None else int(v) for v in (low, high))
-        edges = [v for v in (low, high, 0, 2**64, -(2**64)) if (low is None or v >= low)
-                 and (high is None or v <= high)]  # fmt: skip
+        edges = [
+            v
+            for v in (low, high, 0, 2**64, -(2**64))
+            if (low is None or v >= low) and (high is None or v <= high)
+        ]
         return st.integers(low, high) | st.sampled_from(edges)
     if kind == "number":
         low = schema.get("minimum", schema.get("exclusiveMinimum"))
-        floats = st.floats(low, schema.get("maximum"), exclude_min="exclusiveMinimum" in schema,
-                           allow_nan=False)  # fmt: skip
-        edges = [v for v in (low, schema.get("maximum"), 5e-324, 1e-300) if v is not None
-                 and not (v == low and "exclusiveMinimum" in schema)]  # fmt: skip
+        floats = st.floats(
+            low, schema.get("maximum"), exclude_min="exclusiveMinimum" in schema, allow_nan=False
+        )
+        edges = [
+            v
+            for v in (low, schema.get("maximum"), 5e-324, 1e-300)
+            if v is not None and not (v == low and "exclusiveMinimum" in schema)
+        ]
         return floats | st.sampled_from(edges)
     if kind == "boolean":
         return st.booleans()
@@ -207,11 +259,19 @@ def request_cases(schema: dict, defs: dict):
     # Lone surrogates are legal in JSON text ("\\ud800") and not in UTF-8.
     texts = st.text(max_size=8) | st.sampled_from(["\ud800", "a\udfffb"])
     scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts
-    any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                            | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)  # fmt: skip
+    any_json = st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=6,
+    )
     # Valid requests stay cheap to generate: the served model, a few tokens.
-    valid = from_schema(schema, defs, {"model": st.sampled_from(["tiny", "tiny:7"]),
-                                       "max_tokens": st.integers(1, 8)})  # fmt: skip
+    valid = from_schema(
+        schema,
+        defs,
+        {"model": st.sampled_from(["tiny", "tiny:7"]), "max_tokens": st.integers(1, 8)},
+    )
     fields = sorted(schema["properties"])
 
     def dumps(body) -> bytes:
@@ -219,16 +279,21 @@ def request_cases(schema: dict, defs: dict):
 
     ok = valid.map(lambda b: (dumps(b), None))
     dropped = st.tuples(valid, st.sampled_from(sorted(schema["required"]))).map(
-        lambda t: (dumps({k: v for k, v in t[0].items() if k != t[1]}), {400}))
+        lambda t: (dumps({k: v for k, v in t[0].items() if k != t[1]}), {400})
+    )
     retyped = st.tuples(valid, st.sampled_from(fields), any_json).map(
-        lambda t: (dumps(t[0] | {t[1]: t[2]}), None))  # the new value may happen to be valid
+        lambda t: (dumps(t[0] | {t[1]: t[2]}), None)
+    )  # the new value may happen to be valid
     tokens = st.tuples(valid, st.integers(max_value=0) | st.integers(min_value=4097)).map(
-        lambda t: (dumps(t[0] | {"max_tokens": t[1]}), {400}))
-    model = st.tuples(valid, st.text(max_size=12).filter(lambda m: m not in ("tiny", "tiny:7"))).map(
-        lambda t: (dumps(t[0] | {"model": t[1]}), {400, 404}))  # 400: something else is off too
+        lambda t: (dumps(t[0] | {"max_tokens": t[1]}), {400})
+    )
+    model = st.tuples(
+        valid, st.text(max_size=12).filter(lambda m: m not in ("tiny", "tiny:7"))
+    ).map(lambda t: (dumps(t[0] | {"model": t[1]}), {400, 404}))  # 400: something else is off too
     garbage = st.binary(max_size=40).map(lambda b: (b, None))
-    return st.one_of(ok, ok, dropped, retyped, tokens, model,
-                     any_json.map(lambda b: (dumps(b), None)), garbage)  # fmt: skip
+    return st.one_of(
+        ok, ok, dropped, retyped, tokens, model, any_json.map(lambda b: (dumps(b), None)), garbage
+    )
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
@@ -244,12 +309,18 @@ def test_fuzzed_requests_never_get_a_server_error(served, path):
     schema = defs[body["$ref"].rsplit("/", 1)[-1]]
     client = httpx.Client(timeout=60)
 
-    @settings(max_examples=50, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
+    @settings(
+        max_examples=50,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
     @given(case=request_cases(schema, defs))
     def check(case):
         content, allowed = case
-        r = client.post(f"{base}{path}", content=content, headers={"content-type": "application/json"})
+        r = client.post(
+            f"{base}{path}", content=content, headers={"content-type": "application/json"}
+        )
         assert r.status_code < 500, (content, r.status_code, r.text[:300])
         if allowed is not None:
             assert r.status_code in allowed, (content, r.status_code, r.text[:300])
@@ -279,8 +350,9 @@ def test_oversized_body_gets_413_and_the_server_stays_healthy(served):
             yield b"x" * 65536
         yield b'"}'
 
-    streamed = httpx.post(url, content=chunked(), headers={"content-type": "application/json"},
-                          timeout=60)  # fmt: skip
+    streamed = httpx.post(
+        url, content=chunked(), headers={"content-type": "application/json"}, timeout=60
+    )
     assert streamed.status_code == 413
     assert httpx.get(f"{served}/open/health", timeout=30).json()["status"] == "ok"
 
@@ -320,19 +392,32 @@ def test_health_answers_while_a_long_stream_and_a_batch_generate(served):
     busy = threading.Event()
 
     def stream() -> None:
-        with httpx.stream("POST", f"{served}/open/v1/chat/completions", timeout=120,
-                          json=long | {"stream": True, "messages": CHAT["messages"]}) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            f"{served}/open/v1/chat/completions",
+            timeout=120,
+            json=long | {"stream": True, "messages": CHAT["messages"]},
+        ) as r:
             busy.set()
             for _ in r.iter_lines():
                 pass
 
     def batch() -> None:
         with cf.ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda p: httpx.post(f"{served}/open/v1/completions", timeout=120,
-                                               json=long | {"prompt": p}), ["1", "22", "333", "4444"]))  # fmt: skip
+            list(
+                pool.map(
+                    lambda p: httpx.post(
+                        f"{served}/open/v1/completions", timeout=120, json=long | {"prompt": p}
+                    ),
+                    ["1", "22", "333", "4444"],
+                )
+            )
 
-    workers = [threading.Thread(target=stream), threading.Thread(target=batch),
-               threading.Thread(target=stream)]  # fmt: skip
+    workers = [
+        threading.Thread(target=stream),
+        threading.Thread(target=batch),
+        threading.Thread(target=stream),
+    ]
     for w in workers:
         w.start()
     busy.wait(60)

@@ -14,15 +14,29 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # What the GPU configs need a GPU for, switched to the tiny CPU settings; nothing else moves.
 CPU = [
-    "train.use_gpu=false", "train.cpus_per_worker=1", "train.max_steps=30", "train.batch_size=8",
-    "train.grad_accum=1", "train.learning_rate=0.003", "train.warmup_steps=3",
-    "train.eval_every=15", "train.checkpoint_every=30", "data.max_rows=800", "data.max_tokens=128",
-    "data.eval_fraction=0.1", "eval.engine=hf", "eval.batch_size=64", "eval.max_new_tokens=8",
-    "eval.max_examples=32", "eval.cpus_per_actor=1", "eval.threads_per_actor=1",
-    "serve.engine=hf", "serve.max_surge_percent=100",
+    "train.use_gpu=false",
+    "train.cpus_per_worker=1",
+    "train.max_steps=30",
+    "train.batch_size=8",
+    "train.grad_accum=1",
+    "train.learning_rate=0.003",
+    "train.warmup_steps=3",
+    "train.eval_every=15",
+    "train.checkpoint_every=30",
+    "data.max_rows=800",
+    "data.max_tokens=128",
+    "data.eval_fraction=0.1",
+    "eval.engine=hf",
+    "eval.batch_size=64",
+    "eval.max_new_tokens=8",
+    "eval.max_examples=32",
+    "eval.cpus_per_actor=1",
+    "eval.threads_per_actor=1",
+    "serve.engine=hf",
+    "serve.max_surge_percent=100",
     # Random weights learn no exact match in 30 steps; the loss they lower is the gate.
     "gate.primary_metric=eval_loss",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +52,9 @@ def standins(stack, tmp_path_factory):
     # LoRA adapts a pretrained model: the Phi-3 stand-in is trained (all weights, 120 steps)
     # into a base that answers, as microsoft/Phi-3-mini is; a rank-16 adapter on random
     # weights learned too little in 80 steps to say anything but <|end|> (measured).
-    out["phi3"] = train_tiny(out["phi3"], tmp_path_factory.mktemp("phi3-base"), rows[:3000], steps=120)
+    out["phi3"] = train_tiny(
+        out["phi3"], tmp_path_factory.mktemp("phi3-base"), rows[:3000], steps=120
+    )
     yield out
     from ray import serve
 
@@ -46,12 +62,16 @@ def standins(stack, tmp_path_factory):
         serve.delete(app)  # free the replicas' CPUs for the tests after this module
 
 
-@pytest.mark.parametrize("config_file, family, architecture, export, more", [
-    ("configs/qwen2.5-0.5b-instruct.yaml", "qwen2", "Qwen2ForCausalLM", "full", []),
-    ("configs/phi-3-mini-4k-instruct.yaml", "phi3", "Phi3ForCausalLM", "merged", []),
-])  # fmt: skip
-def test_the_config_runs_the_pipeline_on_its_architecture(stack, standins, config_file, family,
-                                                          architecture, export, more):  # fmt: skip
+@pytest.mark.parametrize(
+    "config_file, family, architecture, export, more",
+    [
+        ("configs/qwen2.5-0.5b-instruct.yaml", "qwen2", "Qwen2ForCausalLM", "full", []),
+        ("configs/phi-3-mini-4k-instruct.yaml", "phi3", "Phi3ForCausalLM", "merged", []),
+    ],
+)
+def test_the_config_runs_the_pipeline_on_its_architecture(
+    stack, standins, config_file, family, architecture, export, more
+):
     import json
     from pathlib import Path
 
@@ -75,9 +95,15 @@ def test_the_config_runs_the_pipeline_on_its_architecture(stack, standins, confi
     base = f"{stack.serve_url}{config.serve.route_prefix}"
     served = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]
     assert served["version"] == model["version"] and served["lineage"]["eval_metrics"]
-    chat = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
-        "model": model["name"], "max_tokens": 12,
-        "messages": [{"role": "user", "content": "Reverse this number: 4071"}]}).json()  # fmt: skip
+    chat = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": model["name"],
+            "max_tokens": 12,
+            "messages": [{"role": "user", "content": "Reverse this number: 4071"}],
+        },
+    ).json()
     [choice] = chat["choices"]
     used = chat["usage"]["completion_tokens"]
     assert (choice["finish_reason"] == "length") == (used == 12), chat

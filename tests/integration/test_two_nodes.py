@@ -23,8 +23,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 # Short runs: placement is the point, not what the model learns (the loss still has to fall).
-TINY = ["train.max_steps=10", "train.checkpoint_every=10", "train.eval_every=10",
-        "train.warmup_steps=5"]  # fmt: skip
+TINY = [
+    "train.max_steps=10",
+    "train.checkpoint_every=10",
+    "train.eval_every=10",
+    "train.warmup_steps=5",
+]
 
 
 def cfg(*overrides: str):
@@ -67,24 +71,36 @@ def ray_address() -> str:
 def train_workers(node_id: str | None = None) -> list:
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray_address(), detail=True, limit=1000,
-                         filters=[("class_name", "=", "RayTrainWorker")])  # fmt: skip
+    actors = list_actors(
+        address=ray_address(),
+        detail=True,
+        limit=1000,
+        filters=[("class_name", "=", "RayTrainWorker")],
+    )
     return [a for a in actors if node_id is None or a.node_id == node_id]
 
 
 def test_the_second_node_declares_a_gpu_and_gpu_node_and_status_shows_it(stack, second_node):
     from ray.util.state import list_nodes
 
-    nodes = {n.node_id: n for n in list_nodes(address=ray_address(), detail=True) if n.state == "ALIVE"}
+    nodes = {
+        n.node_id: n for n in list_nodes(address=ray_address(), detail=True) if n.state == "ALIVE"
+    }
     node = nodes[second_node]
     assert not node.is_head_node
     assert (node.resources_total["GPU"], node.resources_total["gpu_node"]) == (1.0, 1.0)
     heads = [n for n in nodes.values() if n.is_head_node]
     assert len(heads) == 1 and "gpu_node" not in heads[0].resources_total
 
-    proc = subprocess.run([str(Path(sys.executable).parent / "llmflow"), "status", "--json"],
-                          capture_output=True, text=True, env=dict(os.environ), cwd=ROOT,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "llmflow"), "status", "--json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [row] = [p for p in json.loads(proc.stdout) if p["name"] == "ray-node-2"]
     assert row["healthy"] and row["pid"] and row["detail"].startswith(f"node {second_node[:12]}: ")
@@ -97,9 +113,15 @@ def test_the_pipeline_trains_on_the_node_that_declares_gpu_node(stack, dataset, 
 
     # 60 steps: enough for the model to answer with digits, so the promotion's smoke test
     # passes (at 10 it answers nothing and the rollout is rolled back, as it should be).
-    config = cfg("train.resources_per_worker={gpu_node: 1}", "train.model_name=two-nodes",
-                 "train.max_steps=60", "train.checkpoint_every=60", "train.eval_every=60",
-                 "serve.app_name=two-nodes", "serve.route_prefix=/two-nodes")  # fmt: skip
+    config = cfg(
+        "train.resources_per_worker={gpu_node: 1}",
+        "train.model_name=two-nodes",
+        "train.max_steps=60",
+        "train.checkpoint_every=60",
+        "train.eval_every=60",
+        "serve.app_name=two-nodes",
+        "serve.route_prefix=/two-nodes",
+    )
     try:
         state = pipeline(config=config, return_state=True)
     finally:
@@ -120,12 +142,18 @@ def test_the_pipeline_trains_on_the_node_that_declares_gpu_node(stack, dataset, 
 
     # From Ray's state API: the run's worker held gpu_node (and no GPU) on the second node,
     # and no worker holding gpu_node ran anywhere else.
-    placed = [a for a in train_workers() if any(k.startswith("gpu_node") for k in a.required_resources)]
-    assert placed and {a.node_id for a in placed} == {second_node}, [(a.node_id, a.required_resources) for a in placed]
+    placed = [
+        a for a in train_workers() if any(k.startswith("gpu_node") for k in a.required_resources)
+    ]
+    assert placed and {a.node_id for a in placed} == {second_node}, [
+        (a.node_id, a.required_resources) for a in placed
+    ]
     assert not any(k.startswith("GPU") for a in placed for k in a.required_resources)
 
 
-def test_use_gpu_workers_are_placed_on_the_gpu_node_and_fall_back_to_cpu(stack, dataset, second_node):
+def test_use_gpu_workers_are_placed_on_the_gpu_node_and_fall_back_to_cpu(
+    stack, dataset, second_node
+):
     from ray.util.state import list_tasks
 
     from flows.finetune import finetune
@@ -140,20 +168,29 @@ def test_use_gpu_workers_are_placed_on_the_gpu_node_and_fall_back_to_cpu(stack, 
     workers = train_workers(second_node)
     assert any(k.startswith("GPU") for w in workers for k in w.required_resources), workers
     # ... and the Prefect task that launched the trainer reserved no GPU (nor CPU).
-    launchers = [t for t in list_tasks(address=ray_address(), detail=True, limit=10000)
-                 if "_run_prefect_task" in (t.func_or_class_name or "")]  # fmt: skip
+    launchers = [
+        t
+        for t in list_tasks(address=ray_address(), detail=True, limit=10000)
+        if "_run_prefect_task" in (t.func_or_class_name or "")
+    ]
     assert launchers
     assert not any(k.startswith("GPU") for t in launchers for k in (t.required_resources or {}))
 
 
-def test_training_that_asks_for_an_undeclared_resource_fails_before_it_starts(stack, dataset, second_node):
+def test_training_that_asks_for_an_undeclared_resource_fails_before_it_starts(
+    stack, dataset, second_node
+):
     from flows.finetune import finetune
     from llmflow.errors import ConfigError
 
     # Another seed: with the first test's inputs, the finished run would be reused as it is
     # (where a run is placed is not part of its key), and nothing would be placed at all.
-    config = cfg("train.resources_per_worker={tpu_node: 1}", "train.seed=7",
-                 "train.model_name=two-nodes-x")
-    with pytest.raises(ConfigError, match=r"needs 1 CPU, 1 tpu_node, but the Ray "
-                       r"cluster has \d+ CPU, 0 tpu_node in total"):  # fmt: skip
+    config = cfg(
+        "train.resources_per_worker={tpu_node: 1}", "train.seed=7", "train.model_name=two-nodes-x"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"needs 1 CPU, 1 tpu_node, but the Ray "
+        r"cluster has \d+ CPU, 0 tpu_node in total",
+    ):
         finetune(config=config, dataset=dataset)

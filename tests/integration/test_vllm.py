@@ -32,8 +32,10 @@ def eval_dataset(stack) -> str:
     from llmflow.prepare.dataset import parquet_bytes
 
     rows = read_examples(bundled_path())[-N_EVAL:]
-    prepared = [{"id": f"e{i:03d}", "messages": r["messages"], "n_chars": 1, "n_tokens": 10}
-                for i, r in enumerate(rows)]  # fmt: skip
+    prepared = [
+        {"id": f"e{i:03d}", "messages": r["messages"], "n_chars": 1, "n_tokens": 10}
+        for i, r in enumerate(rows)
+    ]
     Store().write_bytes(parquet_bytes(prepared), "datasets", "vllm-test", "eval.parquet")
     return Store().uri("datasets", "vllm-test")
 
@@ -58,7 +60,9 @@ def test_engine_environment_matches_the_cluster():
     assert info.ray_version == "2.60.0" and info.python_version.startswith("3.11.")
 
 
-def test_an_interpreter_missing_on_a_remote_clusters_nodes_fails_in_one_line(ray_on_stack, monkeypatch):
+def test_an_interpreter_missing_on_a_remote_clusters_nodes_fails_in_one_line(
+    ray_on_stack, monkeypatch
+):
     """A path the driver does not have is asked of the cluster: a Ray task started with it.
     Ray never starts such a worker and never says so (the task would wait forever); the probe
     gives up after its timeout with one line."""
@@ -67,10 +71,15 @@ def test_an_interpreter_missing_on_a_remote_clusters_nodes_fails_in_one_line(ray
     from llmflow.errors import ConfigError
 
     monkeypatch.setattr(engine_env, "PROBE_TIMEOUT_S", 15.0)
-    cluster = ClusterConfig(ray_address=ray_on_stack.ray_address, vllm_python="/opt/nowhere/bin/python")
+    cluster = ClusterConfig(
+        ray_address=ray_on_stack.ray_address, vllm_python="/opt/nowhere/bin/python"
+    )
     t0 = time.monotonic()
-    with pytest.raises(ConfigError, match=r"^eval.engine: 'vllm' needs .*/opt/nowhere/bin/python: "
-                       r"(no Ray worker started with it in 15 s|a Ray worker with it failed)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^eval.engine: 'vllm' needs .*/opt/nowhere/bin/python: "
+        r"(no Ray worker started with it in 15 s|a Ray worker with it failed)",
+    ):
         engine_env.check(cluster, key="eval.engine", placement=[{"CPU": 1}])
     assert time.monotonic() - t0 < 60
 
@@ -86,12 +95,20 @@ def test_vllm_scoring_matches_the_hf_engine_on_the_same_split(ray_on_stack, eval
     vllm_cfg = hf_cfg.model_copy(update={"engine": "vllm"})
     store = Store()
     hf = score_dataset(hf_cfg, trained, eval_dataset, store.uri("runs", "vllm-test", "hf"))
-    vl = score_dataset(vllm_cfg, trained, eval_dataset, store.uri("runs", "vllm-test", "vllm"),
-                       cluster=tiny.cluster)  # fmt: skip
+    vl = score_dataset(
+        vllm_cfg,
+        trained,
+        eval_dataset,
+        store.uri("runs", "vllm-test", "vllm"),
+        cluster=tiny.cluster,
+    )
 
     assert (hf.engine, vl.engine) == ("hf", "vllm") and vl.num_examples == N_EVAL
     assert hf.metrics["exact_match"] >= 0.05  # trained enough for the comparison to mean something
-    assert abs(vl.metrics["exact_match"] - hf.metrics["exact_match"]) <= 0.02, (vl.metrics, hf.metrics)
+    assert abs(vl.metrics["exact_match"] - hf.metrics["exact_match"]) <= 0.02, (
+        vl.metrics,
+        hf.metrics,
+    )
     # The teacher-forced loss is still reported (a separate hf pass over the same rows).
     assert vl.metrics["eval_loss"] == pytest.approx(hf.metrics["eval_loss"], rel=1e-3)
     assert vl.throughput["examples_per_s"] > 0 and vl.throughput["tokens_per_s"] > 0
@@ -104,8 +121,9 @@ def test_vllm_scoring_matches_the_hf_engine_on_the_same_split(ray_on_stack, eval
     assert "worst of 64" in worst_examples(pq.read_table(vl.predictions_uri), k=5)
 
 
-def test_both_engines_stop_on_every_end_id_of_the_generation_config(ray_on_stack, eval_dataset,
-                                                                   trained, tmp_path):
+def test_both_engines_stop_on_every_end_id_of_the_generation_config(
+    ray_on_stack, eval_dataset, trained, tmp_path
+):
     """A model whose turns end with a second end token (Phi-3's <|end|>, Llama-3's <|eot_id|>)
     lists it in generation_config.eos_token_id: vLLM and the hf engine both stop there. Here a
     copy of the trained model names a digit its answers use as that token: every generation is
@@ -118,8 +136,9 @@ def test_both_engines_stop_on_every_end_id_of_the_generation_config(ray_on_stack
     from llmflow.evaluate.scoring import score_dataset
 
     tiny = load_config("configs/tiny.yaml")
-    hf_cfg = tiny.eval.model_copy(update={"engine": "hf", "batch_size": 16, "max_new_tokens": 12,
-                                          "max_examples": 32})  # fmt: skip
+    hf_cfg = tiny.eval.model_copy(
+        update={"engine": "hf", "batch_size": 16, "max_new_tokens": 12, "max_examples": 32}
+    )
     store = Store()
     plain = score_dataset(hf_cfg, trained, eval_dataset, store.uri("runs", "vllm-stop", "plain"))
     texts = {r["id"]: r["generation"] for r in pq.read_table(plain.predictions_uri).to_pylist()}
@@ -139,9 +158,13 @@ def test_both_engines_stop_on_every_end_id_of_the_generation_config(ray_on_stack
     expected = {i: t[: t.index(digit)] if digit in t else t for i, t in texts.items()}
     assert sum(expected[i] != texts[i] for i in texts) >= 8  # the digit cuts many answers
     for engine in ("hf", "vllm"):
-        report = score_dataset(hf_cfg.model_copy(update={"engine": engine}), str(turned),
-                               eval_dataset, store.uri("runs", "vllm-stop", engine),
-                               cluster=tiny.cluster)  # fmt: skip
+        report = score_dataset(
+            hf_cfg.model_copy(update={"engine": engine}),
+            str(turned),
+            eval_dataset,
+            store.uri("runs", "vllm-stop", engine),
+            cluster=tiny.cluster,
+        )
         rows = pq.read_table(report.predictions_uri).to_pylist()
         got = {r["id"]: r["generation"] for r in rows}
         agree = sum(got[i] == expected[i] for i in expected)
@@ -164,9 +187,16 @@ def versions(stack, trained, tmp_path_factory):
 def cfg(stack, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("vllm-secret") / "api-key"
     key_file.write_text(KEY + "\n")
-    yield load_config("configs/tiny.yaml", [
-        f"train.model_name={NAME}", "serve.engine=vllm", f"serve.app_name={NAME}",
-        "serve.route_prefix=/vllm", f"serve.api_key_file={key_file}"])  # fmt: skip
+    yield load_config(
+        "configs/tiny.yaml",
+        [
+            f"train.model_name={NAME}",
+            "serve.engine=vllm",
+            f"serve.app_name={NAME}",
+            "serve.route_prefix=/vllm",
+            f"serve.api_key_file={key_file}",
+        ],
+    )
     from ray import serve
 
     serve.delete(NAME)  # free its engine's CPU for the tests after this module
@@ -183,8 +213,9 @@ def promoted(ray_on_stack, versions, cfg):
 def _client(stack, key: str | None = KEY):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{stack.serve_url}/vllm/v1", api_key=key or "none", max_retries=0,
-                  timeout=60)  # fmt: skip
+    return OpenAI(
+        base_url=f"{stack.serve_url}/vllm/v1", api_key=key or "none", max_retries=0, timeout=60
+    )
 
 
 def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versions, promoted):
@@ -198,31 +229,44 @@ def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versio
     assert model.id == NAME and model.version == good.version  # llmflow's ingress adds these
     assert model.lineage["base_model"] == "tiny"
     question = "Reverse this number: 4071"
-    chat = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0,
-                                          messages=[{"role": "user", "content": question}])  # fmt: skip
+    chat = client.chat.completions.create(
+        model=NAME, max_tokens=12, temperature=0, messages=[{"role": "user", "content": question}]
+    )
     answer = chat.choices[0].message.content
     assert chat.usage.completion_tokens >= 1 and chat.usage.prompt_tokens > 5
     assert answer.strip(), answer
     # finish_reason agrees with the count, and the OpenAI `stop` strings end the answer.
     assert (chat.choices[0].finish_reason == "length") == (chat.usage.completion_tokens == 12), chat
     assert len(answer) >= 2, answer
-    cut = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0, stop=[answer[1]],
-                                         messages=[{"role": "user", "content": question}])  # fmt: skip
+    cut = client.chat.completions.create(
+        model=NAME,
+        max_tokens=12,
+        temperature=0,
+        stop=[answer[1]],
+        messages=[{"role": "user", "content": question}],
+    )
     assert cut.choices[0].message.content == answer[: answer.index(answer[1])]
     assert cut.choices[0].finish_reason == "stop"
     comp = client.completions.create(model=f"{NAME}:{good.version}", prompt="12", max_tokens=4)
     assert comp.usage.completion_tokens >= 1 and comp.choices[0].finish_reason in ("stop", "length")
-    stream = client.chat.completions.create(model=NAME, max_tokens=12, temperature=0, stream=True,
-                                            messages=[{"role": "user", "content": question}])  # fmt: skip
+    stream = client.chat.completions.create(
+        model=NAME,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        messages=[{"role": "user", "content": question}],
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed == answer
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=NAME, max_tokens=-1,
-                                       messages=[{"role": "user", "content": "1"}])  # fmt: skip
+        client.chat.completions.create(
+            model=NAME, max_tokens=-1, messages=[{"role": "user", "content": "1"}]
+        )
     assert bad.value.status_code == 400 and "max_tokens" in str(bad.value)
     with pytest.raises(openai.NotFoundError) as unknown:
-        client.chat.completions.create(model="no-such-model", max_tokens=4,
-                                       messages=[{"role": "user", "content": "1"}])  # fmt: skip
+        client.chat.completions.create(
+            model="no-such-model", max_tokens=4, messages=[{"role": "user", "content": "1"}]
+        )
     assert unknown.value.status_code == 404 and "no-such-model" in str(unknown.value)
     with pytest.raises(openai.AuthenticationError) as denied:
         _client(stack, key="wrong").models.list()
@@ -231,7 +275,9 @@ def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versio
     assert health == {"status": "ok", "model": NAME, "version": good.version}
 
 
-def test_a_broken_candidate_on_vllm_is_rolled_back_with_the_champion_answering(stack, versions, cfg, promoted):
+def test_a_broken_candidate_on_vllm_is_rolled_back_with_the_champion_answering(
+    stack, versions, cfg, promoted
+):
     from flows.promote import promote
 
     good, broken = versions

@@ -47,5 +47,10 @@ def test_concurrent_promotions_leave_one_consistent_champion(tmp_path):
         p.join(30)
     aliases = read_aliases(Store(tmp_path), "m")
     assert aliases["champion"] in {"0", "1", "2", "3"}
-    assert aliases["previous"] in {"0", "1", "2", "3"} and aliases["previous"] != aliases["champion"]
-    assert sorted(p.name for p in (tmp_path / "models" / "m").iterdir()) == [".aliases.lock", "aliases.json"]
+    assert (
+        aliases["previous"] in {"0", "1", "2", "3"} and aliases["previous"] != aliases["champion"]
+    )
+    assert sorted(p.name for p in (tmp_path / "models" / "m").iterdir()) == [
+        ".aliases.lock",
+        "aliases.json",
+    ]

@@ -74,11 +74,18 @@ def test_notices_and_the_question_they_answered_are_not_sent_again():
 
 
 def test_header_shows_version_lineage_and_endpoint():
-    model = ServedModel("llmflow-tiny", "v3", {
-        "base_model": "/store/base/tiny", "dataset_sha256": "0123456789abcdef" * 4,
-        "dataset": {"num_train": 900, "num_eval": 100}, "flow_run_id": "5f0c9a3e-1111-2222",
-        "eval_metrics": {"exact_match": 0.95123}, "train_metrics": {"train_loss_last": 0.2},
-    })  # fmt: skip
+    model = ServedModel(
+        "llmflow-tiny",
+        "v3",
+        {
+            "base_model": "/store/base/tiny",
+            "dataset_sha256": "0123456789abcdef" * 4,
+            "dataset": {"num_train": 900, "num_eval": 100},
+            "flow_run_id": "5f0c9a3e-1111-2222",
+            "eval_metrics": {"exact_match": 0.95123},
+            "train_metrics": {"train_loss_last": 0.2},
+        },
+    )
     text = describe_model([model, ServedModel("other")], ENDPOINT, prefect_ui="http://ui:4200")
     assert "**Serving `llmflow-tiny` version `v3`**" in text
     assert "dataset `0123456789ab…` (900 train / 100 eval rows)" in text
@@ -99,22 +106,33 @@ def _status_error(cls, status: int, message: str):
     return cls(f"Error code: {status}", response=response, body={"message": message})
 
 
-@pytest.mark.parametrize("exc,expected", [
-    (openai.APIConnectionError(request=_request()), "is not reachable. Start the stack"),
-    (httpx.ConnectError("refused"), "is not reachable. Start the stack"),
-    (openai.APITimeoutError(request=_request()), "did not answer in time"),
-    (httpx.ReadTimeout("slow"), "did not answer in time"),
-    (_status_error(openai.AuthenticationError, 401, "Incorrect API key provided."),
-     "refused the API key in the file /k: Incorrect API key provided."),
-    (EndpointError(401, "Incorrect API key provided."), "refused the API key in the file /k"),
-    (_status_error(openai.NotFoundError, 404, "The model 'x' does not exist"),
-     "Nothing at http://127.0.0.1:8000/v1 answers for this model (The model 'x' does not exist)"),
-    (_status_error(openai.BadRequestError, 413, "Prompt of 900 tokens"),
-     "rejected the request (HTTP 413): Prompt of 900 tokens"),
-    (_status_error(openai.InternalServerError, 500, "internal error: KeyError"),
-     "failed to answer (HTTP 500): internal error: KeyError"),
-    (ValueError("odd"), "Chat failed: ValueError: odd"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "exc,expected",
+    [
+        (openai.APIConnectionError(request=_request()), "is not reachable. Start the stack"),
+        (httpx.ConnectError("refused"), "is not reachable. Start the stack"),
+        (openai.APITimeoutError(request=_request()), "did not answer in time"),
+        (httpx.ReadTimeout("slow"), "did not answer in time"),
+        (
+            _status_error(openai.AuthenticationError, 401, "Incorrect API key provided."),
+            "refused the API key in the file /k: Incorrect API key provided.",
+        ),
+        (EndpointError(401, "Incorrect API key provided."), "refused the API key in the file /k"),
+        (
+            _status_error(openai.NotFoundError, 404, "The model 'x' does not exist"),
+            "Nothing at http://127.0.0.1:8000/v1 answers for this model (The model 'x' does not exist)",
+        ),
+        (
+            _status_error(openai.BadRequestError, 413, "Prompt of 900 tokens"),
+            "rejected the request (HTTP 413): Prompt of 900 tokens",
+        ),
+        (
+            _status_error(openai.InternalServerError, 500, "internal error: KeyError"),
+            "failed to answer (HTTP 500): internal error: KeyError",
+        ),
+        (ValueError("odd"), "Chat failed: ValueError: odd"),
+    ],
+)
 def test_every_failure_is_one_readable_notice(exc, expected):
     text = error_text(exc, ENDPOINT, "the file /k", key_set=True)
     assert text.startswith(NOTICE) and expected in text, text
@@ -124,8 +142,10 @@ def test_every_failure_is_one_readable_notice(exc, expected):
 def test_missing_key_says_where_to_set_it():
     exc = EndpointError(401, "Missing API key")
     backend = ChatBackend(ENDPOINT, api_key_env="LLMFLOW_TEST_UNSET")
-    assert "needs an API key: set the environment variable LLMFLOW_TEST_UNSET where the chat " \
-        "runs (Missing API key)." in backend.error(exc)  # fmt: skip
+    assert (
+        "needs an API key: set the environment variable LLMFLOW_TEST_UNSET where the chat "
+        "runs (Missing API key)." in backend.error(exc)
+    )
     assert "set serve.api_key_file or serve.api_key_env" in error_text(exc, ENDPOINT)
 
 
@@ -166,21 +186,42 @@ def test_served_lineage_reads_flow_run_and_eval_metrics_of_the_version(tmp_path,
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     store = Store()
-    ref = register_version(store, "m", tmp_path / "model", base_model="tiny", dataset_sha256="ab" * 32,
-                           metrics={"train_loss_last": 0.5},
-                           lineage={"flow_run_id": "run-1", "dataset": {
-                               "uri": "/d", "sha256": "ab" * 32, "num_train": 9, "num_eval": 2}})  # fmt: skip
+    ref = register_version(
+        store,
+        "m",
+        tmp_path / "model",
+        base_model="tiny",
+        dataset_sha256="ab" * 32,
+        metrics={"train_loss_last": 0.5},
+        lineage={
+            "flow_run_id": "run-1",
+            "dataset": {"uri": "/d", "sha256": "ab" * 32, "num_train": 9, "num_eval": 2},
+        },
+    )
     predictions = tmp_path / "store" / "runs" / "run-1" / "eval" / "candidate" / PREDICTIONS_FILE
     predictions.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"id": ["a", "b"], "generation": ["1", "2"], "exact_match": [1.0, 0.0],
-                             "eval_loss": [9.0, 9.0]}), predictions)  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b"],
+                "generation": ["1", "2"],
+                "exact_match": [1.0, 0.0],
+                "eval_loss": [9.0, 9.0],
+            }
+        ),
+        predictions,
+    )
     lineage = served_lineage(ref)
     assert lineage["flow_run_id"] == "run-1" and lineage["eval_metrics"] == {"exact_match": 0.5}
     assert lineage["dataset"] == {"uri": "/d", "sha256": "ab" * 32, "num_train": 9, "num_eval": 2}
     assert lineage["train_metrics"] == {"train_loss_last": 0.5} and lineage["base_model"] == "tiny"
     # A version without a readable manifest still serves, with the lineage its ref carries.
     bare = ModelRef(uri=str(tmp_path / "nowhere"), name="m", version="9", base_model="tiny")
-    assert served_lineage(bare) == {"base_model": "tiny", "dataset_sha256": None, "train_metrics": {}}
+    assert served_lineage(bare) == {
+        "base_model": "tiny",
+        "dataset_sha256": None,
+        "train_metrics": {},
+    }
 
 
 def test_serve_chat_app_is_one_replica_with_no_cpu_and_no_key_in_its_args():
@@ -188,7 +229,9 @@ def test_serve_chat_app_is_one_replica_with_no_cpu_and_no_key_in_its_args():
     from llmflow.config import load_config
     from llmflow.promote.rollout import chat_app_name, chat_route_prefix
 
-    deployment = build_app({"endpoint": ENDPOINT, "api_key_file": "/run/secrets/key"})._bound_deployment
+    deployment = build_app(
+        {"endpoint": ENDPOINT, "api_key_file": "/run/secrets/key"}
+    )._bound_deployment
     assert deployment.num_replicas == 1 and deployment.ray_actor_options["num_cpus"] == 0
     assert deployment.init_kwargs == {"endpoint": ENDPOINT, "api_key_file": "/run/secrets/key"}
     serve_cfg = load_config(None, ["serve.chat=true", "serve.route_prefix=/team/"]).serve
@@ -209,8 +252,9 @@ def test_status_lists_the_chat_only_once_started_and_flows_do_not_need_it(tmp_pa
     monkeypatch.setenv("LLMFLOW_HOME", str(tmp_path))
     s = StackSettings.from_env()
     assert [p.name for p in stack.status(s)] == list(stack.PARTS)
-    s.state_file.write_text(json.dumps({"chat": {"pid": 999999, "create_time": 0,
-                                                 "endpoint": ENDPOINT}}))  # fmt: skip
+    s.state_file.write_text(
+        json.dumps({"chat": {"pid": 999999, "create_time": 0, "endpoint": ENDPOINT}})
+    )
     chat = stack.status(s)[-1]
     assert (chat.name, chat.url, chat.healthy, chat.pid) == ("chat", s.chat_url, False, None)
     assert chat.detail == f"model endpoint {ENDPOINT}"
@@ -227,19 +271,26 @@ def test_chat_command_refuses_a_busy_port_in_one_line():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run([str(Path(sys.executable).parent / "llmflow"), "chat", "--port",
-                               str(port)], check=False, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "llmflow"), "chat", "--port", str(port)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 1, proc
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines == [(f"error: cannot start the chat: port 127.0.0.1:{port} is already in use; "
-                     "pass --port or set LLMFLOW_CHAT_PORT")], proc.stderr  # fmt: skip
+    assert lines == [
+        (
+            f"error: cannot start the chat: port 127.0.0.1:{port} is already in use; "
+            "pass --port or set LLMFLOW_CHAT_PORT"
+        )
+    ], proc.stderr
 
 
 def test_cli_and_message_handling_do_not_import_gradio():
     import subprocess
     import sys
 
-    code = ("import sys, llmflow.cli, llmflow.chat; "
-            "sys.exit(1 if 'gradio' in sys.modules else 0)")  # fmt: skip
+    code = "import sys, llmflow.cli, llmflow.chat; sys.exit(1 if 'gradio' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -14,11 +14,18 @@ ROOT = Path(__file__).resolve().parents[2]
 LLMFLOW = str(Path(sys.executable).parent / "llmflow")
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [LLMFLOW, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [LLMFLOW, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        check=False,
+    )
 
 
 def test_help_imports_nothing_heavy():
@@ -27,7 +34,7 @@ def test_help_imports_nothing_heavy():
         "heavy = [m for m in ('prefect', 'ray', 'torch', 'transformers', 'great_expectations') "
         "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -115,23 +122,34 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert f"port 127.0.0.1:{port} is already in use" in line
     assert "LLMFLOW_PREFECT_PORT" in line
     # Nothing was started: the state file records no live part.
-    status = run_cli("status", "--json", env={"LLMFLOW_HOME": str(tmp_path),
-                                              "LLMFLOW_PREFECT_PORT": str(_free_port())})
+    status = run_cli(
+        "status",
+        "--json",
+        env={"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(_free_port())},
+    )
     assert status.returncode == 1
 
 
 def test_status_of_a_stack_that_is_not_running(tmp_path):
     env = {"LLMFLOW_HOME": str(tmp_path)}
-    for var in ("LLMFLOW_PREFECT_PORT", "LLMFLOW_RAY_PORT", "LLMFLOW_DASHBOARD_PORT",
-                "LLMFLOW_SERVE_PORT"):
+    for var in (
+        "LLMFLOW_PREFECT_PORT",
+        "LLMFLOW_RAY_PORT",
+        "LLMFLOW_DASHBOARD_PORT",
+        "LLMFLOW_SERVE_PORT",
+    ):
         env[var] = str(_free_port())
     proc = run_cli("status", "--json", env=env)
     assert proc.returncode == 1
     import json
 
     parts = json.loads(proc.stdout)
-    assert [p["name"] for p in parts] == ["prefect-server", "ray-head", "ray-serve",
-                                          "prefect-worker"]
+    assert [p["name"] for p in parts] == [
+        "prefect-server",
+        "ray-head",
+        "ray-serve",
+        "prefect-worker",
+    ]
     assert not any(p["healthy"] for p in parts)
 
 
@@ -147,23 +165,40 @@ def test_unreachable_ray_head(addr, tmp_path):
     # A live Prefect address is needed to get past the server check; a dead one fails first,
     # so point at a dead server and check the Prefect message instead when none runs.
     proc = run_cli(
-        "run", "check", "--set", f"cluster.ray_address={addr}",
-        "--set", f"cluster.prefect_api_url=http://127.0.0.1:{_free_port()}/api",
-    )  # fmt: skip
+        "run",
+        "check",
+        "--set",
+        f"cluster.ray_address={addr}",
+        "--set",
+        f"cluster.prefect_api_url=http://127.0.0.1:{_free_port()}/api",
+    )
     assert proc.returncode == 1
     assert "is not reachable" in _one_error_line(proc)
 
 
-@pytest.mark.parametrize("overrides, line", [
-    (["eval.engine=vllm", "cluster.vllm_python=/no/such/python"],
-     "eval.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
-     "/no/such/python: no such interpreter"),
-    (["serve.engine=vllm", f"cluster.vllm_python={sys.executable}"],
-     "serve.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
-     f"{sys.executable}: vllm is not installed there"),
-    (["eval.extra_metrics=[llmflow.evaluate.metrics:rouge_l]"],
-     "eval.extra_metrics: 'llmflow.evaluate.metrics:rouge_l': a metric named 'rouge_l' exists"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (
+            ["eval.engine=vllm", "cluster.vllm_python=/no/such/python"],
+            (
+                "eval.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
+                "/no/such/python: no such interpreter"
+            ),
+        ),
+        (
+            ["serve.engine=vllm", f"cluster.vllm_python={sys.executable}"],
+            (
+                "serve.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
+                f"{sys.executable}: vllm is not installed there"
+            ),
+        ),
+        (
+            ["eval.extra_metrics=[llmflow.evaluate.metrics:rouge_l]"],
+            "eval.extra_metrics: 'llmflow.evaluate.metrics:rouge_l': a metric named 'rouge_l' exists",
+        ),
+    ],
+)
 def test_a_pipeline_config_that_cannot_run_fails_before_anything_starts(tmp_path, overrides, line):
     """Checked before the stack comes up: no server, no Ray head, one line, exit 2."""
     env = {"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(_free_port())}

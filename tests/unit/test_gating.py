@@ -8,8 +8,14 @@ from llmflow.refs import EvalReport
 
 
 def report(**metrics: float) -> EvalReport:
-    return EvalReport(model_uri="m", model_version="1", dataset_sha256="d", engine="hf",
-                      metrics=metrics, num_examples=10)  # fmt: skip
+    return EvalReport(
+        model_uri="m",
+        model_version="1",
+        dataset_sha256="d",
+        engine="hf",
+        metrics=metrics,
+        num_examples=10,
+    )
 
 
 def rules(decision):
@@ -19,7 +25,10 @@ def rules(decision):
 def test_first_candidate_passes_without_champion():
     d = decide(GateConfig(), report(exact_match=0.3), None)
     assert d.passed
-    assert rules(d)["primary:exact_match"] == (True, "no champion yet: exact_match 0.3 is the first")
+    assert rules(d)["primary:exact_match"] == (
+        True,
+        "no champion yet: exact_match 0.3 is the first",
+    )
 
 
 def test_candidate_must_beat_champion_by_the_margin():
@@ -51,7 +60,10 @@ def test_guardrail_regression_beyond_tolerance_fails():
     d = decide(cfg, cand, champ)
     assert not d.passed
     r = rules(d)
-    assert r["guardrail:rouge_l"][0] is False and "regression 0.05 > tolerance 0.02" in r["guardrail:rouge_l"][1]
+    assert (
+        r["guardrail:rouge_l"][0] is False
+        and "regression 0.05 > tolerance 0.02" in r["guardrail:rouge_l"][1]
+    )
     assert r["guardrail:perplexity"][0] is True  # 0.2 worse, within 0.5
 
 
@@ -62,7 +74,11 @@ def test_missing_metric_fails_with_reason():
 
 
 def test_direction_and_markdown():
-    assert lower_is_better("eval_loss") and lower_is_better("perplexity") and lower_is_better("latency_p95")
+    assert (
+        lower_is_better("eval_loss")
+        and lower_is_better("perplexity")
+        and lower_is_better("latency_p95")
+    )
     assert not lower_is_better("exact_match")
     md = decision_markdown(decide(GateConfig(), report(exact_match=0.1), report(exact_match=0.2)))
     assert "## Gate: FAILED" in md and "| primary:exact_match | FAIL |" in md

@@ -43,8 +43,12 @@ def test_an_unresolvable_revision_offline_is_one_line_naming_hf_hub_offline(hf_c
     with pytest.raises(DataError) as err:
         fingerprint_source("org/unknown", "v2")
     msg = str(err.value)
-    assert msg.startswith("data.source: org/unknown@v2: cannot resolve the revision offline "
-                          "(HF_HUB_OFFLINE=1)") and "\n" not in msg  # fmt: skip
+    assert (
+        msg.startswith(
+            "data.source: org/unknown@v2: cannot resolve the revision offline (HF_HUB_OFFLINE=1)"
+        )
+        and "\n" not in msg
+    )
 
 
 def test_a_hub_base_model_resolves_to_its_pinned_snapshot(hf_cache):

@@ -21,7 +21,9 @@ K8S = ROOT / "infra/k8s"
 KUBERNETES_VERSION = "1.33.0"  # the oldest Kubernetes the manifests are checked against
 
 MANIFEST_FILES = ["namespace.yaml", "prefect-worker.yaml", "raycluster.yaml", "rayservice.yaml"]
-OBJECTS = [(f, doc) for f in MANIFEST_FILES for doc in yaml.safe_load_all((K8S / f).read_text()) if doc]
+OBJECTS = [
+    (f, doc) for f in MANIFEST_FILES for doc in yaml.safe_load_all((K8S / f).read_text()) if doc
+]
 CORE = [(f, o) for f, o in OBJECTS if not o["apiVersion"].startswith("ray.io/")]
 CRDS = {"RayCluster": "ray.io_rayclusters.v1.json", "RayService": "ray.io_rayservices.v1.json"}
 
@@ -57,8 +59,11 @@ def strict(schema: dict) -> dict:
 
     def walk(node):
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):  # fmt: skip
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -79,18 +84,24 @@ def crd_validator(kind: str) -> jsonschema.Validator:
 def test_kuberay_objects_match_the_crd_schemas(kind):
     obj = the(kind)
     assert obj["apiVersion"] == "ray.io/v1"
-    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-              for e in crd_validator(kind).iter_errors(obj)]  # fmt: skip
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in crd_validator(kind).iter_errors(obj)
+    ]
     assert not errors, errors
 
 
 def test_the_crd_check_rejects_a_misspelt_field():
     bad = copy.deepcopy(the("RayCluster"))
-    bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = bad["spec"]["workerGroupSpecs"][0].pop("maxReplicas")
+    bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = bad["spec"]["workerGroupSpecs"][0].pop(
+        "maxReplicas"
+    )
     assert any("maxReplica" in e.message for e in crd_validator("RayCluster").iter_errors(bad))
 
 
-@pytest.mark.parametrize("values", ["prefect-server.values.yaml", "prefect-server.external-db.values.yaml"])
+@pytest.mark.parametrize(
+    "values", ["prefect-server.values.yaml", "prefect-server.external-db.values.yaml"]
+)
 def test_helm_values_match_the_prefect_server_chart(values):
     schema = json.loads((K8S / "helm/prefect-server.values.schema.json").read_text())
     data = yaml.safe_load((K8S / "helm" / values).read_text())
@@ -125,7 +136,10 @@ def test_base_job_template_is_prefects_default_with_our_values_filled_in():
     # 1. variables: the same schema; the defaults of prefect.yaml's job variables are its
     #    values (a pool created from this template runs a bare deployment the same way).
     for name, value in JOB_VARIABLES.items():
-        prop, original = ours["variables"]["properties"][name], default["variables"]["properties"][name]
+        prop, original = (
+            ours["variables"]["properties"][name],
+            default["variables"]["properties"][name],
+        )
         assert prop.pop("default") == value, name
         if "default" in original:
             prop["default"] = original["default"]
@@ -135,11 +149,21 @@ def test_base_job_template_is_prefects_default_with_our_values_filled_in():
     #    mean something (the default puts them in the pod spec; the API server drops them).
     job = ours["job_configuration"]["job_manifest"]["spec"]
     container = job["template"]["spec"]["containers"][0]
-    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
-    assert secrets == {"RAY_AUTH_TOKEN": "llmflow-ray-token", "AWS_ACCESS_KEY_ID": "llmflow-s3",
-                       "AWS_SECRET_ACCESS_KEY": "llmflow-s3", "AWS_ENDPOINT_URL_S3": "llmflow-s3"}  # fmt: skip
+    secrets = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container["env"]
+        if "valueFrom" in e
+    }
+    assert secrets == {
+        "RAY_AUTH_TOKEN": "llmflow-ray-token",
+        "AWS_ACCESS_KEY_ID": "llmflow-s3",
+        "AWS_SECRET_ACCESS_KEY": "llmflow-s3",
+        "AWS_ENDPOINT_URL_S3": "llmflow-s3",
+    }
     container["env"] = "{{ env }}"
-    job["template"]["spec"].update(parallelism=job.pop("parallelism"), completions=job.pop("completions"))
+    job["template"]["spec"].update(
+        parallelism=job.pop("parallelism"), completions=job.pop("completions")
+    )
     assert ours["job_configuration"] == default["job_configuration"]
 
 
@@ -177,9 +201,18 @@ def rendered_job(values: dict) -> dict:
 def test_the_rendered_job_is_a_valid_kubernetes_job():
     import kubernetes_validate
 
-    job = rendered_job({"name": "pipeline-k8s-abc12", "command": "prefect flow-run execute",
-                        "labels": {"prefect.io/flow-run-id": "0000"}})  # fmt: skip
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["prefect", "flow-run", "execute"]
+    job = rendered_job(
+        {
+            "name": "pipeline-k8s-abc12",
+            "command": "prefect flow-run execute",
+            "labels": {"prefect.io/flow-run-id": "0000"},
+        }
+    )
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "prefect",
+        "flow-run",
+        "execute",
+    ]
     kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
     pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
@@ -194,7 +227,9 @@ def test_the_rendered_job_is_a_valid_kubernetes_job():
 
 # -- the pieces fit --------------------------------------------------------------------------
 def ray_containers(spec: dict) -> list[tuple[str, dict]]:
-    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    groups = [("head", spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in spec["workerGroupSpecs"]
+    ]
     return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
 
 
@@ -205,14 +240,17 @@ def env_of(container: dict) -> dict[str, dict]:
 def test_every_object_lives_in_the_pools_namespace_and_uses_accounts_that_exist():
     namespace = JOB_VARIABLES["namespace"]
     assert the("Namespace")["metadata"]["name"] == namespace
-    assert all(o["metadata"]["namespace"] == namespace for _, o in OBJECTS if o["kind"] != "Namespace")
+    assert all(
+        o["metadata"]["namespace"] == namespace for _, o in OBJECTS if o["kind"] != "Namespace"
+    )
     accounts = {o["metadata"]["name"] for _, o in OBJECTS if o["kind"] == "ServiceAccount"}
     assert JOB_VARIABLES["service_account_name"] in accounts
     worker = the("Deployment", "prefect-worker")["spec"]["template"]["spec"]
     binding = the("RoleBinding")
     assert worker["serviceAccountName"] in accounts
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": worker["serviceAccountName"],
-                                    "namespace": namespace}]  # fmt: skip
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": worker["serviceAccountName"], "namespace": namespace}
+    ]
     assert binding["roleRef"]["name"] == the("Role")["metadata"]["name"]
     for kind in CRDS:
         spec = the(kind)["spec"]
@@ -225,8 +263,9 @@ def test_flow_runs_reach_the_ray_head_and_serve_at_the_clusters_service():
     cluster = the("RayCluster")
     head = cluster["spec"]["headGroupSpec"]
     # KubeRay names the head Service <cluster>-head-svc unless headService.name says otherwise.
-    service = (head.get("headService") or {}).get("metadata", {}).get("name") \
-        or f"{cluster['metadata']['name']}-head-svc"
+    service = (head.get("headService") or {}).get("metadata", {}).get(
+        "name"
+    ) or f"{cluster['metadata']['name']}-head-svc"
     ports = {p["containerPort"] for c in head["template"]["spec"]["containers"] for p in c["ports"]}
     env = JOB_VARIABLES["env"]
     for key, scheme in (("LLMFLOW_RAY_ADDRESS", "ray"), ("LLMFLOW_SERVE_URL", "http")):
@@ -238,19 +277,35 @@ def test_flow_runs_reach_the_ray_head_and_serve_at_the_clusters_service():
 
 def test_ray_nodes_and_pods_run_the_image_with_the_stores_and_tokens_of_the_flow_runs():
     image = JOB_VARIABLES["image"]
-    assert the("Deployment", "prefect-worker")["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    assert (
+        the("Deployment", "prefect-worker")["spec"]["template"]["spec"]["containers"][0]["image"]
+        == image
+    )
     token_secret = the("RayCluster")["spec"]["authOptions"]["secretName"]
-    assert token_secret == the("RayService")["spec"]["rayClusterConfig"]["authOptions"]["secretName"]
-    [template_token] = [e for e in TEMPLATE["job_configuration"]["job_manifest"]["spec"]["template"]
-                        ["spec"]["containers"][0]["env"] if e["name"] == "RAY_AUTH_TOKEN"]  # fmt: skip
-    assert template_token["valueFrom"]["secretKeyRef"] == {"name": token_secret, "key": "auth_token"}
+    assert (
+        token_secret == the("RayService")["spec"]["rayClusterConfig"]["authOptions"]["secretName"]
+    )
+    [template_token] = [
+        e
+        for e in TEMPLATE["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
+            "containers"
+        ][0]["env"]
+        if e["name"] == "RAY_AUTH_TOKEN"
+    ]
+    assert template_token["valueFrom"]["secretKeyRef"] == {
+        "name": token_secret,
+        "key": "auth_token",
+    }
     for kind in CRDS:
         spec = the(kind)["spec"]
         spec = spec.get("rayClusterConfig", spec)
         assert spec["authOptions"]["mode"] == "token"
         for group, container in ray_containers(spec):
             env = env_of(container)
-            assert container["image"] == (f"{image}-cuda" if group == "gpu" else image), (kind, group)
+            assert container["image"] == (f"{image}-cuda" if group == "gpu" else image), (
+                kind,
+                group,
+            )
             assert env["RAY_AUTH_MODE"]["value"] == "token"
             assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == token_secret
             if kind == "RayCluster":  # the RayService reads its model from a full URI
@@ -299,7 +354,10 @@ def test_the_rayservice_deploys_the_openai_app_with_arguments_it_accepts():
     [app] = config["applications"]
     module, attr = app["import_path"].split(":")
     assert module == "deployments.openai_app" and getattr(openai_app, attr) is openai_app.build_app
-    assert (app["name"], app["route_prefix"]) == (ServeConfig().app_name, ServeConfig().route_prefix)
+    assert (app["name"], app["route_prefix"]) == (
+        ServeConfig().app_name,
+        ServeConfig().route_prefix,
+    )
     _, kwargs = openai_app.deployment_options(app["args"])
     # The replica class under Serve's ingress wrapper: its constructor's parameters.
     server_cls = openai_app.OpenAIServer.func_or_class.__mro__[1]

@@ -27,7 +27,9 @@ def test_normalize_answer_is_squad_style():
 def test_token_f1_hand_computed():
     # pred tokens: [cat, sat, on, mat]; ref: [cat, sat, on, red, mat] (articles dropped)
     # common 4 -> p = 4/4, r = 4/5 -> f1 = 2 * 1 * 0.8 / 1.8
-    assert M.token_f1("the cat sat on the mat", "a cat sat on a red mat") == pytest.approx(1.6 / 1.8)
+    assert M.token_f1("the cat sat on the mat", "a cat sat on a red mat") == pytest.approx(
+        1.6 / 1.8
+    )
     assert M.token_f1("dog", "cat") == 0.0
     assert M.token_f1("", "") == 1.0 and M.token_f1("", "x") == 0.0
     # counts matter: "a a" would overlap "a" once (here with non-article tokens)
@@ -68,7 +70,12 @@ def test_load_metric_by_both_dotted_forms_and_clear_errors():
 def test_score_example_and_aggregate_means():
     metrics = M.load_metrics()
     rows = [M.score_example("4321", "4321", metrics), M.score_example("4312", "4321", metrics)]
-    assert rows[0] == {"exact_match": 1.0, "normalized_exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
+    assert rows[0] == {
+        "exact_match": 1.0,
+        "normalized_exact_match": 1.0,
+        "token_f1": 1.0,
+        "rouge_l": 1.0,
+    }
     assert rows[1]["exact_match"] == 0.0
     agg = M.aggregate(rows, ["exact_match", "rouge_l"])
     assert agg == {"exact_match": 0.5, "rouge_l": 0.5}
@@ -90,8 +97,10 @@ def tiny_tokenizer():
     return wrap_tokenizer(train_tokenizer(example_texts(generate_examples(200))))
 
 
-CHAT = [{"role": "user", "content": "Reverse the digits: 123"},
-        {"role": "assistant", "content": "321"}]  # fmt: skip
+CHAT = [
+    {"role": "user", "content": "Reverse the digits: 123"},
+    {"role": "assistant", "content": "321"},
+]
 
 
 def test_loss_mask_covers_the_reply_with_generation_tags(tiny_tokenizer):
@@ -104,8 +113,8 @@ def test_loss_mask_falls_back_to_the_prompt_prefix_without_generation_tags(tiny_
     import copy
 
     tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = (
-        tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
     )
     ids, mask = M.loss_mask(tok, CHAT)
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == "321<|end|>"
@@ -117,12 +126,24 @@ def test_teacher_forced_loss_on_a_random_model(tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=tiny_tokenizer.pad_token_id)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg).eval()
-    chats = [CHAT, [{"role": "user", "content": "Write backwards: 98765"},
-                    {"role": "assistant", "content": "56789"}]]  # fmt: skip
+    chats = [
+        CHAT,
+        [
+            {"role": "user", "content": "Write backwards: 98765"},
+            {"role": "assistant", "content": "56789"},
+        ],
+    ]
     per = M.example_losses(model, tiny_tokenizer, chats)
     # reply tokens: "321" + end = 4 and "56789" + end = 6 (digits are one token each)
     assert [n for _, n in per] == [4, 6]

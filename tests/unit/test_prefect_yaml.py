@@ -66,8 +66,11 @@ def kubernetes_job_variables() -> set[str]:
 
     views = Path(prefect.__file__).parent / "server/api/collections_data/views"
     meta = json.loads((views / "aggregate-worker-metadata.json").read_text())
-    return set(meta["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"]
-               ["variables"]["properties"])  # fmt: skip
+    return set(
+        meta["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"]["variables"][
+            "properties"
+        ]
+    )
 
 
 def test_kubernetes_variant_deploys_the_same_flows_with_the_same_parameters_and_schedules():
@@ -95,7 +98,9 @@ def test_retrain_nightly_has_an_explicit_timezone_and_retrains_only_on_new_data(
     assert nightly["entrypoint"] == "flows/pipeline.py:pipeline"
 
 
-def test_a_paused_stack_registers_every_schedule_paused_and_nothing_else_changed(tmp_path, monkeypatch):
+def test_a_paused_stack_registers_every_schedule_paused_and_nothing_else_changed(
+    tmp_path, monkeypatch
+):
     from llmflow import stack
     from llmflow.settings import StackSettings
 

@@ -24,8 +24,11 @@ def test_the_tiny_config_fits_a_four_cpu_node():
 
 
 def test_more_training_workers_than_the_nodes_hold_names_the_key():
-    with pytest.raises(ConfigError, match=r"^train.num_workers=5 x \(1 CPU\) needs 5 CPU, but "
-                       r"the Ray cluster has 4 CPU in total"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.num_workers=5 x \(1 CPU\) needs 5 CPU, but "
+        r"the Ray cluster has 4 CPU in total",
+    ):
         check_resources(cfg("train.num_workers=5", "train.cpus_per_worker=1"), "finetune", [CPU4])
     # evaluate and promote train nothing: the same config passes there
     check_resources(cfg("train.num_workers=5", "train.cpus_per_worker=1"), "evaluate", [CPU4])
@@ -33,8 +36,11 @@ def test_more_training_workers_than_the_nodes_hold_names_the_key():
 
 def test_a_vllm_replica_that_wants_a_gpu_fails_on_a_cpu_cluster():
     config = cfg("serve.engine=vllm", "serve.vllm_placement=[{GPU: 1}]")
-    with pytest.raises(ConfigError, match=r"^serve.vllm_placement: a bundle of 1 GPU fits on no "
-                       r"node of the Ray cluster \(nodes: 0 GPU\)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^serve.vllm_placement: a bundle of 1 GPU fits on no "
+        r"node of the Ray cluster \(nodes: 0 GPU\)",
+    ):
         check_resources(config, "promote", [CPU4])
     check_resources(config, "promote", [CPU4, GPU1])
     with pytest.raises(ConfigError, match="fits on no node"):  # a dead node holds nothing
@@ -49,8 +55,11 @@ def test_an_empty_vllm_placement_means_one_gpu():
 
 def test_a_bundle_must_fit_on_one_node_not_across_nodes():
     config = cfg("eval.engine=vllm", "eval.vllm_placement=[{CPU: 6}]")
-    with pytest.raises(ConfigError, match=r"eval.vllm_placement: a bundle of 6 CPU fits on no "
-                       r"node of the Ray cluster \(nodes: 4 CPU; 4 CPU\)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.vllm_placement: a bundle of 6 CPU fits on no "
+        r"node of the Ray cluster \(nodes: 4 CPU; 4 CPU\)",
+    ):
         check_resources(config, "evaluate", [CPU4, CPU4])
 
 

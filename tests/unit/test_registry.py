@@ -28,8 +28,15 @@ def model_dir(tmp_path):
 
 def test_versions_count_up_and_carry_their_lineage(tmp_path, model_dir):
     store = Store(tmp_path / "store")
-    a = register_version(store, "m", model_dir, base_model="tiny", dataset_sha256="d" * 64,
-                         metrics={"loss": 1.0}, lineage={"git_commit": "abc"})  # fmt: skip
+    a = register_version(
+        store,
+        "m",
+        model_dir,
+        base_model="tiny",
+        dataset_sha256="d" * 64,
+        metrics={"loss": 1.0},
+        lineage={"git_commit": "abc"},
+    )
     b = register_version(store, "m", model_dir, base_model="tiny")
     assert (a.version, b.version) == ("v1", "v2")
     assert a.uri == store.uri("models", "m", "v1")
@@ -49,7 +56,9 @@ def test_concurrent_registrations_never_share_a_version(tmp_path, model_dir):
     def go(i: int) -> None:
         barrier.wait()
         try:
-            refs.append(register_version(store, "m", model_dir, base_model="tiny", lineage={"i": i}))
+            refs.append(
+                register_version(store, "m", model_dir, base_model="tiny", lineage={"i": i})
+            )
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -81,9 +90,15 @@ def test_unknown_names_and_versions_are_clear_errors(tmp_path, model_dir):
 def test_find_version_matches_lineage_newest_first(tmp_path, model_dir):
     store = Store(tmp_path / "store")
     assert find_version(store, "m", checkpoint="c1") is None  # no versions at all
-    register_version(store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "full"})
-    v2 = register_version(store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "full"})
-    v3 = register_version(store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "merged"})
+    register_version(
+        store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "full"}
+    )
+    v2 = register_version(
+        store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "full"}
+    )
+    v3 = register_version(
+        store, "m", model_dir, base_model="tiny", lineage={"checkpoint": "c1", "format": "merged"}
+    )
     assert find_version(store, "m", checkpoint="c1", format="full") == v2
     assert find_version(store, "m", checkpoint="c1", format="merged") == v3
     assert find_version(store, "m", checkpoint="c2", format="full") is None
@@ -109,20 +124,33 @@ def test_annotations_add_eval_and_gate_sections_and_keep_the_rest(tmp_path, mode
     from llmflow.registry import annotate
 
     store = Store(tmp_path / "store")
-    ref = register_version(store, "m", model_dir, base_model="tiny", metrics={"train_loss_last": 0.5})
+    ref = register_version(
+        store, "m", model_dir, base_model="tiny", metrics={"train_loss_last": 0.5}
+    )
     before = read_manifest(store, "m", ref.version)
     annotate(store, "m", ref.version, eval={"metrics": {"exact_match": 0.9375, "eval_loss": 0.125}})
     annotate(store, "m", ref.version, gate={"passed": True, "approved_by": "bob", "rules": []})
     after = read_manifest(store, "m", ref.version)
-    assert after == {**before, "eval": {"metrics": {"exact_match": 0.9375, "eval_loss": 0.125}},
-                     "gate": {"passed": True, "approved_by": "bob", "rules": []}}  # fmt: skip
-    assert not [p for p in (tmp_path / "store" / "models" / "m" / ref.version).iterdir()
-                if p.name.startswith(".tmp")]  # fmt: skip
+    assert after == {
+        **before,
+        "eval": {"metrics": {"exact_match": 0.9375, "eval_loss": 0.125}},
+        "gate": {"passed": True, "approved_by": "bob", "rules": []},
+    }
+    assert not [
+        p
+        for p in (tmp_path / "store" / "models" / "m" / ref.version).iterdir()
+        if p.name.startswith(".tmp")
+    ]
     with pytest.raises(RegistryError):
         annotate(store, "m", "v9", eval={})
     llmflow = Path(sys.executable).parent / "llmflow"
-    out = subprocess.run([str(llmflow), "models", "list", "m"], capture_output=True, text=True,
-                         env={**os.environ, "LLMFLOW_STORE": str(tmp_path / "store")},
-                         timeout=120, check=False).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(llmflow), "models", "list", "m"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LLMFLOW_STORE": str(tmp_path / "store")},
+        timeout=120,
+        check=False,
+    ).stdout
     row = next(line for line in out.splitlines() if f" {ref.version} " in line)
     assert "exact_match=0.9375" in row and "eval_loss=0.125" in row and "passed (bob)" in row, out

@@ -9,13 +9,23 @@ from llmflow.evaluate.eval_split import chat_requests, read_eval_split, split_ch
 from llmflow.prepare.dataset import parquet_bytes
 
 ROWS = [
-    {"id": "a", "messages": [{"role": "user", "content": "Reverse: 12"},
-                             {"role": "assistant", "content": "21"}]},
-    {"id": "b", "messages": [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": "Reverse: 345"},
-                             {"role": "assistant", "content": "543"}]},
+    {
+        "id": "a",
+        "messages": [
+            {"role": "user", "content": "Reverse: 12"},
+            {"role": "assistant", "content": "21"},
+        ],
+    },
+    {
+        "id": "b",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Reverse: 345"},
+            {"role": "assistant", "content": "543"},
+        ],
+    },
     {"id": "c", "messages": [{"role": "user", "content": "no reply yet"}]},
-]  # fmt: skip
+]
 
 
 @pytest.fixture
@@ -27,7 +37,11 @@ def dataset_dir(tmp_path):
 
 def test_read_eval_split_keeps_the_columns_and_order_and_max_examples(dataset_dir):
     table = read_eval_split(dataset_dir)
-    assert table.column_names == ["id", "messages"] and table.column("id").to_pylist() == ["a", "b", "c"]
+    assert table.column_names == ["id", "messages"] and table.column("id").to_pylist() == [
+        "a",
+        "b",
+        "c",
+    ]
     assert read_eval_split(dataset_dir, max_examples=2).column("id").to_pylist() == ["a", "b"]
 
 

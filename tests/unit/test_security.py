@@ -44,8 +44,10 @@ def test_remote_code_in_a_model_directory_is_never_run(tiny, tmp_path):
     marker = tmp_path / "remote-code-ran"
     (model / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig",
-                          "AutoModelForCausalLM": "modeling_evil.EvilModel"}  # fmt: skip
+    config["auto_map"] = {
+        "AutoConfig": "modeling_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilModel",
+    }
     config["model_type"] = "evil"
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="cannot read its config"):
@@ -70,7 +72,11 @@ def test_pickled_weights_are_never_unpickled(tiny, tmp_path):
 
 
 def _from_pretrained_calls():
-    for path in [*ROOT.glob("llmflow/**/*.py"), *ROOT.glob("tasks/*.py"), *ROOT.glob("deployments/*.py")]:
+    for path in [
+        *ROOT.glob("llmflow/**/*.py"),
+        *ROOT.glob("tasks/*.py"),
+        *ROOT.glob("deployments/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
                 yield path.relative_to(ROOT), node
@@ -90,7 +96,9 @@ def test_every_from_pretrained_refuses_remote_code_and_model_loads_want_safetens
             assert kw["use_safetensors"].value is True, where
 
 
-def test_api_key_comes_from_a_file_or_a_named_variable_and_errors_never_show_it(tmp_path, monkeypatch):
+def test_api_key_comes_from_a_file_or_a_named_variable_and_errors_never_show_it(
+    tmp_path, monkeypatch
+):
     from llmflow.apikey import resolve_api_key
 
     assert resolve_api_key(None, None) is None

@@ -10,10 +10,14 @@ from llmflow.config import load_config
 from llmflow.errors import ConfigError
 from llmflow.refs import ModelRef
 
-MODEL = ModelRef(uri="/store/models/m/3", name="m", version="3", base_model="tiny",
-                 dataset_sha256="abc")  # fmt: skip
-AUTOSCALING = ["serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=3",
-               "serve.autoscaling.target_ongoing_requests=4"]  # fmt: skip
+MODEL = ModelRef(
+    uri="/store/models/m/3", name="m", version="3", base_model="tiny", dataset_sha256="abc"
+)
+AUTOSCALING = [
+    "serve.autoscaling.min_replicas=1",
+    "serve.autoscaling.max_replicas=3",
+    "serve.autoscaling.target_ongoing_requests=4",
+]
 
 
 def _serve(*overrides: str):
@@ -46,8 +50,11 @@ def test_autoscaling_from_the_config_replaces_num_replicas():
 
     args = app_args(_serve("serve.num_replicas=2", *AUTOSCALING), MODEL)
     options, kwargs = deployment_options(args)
-    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3,
-                                             "target_ongoing_requests": 4.0}  # fmt: skip
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 4.0,
+    }
     assert "num_replicas" not in options and "num_replicas" not in kwargs
     config = build_app(args)._bound_deployment._deployment_config
     assert "num_replicas" not in config.user_configured_option_names  # Serve refuses both
@@ -58,14 +65,23 @@ def test_autoscaling_from_the_config_replaces_num_replicas():
 def test_deployment_options_split_and_override():
     from deployments.openai_app import deployment_options
 
-    options, kwargs = deployment_options({
-        "model_path": "/m", "model_name": "m", "num_replicas": 1, "autoscaling_config":
-        {"min_replicas": 0, "max_replicas": 2}, "max_ongoing_requests": 5, "num_cpus": 2,
-        "runtime_env": {"env_vars": {"K": "v"}}})  # fmt: skip
+    options, kwargs = deployment_options(
+        {
+            "model_path": "/m",
+            "model_name": "m",
+            "num_replicas": 1,
+            "autoscaling_config": {"min_replicas": 0, "max_replicas": 2},
+            "max_ongoing_requests": 5,
+            "num_cpus": 2,
+            "runtime_env": {"env_vars": {"K": "v"}},
+        }
+    )
     assert kwargs == {"model_path": "/m", "model_name": "m"}
-    assert options == {"autoscaling_config": {"min_replicas": 0, "max_replicas": 2},
-                       "max_ongoing_requests": 5,
-                       "ray_actor_options": {"num_cpus": 2.0, "runtime_env": {"env_vars": {"K": "v"}}}}  # fmt: skip
+    assert options == {
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 2},
+        "max_ongoing_requests": 5,
+        "ray_actor_options": {"num_cpus": 2.0, "runtime_env": {"env_vars": {"K": "v"}}},
+    }
 
 
 def test_autoscaling_bounds_are_checked():
@@ -77,24 +93,38 @@ def test_llm_config_for_vllm():
     from deployments.vllm_app import llm_config
     from llmflow.promote.rollout import vllm_app_args
 
-    serve_cfg = _serve(*AUTOSCALING, "serve.accelerator_type=A10G",
-                       "serve.vllm_engine_kwargs={max_model_len: 512, enforce_eager: true}")  # fmt: skip
+    serve_cfg = _serve(
+        *AUTOSCALING,
+        "serve.accelerator_type=A10G",
+        "serve.vllm_engine_kwargs={max_model_len: 512, enforce_eager: true}",
+    )
     config = llm_config(vllm_app_args(serve_cfg, MODEL))
     assert config == {
         "model_loading_config": {"model_id": "m", "model_source": "/store/models/m/3"},
         "engine_kwargs": {"max_model_len": 512, "enforce_eager": True},
-        "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3,
-                                                     "target_ongoing_requests": 4.0},
-                              "max_surge_percent": 100},
+        "deployment_config": {
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 3,
+                "target_ongoing_requests": 4.0,
+            },
+            "max_surge_percent": 100,
+        },
         "accelerator_type": "A10G",
-    }  # fmt: skip
-    fixed = llm_config(vllm_app_args(_serve("serve.num_replicas=2"), MODEL.model_copy(
-        update={"uri": "s3://bucket/models/m/3/"})))  # fmt: skip
+    }
+    fixed = llm_config(
+        vllm_app_args(
+            _serve("serve.num_replicas=2"),
+            MODEL.model_copy(update={"uri": "s3://bucket/models/m/3/"}),
+        )
+    )
     assert fixed["deployment_config"] == {"num_replicas": 2, "max_surge_percent": 100}
     assert fixed["model_loading_config"]["model_source"] == {"bucket_uri": "s3://bucket/models/m/3"}
     assert "accelerator_type" not in fixed
     assert llm_config({"model_path": "file:///m", "model_name": "m"})["model_loading_config"] == {
-        "model_id": "m", "model_source": "/m"}  # fmt: skip
+        "model_id": "m",
+        "model_source": "/m",
+    }
     with pytest.raises(ValueError, match="local paths or s3://"):
         llm_config({"model_path": "memory://m", "model_name": "m"})
 
@@ -108,8 +138,12 @@ def test_llm_config_on_cpus_places_replicas_by_the_bundles():
     assert config["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}
     assert config["accelerator_config"] == {"kind": "cpu"}
     assert config["engine_kwargs"]["kv_cache_memory_bytes"] == 64 * 2**20
-    gpus = llm_config(vllm_app_args(_serve("serve.vllm_placement=[{GPU: 1}, {GPU: 1}]",
-                                           "serve.accelerator_type=A10G"), MODEL))  # fmt: skip
+    gpus = llm_config(
+        vllm_app_args(
+            _serve("serve.vllm_placement=[{GPU: 1}, {GPU: 1}]", "serve.accelerator_type=A10G"),
+            MODEL,
+        )
+    )
     assert "accelerator_config" not in gpus and gpus["accelerator_type"] == "A10G"
     with pytest.raises(ValueError, match="accelerator_type: a GPU type, but serve.vllm_placement"):
         llm_config(vllm_app_args(tiny.model_copy(update={"accelerator_type": "A10G"}), MODEL))
@@ -123,13 +157,25 @@ def test_llm_config_validates_as_ray_serve_llm_config():
         pytest.skip(f"ray's LLMConfig model is not importable here: {exc}")
     from deployments.vllm_app import llm_config
 
-    config = LLMConfig(**llm_config({"model_path": "/m", "model_name": "m", "num_replicas": 2,
-                                     "max_ongoing_requests": 64, "max_surge_percent": 0,
-                                     "accelerator_type": "H100",
-                                     "engine_kwargs": {"max_model_len": 512}}))  # fmt: skip
+    config = LLMConfig(
+        **llm_config(
+            {
+                "model_path": "/m",
+                "model_name": "m",
+                "num_replicas": 2,
+                "max_ongoing_requests": 64,
+                "max_surge_percent": 0,
+                "accelerator_type": "H100",
+                "engine_kwargs": {"max_model_len": 512},
+            }
+        )
+    )
     assert config.model_id == "m" and config.model_loading_config.model_source == "/m"
-    assert config.deployment_config == {"num_replicas": 2, "max_ongoing_requests": 64,
-                                        "max_surge_percent": 0}  # fmt: skip
+    assert config.deployment_config == {
+        "num_replicas": 2,
+        "max_ongoing_requests": 64,
+        "max_surge_percent": 0,
+    }
     assert config.accelerator_type == "H100" and config.max_request_context_length == 512
 
 
@@ -146,7 +192,9 @@ def test_engine_choice(monkeypatch):
     assert rollout.serve_engine(auto) == "vllm"  # .venv-vllm is healthy, CPU bundles place
     no_vllm = ClusterConfig(vllm_python=sys.executable)
     assert rollout.serve_engine(auto, no_vllm) == "hf"
-    with pytest.raises(ConfigError, match="^serve.engine: 'vllm' needs the vLLM engine environment"):
+    with pytest.raises(
+        ConfigError, match="^serve.engine: 'vllm' needs the vLLM engine environment"
+    ):
         rollout.serve_engine(_serve("serve.engine=vllm"), no_vllm)
     monkeypatch.setattr(engines, "cuda_available", lambda: False)
     assert rollout.serve_engine(_serve("serve.engine=auto")) == "hf"  # a GPU bundle, no GPU
@@ -155,8 +203,10 @@ def test_engine_choice(monkeypatch):
 def test_the_vllm_app_is_declarative_in_the_engine_environment_and_no_key_travels():
     from llmflow.promote import rollout
 
-    serve_cfg = load_config("configs/tiny.yaml", ["serve.engine=vllm", "serve.route_prefix=/v",
-                                                  "serve.api_key_env=MY_KEY"]).serve  # fmt: skip
+    serve_cfg = load_config(
+        "configs/tiny.yaml",
+        ["serve.engine=vllm", "serve.route_prefix=/v", "serve.api_key_env=MY_KEY"],
+    ).serve
     app = rollout.vllm_app_schema(serve_cfg, MODEL)
     assert app["import_path"] == "deployments.vllm_app:build_app" and app["route_prefix"] == "/v"
     assert app["runtime_env"]["py_executable"].endswith(".venv-vllm/bin/python")
@@ -190,14 +240,16 @@ def test_the_smoke_test_calls_the_configured_clusters_serve_url(monkeypatch):
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             paths.append(self.path)
             self._send({"data": [{"id": "m", "version": "3"}]})
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             paths.append(self.path)
             self.rfile.read(int(self.headers["content-length"]))
-            self._send({"choices": [{"message": {"content": "4321"}}], "usage": {"completion_tokens": 2}})
+            self._send(
+                {"choices": [{"message": {"content": "4321"}}], "usage": {"completion_tokens": 2}}
+            )
 
         def log_message(self, *_):
             pass
@@ -219,7 +271,9 @@ def test_a_key_source_without_a_key_fails_before_any_work(tmp_path, monkeypatch)
 
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     local = ClusterConfig()
-    with pytest.raises(ConfigError, match="^serve.api_key_env: environment variable NO_SUCH_KEY_VAR is not set$"):
+    with pytest.raises(
+        ConfigError, match="^serve.api_key_env: environment variable NO_SUCH_KEY_VAR is not set$"
+    ):
         check_api_key_source(_serve("serve.api_key_env=NO_SUCH_KEY_VAR"), local)
     empty = tmp_path / "key"
     empty.write_text("\n")
@@ -227,4 +281,6 @@ def test_a_key_source_without_a_key_fails_before_any_work(tmp_path, monkeypatch)
         check_api_key_source(_serve(f"serve.api_key_file={empty}"), local)
     check_api_key_source(_serve(), local)  # no key configured: nothing to check
     # A remote cluster's nodes hold the key: not checkable from here, so not refused.
-    check_api_key_source(_serve("serve.api_key_env=NO_SUCH_KEY_VAR"), ClusterConfig(ray_address="ray://h:10001"))
+    check_api_key_source(
+        _serve("serve.api_key_env=NO_SUCH_KEY_VAR"), ClusterConfig(ray_address="ray://h:10001")
+    )

@@ -18,8 +18,12 @@ from tests.conftest import free_port
 @pytest.fixture
 def s(tmp_path, monkeypatch) -> StackSettings:
     monkeypatch.setenv("LLMFLOW_HOME", str(tmp_path / "home"))
-    for var in ("LLMFLOW_PREFECT_PORT", "LLMFLOW_RAY_PORT", "LLMFLOW_DASHBOARD_PORT",
-                "LLMFLOW_SERVE_PORT"):  # fmt: skip
+    for var in (
+        "LLMFLOW_PREFECT_PORT",
+        "LLMFLOW_RAY_PORT",
+        "LLMFLOW_DASHBOARD_PORT",
+        "LLMFLOW_SERVE_PORT",
+    ):
         monkeypatch.setenv(var, str(free_port()))  # nothing listens: every part is down
     monkeypatch.delenv(stack.DATABASE_ENV, raising=False)
     return StackSettings.from_env()
@@ -30,8 +34,11 @@ def sleeper(s: StackSettings, name: str) -> dict:
 
 
 def test_down_stops_extra_nodes_before_the_head(s):
-    state = {"ray-head": sleeper(s, "ray-head"), "ray-node-2": sleeper(s, "ray-node-2"),
-             "ray-node-10": sleeper(s, "ray-node-10")}  # fmt: skip
+    state = {
+        "ray-head": sleeper(s, "ray-head"),
+        "ray-node-2": sleeper(s, "ray-node-2"),
+        "ray-node-10": sleeper(s, "ray-node-10"),
+    }
     stack._write_state(s, state)
     lines: list[str] = []
     assert stack.down(s, echo=lines.append) == ["ray-node-10", "ray-node-2", "ray-head"]
@@ -70,7 +77,10 @@ def test_a_server_started_on_postgresql_is_not_restarted_on_sqlite(s):
     """Its flow runs are in PostgreSQL: restarting it on SQLite without a word would hide them."""
     url = "postgresql+asyncpg://prefect:hunter2@127.0.0.1:5/prefect"
     stack._write_state(s, {"prefect-server": {"pid": None, "database": db.mask(url)}})
-    with pytest.raises(StackError, match=r"was started on postgresql\+asyncpg://prefect:\*\*\*@"
-                       r"127.0.0.1:5/prefect; give that URL again") as exc:  # fmt: skip
+    with pytest.raises(
+        StackError,
+        match=r"was started on postgresql\+asyncpg://prefect:\*\*\*@"
+        r"127.0.0.1:5/prefect; give that URL again",
+    ) as exc:
         stack.up(s, with_deploy=False)
     assert "hunter2" not in str(exc.value)

@@ -53,8 +53,9 @@ def served_parts(tmp_path_factory):
     from tests.tiny_training import train_tiny
 
     base = resolve_base_model(TrainConfig(), Store(tmp_path_factory.mktemp("store")))
-    path = train_tiny(base, tmp_path_factory.mktemp("trained"), read_examples(bundled_path())[:2000],
-                      steps=40)  # fmt: skip
+    path = train_tiny(
+        base, tmp_path_factory.mktemp("trained"), read_examples(bundled_path())[:2000], steps=40
+    )
     tok = AutoTokenizer.from_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval(), tok
 
@@ -62,8 +63,12 @@ def served_parts(tmp_path_factory):
 def _job(tok, max_tokens=12, stop=()):
     from deployments.openai_app import GenJob
 
-    ids = tok.apply_chat_template([{"role": "user", "content": "Reverse this number: 45678"}],
-                                  add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Reverse this number: 45678"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
     return GenJob(list(ids), max_tokens, 0.0, 1.0, None, tuple(stop))
 
 
@@ -106,4 +111,6 @@ def test_a_stop_list_over_four_is_a_400_shape_error():
 
     with pytest.raises(ValidationError, match="at most 4 non-empty strings"):
         ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], stop=list("abcde"))
-    assert ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], stop="|").stop == ["|"]
+    assert ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], stop="|").stop == [
+        "|"
+    ]

@@ -69,10 +69,9 @@ def test_atomic_dir_publishes_whole_directory(store):
 
 
 def test_atomic_dir_failure_leaves_nothing(store):
-    with pytest.raises(RuntimeError):
-        with store.atomic_dir("models", "m", "v2") as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise RuntimeError("killed halfway")
+    with pytest.raises(RuntimeError), store.atomic_dir("models", "m", "v2") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed halfway")
     assert not store.exists("models", "m", "v2")
     assert os.listdir(os.path.join(store.root, "models", "m")) == []
 

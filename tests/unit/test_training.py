@@ -92,8 +92,18 @@ def test_model_loss_counts_only_masked_tokens(tiny, tokenizer):
 # -- batching, schedule, checks --------------------------------------------------------------
 def test_batches_are_a_pure_function_of_seed_and_step():
     args = {"n": 50, "seed": 3, "grad_accum": 2, "world": 2, "batch_size": 4}
-    a = [batch_indices(step=s, micro=m, rank=r, **args) for s in range(20) for m in range(2) for r in range(2)]
-    b = [batch_indices(step=s, micro=m, rank=r, **args) for s in range(20) for m in range(2) for r in range(2)]
+    a = [
+        batch_indices(step=s, micro=m, rank=r, **args)
+        for s in range(20)
+        for m in range(2)
+        for r in range(2)
+    ]
+    b = [
+        batch_indices(step=s, micro=m, rank=r, **args)
+        for s in range(20)
+        for m in range(2)
+        for r in range(2)
+    ]
     assert a == b
     # ranks of one micro-batch are disjoint; consecutive slices walk whole epochs
     assert not set(a[0]) & set(a[1])
@@ -131,8 +141,14 @@ def test_checkpoints_every_n_steps_and_at_the_end():
 def test_run_key_ignores_operational_fields():
     base = TrainConfig()
     key = run_key(base, "sha", "/m")
-    same = base.model_copy(update={"max_failures": 0, "checkpoint_every": 7, "model_name": "x",
-                                   "resources_per_worker": {"gpu_node": 1}})  # fmt: skip
+    same = base.model_copy(
+        update={
+            "max_failures": 0,
+            "checkpoint_every": 7,
+            "model_name": "x",
+            "resources_per_worker": {"gpu_node": 1},
+        }
+    )
     assert run_key(same, "sha", "/m") == key  # where it runs is not what it learns
     assert run_key(base.model_copy(update={"learning_rate": 1e-4}), "sha", "/m") != key
     assert run_key(base, "other", "/m") != key and run_key(base, "sha", "/n") != key
@@ -157,7 +173,9 @@ def test_unplaceable_workers_fail_with_the_numbers():
     # two 1.5-CPU workers do not fit on two 2-CPU nodes' worth... per node, only one each
     check_placeable(TrainConfig(num_workers=2, cpus_per_worker=1.5), [NODE, NODE])
     with pytest.raises(InsufficientResources, match="at most 1 such worker"):
-        check_placeable(TrainConfig(num_workers=2, cpus_per_worker=1.5), [NODE, {**NODE, "Alive": False}])
+        check_placeable(
+            TrainConfig(num_workers=2, cpus_per_worker=1.5), [NODE, {**NODE, "Alive": False}]
+        )
 
 
 def test_custom_resources_place_workers_only_on_nodes_that_declare_them():
@@ -165,8 +183,11 @@ def test_custom_resources_place_workers_only_on_nodes_that_declare_them():
     assert worker_resources(train) == {"CPU": 1.0, "gpu_node": 1.0}  # no GPU: torch stays on CPU
     tagged = {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0, "gpu_node": 1.0}}
     check_placeable(train, [NODE, tagged])
-    with pytest.raises(InsufficientResources, match=r"needs 1 CPU, 1 gpu_node, but the Ray cluster "
-                       r"has 4 CPU, 0 gpu_node in total and at most 0 such worker"):  # fmt: skip
+    with pytest.raises(
+        InsufficientResources,
+        match=r"needs 1 CPU, 1 gpu_node, but the Ray cluster "
+        r"has 4 CPU, 0 gpu_node in total and at most 0 such worker",
+    ):
         check_placeable(train, [NODE, NODE])
     with pytest.raises(InsufficientResources, match="at most 1 such worker"):  # one per node
         check_placeable(train.model_copy(update={"num_workers": 2}), [NODE, tagged])
@@ -189,17 +210,27 @@ def test_resources_per_worker_is_validated(value, message):
     with pytest.raises(ConfigError, match=r"train.resources_per_worker.*" + re.escape(message)):
         load_config(None, [f"train.resources_per_worker={json.dumps(value)}"])
     assert TrainConfig(resources_per_worker={"gpu_node": 0.5, "x": 2}).resources_per_worker == {
-        "gpu_node": 0.5, "x": 2.0}  # fmt: skip
+        "gpu_node": 0.5,
+        "x": 2.0,
+    }
 
 
 # -- bad inputs ------------------------------------------------------------------------------
 def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-               architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)  # fmt: skip
-    with pytest.raises(ModelError, match=r"model type 'bert' is not a causal language model "
-                       r"\(architectures: BertForMaskedLM\)"):  # fmt: skip
+    BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["BertForMaskedLM"],
+    ).save_pretrained(tmp_path)
+    with pytest.raises(
+        ModelError,
+        match=r"model type 'bert' is not a causal language model "
+        r"\(architectures: BertForMaskedLM\)",
+    ):
         check_causal_lm(str(tmp_path))
 
 
@@ -213,7 +244,9 @@ def test_a_directory_without_a_model_is_refused(tmp_path):
 
 
 def test_a_missing_dataset_is_refused(tmp_path):
-    ref = DatasetRef(uri=str(tmp_path / "datasets" / "nope"), sha256="ab" * 32, num_train=1, num_eval=1)
+    ref = DatasetRef(
+        uri=str(tmp_path / "datasets" / "nope"), sha256="ab" * 32, num_train=1, num_eval=1
+    )
     with pytest.raises(DatasetNotFound, match=r"datasets/nope: no manifest.json"):
         check_dataset(ref)
 
@@ -223,7 +256,9 @@ def _perturbed_state(model, seed: int = 0):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in trainable_state(model).items()}
+    return {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in trainable_state(model).items()
+    }
 
 
 def test_lora_merge_exports_a_plain_model_directory(tiny, tokenizer, tmp_path):
@@ -274,7 +309,10 @@ def test_full_finetune_exports_the_trained_weights(tiny, tmp_path):
 
 
 # -- artifacts -------------------------------------------------------------------------------
-HISTORY = {"train": [[s, 5.0 - s / 100, 1e-3] for s in range(1, 301)], "eval": [[150, 3.5], [300, 2.1]]}
+HISTORY = {
+    "train": [[s, 5.0 - s / 100, 1e-3] for s in range(1, 301)],
+    "eval": [[150, 3.5], [300, 2.1]],
+}
 
 
 def test_loss_table_is_bounded_and_keeps_the_last_step():
@@ -293,7 +331,9 @@ def _reduce_on_rank(rank: int, world: int, port: int, out) -> None:
 
     from llmflow.finetune.loop import all_sum
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         out.put((rank, all_sum([1.0, float(rank)], torch.device("cpu")), dist.get_backend()))
     finally:
