@@ -88,7 +88,7 @@ def eval_split(store, n: int, name: str) -> str:
 
 
 def score_once(engine: str, model: str, dataset: str, out: str, max_tokens: int) -> dict:
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
     from llmflow.evaluate.scoring import score_dataset
 
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
@@ -130,7 +130,7 @@ def bench_scoring(model: str, store, n: int, max_tokens: int) -> dict:
 def bench_serving(model: str, base_url: str, requests: int, max_tokens: int) -> dict:
     from ray import serve
 
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
     from llmflow.promote.rollout import deploy
     from llmflow.refs import ModelRef
 

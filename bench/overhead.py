@@ -46,7 +46,7 @@ def main() -> None:
             "LLMFLOW_WORK_POOL": "llmflow-bench",
         }
     )
-    from llmflow import settings, stack
+    from llmflow import processes, settings, stack
 
     settings.apply_offline_defaults()
     s = settings.StackSettings.from_env()
@@ -56,7 +56,7 @@ def main() -> None:
     t0 = time.perf_counter()
     stack.up(s, with_deploy=False)
     warm_up = time.perf_counter() - t0
-    os.environ.update(stack.client_env(s))
+    os.environ.update(processes.client_env(s))
     try:
         from prefect import flow, task
         from prefect.task_runners import ThreadPoolTaskRunner

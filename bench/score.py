@@ -117,7 +117,8 @@ def main() -> None:
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.bundled import generate_examples
-    from llmflow.config import TrainConfig, load_config
+    from llmflow.config import TrainConfig
+    from llmflow.configfile import load_config
     from llmflow.engines.hf import HFGenerator
     from llmflow.evaluate.eval_split import split_chat
     from llmflow.evaluate.scoring import eval_loss, generate_predictions

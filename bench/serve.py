@@ -6,7 +6,7 @@ and Serve's overhead against calling the engine directly.
 
 One run, the tiny model (built locally), greedy chat requests of --max-tokens tokens:
   (a) direct: the replica's own code path in this process (chat template, then
-      deployments.openai_app.generate_batch on one request), on as many torch threads as a
+      deployments.hf_generation.generate_batch on one request), on as many torch threads as a
       replica has (Ray sets OMP_NUM_THREADS to its num_cpus: 1);
   (b) batched: the app as shipped (@serve.batch, --max-batch-size), over HTTP;
   (c) unbatched: the same app with max_batch_size 1, over HTTP.
@@ -51,7 +51,7 @@ def direct_call(model_path: str, body: dict, threads: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deployments.openai_app import GenJob, generate_batch
+    from deployments.hf_generation import GenJob, generate_batch
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -216,7 +216,7 @@ def main() -> None:
     ctx, q = small_forkserver()  # before heavy imports: children measure their own peak
 
     from llmflow.basemodels import resolve_base_model
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
     from llmflow.prepare.dataset import prepare_to_store
     from llmflow.store import Store
 

@@ -21,263 +21,36 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from fastapi.responses import StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException
+
+from deployments.hf_generation import (
+    GenJob,
+    GenResult,
+    StreamEnd,
+    generate_batch,
+    stream_generate,
+    usage,
+)
+from deployments.openai_protocol import (
+    GREEDY_EPS,
+    MAX_PROMPTS,
+    APIError,
+    BodyLimit,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    install,
+)
 
 api = FastAPI(title="llmflow OpenAI-compatible API")
 
-MAX_PROMPTS = 64  # a list prompt: one request must not hold a replica for thousands
-# Below this, sampling divides the logits into inf and NaN: treated as greedy (vLLM's epsilon).
-GREEDY_EPS = 1e-5
 
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str,
-        code: str | None = None,
-        param: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = (
-            status,
-            message,
-            type_,
-            code,
-            param,
-        )
-
-    def response(self) -> Response:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-        # ASCII-escaped: a message quoting client text stays encodable (JSONResponse would
-        # raise on a lone surrogate, turning a 4xx into a 500).
-        return Response(json.dumps(body), status_code=self.status, media_type="application/json")
-
-
-@api.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> Response:
-    return exc.response()
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
-        why = first.get("ctx", {}).get("error")
-        return APIError(
-            400, f"request body is not valid JSON ({why})", "invalid_request_error", "invalid_json"
-        ).response()
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    return APIError(
-        400,
-        f"{param or 'request'}: {first['msg']}",
-        "invalid_request_error",
-        "invalid_value",
-        param,
-    ).response()
-
-
-_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(_: Request, exc: HTTPException) -> Response:
-    """Starlette's own errors (unknown route, wrong method, unparsable body) in OpenAI's shape."""
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return APIError(
-        exc.status_code, str(exc.detail), kind, _HTTP_CODES.get(exc.status_code)
-    ).response()
-
-
-@api.exception_handler(Exception)
-async def _server_error(_: Request, exc: Exception) -> Response:
-    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before it is parsed.
-
-    The limit is a class attribute that the replica sets: a Serve replica is one process
-    serving one OpenAIServer, and FastAPI builds its middleware stack on the first request.
-    """
-
-    max_bytes = 1 << 20
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.max_bytes
-        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            return await self._too_large(scope, receive, send)
-        # No (or a lying) Content-Length, e.g. chunked: read up to the limit, then replay.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await self._too_large(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay():
-            return pending.pop() if pending else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope, receive, send):
-        await APIError(
-            413,
-            f"Request body exceeds {self.max_bytes} bytes.",
-            "invalid_request_error",
-            "request_too_large",
-        ).response()(scope, receive, send)
-
-
-api.add_middleware(BodyLimit)
-
-
-def _utf8(text: str) -> str:
-    # JSON may carry lone surrogates ("\ud800"); the tokenizer raises a TypeError on them.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (it holds an unpaired surrogate)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_utf8)]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
-
-
-class _Sampling(BaseModel):
-    model: Text
-    max_tokens: int = Field(16, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch.manual_seed's range
-    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end the answer.")
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty strings")
-        return stops
-
-
-class CompletionRequest(_Sampling):
-    prompt: Text | list[Text] = Field(description="One prompt, or up to 64 in one request.")
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-@dataclass
-class GenJob:
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class GenResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-
-
-def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
-    """One generate call for jobs that share sampling settings (left padding, KV cache). It
-    stops on every id of the model's generation_config.eos_token_id (a turn's end token)."""
-    import torch
-
-    from llmflow.engines.stops import (
-        cut_at_stop_ids,
-        cut_at_stop_strings,
-        finish_reason,
-        stop_token_ids,
-    )
-
-    stop_ids = stop_token_ids(model.generation_config, tokenizer)
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(j.prompt_ids) for j in jobs)
-    ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(jobs), width), dtype=torch.long)
-    for i, j in enumerate(jobs):
-        ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
-        mask[i, width - len(j.prompt_ids) :] = 1
-    first = jobs[0]
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max(j.max_tokens for j in jobs),
-        "pad_token_id": pad,
-        "eos_token_id": list(stop_ids),
-    }
-    if first.temperature > 0:
-        if first.seed is not None:
-            torch.manual_seed(first.seed)
-        kwargs |= {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
-    else:
-        kwargs |= {"do_sample": False}
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs
-        )
-    results = []
-    for i, j in enumerate(jobs):
-        new, stopped = cut_at_stop_ids(out[i, width:].tolist()[: j.max_tokens], stop_ids)
-        new = [t for t in new if t != pad]
-        text, hit = cut_at_stop_strings(tokenizer.decode(new, skip_special_tokens=True), j.stop)
-        results.append(
-            GenResult(
-                text,
-                len(j.prompt_ids),
-                len(new),
-                finish_reason(len(new), j.max_tokens, stopped or hit),
-            )
-        )
-    return results
-
-
-def usage(results: list[GenResult]) -> dict:
-    p = sum(r.prompt_tokens for r in results)
-    c = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+install(api)
 
 
 @serve.deployment(name="llm", ray_actor_options={"num_cpus": 1})
@@ -352,7 +125,7 @@ class OpenAIServer:
                 "model",
             )
 
-    def _job(self, prompt_ids: list[int], req: _Sampling) -> GenJob:
+    def _job(self, prompt_ids: list[int], req: Sampling) -> GenJob:
         if len(prompt_ids) + req.max_tokens > self.context:
             raise APIError(
                 413,
@@ -414,71 +187,16 @@ class OpenAIServer:
         """SSE: one event per decoded piece, then the final chunk (its finish_reason) and
         [DONE]. Same generate settings as ``generate_batch``, so a greedy or seeded stream
         says what the same request unstreamed says."""
-        import torch
-        from transformers import TextIteratorStreamer
-
-        from llmflow.engines.stops import (
-            StreamStops,
-            cut_at_stop_ids,
-            finish_reason,
-            stop_token_ids,
-        )
-
-        tok = self.tokenizer
-        stop_ids = stop_token_ids(self.model.generation_config, tok)
-        stops = StreamStops(job.stop)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        ids = torch.tensor([job.prompt_ids], device=self.model.device)
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": job.max_tokens,
-            "streamer": streamer,
-            "pad_token_id": pad,
-            "do_sample": False,
-            "eos_token_id": list(stop_ids),
-        }
-        if job.temperature > 0:
-            kwargs |= {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
-        outcome: dict[str, Any] = {}
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    if job.temperature > 0 and job.seed is not None:
-                        torch.manual_seed(job.seed)
-                    out = self.model.generate(**kwargs)
-                new, stopped = cut_at_stop_ids(out[0, ids.shape[1] :].tolist(), stop_ids)
-                outcome["finish"] = finish_reason(len(new), job.max_tokens, stopped)
-            except Exception as exc:  # noqa: BLE001 - reported in the stream, not lost in a thread
-                outcome["error"] = exc
-                streamer.end()  # else the loop below would wait on the streamer forever
-
-        loop = asyncio.get_running_loop()
-        generating = loop.run_in_executor(self._model_thread, run)
-        while True:
-            piece = await loop.run_in_executor(None, lambda: next(streamer, None))
-            if piece is None:
-                break
-            text = stops.feed(piece)  # once a stop string showed, the rest is dropped
-            if text:
-                yield f"data: {json.dumps(make_chunk(text))}\n\n"
-        if rest := stops.flush():
-            yield f"data: {json.dumps(make_chunk(rest))}\n\n"
-        await generating
-        if stops.stopped and "finish" in outcome:
-            outcome["finish"] = "stop"
-        if "error" in outcome:
-            error = {
-                "message": f"generation failed: {type(outcome['error']).__name__}",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-            yield f"data: {json.dumps({'error': error})}\n\n"
-        else:
-            yield f"data: {json.dumps(final_chunk(outcome['finish']))}\n\n"
+        pieces = stream_generate(self.model, self.tokenizer, job, self._model_thread)
+        async for piece in pieces:
+            if not isinstance(piece, StreamEnd):
+                yield f"data: {json.dumps(make_chunk(piece))}\n\n"
+            elif piece.error is not None:
+                message = f"generation failed: {type(piece.error).__name__}"
+                error = {"message": message, "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            else:
+                yield f"data: {json.dumps(final_chunk(piece.finish))}\n\n"
         yield "data: [DONE]\n\n"
 
     # -- routes -------------------------------------------------------------------------------

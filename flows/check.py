@@ -11,7 +11,8 @@ from __future__ import annotations
 from prefect import flow
 
 from llmflow.cluster import ClusterTaskRunner
-from llmflow.config import PipelineConfig, default_config
+from llmflow.config import PipelineConfig
+from llmflow.configfile import default_config
 from tasks.check import where_am_i
 
 

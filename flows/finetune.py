@@ -10,7 +10,8 @@ from prefect_ray.context import remote_options
 
 from flows.prepare import prepare_stage
 from llmflow.cluster import ClusterTaskRunner
-from llmflow.config import PipelineConfig, default_config
+from llmflow.config import PipelineConfig
+from llmflow.configfile import default_config
 from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
 from llmflow.prepare.sources import source_files

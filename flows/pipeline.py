@@ -14,11 +14,12 @@ from flows.finetune import finetune_stage
 from flows.prepare import prepare_stage
 from flows.promote import gate_stage, promote
 from llmflow.cluster import ClusterTaskRunner
-from llmflow.config import PipelineConfig, default_config
+from llmflow.config import PipelineConfig
+from llmflow.configfile import default_config
 from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
 from llmflow.prepare.sources import source_files
-from llmflow.promote.rollout import check_serving
+from llmflow.promote.apps import check_serving
 from llmflow.refs import DatasetRef, ModelRef
 from llmflow.report import pipeline_lines
 from llmflow.runs import model_slot

@@ -8,7 +8,8 @@ from __future__ import annotations
 from prefect import flow
 
 from llmflow.cluster import ClusterTaskRunner
-from llmflow.config import PipelineConfig, default_config
+from llmflow.config import PipelineConfig
+from llmflow.configfile import default_config
 from llmflow.prepare.sources import source_files
 from llmflow.refs import DatasetRef
 from tasks.prepare import base_model, prepare_dataset

@@ -9,9 +9,11 @@ from __future__ import annotations
 from prefect import flow
 
 from llmflow import aliases, registry
-from llmflow.config import PipelineConfig, default_config
+from llmflow.config import PipelineConfig
+from llmflow.configfile import default_config
 from llmflow.preflight import check_flow
-from llmflow.promote.rollout import check_serving, nothing_to_do
+from llmflow.promote.apps import check_serving
+from llmflow.promote.rollout import nothing_to_do
 from llmflow.refs import EvalReport, GateDecision, GateRule, ModelRef, Rollout
 from llmflow.runs import model_slot
 from llmflow.store import Store

@@ -73,20 +73,21 @@ def show(name: str, version: Annotated[str | None, typer.Argument()] = None) -> 
 
 def _promote(name: str, version: str | None, config: Path | None, set_: list[str] | None) -> None:
     from llmflow import registry
-    from llmflow.cli import _echo, _prepare_environment
-    from llmflow.config import load_config
+    from llmflow.cli_common import echo
+    from llmflow.cli_run import prepare_environment
+    from llmflow.configfile import load_config
     from llmflow.errors import RunFailed
     from llmflow.store import Store
 
     cfg = load_config(config, [*(set_ or []), f"train.model_name={name}"])
-    _prepare_environment(cfg)
+    prepare_environment(cfg)
     from flows.promote import promote as promote_flow
 
     candidate = registry.get_version(Store(), name, version)
     state = promote_flow(config=cfg, candidate=candidate, return_state=True)
     if not state.is_completed():
         raise RunFailed(f"promotion of {name}:{candidate.version} failed: {state.message}")
-    _echo(state.result().message)
+    echo(state.result().message)
 
 
 @models_app.command()

@@ -20,10 +20,10 @@ from pydantic import Field
 
 from llmflow import aliases, registry
 from llmflow.config import ClusterConfig, GateConfig, PipelineConfig, ServeConfig
+from llmflow.promote.apps import connect
 from llmflow.promote.gate import decide, decision_markdown
 from llmflow.promote.rollout import (
     RolloutError,
-    connect,
     deploy,
     endpoint,
     restore,

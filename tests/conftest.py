@@ -65,6 +65,7 @@ def stack_settings(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stack(stack_settings):
     """A running local stack; the test process is pointed at it like `llmflow run` is."""
+    from llmflow import processes
     from llmflow import stack as stack_mod
 
     s = stack_settings
@@ -75,7 +76,7 @@ def stack(stack_settings):
         stack_mod.down(s)
         raise
     assert all(p.healthy for p in parts), parts
-    os.environ.update(stack_mod.client_env(s))
+    os.environ.update(processes.client_env(s))
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -86,9 +87,9 @@ def stack(stack_settings):
 
     if ray.is_initialized():
         ray.shutdown()
-    state = stack_mod._read_state(s)
+    state = stack_mod.read_state(s)
     stack_mod.down(s)
-    alive = [n for n, e in state.items() if stack_mod._process_alive(e)]
+    alive = [n for n, e in state.items() if stack_mod.process_alive(e)]
     assert not alive, f"`down` left these parts running: {alive}"
 
 

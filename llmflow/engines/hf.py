@@ -49,18 +49,20 @@ def left_truncate(ids: list[list[int]], max_tokens: int) -> tuple[list[list[int]
     return out, cut
 
 
+def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right"):
+    """One (batch, longest) long tensor of ``seqs``, padded with ``value`` on ``side``."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    if not seqs:
+        return torch.zeros((0, 0), dtype=torch.long)
+    tensors = [torch.tensor(list(s), dtype=torch.long) for s in seqs]
+    return pad_sequence(tensors, batch_first=True, padding_value=value, padding_side=side)
+
+
 def left_pad(ids: list[list[int]], pad_id: int):
     """(input_ids, attention_mask) tensors, padded on the left as decoder-only generation needs."""
-    import torch
-
-    width = max((len(x) for x in ids), default=0)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        if x:
-            input_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-            attn[i, width - len(x) :] = 1
-    return input_ids, attn
+    return pad(ids, pad_id, "left"), pad([[1] * len(x) for x in ids], 0, "left")
 
 
 def generated_lengths(new_tokens, eos_ids: set[int], pad_id: int | None) -> list[int]:
@@ -144,16 +146,11 @@ def example_losses(
     for chat in chats:
         ids, mask = loss_mask(tokenizer, chat)
         encoded.append((ids[-limit:], mask[-limit:]))
-    width = max((len(ids) for ids, _ in encoded), default=0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    x = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attn = torch.zeros_like(x)
-    labels = torch.full_like(x, -100)
-    for i, (ids, mask) in enumerate(encoded):
-        x[i, : len(ids)] = torch.tensor(ids)
-        attn[i, : len(ids)] = 1
-        labels[i, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+    x = pad([ids for ids, _ in encoded], pad_id)
+    attn = pad([[1] * len(ids) for ids, _ in encoded], 0)
+    labels = pad([[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in encoded], -100)
     with torch.inference_mode():
         logits = model(input_ids=x.to(device), attention_mask=attn.to(device)).logits.float()
     shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)

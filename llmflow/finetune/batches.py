@@ -17,19 +17,13 @@ IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 def encode_chat(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one chat; labels are IGNORE_INDEX outside assistant tokens.
 
-    The chat template's ``{% generation %}`` blocks give the assistant mask (the tiny model
-    has them). A template without them masks nothing; then the last assistant reply is the
-    target: the tokens after the prompt rendered with ``add_generation_prompt``.
+    The mask is the eval loss's (``engines.hf.loss_mask``): the chat template's
+    ``{% generation %}`` blocks where it has them (the tiny model does), else the tokens of the
+    last reply, after the prompt rendered with ``add_generation_prompt``.
     """
-    from llmflow.tinymodel import assistant_mask
+    from llmflow.engines.hf import loss_mask
 
-    ids, mask = assistant_mask(tokenizer, messages)
-    if not any(mask) and messages and messages[-1]["role"] == "assistant":
-        prompt = tokenizer.apply_chat_template(
-            list(messages[:-1]), tokenize=True, add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-        n = len(prompt) if list(ids[: len(prompt)]) == list(prompt) else len(ids)
-        mask = [0] * n + [1] * (len(ids) - n)
+    ids, mask = loss_mask(tokenizer, messages)
     return list(ids), [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
 
 
@@ -45,17 +39,13 @@ def encode_rows(tokenizer, rows: Sequence[dict]) -> list[tuple[list[int], list[i
 
 def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors: input_ids, attention_mask, labels (pads carry no loss)."""
-    import torch
+    from llmflow.engines.hf import pad
 
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        attn[i, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    return {
+        "input_ids": pad([x for x, _ in batch], pad_id),
+        "attention_mask": pad([[1] * len(x) for x, _ in batch], 0),
+        "labels": pad([y for _, y in batch], IGNORE_INDEX),
+    }
 
 
 @functools.lru_cache(maxsize=4)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from llmflow import aliases, registry
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -24,7 +24,7 @@ def test_two_promotions_at_once_leave_exactly_one_champion(stack):
     from flows.promote import promote
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import ClusterConfig, TrainConfig
-    from llmflow.promote.rollout import connect
+    from llmflow.promote.apps import connect
 
     base = resolve_base_model(TrainConfig())
     a, b = (registry.register_version(Store(), NAME, base, base_model="tiny") for _ in range(2))

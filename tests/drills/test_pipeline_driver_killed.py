@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from llmflow import aliases, registry
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.store import Store
 from tests.integration.helpers import kill_flow_process, task_states, wait_for, wait_for_logs
 
@@ -42,7 +42,7 @@ def app(stack):
     from ray import serve
 
     from llmflow.config import ClusterConfig
-    from llmflow.promote.rollout import connect
+    from llmflow.promote.apps import connect
 
     connect(ClusterConfig())
     serve.delete(NAME)  # free its replica's CPU for the tests after this module

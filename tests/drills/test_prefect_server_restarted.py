@@ -43,7 +43,7 @@ def test_flow_run_survives_a_prefect_server_restart(stack, prefect_client):
     t.start()
     assert started.wait(120)
     time.sleep(2)
-    server = stack_mod._read_state(stack)["prefect-server"]
+    server = stack_mod.read_state(stack)["prefect-server"]
     os.kill(server["pid"], signal.SIGKILL)
     assert not stack_mod.prefect_healthy(stack.prefect_api_url, timeout=2)
     t0 = time.monotonic()

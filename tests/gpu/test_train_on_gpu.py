@@ -16,7 +16,7 @@ def test_use_gpu_run_trains_on_cuda_with_nccl(tmp_path):
     import ray
 
     from llmflow.basemodels import resolve_base_model
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
     from llmflow.finetune.trainer import run_training
     from llmflow.prepare.dataset import prepare_to_store
     from llmflow.store import Store
@@ -62,7 +62,7 @@ def test_two_gpu_workers_reduce_on_their_gpus(tmp_path):
     import ray
 
     from llmflow.basemodels import resolve_base_model
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
     from llmflow.finetune.trainer import run_training
     from llmflow.prepare.dataset import prepare_to_store
     from llmflow.store import Store

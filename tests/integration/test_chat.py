@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 
-from llmflow.chat import NOTICE, ChatBackend, is_notice
+from llmflow.chat_backend import NOTICE, ChatBackend, is_notice
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -36,6 +36,7 @@ def served(stack, tmp_path_factory):
     from ray import serve
 
     from deployments.openai_app import build_app
+    from llmflow import launch
     from llmflow import stack as stack_mod
     from llmflow.basemodels import resolve_base_model
     from llmflow.cluster import ray_init_kwargs
@@ -74,7 +75,7 @@ def served(stack, tmp_path_factory):
             part = page.result()
         yield endpoint, str(key_file), part
     finally:
-        stack_mod.stop_chat(s)  # the session stack's status lists exactly its own parts again
+        launch.stop_chat(s)  # the session stack's status lists exactly its own parts again
         serve.delete("test-chat")
 
 

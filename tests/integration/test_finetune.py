@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from llmflow.basemodels import ModelError
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
 from llmflow.store import Store
 from tests.integration.helpers import wait_for_logs

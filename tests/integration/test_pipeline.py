@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from llmflow import registry
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -179,13 +179,14 @@ def test_a_flow_runs_on_a_prefect_server_on_postgresql(stack, postgres, tmp_path
     """`llmflow up --database` on a home of its own beside the session stack: its own server
     (on PostgreSQL) and worker; the Ray head is the session's (same ports, its token), which
     `up` finds healthy and leaves alone, so `down` stops only the server and the worker."""
+    from llmflow import processes
     from llmflow import stack as stack_mod
 
     home = tmp_path / "pg-home"
     env = home_env(
         home,
         LLMFLOW_WORK_POOL="llmflow-pg",
-        RAY_AUTH_TOKEN_PATH=str(stack_mod.ray_token_path(stack)),
+        RAY_AUTH_TOKEN_PATH=str(processes.ray_token_path(stack)),
     )
     password, masked = postgres["password"], postgres["url"].replace(postgres["password"], "***")
     try:

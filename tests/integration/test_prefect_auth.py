@@ -19,7 +19,7 @@ AUTH = "llmflow-admin:correct horse battery staple"
 
 
 def test_basic_auth_is_enforced_and_the_stack_clients_use_it(tmp_path, monkeypatch):
-    from llmflow import stack
+    from llmflow import probes, processes, stack
     from llmflow.settings import StackSettings
 
     monkeypatch.setenv("LLMFLOW_HOME", str(tmp_path / "home"))
@@ -27,9 +27,9 @@ def test_basic_auth_is_enforced_and_the_stack_clients_use_it(tmp_path, monkeypat
     monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", AUTH)
     monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
     s = StackSettings.from_env()
-    entry = stack._start_prefect_server(s)
+    entry = stack.start_prefect_server(s)
     try:
-        stack._wait(
+        stack.wait_healthy(
             "prefect server",
             lambda: stack.prefect_healthy(s.prefect_api_url),
             120,
@@ -44,12 +44,12 @@ def test_basic_auth_is_enforced_and_the_stack_clients_use_it(tmp_path, monkeypat
         )
         assert (
             httpx.post(
-                f"{api}/flows/filter", json={}, headers=stack.prefect_auth_headers(), timeout=10
+                f"{api}/flows/filter", json={}, headers=probes.prefect_auth_headers(), timeout=10
             ).status_code
             == 200
         )
 
-        env = {**os.environ, **stack.client_env(s)}
+        env = {**os.environ, **processes.client_env(s)}
         assert env["PREFECT_API_AUTH_STRING"] == AUTH  # derived from the server's setting
         code = (
             "from prefect import flow\n"
@@ -70,9 +70,9 @@ def test_basic_auth_is_enforced_and_the_stack_clients_use_it(tmp_path, monkeypat
         state, run_id = proc.stdout.split()[-2:]
         assert state == "COMPLETED"
         run = httpx.get(
-            f"{api}/flow_runs/{run_id}", headers=stack.prefect_auth_headers(), timeout=10
+            f"{api}/flow_runs/{run_id}", headers=probes.prefect_auth_headers(), timeout=10
         )
         assert run.status_code == 200 and run.json()["state"]["type"] == "COMPLETED"
 
     finally:
-        stack._stop(entry)
+        stack.stop_part(entry)

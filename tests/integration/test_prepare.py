@@ -17,7 +17,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
 from llmflow.store import Store
 

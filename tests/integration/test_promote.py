@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from llmflow import aliases, registry
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.store import Store
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,7 @@ def test_a_route_prefix_held_by_another_app_fails_before_any_work(stack, version
     """Serving a second model on the first one's prefix: one line before the pipeline trains,
     instead of Serve's refusal after it."""
     from llmflow.errors import ConfigError
-    from llmflow.promote.rollout import check_serving
+    from llmflow.promote.apps import check_serving
 
     v1, _, _ = versions
     from flows.promote import promote

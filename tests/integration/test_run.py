@@ -126,7 +126,7 @@ def test_failure_alert_posts_to_a_webhook_when_a_run_fails(stack):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from flows.prepare import prepare
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
 
     received: queue.Queue = queue.Queue()
 

@@ -11,6 +11,7 @@ import httpx
 import psutil
 import yaml
 
+from llmflow import probes, processes
 from llmflow import stack as stack_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,10 +25,10 @@ def test_every_part_is_healthy(stack):
 
 
 def test_second_up_starts_nothing(stack):
-    before = stack_mod._read_state(stack)
+    before = stack_mod.read_state(stack)
     lines: list[str] = []
     stack_mod.up(stack, with_deploy=False, echo=lines.append)
-    after = stack_mod._read_state(stack)
+    after = stack_mod.read_state(stack)
     for name in ("prefect-server", "ray-head", "prefect-worker"):
         assert after[name]["pid"] == before[name]["pid"], name
     assert sum("already running" in ln for ln in lines) == 4, lines
@@ -76,6 +77,6 @@ def test_ray_token_authentication_is_on(stack):
     """Without the token the dashboard refuses; with it, it answers."""
     url = f"{stack.dashboard_url}/api/version"
     assert httpx.get(url, timeout=10).status_code in (401, 403)
-    assert httpx.get(url, headers=stack_mod._ray_headers(stack), timeout=10).status_code == 200
-    token = stack_mod.ray_token_path(stack)
+    assert httpx.get(url, headers=probes.ray_headers(stack), timeout=10).status_code == 200
+    token = processes.ray_token_path(stack)
     assert oct(token.stat().st_mode & 0o777) == "0o600"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -40,20 +40,21 @@ def second_node(stack) -> str:
     """The session stack grown to two nodes with `up(nodes=2)` (what `llmflow up --nodes 2`
     calls), and shrunk back with `up(nodes=1)` after this module, so the other tests keep
     their one-node cluster. Yields the second node's Ray node id."""
+    from llmflow import probes
     from llmflow import stack as stack_mod
 
     lines: list[str] = []
     try:
         stack_mod.up(stack, nodes=2, with_deploy=False, echo=lines.append)
-        entry = stack_mod._read_state(stack)["ray-node-2"]
+        entry = stack_mod.read_state(stack)["ray-node-2"]
         assert any(ln.startswith("ray-node-2: joined") for ln in lines), lines
         yield entry["node_id"]
     finally:
         lines.clear()
         stack_mod.up(stack, nodes=1, with_deploy=False, echo=lines.append)
     assert any(ln.startswith("ray-node-2: stopped") for ln in lines), lines
-    assert not stack_mod._process_alive(entry) and "ray-node-2" not in stack_mod._read_state(stack)
-    gone = next(n for n in stack_mod.ray_nodes(stack) if n["node_id"] == entry["node_id"])
+    assert not stack_mod.process_alive(entry) and "ray-node-2" not in stack_mod.read_state(stack)
+    gone = next(n for n in probes.ray_nodes(stack) if n["node_id"] == entry["node_id"])
     assert gone["state"] == "DEAD"
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from llmflow import aliases, registry
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.store import Store
 
 pytestmark = pytest.mark.slow

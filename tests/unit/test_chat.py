@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from llmflow.chat import (
+from llmflow.chat_backend import (
     NOTICE,
     ChatBackend,
     EndpointError,
@@ -177,7 +177,7 @@ def test_served_lineage_reads_flow_run_and_eval_metrics_of_the_version(tmp_path,
     import pyarrow.parquet as pq
 
     from llmflow.evaluate.scoring import PREDICTIONS_FILE
-    from llmflow.promote.rollout import served_lineage
+    from llmflow.promote.apps import served_lineage
     from llmflow.refs import ModelRef
     from llmflow.registry import register_version
     from llmflow.store import Store
@@ -226,8 +226,8 @@ def test_served_lineage_reads_flow_run_and_eval_metrics_of_the_version(tmp_path,
 
 def test_serve_chat_app_is_one_replica_with_no_cpu_and_no_key_in_its_args():
     from deployments.chat_app import build_app
-    from llmflow.config import load_config
-    from llmflow.promote.rollout import chat_app_name, chat_route_prefix
+    from llmflow.configfile import load_config
+    from llmflow.promote.apps import chat_app_name, chat_route_prefix
 
     deployment = build_app(
         {"endpoint": ENDPOINT, "api_key_file": "/run/secrets/key"}
@@ -243,7 +243,7 @@ def test_serve_chat_app_is_one_replica_with_no_cpu_and_no_key_in_its_args():
 def test_status_lists_the_chat_only_once_started_and_flows_do_not_need_it(tmp_path, monkeypatch):
     import json
 
-    from llmflow import stack
+    from llmflow import launch, stack
     from llmflow.settings import StackSettings
     from tests.conftest import free_port
 
@@ -258,7 +258,7 @@ def test_status_lists_the_chat_only_once_started_and_flows_do_not_need_it(tmp_pa
     chat = stack.status(s)[-1]
     assert (chat.name, chat.url, chat.healthy, chat.pid) == ("chat", s.chat_url, False, None)
     assert chat.detail == f"model endpoint {ENDPOINT}"
-    assert stack.stop_chat(s) is False and "chat" not in json.loads(s.state_file.read_text())
+    assert launch.stop_chat(s) is False and "chat" not in json.loads(s.state_file.read_text())
 
 
 def test_chat_command_refuses_a_busy_port_in_one_line():

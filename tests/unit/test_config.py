@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llmflow.config import PipelineConfig, apply_overrides, default_config, load_config
+from llmflow.config import PipelineConfig
+from llmflow.configfile import apply_overrides, default_config, load_config
 from llmflow.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,7 +118,7 @@ def test_config_round_trips_through_json():
 
 
 def test_a_second_app_gets_its_own_route_prefix_by_default():
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
 
     assert load_config(None).serve.route_prefix == "/"
     assert load_config(None, ["serve.app_name=qwen"]).serve.route_prefix == "/qwen"
@@ -133,7 +134,7 @@ def test_the_gpu_configs_open_with_their_command_and_build_their_vllm_apps(name)
     from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 
     from deployments.vllm_app import llm_config
-    from llmflow.promote.rollout import vllm_app_args
+    from llmflow.promote.apps import vllm_app_args
     from llmflow.refs import ModelRef
 
     path = ROOT / "configs" / f"{name}.yaml"

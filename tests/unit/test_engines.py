@@ -225,7 +225,7 @@ def test_the_engine_environment_runtime_env_carries_the_interpreter_and_offline_
 
 
 def test_the_vllm_processor_runs_in_the_engine_environment_with_the_configured_placement():
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
     from llmflow.engines.vllm import CPU_STAGE_CPUS, processor_config
 
     cfg = load_config("configs/tiny.yaml").eval

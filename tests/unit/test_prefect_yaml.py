@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmflow.config import PipelineConfig, load_config
+from llmflow.config import PipelineConfig
+from llmflow.configfile import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "prefect.yaml").read_text())
@@ -45,7 +46,7 @@ def test_entrypoint_is_a_flow_with_matching_parameters(dep):
 
 
 def test_every_flow_in_the_cli_is_deployed():
-    from llmflow.cli import FLOWS
+    from llmflow.cli_common import FLOWS
 
     entrypoints = {d["entrypoint"] for d in DEPLOYMENTS}
     for name, target in FLOWS.items():

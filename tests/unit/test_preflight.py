@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.errors import ConfigError
 from llmflow.preflight import check_placement, check_resources
 

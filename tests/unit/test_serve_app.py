@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmflow.config import load_config
+from llmflow.configfile import load_config
 from llmflow.errors import ConfigError
 from llmflow.refs import ModelRef
 
@@ -26,7 +26,7 @@ def _serve(*overrides: str):
 
 def test_fixed_replicas_reach_the_deployment():
     from deployments.openai_app import build_app, deployment_options
-    from llmflow.promote.rollout import app_args
+    from llmflow.promote.apps import app_args
 
     args = app_args(_serve("serve.num_replicas=2", "serve.max_batch_size=8"), MODEL)
     options, kwargs = deployment_options(args)
@@ -46,7 +46,7 @@ def test_fixed_replicas_reach_the_deployment():
 
 def test_autoscaling_from_the_config_replaces_num_replicas():
     from deployments.openai_app import build_app, deployment_options
-    from llmflow.promote.rollout import app_args
+    from llmflow.promote.apps import app_args
 
     args = app_args(_serve("serve.num_replicas=2", *AUTOSCALING), MODEL)
     options, kwargs = deployment_options(args)
@@ -91,7 +91,7 @@ def test_autoscaling_bounds_are_checked():
 
 def test_llm_config_for_vllm():
     from deployments.vllm_app import llm_config
-    from llmflow.promote.rollout import vllm_app_args
+    from llmflow.promote.apps import vllm_app_args
 
     serve_cfg = _serve(
         *AUTOSCALING,
@@ -131,7 +131,7 @@ def test_llm_config_for_vllm():
 
 def test_llm_config_on_cpus_places_replicas_by_the_bundles():
     from deployments.vllm_app import llm_config
-    from llmflow.promote.rollout import vllm_app_args
+    from llmflow.promote.apps import vllm_app_args
 
     tiny = load_config("configs/tiny.yaml").serve
     config = llm_config(vllm_app_args(tiny, MODEL))
@@ -184,7 +184,7 @@ def test_engine_choice(monkeypatch):
 
     from llmflow import engines
     from llmflow.config import ClusterConfig
-    from llmflow.promote import rollout
+    from llmflow.promote import apps as rollout
 
     tiny = load_config("configs/tiny.yaml").serve
     auto = tiny.model_copy(update={"engine": "auto"})
@@ -201,7 +201,7 @@ def test_engine_choice(monkeypatch):
 
 
 def test_the_vllm_app_is_declarative_in_the_engine_environment_and_no_key_travels():
-    from llmflow.promote import rollout
+    from llmflow.promote import apps as rollout
 
     serve_cfg = load_config(
         "configs/tiny.yaml",
@@ -267,7 +267,7 @@ def test_the_smoke_test_calls_the_configured_clusters_serve_url(monkeypatch):
 
 def test_a_key_source_without_a_key_fails_before_any_work(tmp_path, monkeypatch):
     from llmflow.config import ClusterConfig
-    from llmflow.promote.rollout import check_api_key_source
+    from llmflow.promote.apps import check_api_key_source
 
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     local = ClusterConfig()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llmflow import database as db
-from llmflow import stack
+from llmflow import probes, processes, stack
 from llmflow.errors import ConfigError, StackError
 from llmflow.settings import StackSettings
 from tests.conftest import free_port
@@ -30,7 +30,9 @@ def s(tmp_path, monkeypatch) -> StackSettings:
 
 
 def sleeper(s: StackSettings, name: str) -> dict:
-    return stack._spawn(s, name, [sys.executable, "-c", "import time; time.sleep(120)"], {}, s.home)
+    return processes.spawn(
+        s, name, [sys.executable, "-c", "import time; time.sleep(120)"], {}, s.home
+    )
 
 
 def test_down_stops_extra_nodes_before_the_head(s):
@@ -39,21 +41,21 @@ def test_down_stops_extra_nodes_before_the_head(s):
         "ray-node-2": sleeper(s, "ray-node-2"),
         "ray-node-10": sleeper(s, "ray-node-10"),
     }
-    stack._write_state(s, state)
+    stack.write_state(s, state)
     lines: list[str] = []
     assert stack.down(s, echo=lines.append) == ["ray-node-10", "ray-node-2", "ray-head"]
-    assert not any(stack._process_alive(e) for e in state.values())
-    assert stack._read_state(s) == {}
+    assert not any(stack.process_alive(e) for e in state.values())
+    assert stack.read_state(s) == {}
 
 
 def test_status_lists_a_recorded_node_and_its_health(s):
     entry = sleeper(s, "ray-node-2")  # alive, but it started no raylet: not a node of the cluster
-    stack._write_state(s, {"ray-node-2": entry})
+    stack.write_state(s, {"ray-node-2": entry})
     try:
         [node] = [p for p in stack.status(s) if p.name == "ray-node-2"]
         assert node.pid == entry["pid"] and not node.healthy
         assert "gpu_node" in node.detail and "1 GPU (logical)" in node.detail
-        assert not stack.is_up(s)
+        assert not probes.is_up(s)
     finally:
         stack.down(s)
 
@@ -76,7 +78,7 @@ def test_database_urls_are_checked_and_masked():
 def test_a_server_started_on_postgresql_is_not_restarted_on_sqlite(s):
     """Its flow runs are in PostgreSQL: restarting it on SQLite without a word would hide them."""
     url = "postgresql+asyncpg://prefect:hunter2@127.0.0.1:5/prefect"
-    stack._write_state(s, {"prefect-server": {"pid": None, "database": db.mask(url)}})
+    stack.write_state(s, {"prefect-server": {"pid": None, "database": db.mask(url)}})
     with pytest.raises(
         StackError,
         match=r"was started on postgresql\+asyncpg://prefect:\*\*\*@"

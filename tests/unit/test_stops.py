@@ -61,7 +61,7 @@ def served_parts(tmp_path_factory):
 
 
 def _job(tok, max_tokens=12, stop=()):
-    from deployments.openai_app import GenJob
+    from deployments.hf_generation import GenJob
 
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "Reverse this number: 45678"}],
@@ -77,7 +77,7 @@ def test_a_turn_end_token_of_the_generation_config_stops_with_finish_reason_stop
     it and says "stop", with the tokens before it counted. Today's main said "length"."""
     import copy
 
-    from deployments.openai_app import generate_batch
+    from deployments.hf_generation import generate_batch
 
     model, tok = served_parts
     [free] = generate_batch(model, tok, [_job(tok)])
@@ -92,7 +92,7 @@ def test_a_turn_end_token_of_the_generation_config_stops_with_finish_reason_stop
 
 
 def test_openai_stop_strings_end_the_answer(served_parts):
-    from deployments.openai_app import generate_batch
+    from deployments.hf_generation import generate_batch
 
     model, tok = served_parts
     [free] = generate_batch(model, tok, [_job(tok, max_tokens=12)])
@@ -107,7 +107,7 @@ def test_openai_stop_strings_end_the_answer(served_parts):
 def test_a_stop_list_over_four_is_a_400_shape_error():
     from pydantic import ValidationError
 
-    from deployments.openai_app import ChatRequest
+    from deployments.openai_protocol import ChatRequest
 
     with pytest.raises(ValidationError, match="at most 4 non-empty strings"):
         ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], stop=list("abcde"))

@@ -204,7 +204,7 @@ def test_custom_resources_place_workers_only_on_nodes_that_declare_them():
     ],
 )
 def test_resources_per_worker_is_validated(value, message):
-    from llmflow.config import load_config
+    from llmflow.configfile import load_config
     from llmflow.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"train.resources_per_worker.*" + re.escape(message)):
