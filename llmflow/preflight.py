@@ -31,9 +31,13 @@ def check_config(config: PipelineConfig, flow: str) -> None:
     stages = FLOW_STAGES.get(flow, ())
     check_engines(config, stages)
     if "eval" in stages:
-        from llmflow.evaluate.metrics import load_metrics
+        from llmflow.evaluate.metrics import load_metrics, metric_directions
 
         load_metrics(config.eval.extra_metrics)
+        if flow == "pipeline":  # the gate: each metric it names declares its direction
+            from llmflow.promote.gate import check_directions
+
+            check_directions(config.gate, metric_directions(config.eval.extra_metrics))
 
 
 def bundles_on_node(bundle: dict[str, float], resources: dict[str, float]) -> int:

@@ -37,11 +37,19 @@ from llmflow.store import Store
 
 
 @task(name="gate")
-def gate(config: GateConfig, candidate: EvalReport, champion: EvalReport | None) -> GateDecision:
-    """Decide on the candidate; the decision is shown as a markdown artifact."""
+def gate(
+    config: GateConfig,
+    candidate: EvalReport,
+    champion: EvalReport | None,
+    directions: dict[str, str] | None = None,
+) -> GateDecision:
+    """Decide on the candidate, each metric in the direction it declares (default: the
+    built-in metrics'); the decision is shown as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    decision = decide(config, candidate, champion)
+    from llmflow.evaluate.metrics import DIRECTIONS
+
+    decision = decide(config, candidate, champion, directions or DIRECTIONS)
     create_markdown_artifact(key="gate-decision", markdown=decision_markdown(decision))
     return decision
 

@@ -65,10 +65,10 @@ def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[
     """Side-by-side metrics of a candidate and the champion: rows for a Prefect table artifact.
 
     One row per metric (and throughput figure) in either report, with the difference and
-    whether it is better for the candidate (lower is better for loss, perplexity, latency,
-    empty generations and truncations).
+    whether it is better for the candidate, in the direction the metric declares
+    (metrics.DIRECTIONS; blank for a figure without one).
     """
-    from llmflow.promote.gate import lower_is_better
+    from llmflow.evaluate.metrics import DIRECTIONS, LOWER
 
     def fmt(v: float | None) -> str:
         return "" if v is None else f"{v:.4g}"
@@ -81,12 +81,9 @@ def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[
         for name in sorted(set(cand) | set(champ)):
             c, p = cand.get(name), champ.get(name)
             delta = c - p if c is not None and p is not None else None
-            lower = (
-                lower_is_better(name)
-                or name.startswith("latency")
-                or name in ("truncated_prompts", "wall_s")
-            )
-            better = None if delta is None or delta == 0 else (delta < 0) == lower
+            lower = DIRECTIONS.get(name) == LOWER
+            known = name in DIRECTIONS
+            better = None if delta is None or delta == 0 or not known else (delta < 0) == lower
             rows.append(
                 {
                     "kind": kind,

@@ -85,6 +85,37 @@ BUILTIN_METRICS: dict[str, Metric] = {
 }
 
 
+# The direction in which each metric of an EvalReport is better. A plugged-in metric
+# (eval.extra_metrics) is a score, higher is better, unless its function says
+# `higher_is_better = False`. The gate and the comparison read directions from here only.
+HIGHER, LOWER = "higher", "lower"
+DIRECTIONS: dict[str, str] = {
+    "exact_match": HIGHER,
+    "normalized_exact_match": HIGHER,
+    "token_f1": HIGHER,
+    "rouge_l": HIGHER,
+    "eval_loss": LOWER,
+    "perplexity": LOWER,
+    "truncated_prompts": LOWER,
+    "empty_generations": LOWER,
+    # throughput figures of the report
+    "examples_per_s": HIGHER,
+    "tokens_per_s": HIGHER,
+    "wall_s": LOWER,
+    "latency_p50_s": LOWER,
+    "latency_p95_s": LOWER,
+}
+
+
+def metric_directions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Every gateable metric's direction: the built-in ones and the ``extra`` metrics'."""
+    out = dict(DIRECTIONS)
+    for path in extra:
+        fn = load_metric(path)
+        out[metric_name(path)] = HIGHER if getattr(fn, "higher_is_better", True) else LOWER
+    return out
+
+
 def load_metric(path: str) -> Metric:
     """A metric function from ``"package.module:function"`` or ``"package.module.function"``.
 

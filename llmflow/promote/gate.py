@@ -6,34 +6,54 @@ artifact, and `ask_for_approval` adds the human decision in the Prefect UI.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from llmflow.config import GateConfig
+from llmflow.errors import ConfigError
+from llmflow.evaluate.metrics import DIRECTIONS, LOWER
 from llmflow.refs import EvalReport, GateDecision, GateRule
 
-# Metrics where smaller is better; every other metric is taken as larger-is-better.
-LOWER_IS_BETTER = ("eval_loss", "perplexity", "loss", "latency", "empty_generations")
+
+def gated_metrics(gate: GateConfig) -> list[tuple[str, str]]:
+    """(config key, metric) of every metric the policy names."""
+    return [
+        ("gate.primary_metric", gate.primary_metric),
+        *((f"gate.thresholds.{m}", m) for m in sorted(gate.thresholds)),
+        *((f"gate.guardrails.{m}", m) for m in sorted(gate.guardrails)),
+    ]
 
 
-def lower_is_better(metric: str) -> bool:
-    return any(
-        metric == m or metric.endswith(f"_{m}") or metric.startswith(f"{m}_")
-        for m in LOWER_IS_BETTER
-    )
+def check_directions(gate: GateConfig, directions: Mapping[str, str]) -> None:
+    """Every metric the policy names declares its direction; else one line naming the key."""
+    for key, metric in gated_metrics(gate):
+        if metric not in directions:
+            known = ", ".join(sorted(directions))
+            raise ConfigError(f"{key}: {metric!r} is not a metric with a direction ({known})")
 
 
-def _improvement(metric: str, candidate: float, reference: float) -> float:
-    """How much better the candidate is (positive = better), whatever the metric's direction."""
-    return reference - candidate if lower_is_better(metric) else candidate - reference
-
-
-def decide(gate: GateConfig, candidate: EvalReport, champion: EvalReport | None) -> GateDecision:
+def decide(
+    gate: GateConfig,
+    candidate: EvalReport,
+    champion: EvalReport | None,
+    directions: Mapping[str, str] = DIRECTIONS,
+) -> GateDecision:
     """Apply the policy: absolute thresholds, a margin over the champion on the primary
-    metric, and guardrail metrics that may not regress beyond their tolerance.
+    metric, and guardrail metrics that may not regress beyond their tolerance. Each metric's
+    direction (higher or lower is better) is the one it declares (``directions``).
 
     Returns:
         A GateDecision with one rule and reason per check; passed only if every rule passed.
     """
+    check_directions(gate, directions)
     rules: list[GateRule] = []
     cm = candidate.metrics
+
+    def lower_is_better(metric: str) -> bool:
+        return directions[metric] == LOWER
+
+    def _improvement(metric: str, cand: float, reference: float) -> float:
+        """How much better the candidate is (positive = better), in the metric's direction."""
+        return reference - cand if lower_is_better(metric) else cand - reference
 
     def missing(name: str, metric: str, who: str) -> GateRule:
         return GateRule(

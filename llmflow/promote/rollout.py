@@ -1,6 +1,6 @@
-"""Rolling a model version out on Ray Serve: the application's arguments (hf or vLLM), the
-in-place deploy, the smoke test over HTTP, the restore of what was served before, and the
-checks that can run before any of it. tasks/promote.py runs them in one transaction.
+"""Rolling a model version out on Ray Serve: the in-place deploy (hf or vLLM, as apps.py
+describes it), the smoke test over HTTP, the restore of what was served before, and the
+outcome of a promotion that has nothing to do. tasks/promote.py runs them in one transaction.
 """
 
 from __future__ import annotations

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llmflow.config import GateConfig
-from llmflow.promote.gate import decide, decision_markdown, lower_is_better
+from llmflow.errors import ConfigError
+from llmflow.evaluate.metrics import DIRECTIONS, metric_directions
+from llmflow.promote.gate import decide, decision_markdown
 from llmflow.refs import EvalReport
 
 
@@ -73,12 +77,38 @@ def test_missing_metric_fails_with_reason():
     assert rules(d)["primary:token_f1"] == (False, "token_f1 is missing from the candidate report")
 
 
-def test_direction_and_markdown():
-    assert (
-        lower_is_better("eval_loss")
-        and lower_is_better("perplexity")
-        and lower_is_better("latency_p95")
+def test_each_metric_is_gated_in_the_direction_it_declares():
+    # lower is better for eval_loss: a candidate whose loss rose fails, one whose loss fell passes
+    cfg = GateConfig(primary_metric="eval_loss")
+    assert not decide(cfg, report(eval_loss=2.0), report(eval_loss=1.0)).passed
+    assert decide(cfg, report(eval_loss=1.0), report(eval_loss=2.0)).passed
+    # a plugged-in metric that declares lower-is-better, by name in the directions it passes
+    cfg = GateConfig(primary_metric="edit_distance")
+    down = {**DIRECTIONS, "edit_distance": "lower"}
+    assert decide(cfg, report(edit_distance=3.0), report(edit_distance=5.0), down).passed
+    with pytest.raises(ConfigError, match=r"^gate.primary_metric: 'edit_distance' is not a metric"):
+        decide(cfg, report(edit_distance=3.0), report(edit_distance=5.0))
+    with pytest.raises(ConfigError, match=r"^gate.guardrails.latency: 'latency' is not a metric"):
+        decide(GateConfig(guardrails={"latency": 0.1}), report(exact_match=1.0), None)
+
+
+def test_extra_metrics_declare_their_direction_on_the_function():
+    dirs = metric_directions(
+        ["tests.unit.test_gating:edit_distance", "llmflow.evaluate.metrics:rouge_l"]
     )
-    assert not lower_is_better("exact_match")
+    assert dirs["edit_distance"] == "lower" and dirs["rouge_l"] == "higher"
+    assert dirs["eval_loss"] == "lower" and dirs["exact_match"] == "higher"
+
+
+def edit_distance(prediction: str, reference: str) -> float:
+    return float(
+        sum(a != b for a, b in zip(prediction, reference)) + abs(len(prediction) - len(reference))
+    )
+
+
+edit_distance.higher_is_better = False
+
+
+def test_decision_markdown():
     md = decision_markdown(decide(GateConfig(), report(exact_match=0.1), report(exact_match=0.2)))
     assert "## Gate: FAILED" in md and "| primary:exact_match | FAIL |" in md

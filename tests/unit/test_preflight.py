@@ -76,3 +76,11 @@ def test_an_autoscaling_cluster_is_not_checked_against_the_nodes_alive_now(monke
     check_placement(cfg("cluster.autoscaling=true", "train.num_workers=500"), "finetune")
     monkeypatch.setenv("LLMFLOW_CLUSTER_AUTOSCALING", "1")
     check_placement(cfg("train.num_workers=500"), "finetune")
+
+
+def test_a_gate_metric_without_a_declared_direction_fails_before_any_task():
+    from llmflow.preflight import check_config
+
+    check_config(cfg("gate.primary_metric=eval_loss"), "pipeline")
+    with pytest.raises(ConfigError, match=r"^gate.thresholds.bleu: 'bleu' is not a metric with a"):
+        check_config(cfg("gate.thresholds={bleu: 0.3}"), "pipeline")
