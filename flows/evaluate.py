@@ -15,7 +15,10 @@ from llmflow.configfile import default_config
 from llmflow.evaluate.models import candidate_of, champion_model
 from llmflow.preflight import check_flow
 from llmflow.prepare.sources import source_files
+from llmflow.progress import listening
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
+from llmflow.runs import flow_run_id
+from llmflow.terminal import stage
 from tasks.evaluate import compare_reports, score_model
 
 
@@ -31,13 +34,24 @@ def evaluate_stage(
     reports = {}
     # One after the other: two Ray Data jobs at once would each hold their actors' CPUs and
     # could starve each other's read tasks on a small cluster.
-    with remote_options(num_cpus=0):  # the scoring actors hold the CPUs
+    with listening(flow_run_id()) as rows, remote_options(num_cpus=0):  # actors hold the CPUs
         for label, (uri, version) in models.items():
-            reports[label] = score_model.submit(
-                config.eval, uri, version, dataset, label, config.cluster
-            ).result()
+            future = score_model.submit(config.eval, uri, version, dataset, label, config.cluster)
+            reports[label] = rows.wait(future, f"score-{label}", label)
     compare_reports(reports["candidate"], reports["champion"])
+    stage("evaluate", eval_line(reports, config.gate.primary_metric))
     return reports
+
+
+def eval_line(reports: dict[str, EvalReport], metric: str) -> str:
+    cand, champ = reports["candidate"], reports["champion"]
+    nan = float("nan")
+    return (
+        f"{metric} {cand.metrics.get(metric, nan):.3f} (candidate {cand.model_version}) vs "
+        f"{champ.metrics.get(metric, nan):.3f} (champion {champ.model_version}) on "
+        f"{cand.num_examples} rows, {cand.engine} engine, "
+        f"{cand.throughput.get('examples_per_s', 0):.0f} rows/s"
+    )
 
 
 @flow(name="evaluate", task_runner=ClusterTaskRunner(), log_prints=True)

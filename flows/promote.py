@@ -18,6 +18,7 @@ from llmflow.promote.rollout import nothing_to_do
 from llmflow.refs import EvalReport, GateDecision, GateRule, ModelRef, Rollout
 from llmflow.runs import model_slot
 from llmflow.store import Store
+from llmflow.terminal import stage
 from tasks.promote import ask_for_approval, gate, record_gate, report_rollout, roll_out
 
 
@@ -34,7 +35,9 @@ def gate_stage(
     directions = metric_directions(config.eval.extra_metrics)
     decision = gate(config.gate, reports["candidate"], reports["champion"], directions)
     if config.gate.require_approval:  # a flow run pauses (not a task): called from the flow
+        stage("gate", "waiting for a decision in the Prefect UI (the run is paused)")
         decision = ask_for_approval(decision, config.gate.approval_timeout_s)
+    stage("gate", f"{'passed' if decision.passed else 'failed'}: {'; '.join(decision.reasons)}")
     return decision
 
 

@@ -53,9 +53,9 @@ def load_tokenizer(model_path: str):
         # transformers reads local paths and hub ids, not store URIs (s3://...): copy first.
         path = loadable_path(model_path)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - one line naming the model and the cause
+    except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"cannot load the tokenizer of {model_path}: {first}") from None
+        raise ModelError(f"cannot load the tokenizer of {model_path}: {first}") from exc
 
 
 def chat_token_counter(tokenizer):

@@ -4,7 +4,6 @@ output helpers.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +30,10 @@ SetOpt = Annotated[
 
 
 def echo(msg: str) -> None:
-    typer.echo(msg)
+    """A line for the user: on the terminal, also while a run's output goes to its log."""
+    from llmflow import terminal
+
+    typer.echo(msg, file=terminal.out())
 
 
 def print_status(parts) -> None:
@@ -42,4 +44,7 @@ def print_status(parts) -> None:
     for p in parts:
         health = "[green]healthy[/green]" if p.healthy else "[red]down[/red]"
         table.add_row(p.name, p.url, str(p.pid or "-"), health, p.detail)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    from llmflow import terminal
+
+    stream = terminal.out()
+    Console(file=stream, width=None if stream.isatty() else 160).print(table)

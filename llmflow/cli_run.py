@@ -44,17 +44,29 @@ def prepare_environment(cfg) -> str:
 
 
 def run_flow(name: str, cfg, echo=echo, **params):
-    """Run a flow of FLOWS in this process against the configured stack; return its state."""
+    """Run a flow of FLOWS in this process against the configured stack; return its state.
+
+    Unless --debug, the terminal shows the stage lines, progress bars and the outcome only:
+    Prefect's and Ray's output goes to .llmflow/logs/run-<flow>-<time>.log (and every log
+    line of the run to the Prefect UI, as always)."""
     import importlib
+
+    from llmflow import terminal
+    from llmflow.settings import StackSettings
 
     if name not in FLOWS:
         raise LlmflowError(f"unknown flow '{name}'; choose one of: {', '.join(FLOWS)}")
     prepare_environment(cfg)
     module, func = FLOWS[name].split(":")
-    flow_obj = getattr(importlib.import_module(module), func)
-
-    # Prefect logs the run's UI URL ("View at ...") as the run starts.
-    return flow_obj(config=cfg, return_state=True, **params)
+    if os.environ.get("LLMFLOW_DEBUG") == "1":
+        flow_obj = getattr(importlib.import_module(module), func)
+        return flow_obj(config=cfg, return_state=True, **params)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_file = StackSettings.from_env().logs_dir / f"run-{name}-{stamp}.log"
+    echo(f"{name}: running; Prefect's and Ray's output in {log_file}")
+    with terminal.quiet(log_file):
+        flow_obj = getattr(importlib.import_module(module), func)
+        return flow_obj(config=cfg, return_state=True, **params)
 
 
 def run(
@@ -92,7 +104,8 @@ def finish(flow: str, state) -> None:
     run_id = state.state_details.flow_run_id
     url = f"{PREFECT_UI_URL.value()}/runs/flow-run/{run_id}"
     if not state.is_completed():
-        raise RunFailed(f"flow '{flow}' ended {state.name}: {state.message or ''} (see {url})")
+        reason = (state.message or "").removeprefix("Flow run encountered an exception: ")
+        raise RunFailed(f"flow '{flow}' ended {state.name}: {reason} (see {url})")
     echo(f"Flow '{flow}' Completed: {url}")
 
 

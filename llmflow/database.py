@@ -3,6 +3,10 @@
 before the server starts and shown with its password masked.
 """
 
+# The errors below drop their cause on purpose (`from None`): a driver's exception can
+# quote the URL with its password, and `--debug` prints causes. Each message names the
+# masked URL and the driver's first line instead.
+
 from __future__ import annotations
 
 import asyncio

@@ -70,10 +70,10 @@ def _port(name: str, default: int) -> int:
         return default
     try:
         return int(raw)
-    except ValueError:
+    except ValueError as exc:
         from llmflow.errors import ConfigError
 
-        raise ConfigError(f"environment variable {name}={raw!r}: expected a port number") from None
+        raise ConfigError(f"environment variable {name}={raw!r}: expected a port number") from exc
 
 
 def _flag(name: str) -> bool:

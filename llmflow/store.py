@@ -82,15 +82,15 @@ class Store:
     def read_bytes(self, *parts: str) -> bytes:
         try:
             return self.fs.cat_file(self.path(*parts))
-        except FileNotFoundError:
-            raise StoreError(f"{self.uri(*parts)}: not found in the store") from None
+        except FileNotFoundError as exc:
+            raise StoreError(f"{self.uri(*parts)}: not found in the store") from exc
 
     def read_json(self, *parts: str) -> Any:
         raw = self.read_bytes(*parts)
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise StoreError(f"{self.uri(*parts)}: corrupt JSON ({exc.msg})") from None
+            raise StoreError(f"{self.uri(*parts)}: corrupt JSON ({exc.msg})") from exc
 
     def listdir(self, *parts: str) -> list[str]:
         """Names directly under a key, without temporaries; [] when it does not exist."""

@@ -33,7 +33,7 @@ def train_model(train: TrainConfig, dataset: DatasetRef, base_model_uri: str) ->
     from prefect import get_run_logger
 
     logger = get_run_logger()
-    run = run_training(train, dataset, base_model_uri, Store())
+    run = run_training(train, dataset, base_model_uri, Store(), progress_run=flow_run_id())
     m = run.metrics
     if run.reused:
         logger.info(

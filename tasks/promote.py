@@ -136,7 +136,7 @@ def check_served(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef
     try:
         key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
     except ValueError as exc:
-        raise RolloutError(f"smoke test of {model.name}:{model.version}: {exc}") from None
+        raise RolloutError(f"smoke test of {model.name}:{model.version}: {exc}") from exc
     result = smoke_test(serve_cfg, model, serve_url(cluster), key)
     if not result.passed:
         failed = "; ".join(f"{c['check']}: {c['detail']}" for c in result.checks if not c["passed"])
@@ -218,8 +218,10 @@ def report_rollout(rollout: Rollout) -> Rollout:
     """The rollout artifact and its one line; a rolled-back rollout fails the flow run."""
     from prefect.artifacts import create_markdown_artifact
 
+    from llmflow.terminal import stage
+
     create_markdown_artifact(key="rollout", markdown=summary(rollout))
-    print(rollout.message)
+    stage("promote", rollout.message)
     if rollout.rolled_back:
         raise RolloutError(rollout.message)
     return rollout

@@ -40,8 +40,8 @@ def check_eval_split(dataset_uri: str) -> int:
             pf = pq.ParquetFile(f)
             names = set(pf.schema_arrow.names)
             num_rows = pf.metadata.num_rows
-    except Exception as exc:  # noqa: BLE001 - one line naming the file and the cause
-        raise EvalDataError(f"{uri}: not a readable Parquet file ({exc})") from None
+    except Exception as exc:
+        raise EvalDataError(f"{uri}: not a readable Parquet file ({exc})") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise EvalDataError(f"{uri}: eval split lacks column(s) {', '.join(missing)}")

@@ -131,7 +131,7 @@ def load_metric(path: str) -> Metric:
     except ImportError as exc:
         raise ConfigError(
             f"eval.extra_metrics: {path!r}: cannot import {module_name} ({exc})"
-        ) from None
+        ) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"eval.extra_metrics: {path!r}: {module_name} has no function {attr!r}")

@@ -56,11 +56,9 @@ def check_causal_lm(model_uri: str) -> None:
         # transformers reads local paths and hub ids, not store URIs (s3://...): copy first.
         path = loadable_path(model_uri)
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - one line naming the model and the cause
+    except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ModelError(
-            f"train.base_model: {model_uri}: cannot read its config: {first}"
-        ) from None
+        raise ModelError(f"train.base_model: {model_uri}: cannot read its config: {first}") from exc
     # A type with a causal head (bert has one) saved as another head (BertForMaskedLM) is
     # refused too: its checkpoint holds no trained causal head.
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmflow import progress
 from llmflow.config import TrainConfig
 from llmflow.finetune.batches import (
     IGNORE_INDEX,
@@ -273,6 +274,14 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
             history["eval"].append([done, metrics["eval_loss"]])
         if is_checkpoint_step(done, train):
             save_checkpoint(done, metrics)
+        if rank == 0:
+            progress.report(
+                cfg.get("progress_run"),
+                "train",
+                done,
+                train.max_steps,
+                final=done == train.max_steps,
+            )
     t_end = time.time()
     steps_run = len([s for s, *_ in history["train"] if s > start_step])
     return {

@@ -65,7 +65,11 @@ def cuda_on_gpu_nodes() -> bool:
 
 
 def run_training(
-    train: TrainConfig, dataset: DatasetRef, base_model_uri: str, store: Store
+    train: TrainConfig,
+    dataset: DatasetRef,
+    base_model_uri: str,
+    store: Store,
+    progress_run: str | None = None,
 ) -> TrainRun:
     """Run (or resume) the TorchTrainer run of these inputs and return where it ended.
 
@@ -103,6 +107,7 @@ def run_training(
             "train": train.model_dump(mode="json"),
             "base_model": base_model_uri,
             "dataset_uri": dataset.uri,
+            "progress_run": progress_run,  # rank 0 reports its steps (llmflow.progress)
         },
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
@@ -120,12 +125,12 @@ def run_training(
     t0 = time.time()
     try:
         result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - TrainingFailedError and kin: one line naming the run
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TrainingError(
             f"training run {store.uri('runs', name)} failed (train.max_failures="
             f"{train.max_failures}): {type(exc).__name__}: {first}"
-        ) from None
+        ) from exc
     fit_s = time.time() - t0
     out = result.return_value or {}
     if out.get("error"):

@@ -221,8 +221,8 @@ def _load_from_disk(path: Path):
 
     try:
         ds = load_from_disk(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"data.source: {path}: not a readable saved dataset ({exc})") from None
+    except Exception as exc:
+        raise DataError(f"data.source: {path}: not a readable saved dataset ({exc})") from exc
     if isinstance(ds, DatasetDict):
         from datasets import concatenate_datasets
 
@@ -238,11 +238,11 @@ def _load_from_hub(source: str, revision: str | None = None):
     commit = _hub_commit(source, revision)
     try:
         return load_dataset(source, split="train", revision=commit)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only datasets already in the HF cache load)" if offline else ""
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"data.source: {source}: cannot load hub dataset{hint}: {first}") from None
+        raise DataError(f"data.source: {source}: cannot load hub dataset{hint}: {first}") from exc
 
 
 def _hub_commit(source: str, revision: str | None) -> str:

@@ -135,7 +135,7 @@ def vllm_app_schema(
     try:
         llm_config(args)
     except ValueError as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from None
+        raise ConfigError(str(exc).splitlines()[0]) from exc
     return {
         "name": serve_cfg.app_name,
         "route_prefix": serve_cfg.route_prefix,
@@ -182,7 +182,7 @@ def check_api_key_source(serve_cfg: ServeConfig, cluster: ClusterConfig) -> None
     try:
         resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(str(exc)) from exc
 
 
 def check_serving(serve_cfg: ServeConfig, cluster: ClusterConfig) -> None:

@@ -5,10 +5,10 @@ outcome of a promotion that has nothing to do. tasks/promote.py runs them in one
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
+import tenacity
 
 from llmflow.config import ClusterConfig, ServeConfig
 from llmflow.errors import LlmflowError
@@ -54,7 +54,7 @@ def deploy_chat(
     except RuntimeError as exc:
         raise RolloutError(
             f"Serve app '{chat_app_name(serve_cfg)}' (the chat) failed to deploy: {str(exc)[:300]}"
-        ) from None
+        ) from exc
 
 
 def _apply_declarative(app: dict[str, Any]) -> float:
@@ -117,22 +117,30 @@ def deploy(
             f"Serve app '{serve_cfg.app_name}' failed to deploy "
             f"{model.name}:{model.version}: {str(exc)[:300]}"
         ) from exc
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def running() -> bool:
         app = serve.status().applications.get(serve_cfg.app_name)
         status = str(getattr(app, "status", ""))
         current = getattr(app, "last_deployed_time_s", 0.0) > since  # not the old version's
-        if current and status.endswith("RUNNING"):
-            if serve_cfg.chat:
-                deploy_chat(serve_cfg, model, cluster)
-            return
         if current and status.endswith("DEPLOY_FAILED"):
             raise RolloutError(
                 f"Serve app '{serve_cfg.app_name}' failed to deploy "
                 f"{model.name}:{model.version}: {app.message[:300]}"
             )
-        time.sleep(1)
-    raise RolloutError(f"Serve app '{serve_cfg.app_name}' not RUNNING after {timeout_s:.0f}s")
+        return current and status.endswith("RUNNING")
+
+    try:
+        tenacity.Retrying(
+            stop=tenacity.stop_after_delay(timeout_s),
+            wait=tenacity.wait_fixed(1),
+            retry=tenacity.retry_if_result(lambda ok: not ok),
+        )(running)
+    except tenacity.RetryError as exc:
+        raise RolloutError(
+            f"Serve app '{serve_cfg.app_name}' not RUNNING after {timeout_s:.0f}s"
+        ) from exc
+    if serve_cfg.chat:
+        deploy_chat(serve_cfg, model, cluster)
 
 
 def smoke_test(
