@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from openai.types import CompletionUsage
+
 
 @dataclass
 class GenJob:
@@ -78,10 +80,10 @@ def generate_batch(model, tokenizer, jobs: list[GenJob]) -> list[GenResult]:
     return results
 
 
-def usage(results: list[GenResult]) -> dict:
+def usage(results: list[GenResult]) -> CompletionUsage:
     p = sum(r.prompt_tokens for r in results)
     c = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,7 +45,12 @@ from deployments.openai_protocol import (
     ChatRequest,
     CompletionRequest,
     Sampling,
+    chat_completion,
+    chat_completion_chunk,
+    completion,
+    completion_chunk,
     install,
+    models_list,
 )
 
 api = FastAPI(title="llmflow OpenAI-compatible API")
@@ -183,20 +189,20 @@ class OpenAIServer:
                 results[i] = r
         return results  # type: ignore[return-value]
 
-    async def _stream(self, job: GenJob, make_chunk, final_chunk):
-        """SSE: one event per decoded piece, then the final chunk (its finish_reason) and
-        [DONE]. Same generate settings as ``generate_batch``, so a greedy or seeded stream
-        says what the same request unstreamed says."""
+    async def _stream(self, job: GenJob, chunk):
+        """SSE: one event per decoded piece (``chunk(piece)``), then the final one
+        (``chunk(None, finish_reason)``) and [DONE]. Same generate settings as
+        ``generate_batch``, so a greedy or seeded stream says what the same request unstreamed
+        says."""
         pieces = stream_generate(self.model, self.tokenizer, job, self._model_thread)
         async for piece in pieces:
             if not isinstance(piece, StreamEnd):
-                yield f"data: {json.dumps(make_chunk(piece))}\n\n"
+                yield f"data: {json.dumps(chunk(piece))}\n\n"
             elif piece.error is not None:
                 message = f"generation failed: {type(piece.error).__name__}"
-                error = {"message": message, "type": "server_error", "param": None, "code": None}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield f"data: {json.dumps(APIError(500, message, 'server_error').body())}\n\n"
             else:
-                yield f"data: {json.dumps(final_chunk(piece.finish))}\n\n"
+                yield f"data: {json.dumps(chunk(None, piece.finish))}\n\n"
         yield "data: [DONE]\n\n"
 
     # -- routes -------------------------------------------------------------------------------
@@ -207,20 +213,7 @@ class OpenAIServer:
     @api.get("/v1/models")
     def models(self, request: Request) -> dict:
         self._auth(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "llmflow",
-                    "version": self.version,
-                    "lineage": self.lineage,
-                    "context_length": self.context,
-                }
-            ],
-        }
+        return models_list(self.model_name, self.version, self.lineage, self.context)
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -254,27 +247,13 @@ class OpenAIServer:
                     "invalid_value",
                     "stream",
                 )
-            base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
             return StreamingResponse(
-                self._stream(
-                    jobs[0],
-                    lambda t: base | {"choices": [{"index": 0, "text": t, "finish_reason": None}]},
-                    lambda f: base | {"choices": [{"index": 0, "text": "", "finish_reason": f}]},
-                ),
+                self._stream(jobs[0], partial(completion_chunk, rid, created, body.model)),
                 media_type="text/event-stream",
             )
         results = await asyncio.gather(*(self._generate(j) for j in jobs))
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                for i, r in enumerate(results)
-            ],
-            "usage": usage(results),
-        }
+        choices = [(r.text, r.finish_reason) for r in results]
+        return completion(rid, created, body.model, choices, usage(results))
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
@@ -283,42 +262,12 @@ class OpenAIServer:
         job = self._job(self._chat_ids(body.messages), body)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            base = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-            }
             return StreamingResponse(
-                self._stream(
-                    job,
-                    lambda t: (
-                        base
-                        | {
-                            "choices": [
-                                {"index": 0, "delta": {"content": t}, "finish_reason": None}
-                            ]
-                        }
-                    ),
-                    lambda f: base | {"choices": [{"index": 0, "delta": {}, "finish_reason": f}]},
-                ),
+                self._stream(job, partial(chat_completion_chunk, rid, created, body.model)),
                 media_type="text/event-stream",
             )
         r = await self._generate(job)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": r.text},
-                    "finish_reason": r.finish_reason,
-                }
-            ],
-            "usage": usage([r]),
-        }
+        return chat_completion(rid, created, body.model, r.text, r.finish_reason, usage([r]))
 
 
 def deployment_options(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

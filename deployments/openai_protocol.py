@@ -1,6 +1,7 @@
-"""The OpenAI API's request bodies and error shape as the hf app accepts and answers them:
-validated pydantic requests, `{"error": {...}}` bodies for every 4xx and 5xx (FastAPI's
-and Starlette's own included), and the body-size limit.
+"""The OpenAI API's request bodies, responses and error shape as the hf app accepts and
+answers them: validated pydantic requests, the responses and stream chunks built on the
+`openai` package's own types, `{"error": {...}}` bodies for every 4xx and 5xx (FastAPI's and
+Starlette's own included), and the body-size limit.
 
 No `from __future__ import annotations` here: FastAPI reads these annotations at runtime.
 """
@@ -12,6 +13,11 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
@@ -42,18 +48,16 @@ class APIError(Exception):
             param,
         )
 
+    def body(self) -> dict:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error}
+
     def response(self) -> Response:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
         # ASCII-escaped: a message quoting client text stays encodable (JSONResponse would
         # raise on a lone surrogate, turning a 4xx into a 500).
-        return Response(json.dumps(body), status_code=self.status, media_type="application/json")
+        return Response(
+            json.dumps(self.body()), status_code=self.status, media_type="application/json"
+        )
 
 
 async def _api_error(_: Request, exc: APIError) -> Response:
@@ -182,6 +186,96 @@ class CompletionRequest(Sampling):
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+
+
+# -- responses ----------------------------------------------------------------------------------
+# Built on openai's types, dumped with exclude_unset: the keys set here and no more (none of
+# the optional ones, system_fingerprint, refusal..., that the API would send as null).
+
+
+def _dump(response: BaseModel) -> dict:
+    return response.model_dump(mode="json", exclude_unset=True)
+
+
+def models_list(name: str, version: str, lineage: dict, context_length: int) -> dict:
+    """GET /v1/models: the served model, with llmflow's version, lineage and context length
+    (extra fields, which openai's Model keeps)."""
+    card = Model(
+        id=name,
+        object="model",
+        created=0,
+        owned_by="llmflow",
+        version=version,
+        lineage=lineage,
+        context_length=context_length,
+    )
+    return {"object": "list", "data": [_dump(card)]}
+
+
+def completion(
+    rid: str, created: int, model: str, choices: list[tuple[str, str]], usage: CompletionUsage
+) -> dict:
+    """POST /v1/completions: one choice a prompt, from its (text, finish_reason)."""
+    return _dump(
+        Completion(
+            id=rid,
+            object="text_completion",
+            created=created,
+            model=model,
+            choices=[
+                CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=None)
+                for i, (text, finish) in enumerate(choices)
+            ],
+            usage=usage,
+        )
+    )
+
+
+def completion_chunk(
+    rid: str, created: int, model: str, text: str | None, finish: str | None = None
+) -> dict:
+    """One SSE event of a streamed completion: a piece of text (finish None), or the last one
+    (text None, the finish_reason)."""
+    # Completion is both the streamed and the unstreamed shape, and its finish_reason is
+    # required: built unvalidated (as the openai client reads it) for the null of a chunk.
+    choice = CompletionChoice.model_construct(index=0, text=text or "", finish_reason=finish)
+    return _dump(
+        Completion(id=rid, object="text_completion", created=created, model=model, choices=[choice])
+    )
+
+
+def chat_completion(
+    rid: str, created: int, model: str, content: str, finish: str, usage: CompletionUsage
+) -> dict:
+    """POST /v1/chat/completions: the assistant's answer."""
+    message = ChatCompletionMessage(role="assistant", content=content)
+    return _dump(
+        ChatCompletion(
+            id=rid,
+            object="chat.completion",
+            created=created,
+            model=model,
+            choices=[ChatChoice(index=0, message=message, finish_reason=finish)],
+            usage=usage,
+        )
+    )
+
+
+def chat_completion_chunk(
+    rid: str, created: int, model: str, content: str | None, finish: str | None = None
+) -> dict:
+    """One SSE event of a streamed chat answer: a piece of content, or the last one (content
+    None: an empty delta, and the finish_reason)."""
+    delta = ChoiceDelta() if content is None else ChoiceDelta(content=content)
+    return _dump(
+        ChatCompletionChunk(
+            id=rid,
+            object="chat.completion.chunk",
+            created=created,
+            model=model,
+            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
+        )
+    )
 
 
 def install(api: FastAPI) -> None:

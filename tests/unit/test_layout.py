@@ -69,10 +69,7 @@ def test_flow_bodies_read_like_a_table_of_contents():
 def test_the_pipeline_composes_the_stage_functions_of_the_stage_flows():
     tree = ast.parse((ROOT / "flows" / "pipeline.py").read_text())
     imported = {
-        (n.module, a.name)
-        for n in ast.walk(tree)
-        if isinstance(n, ast.ImportFrom)
-        for a in n.names
+        (n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
     }
     for stage in ("prepare", "finetune", "evaluate"):
         assert (f"flows.{stage}", f"{stage}_stage") in imported, stage
@@ -92,7 +89,9 @@ def test_stage_logic_does_not_import_prefect_and_imports_ray_only_inside_functio
                 )
         for node in tree.body:  # module level: no ray (a worker imports these modules too)
             if isinstance(node, ast.Import | ast.ImportFrom):
-                top = (node.module or "") if isinstance(node, ast.ImportFrom) else node.names[0].name
+                top = (
+                    (node.module or "") if isinstance(node, ast.ImportFrom) else node.names[0].name
+                )
                 assert top.split(".")[0] != "ray", f"llmflow/{stage}/{path.name}:{node.lineno}"
 
 
