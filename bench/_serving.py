@@ -51,14 +51,6 @@ def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> st
     raise AssertionError("unreachable")
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of ``values``; NaN when there are none."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
 @dataclass
 class Run:
     """Requests of one timed run: latencies (s) of the answered ones, failures, wall time."""
@@ -72,11 +64,13 @@ class Run:
         return len(self.latencies) + self.failures
 
     def row(self) -> dict[str, float]:
+        from llmflow.evaluate.scoring import percentile
+
         return {
             "requests": self.sent,
             "req_per_s": round(len(self.latencies) / self.wall_s, 2) if self.wall_s else 0.0,
-            "p50_ms": round(percentile(self.latencies, 50) * 1e3, 1),
-            "p99_ms": round(percentile(self.latencies, 99) * 1e3, 1),
+            "p50_ms": round(percentile(self.latencies, 50, "inverted_cdf") * 1e3, 1),
+            "p99_ms": round(percentile(self.latencies, 99, "inverted_cdf") * 1e3, 1),
             "failures": self.failures,
         }
 

@@ -99,7 +99,7 @@ class OpenAIServer:
         try:
             self._api_key = resolve_api_key(api_key_env, api_key_file)
         except ValueError as exc:
-            raise RuntimeError(str(exc)) from None
+            raise RuntimeError(str(exc)) from exc
         BodyLimit.max_bytes = int(max_body_bytes)
         self._generate.set_max_batch_size(max_batch_size)
         self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -163,7 +163,7 @@ class OpenAIServer:
                 "invalid_request_error",
                 "invalid_value",
                 "messages",
-            ) from None
+            ) from exc
         return list(enc["input_ids"])
 
     def _text_ids(self, prompt: str) -> list[int]:

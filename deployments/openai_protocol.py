@@ -149,8 +149,8 @@ def _utf8(text: str) -> str:
     # JSON may carry lone surrogates ("\ud800"); the tokenizer raises a TypeError on them.
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (it holds an unpaired surrogate)") from None
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text (it holds an unpaired surrogate)") from exc
     return text
 
 

@@ -7,9 +7,10 @@ two promotions at once leave exactly one champion and a reader never sees half a
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
+
+from filelock import FileLock
 
 from llmflow.errors import StoreError
 from llmflow.store import Store
@@ -25,12 +26,9 @@ def _locked(store: Store, name: str) -> Iterator[None]:
         yield
         return
     os.makedirs(store.path("models", name), exist_ok=True)
-    with open(store.path("models", name, ".aliases.lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    # Waits as long as it takes (flock underneath); the lock file stays beside aliases.json.
+    with FileLock(store.path("models", name, ".aliases.lock"), preserve_lock_file=True):
+        yield
 
 
 def read_aliases(store: Store, name: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ def resolve_api_key(api_key_env: str | None = None, api_key_file: str | None = N
         except OSError as exc:
             raise ValueError(
                 f"serve.api_key_file: cannot read {api_key_file}: {exc.strerror}"
-            ) from None
+            ) from exc
         if not key:
             raise ValueError(f"serve.api_key_file: {api_key_file} is empty")
         return key

@@ -4,6 +4,7 @@ with one line per error naming the key and where it came from; and the tiny defa
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
     return key.split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each KEY=VALUE override set at its dotted path."""
-    out: dict[str, Any] = _deepcopy(data)
+    out: dict[str, Any] = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
         node = out
@@ -61,10 +62,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[path[-1]] = value
     return out
-
-
-def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -78,9 +75,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{p}: malformed YAML{at}: {problem}") from None
+        raise ConfigError(f"{p}: malformed YAML{at}: {problem}") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from None
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -108,7 +105,7 @@ def load_config(
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, where, overridden)) from None
+        raise ConfigError(_format_validation_error(exc, where, overridden)) from exc
 
 
 # configs/tiny.yaml's settings, in code: the flows' default `config` parameter, so the form

@@ -166,14 +166,23 @@ def prefect_auth_string() -> str | None:
 def wait_healthy(
     what: str, probe: Callable[[], bool], timeout: float, entry: dict, log: Path
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    import tenacity
+
+    def healthy() -> bool:
         if probe():
-            return
+            return True
         if not process_alive(entry):
             raise StackError(f"{what} exited while starting; see {log} ({log_tail(log)})")
-        time.sleep(0.5)
-    raise StackError(f"{what} did not become healthy within {timeout:.0f}s; see {log}")
+        return False
+
+    try:
+        tenacity.Retrying(
+            stop=tenacity.stop_after_delay(timeout),
+            wait=tenacity.wait_fixed(0.5),
+            retry=tenacity.retry_if_result(lambda ok: not ok),
+        )(healthy)
+    except tenacity.RetryError as exc:
+        raise StackError(f"{what} did not become healthy within {timeout:.0f}s; see {log}") from exc
 
 
 def log_tail(log: Path) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -96,14 +95,14 @@ def _ensure_ray() -> None:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING")
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation; nan for no values."""
+def percentile(values: Sequence[float], q: float, method: str = "linear") -> float:
+    """The q-th percentile (0..100) of ``values``; nan for no values. ``method`` is
+    numpy.percentile's: "linear" interpolates, "inverted_cdf" is the nearest rank."""
+    import numpy as np
+
     if not values:
         return float("nan")
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    return float(np.percentile(values, q, method=method))
 
 
 def throughput(rows: Sequence[Mapping[str, Any]], wall_s: float) -> dict[str, float]:
