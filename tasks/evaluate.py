@@ -57,6 +57,8 @@ def score_model(
         model_version=model_version,
         dataset_sha256=dataset.sha256,
         cluster=cluster,
+        progress_run=flow_run_id(),  # the terminal's bar of scored rows (llmflow.progress)
+        progress_key=f"score-{label}",
     )
     get_run_logger().info(
         "%s %s: %s", label, model_version, {k: round(v, 4) for k, v in report.metrics.items()}

@@ -66,7 +66,10 @@ def cuda_available() -> bool:
         import torch
 
         return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001 - a broken torch means no GPU here
+    except Exception as exc:  # noqa: BLE001 - a broken torch means no GPU here
+        import logging
+
+        logging.getLogger(__name__).warning("torch cannot say whether CUDA works (%s): no GPU", exc)
         return False
 
 

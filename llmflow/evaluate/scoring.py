@@ -129,6 +129,8 @@ def generate_predictions(
     engine_options: dict | None = None,
     with_loss: bool = False,
     cluster: ClusterConfig | None = None,
+    progress_run: str | None = None,
+    progress_key: str = "score",
 ) -> tuple[list[dict[str, Any]], str, float]:
     """Run the generation and per-row scoring job; returns (rows, engine name, wall seconds).
 
@@ -140,8 +142,10 @@ def generate_predictions(
 
     ``with_loss``: the hf engine's actors also compute each row's teacher-forced loss
     (``loss_sum``, ``loss_tokens``), loading the model once for both; other engines leave
-    those columns out (``eval_loss`` then runs its own job).
+    those columns out (``eval_loss`` then runs its own job). ``progress_run``: the flow run
+    whose terminal counts the rows as they come back (llmflow.progress).
     """
+    from llmflow import progress
     from llmflow.engines import make_engine, select_engine
 
     options = dict(engine_options or {})
@@ -154,7 +158,11 @@ def generate_predictions(
     t0 = time.perf_counter()
     table = read_eval_split(dataset_uri, eval_cfg.max_examples)
     requests = chat_requests(table, keep_messages=loss_in_engine)
-    generated = engine.generate(as_blocks(requests, eval_cfg.batch_size)).take_all()
+    generated = []
+    for row in engine.generate(as_blocks(requests, eval_cfg.batch_size)).iter_rows():
+        generated.append(row)
+        progress.report(progress_run, progress_key, len(generated), requests.num_rows)
+    progress.report(progress_run, progress_key, len(generated), requests.num_rows, final=True)
     extra = tuple(eval_cfg.extra_metrics)
     rows = [score_row(row, extra) for row in generated]
     return rows, engine.name, time.perf_counter() - t0
@@ -232,6 +240,8 @@ def score_dataset(
     engine_options: dict[str, Any] | None = None,
     with_loss: bool = True,
     cluster: ClusterConfig | None = None,
+    progress_run: str | None = None,
+    progress_key: str = "score",
 ) -> EvalReport:
     """Score ``model_uri`` on the eval split of ``dataset_uri`` and write its predictions.
 
@@ -267,7 +277,14 @@ def score_dataset(
 
     _ensure_ray()
     rows, engine_name, wall_s = generate_predictions(
-        eval_cfg, model_uri, dataset_uri, engine_options, with_loss=with_loss, cluster=cluster
+        eval_cfg,
+        model_uri,
+        dataset_uri,
+        engine_options,
+        with_loss=with_loss,
+        cluster=cluster,
+        progress_run=progress_run,
+        progress_key=progress_key,
     )
     metrics = aggregate(rows, metric_names)
     metrics["truncated_prompts"] = float(sum(bool(r["prompt_truncated"]) for r in rows))

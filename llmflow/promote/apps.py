@@ -5,11 +5,14 @@ deployment (route prefix, API key source).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from llmflow.config import ClusterConfig, ServeConfig
 from llmflow.errors import ConfigError
 from llmflow.refs import ModelRef
+
+log = logging.getLogger(__name__)
 
 
 def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
@@ -49,7 +52,8 @@ def served_lineage(model: ModelRef) -> dict[str, Any]:
         from llmflow.store import Store
 
         manifest = Store(model.uri).read_json("manifest.json")
-    except Exception:  # noqa: BLE001 - lineage is shown when found; serving never depends on it
+    except Exception as exc:  # noqa: BLE001 - lineage is shown when found; serving never depends on it
+        log.warning("%s:%s: no lineage manifest to show (%s)", model.name, model.version, exc)
         return lineage
     if manifest.get("gate"):
         gate = manifest["gate"]
@@ -81,7 +85,8 @@ def _eval_metrics(run_id: str) -> dict[str, float]:
         if not store.exists("runs", run_id, "eval", "candidate", PREDICTIONS_FILE):
             return {}
         table = pq.read_table(store.uri("runs", run_id, "eval", "candidate", PREDICTIONS_FILE))
-    except Exception:  # noqa: BLE001 - see served_lineage
+    except Exception as exc:  # noqa: BLE001 - see served_lineage
+        log.warning("run %s: no eval predictions to show in the lineage (%s)", run_id, exc)
         return {}
     skip = {*PREDICTION_COLUMNS, "eval_loss"}  # eval_loss per row is not the corpus loss
     metrics = {}

@@ -218,7 +218,12 @@ def nothing_to_do(
     url = endpoint(serve_cfg, cluster)
     if decision is not None and not decision.passed:
         failed = "; ".join(r.reason for r in decision.rules if not r.passed)
-        return Rollout(served_version=live, endpoint=url, message=f"gate failed: {failed}")
+        return Rollout(
+            served_version=live,
+            previous_version=None,
+            endpoint=url,
+            message=f"gate failed: {failed}",
+        )
     if champion == candidate.version and live == candidate.version:
         message = (
             f"{candidate.name}:{candidate.version} is already champion and served: nothing changed"
