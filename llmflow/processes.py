@@ -137,10 +137,9 @@ def read_state(s: StackSettings) -> dict[str, dict]:
 
 
 def write_state(s: StackSettings, state: dict[str, dict]) -> None:
-    s.home.mkdir(parents=True, exist_ok=True)
-    tmp = s.state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, s.state_file)
+    from llmflow.store import atomic_write
+
+    atomic_write(s.state_file, json.dumps(state, indent=2).encode())
 
 
 def process_alive(entry: dict | None) -> bool:

@@ -33,6 +33,23 @@ from llmflow.settings import default_store_uri
 MANIFEST = "manifest.json"
 
 
+def atomic_write(target: str | os.PathLike, data: bytes) -> None:
+    """Write a local file so that readers see the old bytes or the new, never a part: a
+    uniquely named temporary beside it, fsynced, then renamed over it."""
+    target = os.fspath(target)
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(target), f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 class Store:
     """The artifact store at ``root`` (a local path or any fsspec URI such as ``s3://b/p``).
 
@@ -106,17 +123,7 @@ class Store:
         """Write a file atomically; returns its URI."""
         target = self.path(*parts)
         if self.local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(target), f".tmp-{uuid.uuid4().hex}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(target, data)
         else:
             self.fs.pipe_file(target, data)  # one PUT: atomic on object stores
         return self.uri(*parts)

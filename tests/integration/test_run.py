@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -34,6 +35,12 @@ def test_llmflow_run_exits_0_on_completed(stack):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Flow 'check' Completed: " + stack.prefect_url + "/runs/flow-run/" in out
+    # The terminal: the stage's line and the outcome; Prefect's and Ray's lines in the log file.
+    assert "check 3 tasks ran on " in " ".join(proc.stdout.split()), out
+    assert "Finished in state" not in out and "INFO" not in out and proc.stderr == "", out
+    log_file = Path(re.search(r"output in (\S+\.log)", proc.stdout)[1])
+    logged = log_file.read_text()
+    assert "Finished in state Completed" in logged and "where-am-i" in logged, logged[-2000:]
 
 
 def test_one_pipeline_per_model_name_at_a_time(stack, prefect_client):
