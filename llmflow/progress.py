@@ -83,17 +83,22 @@ class Listener:
 
     def wait(self, future, key: str, label: str):
         """``future.result()``, drawing ``key``'s bar on the terminal meanwhile."""
-        if self.actor is None:
+        from llmflow import terminal
+
+        if self.actor is None or not terminal.out().isatty():  # a bar needs a live terminal
             return future.result()
         import ray
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-        from llmflow import terminal
-
         console = Console(file=terminal.out())
         columns = (f"{label:>9}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
+        # Not rich's default stdout/stderr redirect: Ray prints its workers' lines through
+        # sys.stdout, and they belong in the log file with the rest.
+        bar = Progress(
+            *columns, console=console, transient=True, redirect_stdout=False, redirect_stderr=False
+        )
+        with bar:
             task = bar.add_task(label, total=None)
             while not future.state.is_final():
                 future.wait(timeout=0.5)

@@ -47,17 +47,17 @@ def quiet(log_file: Path) -> Iterator[Path]:
     saved = os.dup(1), os.dup(2)
     _terminal["out"] = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
     _terminal["err"] = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    log = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - open while the block runs
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
     os.environ[ENV] = "1"
     try:
         yield log_file
     except BaseException:
-        traceback.print_exc()  # into the log file: the terminal gets the one-line reason
+        traceback.print_exc(file=log)  # the terminal gets the one-line reason
         raise
     finally:
+        log.close()
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
