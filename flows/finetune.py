@@ -6,43 +6,16 @@ llmflow run finetune --config configs/tiny.yaml [--set train.max_steps=50]
 from __future__ import annotations
 
 from prefect import flow
-from prefect_ray.context import remote_options
 
-from flows.prepare import prepare_stage
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
 from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
 from llmflow.prepare.sources import source_files
-from llmflow.progress import listening
-from llmflow.refs import DatasetRef, ModelRef, TrainRun
-from llmflow.runs import flow_run_id
-from llmflow.terminal import stage
-from tasks.finetune import register_model, train_model
-from tasks.prepare import base_model
-
-
-def finetune_stage(
-    config: PipelineConfig, dataset: DatasetRef, model_uri: str
-) -> tuple[TrainRun, ModelRef]:
-    """train-model, then register-model: (the training run, the registered version)."""
-    # The trainer's workers hold the resources; the terminal draws their steps (progress).
-    with listening(flow_run_id()) as steps, remote_options(num_cpus=0, num_gpus=0):
-        run = steps.wait(train_model.submit(config.train, dataset, model_uri), "train", "train")
-    lineage = config.model_dump(mode="json")
-    ref = register_model.submit(config.train, dataset, model_uri, run, lineage).result()
-    stage("finetune", train_line(ref, run))
-    return run, ref
-
-
-def train_line(ref: ModelRef, run: TrainRun) -> str:
-    m = run.metrics
-    how = "reused a finished run" if run.reused else f"{m.get('fit_s', 0):.0f} s on {run.device}"
-    return (
-        f"{ref.name}:{ref.version}: loss {m.get('train_loss_first', float('nan')):.3f} -> "
-        f"{m.get('train_loss_last', float('nan')):.3f} in {m.get('steps', 0):.0f} steps ({how})"
-    )
+from llmflow.refs import DatasetRef, ModelRef
+from tasks.finetune import finetune_stage
+from tasks.prepare import base_model, prepare_stage
 
 
 @flow(name="finetune", task_runner=ClusterTaskRunner(), log_prints=True)

@@ -9,10 +9,7 @@ from typing import Literal
 
 from prefect import flow
 
-from flows.evaluate import evaluate_stage
-from flows.finetune import finetune_stage
-from flows.prepare import prepare_stage
-from flows.promote import gate_stage, promote
+from flows.promote import promote
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
@@ -20,12 +17,12 @@ from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
 from llmflow.prepare.sources import source_files
 from llmflow.promote.apps import check_serving
-from llmflow.refs import DatasetRef, EvalReport, GateDecision, ModelRef, TrainRun
-from llmflow.report import pipeline_lines
 from llmflow.runs import model_slot
-from tasks.evaluate import record_eval
-from tasks.finetune import trained_on_same_data
-from tasks.report import summarize
+from tasks.evaluate import evaluate_stage, record_eval
+from tasks.finetune import finetune_stage, trained_on_same_data
+from tasks.prepare import prepare_stage
+from tasks.promote import gate_stage
+from tasks.report import ship, skipped
 
 Retrain = Literal["always", "if-data-changed"]
 
@@ -62,53 +59,5 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
         reports = evaluate_stage(config, candidate, dataset)
         record_eval(candidate, reports["candidate"], reports["champion"].model_version)
         decision = gate_stage(config, candidate, reports)
-        return ship(config, dataset, run, candidate, reports, decision)
-
-
-def ship(
-    config: PipelineConfig,
-    dataset: DatasetRef,
-    run: TrainRun,
-    candidate: ModelRef,
-    reports: dict[str, EvalReport],
-    decision: GateDecision,
-) -> dict:
-    """The promote subflow, then the pipeline-summary artifact; a rolled-back promotion
-    fails the pipeline, after the summary."""
-    promoted = promote(config=config, candidate=candidate, decision=decision, return_state=True)
-    rollout = promoted.result(raise_on_failure=False)
-    outcome = (
-        f"rollout: {rollout.message}"
-        if promoted.is_completed()
-        else f"rollout {promoted.name}: {promoted.message}"
-    )
-    metric = config.gate.primary_metric
-    lines = pipeline_lines(
-        dataset, run, metric, reports["candidate"], reports["champion"], decision, outcome
-    )
-    title = f"Pipeline: {candidate.name}:{candidate.version}"
-    summarize(title, lines, [promoted.state_details.flow_run_id])
-    promoted.result()
-    return {
-        "dataset": dataset.model_dump(mode="json"),
-        "model": candidate.model_dump(mode="json"),
-        "candidate": reports["candidate"].metrics,
-        "champion": reports["champion"].metrics,
-        "gate_passed": decision.passed,
-        "rollout": rollout.model_dump(mode="json"),
-    }
-
-
-def skipped(dataset: DatasetRef, latest: ModelRef) -> dict:
-    """The outcome of a retrain=if-data-changed run whose data did not change."""
-    reason = (
-        f"data unchanged: {latest.name}:{latest.version} was trained on dataset "
-        f"{dataset.short_sha}; nothing to retrain"
-    )
-    print(reason)
-    summarize(f"Pipeline: {latest.name}: skipped", [reason])
-    return {
-        "skipped": reason,
-        "dataset": dataset.model_dump(mode="json"),
-        "model": latest.model_dump(mode="json"),
-    }
+        promoted = promote(config=config, candidate=candidate, decision=decision, return_state=True)
+        return ship(config, dataset, run, candidate, reports, decision, promoted)

@@ -12,17 +12,7 @@ from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
 from llmflow.prepare.sources import source_files
 from llmflow.refs import DatasetRef
-from llmflow.terminal import stage
-from tasks.prepare import base_model, prepare_dataset
-
-
-def prepare_stage(config: PipelineConfig) -> tuple[str, DatasetRef]:
-    """base-model, then prepare-dataset: (the base model's uri, the prepared dataset)."""
-    model_uri = base_model.submit(config.train).result()
-    d = prepare_dataset.submit(config.data, model_uri).result()
-    rows = f"{d.num_train} train / {d.num_eval} eval rows, {d.num_quarantined} quarantined"
-    stage("prepare", f"dataset {d.short_sha}: {rows}")
-    return model_uri, d
+from tasks.prepare import prepare_stage
 
 
 @flow(name="prepare", task_runner=ClusterTaskRunner(), log_prints=True)

@@ -11,34 +11,13 @@ from prefect import flow
 from llmflow import aliases, registry
 from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
-from llmflow.evaluate.metrics import metric_directions
 from llmflow.preflight import check_flow
 from llmflow.promote.apps import check_serving
 from llmflow.promote.rollout import nothing_to_do
-from llmflow.refs import EvalReport, GateDecision, GateRule, ModelRef, Rollout
+from llmflow.refs import GateDecision, ModelRef, Rollout
 from llmflow.runs import model_slot
 from llmflow.store import Store
-from llmflow.terminal import stage
-from tasks.promote import ask_for_approval, gate, record_gate, report_rollout, roll_out
-
-
-def gate_stage(
-    config: PipelineConfig, candidate: ModelRef, reports: dict[str, EvalReport]
-) -> GateDecision:
-    """gate (the metric policy), then the approval in the UI when required. A version that is
-    the champion already (a re-run after its promotion) is not gated again."""
-    if reports["champion"].model_version == candidate.version:
-        reason = f"{candidate.version} is the champion already: not gated again"
-        return GateDecision(
-            passed=True, rules=[GateRule(name="already-champion", passed=True, reason=reason)]
-        )
-    directions = metric_directions(config.eval.extra_metrics)
-    decision = gate(config.gate, reports["candidate"], reports["champion"], directions)
-    if config.gate.require_approval:  # a flow run pauses (not a task): called from the flow
-        stage("gate", "waiting for a decision in the Prefect UI (the run is paused)")
-        decision = ask_for_approval(decision, config.gate.approval_timeout_s)
-    stage("gate", f"{'passed' if decision.passed else 'failed'}: {'; '.join(decision.reasons)}")
-    return decision
+from tasks.promote import record_gate, report_rollout, roll_out
 
 
 @flow(name="promote", log_prints=True)

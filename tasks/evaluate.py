@@ -10,12 +10,16 @@ import json
 from typing import Any
 
 from prefect import task
+from prefect_ray.context import remote_options
 
 from llmflow import registry
-from llmflow.config import ClusterConfig, EvalConfig
+from llmflow.config import ClusterConfig, EvalConfig, PipelineConfig
+from llmflow.evaluate.models import champion_model
+from llmflow.progress import listening
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
 from llmflow.runs import flow_run_id
 from llmflow.store import Store
+from llmflow.terminal import stage
 
 
 def _score_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -100,3 +104,35 @@ def compare_reports(candidate: EvalReport, champion: EvalReport) -> None:
     )
     preds = pq.read_table(candidate.predictions_uri)
     create_markdown_artifact(key="eval-worst-examples", markdown=worst_examples(preds, k=10))
+
+
+def evaluate_stage(
+    config: PipelineConfig, candidate: ModelRef, dataset: DatasetRef
+) -> dict[str, EvalReport]:
+    """score-model for the candidate, then for the champion; compare-reports."""
+    champ_uri, champ_version = champion_model(config.train)
+    models = {
+        "candidate": (candidate.uri, candidate.version),
+        "champion": (champ_uri, champ_version),
+    }
+    reports = {}
+    # One after the other: two Ray Data jobs at once would each hold their actors' CPUs and
+    # could starve each other's read tasks on a small cluster.
+    with listening(flow_run_id()) as rows, remote_options(num_cpus=0):  # actors hold the CPUs
+        for label, (uri, version) in models.items():
+            future = score_model.submit(config.eval, uri, version, dataset, label, config.cluster)
+            reports[label] = rows.wait(future, f"score-{label}", label)
+    compare_reports(reports["candidate"], reports["champion"])
+    stage("evaluate", eval_line(reports, config.gate.primary_metric))
+    return reports
+
+
+def eval_line(reports: dict[str, EvalReport], metric: str) -> str:
+    cand, champ = reports["candidate"], reports["champion"]
+    nan = float("nan")
+    return (
+        f"{metric} {cand.metrics.get(metric, nan):.3f} (candidate {cand.model_version}) vs "
+        f"{champ.metrics.get(metric, nan):.3f} (champion {champ.model_version}) on "
+        f"{cand.num_examples} rows, {cand.engine} engine, "
+        f"{cand.throughput.get('examples_per_s', 0):.0f} rows/s"
+    )

@@ -11,8 +11,9 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect_ray.context import remote_options
 
-from llmflow.config import TrainConfig
+from llmflow.config import PipelineConfig, TrainConfig
 from llmflow.finetune.export import (
     export_and_register,
     export_format,
@@ -21,9 +22,11 @@ from llmflow.finetune.export import (
     loss_table,
 )
 from llmflow.finetune.trainer import run_training
+from llmflow.progress import listening
 from llmflow.refs import DatasetRef, ModelRef, TrainRun
 from llmflow.runs import flow_run_id
 from llmflow.store import Store
+from llmflow.terminal import stage
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
@@ -142,3 +145,25 @@ def trained_on_same_data(train: TrainConfig, dataset: DatasetRef) -> ModelRef | 
         "same data: nothing to retrain" if same else "new data: retraining",
     )
     return latest if same else None
+
+
+def finetune_stage(
+    config: PipelineConfig, dataset: DatasetRef, model_uri: str
+) -> tuple[TrainRun, ModelRef]:
+    """train-model, then register-model: (the training run, the registered version)."""
+    # The trainer's workers hold the resources; the terminal draws their steps (progress).
+    with listening(flow_run_id()) as steps, remote_options(num_cpus=0, num_gpus=0):
+        run = steps.wait(train_model.submit(config.train, dataset, model_uri), "train", "train")
+    lineage = config.model_dump(mode="json")
+    ref = register_model.submit(config.train, dataset, model_uri, run, lineage).result()
+    stage("finetune", train_line(ref, run))
+    return run, ref
+
+
+def train_line(ref: ModelRef, run: TrainRun) -> str:
+    m = run.metrics
+    how = "reused a finished run" if run.reused else f"{m.get('fit_s', 0):.0f} s on {run.device}"
+    return (
+        f"{ref.name}:{ref.version}: loss {m.get('train_loss_first', float('nan')):.3f} -> "
+        f"{m.get('train_loss_last', float('nan')):.3f} in {m.get('steps', 0):.0f} steps ({how})"
+    )

@@ -13,12 +13,13 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from llmflow.config import DataConfig, TrainConfig
+from llmflow.config import DataConfig, PipelineConfig, TrainConfig
 from llmflow.prepare.dataset import DataValidationError, prep_config, prepare_to_store
 from llmflow.prepare.sources import fingerprint_source
 from llmflow.refs import DatasetRef
 from llmflow.runs import flow_run_id
 from llmflow.store import Store
+from llmflow.terminal import stage
 
 
 def _prepare_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -77,3 +78,12 @@ def prepare_dataset(data: DataConfig, base_model_uri: str) -> DatasetRef:
         ref.num_quarantined,
     )
     return ref
+
+
+def prepare_stage(config: PipelineConfig) -> tuple[str, DatasetRef]:
+    """base-model, then prepare-dataset: (the base model's uri, the prepared dataset)."""
+    model_uri = base_model.submit(config.train).result()
+    d = prepare_dataset.submit(config.data, model_uri).result()
+    rows = f"{d.num_train} train / {d.num_eval} eval rows, {d.num_quarantined} quarantined"
+    stage("prepare", f"dataset {d.short_sha}: {rows}")
+    return model_uri, d

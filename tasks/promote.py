@@ -20,6 +20,7 @@ from pydantic import Field
 
 from llmflow import aliases, registry
 from llmflow.config import ClusterConfig, GateConfig, PipelineConfig, ServeConfig
+from llmflow.evaluate.metrics import metric_directions
 from llmflow.promote.apps import connect
 from llmflow.promote.gate import decide, decision_markdown
 from llmflow.promote.rollout import (
@@ -34,6 +35,7 @@ from llmflow.promote.rollout import (
 from llmflow.refs import EvalReport, GateDecision, GateRule, ModelRef, Rollout, SmokeTest
 from llmflow.settings import serve_url
 from llmflow.store import Store
+from llmflow.terminal import stage
 
 
 @task(name="gate")
@@ -225,3 +227,22 @@ def report_rollout(rollout: Rollout) -> Rollout:
     if rollout.rolled_back:
         raise RolloutError(rollout.message)
     return rollout
+
+
+def gate_stage(
+    config: PipelineConfig, candidate: ModelRef, reports: dict[str, EvalReport]
+) -> GateDecision:
+    """gate (the metric policy), then the approval in the UI when required. A version that is
+    the champion already (a re-run after its promotion) is not gated again."""
+    if reports["champion"].model_version == candidate.version:
+        reason = f"{candidate.version} is the champion already: not gated again"
+        return GateDecision(
+            passed=True, rules=[GateRule(name="already-champion", passed=True, reason=reason)]
+        )
+    directions = metric_directions(config.eval.extra_metrics)
+    decision = gate(config.gate, reports["candidate"], reports["champion"], directions)
+    if config.gate.require_approval:  # a flow run pauses (not a task): called from the flow
+        stage("gate", "waiting for a decision in the Prefect UI (the run is paused)")
+        decision = ask_for_approval(decision, config.gate.approval_timeout_s)
+    stage("gate", f"{'passed' if decision.passed else 'failed'}: {'; '.join(decision.reasons)}")
+    return decision

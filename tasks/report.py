@@ -9,7 +9,9 @@ from uuid import UUID
 
 from prefect import task
 
-from llmflow.report import summary_markdown
+from llmflow.config import PipelineConfig
+from llmflow.refs import DatasetRef, EvalReport, GateDecision, ModelRef, TrainRun
+from llmflow.report import pipeline_lines, summary_markdown
 
 
 def artifact_links(flow_run_ids: list[UUID], ui_url: str) -> dict[str, str]:
@@ -40,3 +42,53 @@ def summarize(title: str, lines: list[str], subflow_run_ids: list[Any] = ()) -> 
     markdown = summary_markdown(title, lines, artifact_links(ids, ui), ui)
     create_markdown_artifact(key="pipeline-summary", markdown=markdown)
     return markdown
+
+
+def ship(
+    config: PipelineConfig,
+    dataset: DatasetRef,
+    run: TrainRun,
+    candidate: ModelRef,
+    reports: dict[str, EvalReport],
+    decision: GateDecision,
+    promoted: Any,
+) -> dict:
+    """After the promote subflow (its final state ``promoted``): the pipeline-summary
+    artifact, then the pipeline's result; a rolled-back promotion fails the pipeline, after
+    the summary."""
+    rollout = promoted.result(raise_on_failure=False)
+    outcome = (
+        f"rollout: {rollout.message}"
+        if promoted.is_completed()
+        else f"rollout {promoted.name}: {promoted.message}"
+    )
+    metric = config.gate.primary_metric
+    lines = pipeline_lines(
+        dataset, run, metric, reports["candidate"], reports["champion"], decision, outcome
+    )
+    title = f"Pipeline: {candidate.name}:{candidate.version}"
+    summarize(title, lines, [promoted.state_details.flow_run_id])
+    promoted.result()
+    return {
+        "dataset": dataset.model_dump(mode="json"),
+        "model": candidate.model_dump(mode="json"),
+        "candidate": reports["candidate"].metrics,
+        "champion": reports["champion"].metrics,
+        "gate_passed": decision.passed,
+        "rollout": rollout.model_dump(mode="json"),
+    }
+
+
+def skipped(dataset: DatasetRef, latest: ModelRef) -> dict:
+    """The outcome of a retrain=if-data-changed run whose data did not change."""
+    reason = (
+        f"data unchanged: {latest.name}:{latest.version} was trained on dataset "
+        f"{dataset.short_sha}; nothing to retrain"
+    )
+    print(reason)
+    summarize(f"Pipeline: {latest.name}: skipped", [reason])
+    return {
+        "skipped": reason,
+        "dataset": dataset.model_dump(mode="json"),
+        "model": latest.model_dump(mode="json"),
+    }

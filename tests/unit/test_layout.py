@@ -66,14 +66,58 @@ def test_flow_bodies_read_like_a_table_of_contents():
     assert flows >= len(STAGES) + 1  # the four stages and the pipeline at least
 
 
-def test_the_pipeline_composes_the_stage_functions_of_the_stage_flows():
+def test_the_pipeline_composes_the_stage_functions():
     tree = ast.parse((ROOT / "flows" / "pipeline.py").read_text())
     imported = {
         (n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
     }
     for stage in ("prepare", "finetune", "evaluate"):
-        assert (f"flows.{stage}", f"{stage}_stage") in imported, stage
+        assert (f"tasks.{stage}", f"{stage}_stage") in imported, stage
+    assert ("tasks.promote", "gate_stage") in imported
     assert ("flows.promote", "promote") in imported
+
+
+def test_flow_files_define_flows_only():
+    """A deployment loads flows/<name>.py as a top-level module `<name>`, which the Ray
+    workers cannot import (Ray ships the driver's cwd, not flows/): anything else defined
+    there and used by a flow would be pickled by reference to it and fail on the workers."""
+    for path in sorted((ROOT / "flows").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                assert isinstance(node, ast.FunctionDef) and decorated_with(node, "flow"), (
+                    f"flows/{path.name}:{node.lineno}: {node.name} is not a flow: move it to tasks/"
+                )
+
+
+def test_flows_loaded_as_deployments_unpickle_where_flows_is_not_on_the_path(tmp_path):
+    """What a deployment run sends to Ray (the flow object, in its run context) loads in a
+    process whose sys.path has the project but not flows/, as on a Ray worker."""
+    import subprocess
+    import sys
+
+    entrypoints = [f"flows/{f}.py:{f}" for f in (*STAGES, "pipeline", "check")]
+    dump = (
+        "import sys, cloudpickle\n"
+        "from prefect.flows import load_flow_from_entrypoint\n"
+        f"for i, ep in enumerate({entrypoints!r}):\n"
+        f"    open(f'{tmp_path}/{{i}}.pkl', 'wb').write(cloudpickle.dumps(load_flow_from_entrypoint(ep)))\n"
+    )
+    subprocess.run([sys.executable, "-c", dump], cwd=ROOT, check=True, timeout=300)
+    load = (
+        "import pickle, sys\n"
+        f"sys.path = [p for p in sys.path if not p.rstrip('/').endswith('flows')]\n"
+        f"for i in range({len(entrypoints)}):\n"
+        f"    pickle.load(open(f'{tmp_path}/{{i}}.pkl', 'rb'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", load],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stage", STAGES)
