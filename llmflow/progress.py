@@ -83,13 +83,13 @@ class Listener:
 
     def wait(self, future, key: str, label: str):
         """``future.result()``, drawing ``key``'s bar on the terminal meanwhile."""
-        from llmflow import terminal
-
-        if self.actor is None or not terminal.out().isatty():  # a bar needs a live terminal
+        if self.actor is None:
             return future.result()
         import ray
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        from llmflow import terminal
 
         console = Console(file=terminal.out())
         columns = (f"{label:>9}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -115,12 +115,14 @@ class Listener:
 
 @contextmanager
 def listening(run_id: str | None) -> Iterator[Listener]:
-    """A counter for flow run ``run_id`` while the block runs, when a terminal watches and
-    this process is connected to Ray; else a listener that just waits."""
+    """A counter for flow run ``run_id`` while the block runs, when a live terminal watches
+    and this process is connected to Ray; else a listener that just waits."""
     from llmflow import terminal
 
     actor = None
-    if run_id and terminal.watching():
+    # A bar needs a live terminal: piped output (CI, a log) gets the stage lines only, and no
+    # counter for the workers to report to.
+    if run_id and terminal.watching() and terminal.out().isatty():
         import ray
 
         if ray.is_initialized():
