@@ -26,15 +26,37 @@ def wait_for_logs(client, flow_run_id: UUID, *needles: str, timeout: float = 60)
         time.sleep(1)
 
 
-def task_states(client, flow_run_id) -> list[tuple[str, str]]:
-    """(task name, state name) of one flow run's task runs (not its subflows'), in order."""
+def read_task_runs(client, flow_run_id) -> list:
+    """One flow run's task runs (not its subflows'), in creation order."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     runs = client.read_task_runs(
         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
     )
-    runs.sort(key=lambda r: r.created)
-    return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
+    return sorted(runs, key=lambda r: r.created)
+
+
+def settled_task_runs(client, flow_run_id, count: int, timeout: float = 60) -> list:
+    """The flow run's task runs once ``count`` of them have a final state. Task runs on Ray
+    workers report their states as events the server applies asynchronously, so a run can be
+    listed, or still show Running, after its flow has finished. Returns what is there after
+    ``timeout`` so the caller's assertion shows it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = read_task_runs(client, flow_run_id)
+        settled = len(runs) == count and all(r.state and r.state.is_final() for r in runs)
+        if settled or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def task_states(client, flow_run_id) -> list[tuple[str, str]]:
+    """(task name, state name) of one flow run's task runs, in order; "None" for a run whose
+    first state has not reached the server yet."""
+    return [
+        (r.name.rsplit("-", 1)[0], r.state.name if r.state else "None")
+        for r in read_task_runs(client, flow_run_id)
+    ]
 
 
 def kill_flow_process(client, flow_run_id) -> int:

@@ -13,22 +13,15 @@ import pytest
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
-    FlowRunFilter,
-    FlowRunFilterId,
 )
 
 from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
 from llmflow.store import Store
+from tests.integration.helpers import task_states, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _task_runs(client, flow_run_id):
-    return client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    )
 
 
 def test_prepare_leaves_a_dataset_and_a_validation_artifact_then_hits_the_cache(
@@ -66,10 +59,18 @@ def test_prepare_leaves_a_dataset_and_a_validation_artifact_then_hits_the_cache(
     again = prepare(config=cfg, return_state=True)
     assert again.is_completed()
     assert again.result() == ref
-    names = {
-        tr.name.rsplit("-", 1)[0]: tr.state.name
-        for tr in _task_runs(prefect_client, again.state_details.flow_run_id)
-    }
+    # A task run's state reaches the server as an event, applied asynchronously.
+    wait_for(
+        lambda: (
+            dict(task_states(prefect_client, again.state_details.flow_run_id)).get(
+                "prepare-dataset"
+            )
+            not in (None, "None", "Pending", "Running")
+        ),
+        timeout=60,
+        what="the second prepare-dataset run's final state",
+    )
+    names = dict(task_states(prefect_client, again.state_details.flow_run_id))
     assert names["prepare-dataset"] == "Cached"
 
 

@@ -6,14 +6,10 @@ from __future__ import annotations
 import os
 import time
 
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
-    LogFilter,
-    LogFilterFlowRunId,
-)
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from llmflow.config import PipelineConfig
+from tests.integration.helpers import settled_task_runs
 
 
 def test_tasks_on_ray_report_runs_and_logs_to_the_server(stack, prefect_client):
@@ -28,11 +24,8 @@ def test_tasks_on_ray_report_runs_and_logs_to_the_server(stack, prefect_client):
     assert {r["prefect_api_url"] for r in results} == {stack.prefect_api_url}
 
     flow_run_id = state.state_details.flow_run_id
-    task_runs = prefect_client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    )
-    assert len(task_runs) == 3
-    assert {tr.state.type.value for tr in task_runs} == {"COMPLETED"}
+    task_runs = settled_task_runs(prefect_client, flow_run_id, count=3)
+    assert [tr.state.type.value if tr.state else None for tr in task_runs] == ["COMPLETED"] * 3
 
     # Logs are shipped in batches: wait for the workers' lines to reach the server.
     wanted = {f"check task {i} on pid" for i in range(3)}
