@@ -71,6 +71,12 @@ def up(
         ),
     ] = None,
     no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Skip prefect deploy.")] = False,
+    no_restore: Annotated[
+        bool,
+        typer.Option(
+            "--no-restore", help="Do not bring back the champions' Serve apps (serving.json)."
+        ),
+    ] = False,
     chat: Annotated[
         bool,
         typer.Option(
@@ -81,7 +87,8 @@ def up(
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Start the local stack (Prefect server, Ray head + Serve, Prefect worker), idempotently."""
+    """Start the local stack (Prefect server, Ray head + Serve, Prefect worker), idempotently,
+    and serve again every champion whose Serve app does not answer (a restarted head)."""
     from llmflow import settings, stack
 
     settings.apply_offline_defaults()
@@ -92,6 +99,7 @@ def up(
         nodes=nodes,
         database=database,
         with_deploy=not no_deploy,
+        restore=not no_restore,
         chat_endpoint=endpoint,
         chat_args=chat_args,
         echo=echo,

@@ -1,4 +1,5 @@
-"""`llmflow models list | show | promote | rollback`: the registry from the command line."""
+"""`llmflow models list | show | promote | rollback | unserve | serve-config`: the registry
+from the command line."""
 
 from __future__ import annotations
 
@@ -112,3 +113,53 @@ def rollback(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     if not previous:
         raise LlmflowError(f"model '{name}' has no previous version to roll back to")
     _promote(name, previous, config, set_)
+
+
+@models_app.command()
+def unserve(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Delete a model's Serve app and its serving record (the champion alias stays).
+
+    `llmflow up` no longer restores it; `llmflow models promote` serves it again.
+    """
+    from llmflow.cli_common import echo
+    from llmflow.cli_run import prepare_environment
+    from llmflow.configfile import load_config
+    from llmflow.errors import LlmflowError
+    from llmflow.promote.serving import recorded
+    from llmflow.promote.serving import unserve as unserve_model
+    from llmflow.store import Store
+
+    cfg = load_config(config, list(set_ or []))
+    store = Store()
+    if name not in {s.name for s in recorded(store)}:  # before any stack or cluster work
+        raise LlmflowError(f"model '{name}' is not recorded as served (no serving.json)")
+    prepare_environment(cfg)
+    app = unserve_model(store, name, cfg.cluster)
+    echo(f"{name}: Serve app '{app}' deleted; `llmflow up` no longer restores it")
+
+
+@models_app.command("serve-config")
+def serve_config(
+    rayservice: Annotated[
+        Path | None,
+        typer.Option(help="A KubeRay RayService manifest whose serveConfigV2 applications to set."),
+    ] = None,
+) -> None:
+    """The served champions as Serve config applications (YAML, or into a RayService).
+
+    The applications `llmflow up` restores; --rayservice writes them into the manifest's
+    serveConfigV2, keeping the rest of it.
+    """
+    import yaml
+
+    from llmflow.cli_common import echo
+    from llmflow.promote.kuberay import set_applications
+    from llmflow.promote.serving import serve_applications
+    from llmflow.store import Store
+
+    apps = serve_applications(Store())
+    if rayservice is None:
+        typer.echo(yaml.safe_dump({"applications": apps}, sort_keys=False), nl=False)
+        return
+    set_applications(rayservice, apps)
+    echo(f"{rayservice}: serveConfigV2 carries {len(apps)} application(s)")

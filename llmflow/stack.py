@@ -121,6 +121,7 @@ def up(
     nodes: int | None = None,
     database: str | None = None,
     with_deploy: bool = True,
+    restore: bool = True,
     chat_endpoint: str | None = None,
     chat_args: Sequence[str] = (),
     echo: Callable[[str], None] = lambda _: None,
@@ -134,6 +135,8 @@ def up(
         database: the Prefect server's database URL (default: LLMFLOW_DATABASE_URL, else
             SQLite under LLMFLOW_HOME). It is checked, and reached once, before anything
             starts; a server already running on another database is an error.
+        restore: bring back every recorded champion whose Serve app does not answer
+            (``restore_serving``).
         chat_endpoint: an OpenAI base URL: the chat page starts too (``start_chat``).
 
     Raises:
@@ -223,9 +226,26 @@ def up(
             )
     finally:
         write_state(s, state)
+    if restore:
+        restore_serving(s, echo)
     if chat_endpoint:
         start_chat(s, chat_endpoint, chat_args, echo=echo)
     return status(s)
+
+
+def restore_serving(s: StackSettings, echo: Callable[[str], None] = lambda _: None) -> list[str]:
+    """Deploy the champions recorded in the store (models/<name>/serving.json) whose apps do
+    not answer: Serve's applications live in the Ray head and go with it. Returns the
+    restored "name:version"s; one that cannot be restored is echoed with its reason and
+    the stack stays up (`llmflow status` shows what serves)."""
+    from llmflow.promote import serving
+    from llmflow.store import Store
+
+    store = Store()
+    if not any(store.exists("models", n, serving.SERVING) for n in store.listdir("models")):
+        return []
+    restored, _ = serving.restore_champions(store, s.ray_address, echo)
+    return restored
 
 
 def _check_database(s: StackSettings, state: dict, database: str | None) -> None:

@@ -21,7 +21,8 @@ from pydantic import Field
 from llmflow import aliases, registry
 from llmflow.config import ClusterConfig, GateConfig, PipelineConfig, ServeConfig
 from llmflow.evaluate.metrics import metric_directions
-from llmflow.promote.apps import connect
+from llmflow.promote import serving
+from llmflow.promote.apps import connect, serve_engine
 from llmflow.promote.gate import decide, decision_markdown
 from llmflow.promote.rollout import (
     RolloutError,
@@ -168,6 +169,13 @@ def _restore_aliases(txn) -> None:
     )
 
 
+@task(name="record-serving", cache_policy=NO_CACHE)
+def record_serving(serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef) -> str:
+    """The promotion's last step: what is served and how (models/<name>/serving.json), so
+    `llmflow up` can bring it back after a restart of the Ray head."""
+    return serving.record(Store(), model, serve_cfg, cluster, serve_engine(serve_cfg, cluster))
+
+
 @task(name="record-gate")
 def record_gate(candidate: ModelRef, decision: GateDecision) -> None:
     """The gate's decision, its rules and the approver (from the UI form) into the version's
@@ -186,8 +194,8 @@ def record_gate(candidate: ModelRef, decision: GateDecision) -> None:
 
 
 def roll_out(config: PipelineConfig, candidate: ModelRef, champion: ModelRef | None) -> Rollout:
-    """deploy-version, smoke-test, move-champion in one transaction: a failure in any of them
-    rolls all of them back, and the Rollout says so."""
+    """deploy-version, smoke-test, move-champion, record-serving in one transaction: a
+    failure in any of them rolls all of them back, and the Rollout says so."""
     from prefect.transactions import transaction
 
     url = endpoint(config.serve, config.cluster)
@@ -198,6 +206,7 @@ def roll_out(config: PipelineConfig, candidate: ModelRef, champion: ModelRef | N
             deploy_version(config.serve, config.cluster, candidate, champion)
             smoke = check_served(config.serve, config.cluster, candidate)
             move_champion(candidate.name, candidate.version)
+            record_serving(config.serve, config.cluster, candidate)
     except RolloutError as exc:
         live = served_version(config.serve, serve_url(config.cluster))
         return Rollout(

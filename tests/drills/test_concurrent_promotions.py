@@ -13,18 +13,17 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
+from tests.integration.helpers import unserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 NAME = "race-test"
 
 
 def test_two_promotions_at_once_leave_exactly_one_champion(stack):
-    from ray import serve
 
     from flows.promote import promote
     from llmflow.basemodels import resolve_base_model
-    from llmflow.config import ClusterConfig, TrainConfig
-    from llmflow.promote.apps import connect
+    from llmflow.config import TrainConfig
 
     base = resolve_base_model(TrainConfig())
     a, b = (registry.register_version(Store(), NAME, base, base_model="tiny") for _ in range(2))
@@ -61,5 +60,4 @@ def test_two_promotions_at_once_leave_exactly_one_champion(stack):
         health = httpx.get(f"{stack.serve_url}/race/health", timeout=30).json()
         assert health["version"] == last
     finally:
-        connect(ClusterConfig())
-        serve.delete(NAME)
+        unserve(NAME, NAME)

@@ -14,7 +14,13 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
-from tests.integration.helpers import kill_flow_process, task_states, wait_for, wait_for_logs
+from tests.integration.helpers import (
+    kill_flow_process,
+    task_states,
+    unserve,
+    wait_for,
+    wait_for_logs,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -39,13 +45,7 @@ def config(*extra: str):
 @pytest.fixture(scope="module")
 def app(stack):
     yield
-    from ray import serve
-
-    from llmflow.config import ClusterConfig
-    from llmflow.promote.apps import connect
-
-    connect(ClusterConfig())
-    serve.delete(NAME)  # free its replica's CPU for the tests after this module
+    unserve(NAME, NAME)  # free its replica's CPU for the tests after this module
 
 
 def test_pipeline_killed_mid_run_is_rerun_reusing_the_finished_stages(stack, prefect_client, app):

@@ -95,3 +95,19 @@ def delete_if_present(delete, *args, what: str) -> bool:
         logging.getLogger(__name__).debug("%s was already gone (404): nothing to delete", what)
         return False
     return True
+
+
+def unserve(model_name: str, app_name: str) -> None:
+    """Free a test's Serve app for the tests after it: delete it and its serving record, so
+    a later `llmflow up` (a drill's restart) does not bring it back; an app that no promotion
+    recorded is deleted by name."""
+    from ray import serve
+
+    from llmflow.config import ClusterConfig
+    from llmflow.promote.apps import connect
+    from llmflow.promote.serving import unserve as unserve_model
+    from llmflow.store import Store
+
+    connect(ClusterConfig())
+    if unserve_model(Store(), model_name) is None:
+        serve.delete(app_name)

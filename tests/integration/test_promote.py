@@ -13,6 +13,7 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
+from tests.integration.helpers import unserve
 
 pytestmark = pytest.mark.slow
 NAME = "promote-test"
@@ -40,9 +41,7 @@ def cfg(stack):
         None,
         [f"train.model_name={NAME}", "serve.app_name=promote-test", "serve.route_prefix=/promote"],
     )
-    from ray import serve
-
-    serve.delete("promote-test")  # free its replica's CPU for the tests after this module
+    unserve(NAME, "promote-test")  # free its replica's CPU for the tests after this module
 
 
 def test_promote_rolls_out_without_failed_requests_and_moves_the_alias(stack, versions, cfg):

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from llmflow.configfile import load_config
+from tests.integration.helpers import unserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -56,10 +57,8 @@ def standins(stack, tmp_path_factory):
         out["phi3"], tmp_path_factory.mktemp("phi3-base"), rows[:3000], steps=120
     )
     yield out
-    from ray import serve
-
-    for app in ("qwen", "phi3"):
-        serve.delete(app)  # free the replicas' CPUs for the tests after this module
+    for model, app in (("qwen2.5-0.5b-ft", "qwen"), ("phi-3-mini-ft", "phi3")):
+        unserve(model, app)  # free the replicas' CPUs for the tests after this module
 
 
 @pytest.mark.parametrize(

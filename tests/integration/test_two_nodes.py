@@ -18,6 +18,7 @@ import pytest
 
 from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
+from tests.integration.helpers import unserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -126,9 +127,9 @@ def test_the_pipeline_trains_on_the_node_that_declares_gpu_node(stack, dataset, 
     try:
         state = pipeline(config=config, return_state=True)
     finally:
-        from ray import serve
-
-        serve.delete("two-nodes")  # its replica may sit on node 2, which stops after the module
+        unserve(
+            "two-nodes", "two-nodes"
+        )  # its replica may sit on node 2, which stops after the module
     assert state.is_completed(), state.message
     result = state.result()
     assert result["dataset"]["sha256"] == dataset.sha256

@@ -19,6 +19,7 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
+from tests.integration.helpers import unserve
 
 pytestmark = pytest.mark.slow
 N_EVAL = 64
@@ -197,9 +198,7 @@ def cfg(stack, tmp_path_factory):
             f"serve.api_key_file={key_file}",
         ],
     )
-    from ray import serve
-
-    serve.delete(NAME)  # free its engine's CPU for the tests after this module
+    unserve(NAME, NAME)  # free its engine's CPU for the tests after this module
 
 
 @pytest.fixture(scope="module")
