@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 
+from deployments import serve_metrics
 from deployments.hf_generation import (
     GenJob,
     GenResult,
@@ -52,11 +53,29 @@ from deployments.openai_protocol import (
     install,
     models_list,
 )
+from deployments.serve_metrics import ServeMetrics, route_label
 
 api = FastAPI(title="llmflow OpenAI-compatible API")
 
 
 install(api)
+
+
+@api.middleware("http")
+async def measure(request: Request, call_next):
+    """Count and time every request by route and status (an exception that escapes every
+    handler counts as the 500 Starlette answers it with)."""
+    start, status = time.perf_counter(), 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        # Through the module: Serve pickles the ingress app by value, with its own globals.
+        metrics = serve_metrics.REPLICA.get("metrics")
+        if metrics is not None:
+            route = route_label(request.url.path, request.scope.get("root_path", ""))
+            metrics.request(route, status, time.perf_counter() - start)
 
 
 @serve.deployment(name="llm", ray_actor_options={"num_cpus": 1})
@@ -108,6 +127,7 @@ class OpenAIServer:
         # lock that a stream holds for a whole generation, so /health and new requests are
         # answered while a batch or a stream runs.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.metrics = serve_metrics.REPLICA["metrics"] = ServeMetrics(model_name, version)
 
     # -- checks -------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -187,6 +207,7 @@ class OpenAIServer:
             )
             for i, r in zip(idx, outs):
                 results[i] = r
+            self.metrics.generated(sum(r.completion_tokens for r in outs), len(idx))
         return results  # type: ignore[return-value]
 
     async def _stream(self, job: GenJob, chunk):
@@ -195,20 +216,30 @@ class OpenAIServer:
         ``generate_batch``, so a greedy or seeded stream says what the same request unstreamed
         says."""
         pieces = stream_generate(self.model, self.tokenizer, job, self._model_thread)
+        text: list[str] = []
         async for piece in pieces:
             if not isinstance(piece, StreamEnd):
+                text.append(piece)
                 yield f"data: {json.dumps(chunk(piece))}\n\n"
             elif piece.error is not None:
                 message = f"generation failed: {type(piece.error).__name__}"
                 yield f"data: {json.dumps(APIError(500, message, 'server_error').body())}\n\n"
             else:
                 yield f"data: {json.dumps(chunk(None, piece.finish))}\n\n"
+        tokens = len(self.tokenizer("".join(text), add_special_tokens=False)["input_ids"])
+        self.metrics.generated(tokens, 1)
         yield "data: [DONE]\n\n"
 
     # -- routes -------------------------------------------------------------------------------
     @api.get("/health")
     def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name, "version": self.version}
+        """Liveness, the version served and the last minute's request rate (this replica)."""
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "version": self.version,
+            **self.metrics.recent(),
+        }
 
     @api.get("/v1/models")
     def models(self, request: Request) -> dict:

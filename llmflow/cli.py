@@ -127,9 +127,34 @@ def status(
         typer.echo(json.dumps(probes.status_dict(parts), indent=2))
     else:
         print_status(parts)
+        _print_served_apps()
         _print_engine_env()
     if not all(p.healthy for p in parts):
         raise typer.Exit(1)
+
+
+def _print_served_apps() -> None:
+    """The apps the store records as served (what `llmflow up` restores): the version each
+    answers with and its request rate. Informational: never changes status's exit code."""
+    from llmflow.promote.serving import served_status
+    from llmflow.store import Store
+
+    try:
+        rows = served_status(Store())
+    except LlmflowError as exc:
+        typer.echo(f"served apps: {exc}")
+        return
+    for r in rows:
+        live = f"serving {r['serving']}" if r["serving"] else "NOT answering"
+        rate = (
+            f", {r['requests_per_s']} req/s, {r['errors_per_s']} errors/s (last minute)"
+            if r["requests_per_s"] is not None
+            else ""
+        )
+        typer.echo(
+            f"app {r['app']}: {r['model']} champion {r['champion']}, {live} ({r['engine']}) "
+            f"at {r['url']}{rate}"
+        )
 
 
 def _print_engine_env() -> None:

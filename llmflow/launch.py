@@ -74,6 +74,7 @@ def default_logical_cpus() -> int:
 def start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None) -> dict:
     check_port_free(s, s.ray_port, "the Ray head", "LLMFLOW_RAY_PORT")
     check_port_free(s, s.dashboard_port, "the Ray dashboard", "LLMFLOW_DASHBOARD_PORT")
+    check_port_free(s, s.metrics_port, "the Ray metrics export", "LLMFLOW_METRICS_PORT")
     ensure_ray_token(s)
     cmd = [
         env_bin("ray"),
@@ -85,6 +86,7 @@ def start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None)
         "--include-dashboard=true",
         f"--dashboard-host={s.host}",
         f"--dashboard-port={s.dashboard_port}",
+        f"--metrics-export-port={s.metrics_port}",
         "--disable-usage-stats",
     ]
     cmd.append(f"--num-cpus={num_cpus if num_cpus is not None else default_logical_cpus()}")

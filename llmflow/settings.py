@@ -99,6 +99,8 @@ class StackSettings:
     serve_port: int
     work_pool: str
     chat_port: int = 7860
+    # Where the Ray head's metrics agent exports Prometheus metrics (Serve's and llmflow's).
+    metrics_port: int = 8080
     # Deploy prefect.yaml's schedules paused (LLMFLOW_PAUSE_SCHEDULES=1): a stack that must
     # never start a scheduled run by itself, like the test suite's, whatever the clock says.
     pause_schedules: bool = False
@@ -114,6 +116,7 @@ class StackSettings:
             serve_port=_port("LLMFLOW_SERVE_PORT", 8000),
             work_pool=os.environ.get("LLMFLOW_WORK_POOL", "llmflow-local"),
             chat_port=_port("LLMFLOW_CHAT_PORT", 7860),
+            metrics_port=_port("LLMFLOW_METRICS_PORT", 8080),
             pause_schedules=_flag("LLMFLOW_PAUSE_SCHEDULES"),
         )
 
@@ -128,6 +131,10 @@ class StackSettings:
     @property
     def ray_address(self) -> str:
         return f"{self.host}:{self.ray_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     @property
     def dashboard_url(self) -> str:

@@ -52,6 +52,7 @@ def stack_settings(tmp_path_factory):
         "LLMFLOW_RAY_PORT": str(free_port()),
         "LLMFLOW_DASHBOARD_PORT": str(free_port()),
         "LLMFLOW_SERVE_PORT": str(free_port()),
+        "LLMFLOW_METRICS_PORT": str(free_port()),
         "LLMFLOW_WORK_POOL": "llmflow-test",
         "LLMFLOW_STORE": str(home / "store"),
         # prefect.yaml's schedules are registered paused: a scheduled run (retrain-nightly

@@ -177,3 +177,34 @@ def serve_applications(store: Store) -> list[dict[str, Any]]:
 
 
 HF_IMPORT_PATH = "deployments.openai_app:build_app"
+
+
+def served_status(store: Store, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Each recorded app as it answers now: the version it serves (None: down) against the
+    champion, and the replica's last-minute request and error rates from its /health (the
+    hf app reports them; a replica answers for itself, so with several it is one's share)."""
+    import httpx
+
+    from llmflow.settings import serve_url
+
+    rows = []
+    for s in recorded(store):
+        url = f"{serve_url(s.cluster)}{s.serve.route_prefix.rstrip('/')}"
+        try:
+            r = httpx.get(f"{url}/health", timeout=timeout)
+            health = r.json() if r.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            health = {}
+        rows.append(
+            {
+                "app": s.serve.app_name,
+                "model": s.name,
+                "champion": s.version,
+                "serving": health.get("version"),
+                "engine": s.serve.engine,
+                "requests_per_s": health.get("requests_per_s"),
+                "errors_per_s": health.get("errors_per_s"),
+                "url": f"{url}/v1",
+            }
+        )
+    return rows

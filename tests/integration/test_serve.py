@@ -432,3 +432,76 @@ def test_health_answers_while_a_long_stream_and_a_batch_generate(served):
         w.join(120)
     assert len(latencies) >= 5, latencies  # the generations ran long enough to probe
     assert statistics.median(latencies) < 0.1 and max(latencies) < 1.0, latencies
+
+
+def _samples(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (every replica and
+    worker exports its own series), from the Ray head's Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_metrics_export_counts_requests_errors_tokens_and_batches(served, stack):
+    """The replica's metrics reach the head's Prometheus endpoint (Ray's metrics export), with
+    the served version as a label; /health reports the last minute's request rate."""
+    import time
+
+    tags = {"model": "tiny", "version": "7"}
+    ok = {**tags, "route": "/v1/chat/completions", "status": "200"}
+    missing = {**tags, "route": "/v1/chat/completions", "status": "404"}
+
+    def read() -> dict[str, float]:
+        return {
+            "ok": _samples(stack.metrics_url, "ray_llmflow_requests_total", **ok),
+            "404": _samples(stack.metrics_url, "ray_llmflow_requests_total", **missing),
+            "tokens": _samples(stack.metrics_url, "ray_llmflow_generated_tokens_total", **tags),
+            "batches": _samples(stack.metrics_url, "ray_llmflow_batch_size_count", **tags),
+        }
+
+    # The agent exports every few seconds: the earlier tests' requests may still be on their
+    # way. The baseline is a reading that no longer moves.
+    before, deadline = read(), time.monotonic() + 90
+    while time.monotonic() < deadline:
+        time.sleep(8)
+        again = read()
+        if again == before:
+            break
+        before = again
+    with cf.ThreadPoolExecutor(5) as pool:
+        answers = list(
+            pool.map(
+                lambda _: httpx.post(f"{served}/open/v1/chat/completions", json=CHAT, timeout=60),
+                range(5),
+            )
+        )
+    assert [a.status_code for a in answers] == [200] * 5
+    wrong = httpx.post(
+        f"{served}/open/v1/chat/completions", json=CHAT | {"model": "nope"}, timeout=60
+    )
+    assert wrong.status_code == 404
+    tokens = sum(a.json()["usage"]["completion_tokens"] for a in answers)
+
+    deadline, now = time.monotonic() + 60, read()
+    while time.monotonic() < deadline and not (
+        now["ok"] - before["ok"] >= 5 and now["404"] - before["404"] >= 1
+    ):
+        time.sleep(1)
+        now = read()
+    assert now["ok"] - before["ok"] == 5, (before, now)
+    assert now["404"] - before["404"] == 1, (before, now)
+    assert now["tokens"] - before["tokens"] == tokens > 0
+    # Five requests at once went through at least one generate call, at most five.
+    assert 1 <= now["batches"] - before["batches"] <= 5
+    timed = {**tags, "route": "/v1/chat/completions"}
+    latency = _samples(stack.metrics_url, "ray_llmflow_request_seconds_count", **timed)
+    assert latency >= now["ok"] + now["404"]  # each counted request was timed
+
+    health = httpx.get(f"{served}/open/health", timeout=10).json()
+    assert health["version"] == "7" and health["requests_per_s"] >= 6 / 60
