@@ -76,24 +76,30 @@ class Run:
 
 
 def drive(url: str, body: dict, concurrency: int, requests: int) -> Run:
-    """POST ``body`` to ``url`` ``requests`` times from ``concurrency`` clients at once."""
+    """POST ``body`` to ``url`` ``requests`` times from ``concurrency`` clients at once.
+
+    aiohttp, not httpx: the client shares the machine's cores with the server it measures,
+    and aiohttp costs less CPU a request (measured: a no-op Serve app answered 313 req/s to
+    aiohttp and 246 req/s to httpx at concurrency 32 on 2 cores)."""
     import asyncio
 
-    import httpx
+    import aiohttp
 
     async def main() -> Run:
         run = Run()
         left = iter(range(requests))
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        timeout = aiohttp.ClientTimeout(total=120)
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
 
             async def worker() -> None:
                 for _ in left:
                     t0 = time.perf_counter()
                     try:
-                        r = await client.post(url, json=body)
-                        ok = r.status_code == 200
-                    except httpx.HTTPError:
+                        async with client.post(url, json=body) as r:
+                            await r.read()
+                            ok = r.status == 200
+                    except (TimeoutError, aiohttp.ClientError):
                         ok = False
                     if ok:
                         run.latencies.append(time.perf_counter() - t0)

@@ -164,31 +164,47 @@ def score(f: dict) -> list[Row]:
 
 
 def serve(f: dict) -> list[Row]:
-    def cell(setting: str, c: int) -> dict:
-        return next(r for r in f["rows"] if r["setting"] == setting and r["concurrency"] == c)
-
-    rows: list[Row] = []
-    for c in (1, 8, 32):
-        b, u = cell("batched", c), cell("unbatched", c)
-        rows.append(
-            (
-                f"Serve, concurrency {c}: req/s, p50/p99 (batched)",
-                f"{b['req_per_s']:.1f} req/s, {b['p50_ms']:.0f}/{b['p99_ms']:.0f} ms",
-                f"{u['req_per_s']:.1f} req/s, {u['p50_ms']:.0f}/{u['p99_ms']:.0f} ms (unbatched)",
-                f"{b['req_per_s'] / max(u['req_per_s'], 1e-9):.2f}x",
-                _target(f["batched_vs_unbatched_c32"] >= 4, ">= 4x") if c == 32 else "-",
-            )
-        )
-    rows.append(
+    c1, cpu = f["c1"], f["cpu_ms_per_request_c32"]
+    return [
+        (
+            f"Serve, concurrency 32: req/s (batch {f['max_batch_size']}, continuous batching)",
+            f"{f['served_c32_req_per_s']:.1f} req/s",
+            f"{f['offline_prompts_per_s']:.1f} prompts/s (same engine batched, no Serve)",
+            f"{f['served_vs_offline_c32']:.3f}x",
+            _target(f["served_vs_offline_c32"] >= 0.25, ">= 0.25x"),
+        ),
+        (
+            "Serve, concurrency 32: batched vs unbatched app",
+            f"{f['served_c32_req_per_s']:.1f} req/s",
+            f"{f['served_c32_req_per_s'] / f['batched_vs_unbatched_c32']:.1f} req/s (unbatched)",
+            f"{f['batched_vs_unbatched_c32']:.2f}x",
+            _target(f["batched_vs_unbatched_c32"] >= 4, ">= 4x"),
+        ),
+        (
+            "Serve, concurrency 32: a no-op Serve app (Serve's ceiling here)",
+            f"{f['noop_c32_req_per_s']:.1f} req/s",
+            "-",
+            "-",
+            "-",
+        ),
         (
             "Serve p50 overhead over calling the engine directly, concurrency 1",
             f"{f['serve_p50_overhead_ms_c1']:+.1f} ms",
-            "direct call",
+            (
+                f"direct {c1['direct']['p50_ms']:.1f} ms; a no-op app's round trip "
+                f"{f['noop_p50_ms_c1']:.1f} ms"
+            ),
             "-",
             _target(f["serve_p50_overhead_ms_c1"] <= 5, "<= 5 ms"),
-        )
-    )
-    return rows
+        ),
+        (
+            "CPU a request at concurrency 32: replica / proxy / client",
+            f"{cpu['replica']:.2f} / {cpu['proxy']:.2f} / {cpu['client']:.2f} ms",
+            f"{f['generate_ms_per_prompt_offline']:.2f} ms generate (offline, a prompt)",
+            "-",
+            "-",
+        ),
+    ]
 
 
 def rollout(f: dict) -> list[Row]:

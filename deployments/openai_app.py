@@ -5,8 +5,9 @@
 
 Endpoints: GET /health, GET /v1/models (with version and lineage), POST /v1/completions and
 /v1/chat/completions (streaming over SSE with "stream": true). Requests that arrive together
-are generated in one batch (`@serve.batch`): batched generate is what serving speed rests on
-(18x one-at-a-time on the tiny model, DESIGN.md). Errors are OpenAI-style JSON
+are generated in one batch (deployments/batcher.py: a batch starts when the model is free, with
+every request that queued while the one before generated): batched generate is what serving
+speed rests on (18x one-at-a-time on the tiny model, DESIGN.md). Errors are OpenAI-style JSON
 (`{"error": {...}}`): 400 bad input (malformed JSON, wrong types, out-of-range values), 401
 missing or wrong key (when an API key is set), 404 unknown model or route, 413 prompt too long
 or body over `max_body_bytes`. The schema is at /openapi.json under the route prefix.
@@ -29,9 +30,9 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 
 from deployments import serve_metrics
+from deployments.batcher import ContinuousBatcher
 from deployments.hf_generation import (
     GenJob,
-    GenResult,
     StreamEnd,
     generate_batch,
     stream_generate,
@@ -92,7 +93,7 @@ class OpenAIServer:
         api_key_env: str | None = None,
         api_key_file: str | None = None,
         max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.01,
+        batch_wait_timeout_s: float = 0.0,
         device: str = "auto",
         max_body_bytes: int = 1 << 20,
     ):
@@ -120,14 +121,24 @@ class OpenAIServer:
         except ValueError as exc:
             raise RuntimeError(str(exc)) from exc
         BodyLimit.max_bytes = int(max_body_bytes)
-        self._generate.set_max_batch_size(max_batch_size)
-        self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         # One thread runs every generate call, batched or streamed, one at a time (generate is
         # not re-entrant on one model). The event loop only awaits it: it never blocks on a
         # lock that a stream holds for a whole generation, so /health and new requests are
         # answered while a batch or a stream runs.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.metrics = serve_metrics.REPLICA["metrics"] = ServeMetrics(model_name, version)
+        # Requests with the same sampling settings share one generate call; a batch starts
+        # when the model thread is free, with what queued meanwhile (deployments/batcher.py).
+        self._batcher = ContinuousBatcher(
+            partial(generate_batch, self.model, self.tokenizer),
+            self._model_thread,
+            max_batch_size=max_batch_size,
+            wait_s=batch_wait_timeout_s,
+            key=lambda j: (j.temperature, j.top_p, j.seed, j.stop),
+            on_batch=lambda results: self.metrics.generated(
+                sum(r.completion_tokens for r in results), len(results)
+            ),
+        )
 
     # -- checks -------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -190,26 +201,6 @@ class OpenAIServer:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     # -- generation ---------------------------------------------------------------------------
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _generate(self, jobs: list[GenJob]) -> list[GenResult]:
-        # Jobs with different sampling settings cannot share one generate call.
-        groups: dict[tuple, list[int]] = {}
-        for i, j in enumerate(jobs):
-            groups.setdefault((j.temperature, j.top_p, j.seed, j.stop), []).append(i)
-        results: list[GenResult | None] = [None] * len(jobs)
-        for idx in groups.values():
-            outs = await asyncio.get_running_loop().run_in_executor(
-                self._model_thread,
-                generate_batch,
-                self.model,
-                self.tokenizer,
-                [jobs[i] for i in idx],
-            )
-            for i, r in zip(idx, outs):
-                results[i] = r
-            self.metrics.generated(sum(r.completion_tokens for r in outs), len(idx))
-        return results  # type: ignore[return-value]
-
     async def _stream(self, job: GenJob, chunk):
         """SSE: one event per decoded piece (``chunk(piece)``), then the final one
         (``chunk(None, finish_reason)``) and [DONE]. Same generate settings as
@@ -282,7 +273,7 @@ class OpenAIServer:
                 self._stream(jobs[0], partial(completion_chunk, rid, created, body.model)),
                 media_type="text/event-stream",
             )
-        results = await asyncio.gather(*(self._generate(j) for j in jobs))
+        results = await asyncio.gather(*(self._batcher.submit(j) for j in jobs))
         choices = [(r.text, r.finish_reason) for r in results]
         return completion(rid, created, body.model, choices, usage(results))
 
@@ -297,7 +288,7 @@ class OpenAIServer:
                 self._stream(job, partial(chat_completion_chunk, rid, created, body.model)),
                 media_type="text/event-stream",
             )
-        r = await self._generate(job)
+        r = await self._batcher.submit(job)
         return chat_completion(rid, created, body.model, r.text, r.finish_reason, usage([r]))
 
 

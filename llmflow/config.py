@@ -222,7 +222,13 @@ class ServeConfig(Section):
         None, description="Scale replicas between min and max by load (replaces num_replicas)."
     )
     max_batch_size: int = Field(16, ge=1, description="hf: requests generated in one batch.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="hf: how long an idle replica waits for more requests once one arrives. "
+        "0: start at once; under load a batch forms from what queued while the previous one "
+        "generated (continuous batching).",
+    )
     max_ongoing_requests: int | None = Field(
         None,
         ge=1,
