@@ -167,7 +167,10 @@ def serve(f: dict) -> list[Row]:
     c1, cpu = f["c1"], f["cpu_ms_per_request_c32"]
     return [
         (
-            f"Serve, concurrency 32: req/s (batch {f['max_batch_size']}, continuous batching)",
+            (
+                f"Serve ({f['ingress']} ingress), concurrency 32: req/s (batch "
+                f"{f['max_batch_size']}, continuous batching)"
+            ),
             f"{f['served_c32_req_per_s']:.1f} req/s",
             f"{f['offline_prompts_per_s']:.1f} prompts/s (same engine batched, no Serve)",
             f"{f['served_vs_offline_c32']:.3f}x",
@@ -198,8 +201,8 @@ def serve(f: dict) -> list[Row]:
             _target(f["serve_p50_overhead_ms_c1"] <= 5, "<= 5 ms"),
         ),
         (
-            "CPU a request at concurrency 32: replica / proxy / client",
-            f"{cpu['replica']:.2f} / {cpu['proxy']:.2f} / {cpu['client']:.2f} ms",
+            "CPU a request at concurrency 32: replica / ingress / client",
+            f"{cpu['replica']:.2f} / {cpu['ingress']:.2f} / {cpu['client']:.2f} ms",
             f"{f['generate_ms_per_prompt_offline']:.2f} ms generate (offline, a prompt)",
             "-",
             "-",

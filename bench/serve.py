@@ -115,21 +115,35 @@ def one_at_a_time(calls: dict, requests: int) -> dict[str, Run]:
 
 
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) so far of the benchmark's Serve replica, the proxy and
-    this process, by role."""
+    """CPU seconds (user + system) so far of the benchmark's Serve replica, the ingress (the
+    proxy actor, and HAProxy when it runs) and this process (the client), by role."""
     import psutil
 
-    roles = {"replica": "ServeReplica:bench-served", "proxy": "ProxyActor"}
+    roles = {"replica": ("ServeReplica:bench-served",), "ingress": ("ProxyActor", "haproxy")}
     out = dict.fromkeys([*roles, "client"], 0.0)
     for p in psutil.process_iter(["cmdline", "cpu_times"]):
         cmd = " ".join(p.info["cmdline"] or [])
         t = p.info["cpu_times"]
-        for role, marker in roles.items():
-            if marker in cmd and t is not None:
+        for role, markers in roles.items():
+            if t is not None and any(m in cmd for m in markers):
                 out[role] += t.user + t.system
     t = psutil.Process().cpu_times()
     out["client"] = t.user + t.system
     return out
+
+
+def ingress_env(ingress: str) -> None:
+    """Ray's switches for ``ingress``, as the local stack sets them (HAProxy's files in a
+    temporary directory), before the private Ray starts."""
+    import dataclasses
+    import tempfile
+
+    from llmflow.settings import StackSettings
+
+    s = dataclasses.replace(
+        StackSettings.from_env(), home=Path(tempfile.mkdtemp()), serve_ingress=ingress
+    )
+    os.environ.update(s.serve_ingress_env())
 
 
 def main() -> None:
@@ -140,8 +154,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=16, help="The served app's batch size.")
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs of the private Ray.")
+    ap.add_argument(
+        "--ingress",
+        choices=("haproxy", "proxy"),
+        default="haproxy",
+        help="Serve's HTTP ingress, as the local stack's LLMFLOW_SERVE_INGRESS.",
+    )
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
+    ingress_env(args.ingress)
 
     import httpx
     import ray
@@ -170,7 +191,7 @@ def main() -> None:
     c1: dict[str, Run] = {}
     c32: dict[str, list[float]] = {"offline": [], **{name: [] for name in apps}}
     p50_32: dict[str, list[float]] = {name: [] for name in apps}
-    cpu_ms: dict[str, list[float]] = {"replica": [], "proxy": [], "client": []}
+    cpu_ms: dict[str, list[float]] = {"replica": [], "ingress": [], "client": []}
     try:
         for name, app in apps.items():
             serve.run(app, name=f"bench-{name}", route_prefix=f"/bench-{name}")
@@ -208,6 +229,7 @@ def main() -> None:
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "max_tokens": args.max_tokens,
         "max_batch_size": args.max_batch_size,
+        "ingress": args.ingress,
         "c1": c1_rows,
         "c32_req_per_s": {k: [round(x, 1) for x in v] for k, v in c32.items()},
         "c32_p50_ms": p50_32,
@@ -226,7 +248,8 @@ def main() -> None:
     }
     print(
         f"machine: {figures['machine']}, load average {figures['load_avg_1m_at_end']}; tiny model, "
-        f"greedy chat, max_tokens {args.max_tokens}, max_batch_size {args.max_batch_size}"
+        f"greedy chat, max_tokens {args.max_tokens}, max_batch_size {args.max_batch_size}, "
+        f"ingress {args.ingress}"
     )
     for name, r in c1_rows.items():
         print(f"c=1  {name:<10} p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")

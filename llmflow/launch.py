@@ -75,6 +75,7 @@ def start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None)
     check_port_free(s, s.ray_port, "the Ray head", "LLMFLOW_RAY_PORT")
     check_port_free(s, s.dashboard_port, "the Ray dashboard", "LLMFLOW_DASHBOARD_PORT")
     check_port_free(s, s.metrics_port, "the Ray metrics export", "LLMFLOW_METRICS_PORT")
+    check_port_free(s, s.ray_client_port, "the Ray client server", "LLMFLOW_RAY_CLIENT_PORT")
     ensure_ray_token(s)
     cmd = [
         env_bin("ray"),
@@ -87,12 +88,13 @@ def start_ray_head(s: StackSettings, num_cpus: int | None, num_gpus: int | None)
         f"--dashboard-host={s.host}",
         f"--dashboard-port={s.dashboard_port}",
         f"--metrics-export-port={s.metrics_port}",
+        f"--ray-client-server-port={s.ray_client_port}",
         "--disable-usage-stats",
     ]
     cmd.append(f"--num-cpus={num_cpus if num_cpus is not None else default_logical_cpus()}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
-    return spawn(s, "ray-head", cmd, child_env(s), s.home)
+    return spawn(s, "ray-head", cmd, child_env(s, s.serve_ingress_env()), s.home)
 
 
 def start_ray_node(s: StackSettings, index: int) -> dict:
@@ -111,7 +113,7 @@ def start_ray_node(s: StackSettings, index: int) -> dict:
         f"--resources={json.dumps({NODE_RESOURCE: 1})}",
         "--disable-usage-stats",
     ]
-    return spawn(s, node_part(index), cmd, child_env(s), s.home)
+    return spawn(s, node_part(index), cmd, child_env(s, s.serve_ingress_env()), s.home)
 
 
 # One HTTP proxy, on the head: every node of the local stack shares the machine, so the
@@ -128,7 +130,7 @@ print("serve started", flush=True)
 def start_serve(s: StackSettings) -> dict:
     check_port_free(s, s.serve_port, "Ray Serve", "LLMFLOW_SERVE_PORT")
     cmd = [sys.executable, "-c", SERVE_START, s.ray_address, s.host, str(s.serve_port)]
-    entry = spawn(s, "ray-serve", cmd, child_env(s), s.home)
+    entry = spawn(s, "ray-serve", cmd, child_env(s, s.serve_ingress_env()), s.home)
     # The proxy lives on in the cluster; the starter process just exits.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process_alive(entry):

@@ -6,7 +6,9 @@ or a second stack can point LLMFLOW_HOME and the ports elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,15 @@ def _port(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r}: expected a port number") from exc
 
 
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        from llmflow.errors import ConfigError
+
+        raise ConfigError(f"environment variable {name}={raw!r}: expected one of {choices}")
+    return raw
+
+
 def _flag(name: str) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -104,6 +115,15 @@ class StackSettings:
     # Deploy prefect.yaml's schedules paused (LLMFLOW_PAUSE_SCHEDULES=1): a stack that must
     # never start a scheduled run by itself, like the test suite's, whatever the clock says.
     pause_schedules: bool = False
+    # The Ray client server's port (ray://); the local stack does not use it, but two heads on
+    # one machine (a developer's stack and the tests') must not both bind Ray's default.
+    ray_client_port: int = 10001
+    # Serve's HTTP ingress: "haproxy" (Ray 2.60's HAProxy in front of replicas that answer
+    # HTTP themselves: bench/RESULTS.md measured ~7x the no-op rate and a third of the
+    # latency of the Python proxy on 2 cores) or "proxy" (Ray's Python HTTP proxy actor).
+    serve_ingress: str = "haproxy"
+    haproxy_stats_port: int = 8404
+    haproxy_metrics_port: int = 9101
 
     @classmethod
     def from_env(cls) -> StackSettings:
@@ -118,7 +138,35 @@ class StackSettings:
             chat_port=_port("LLMFLOW_CHAT_PORT", 7860),
             metrics_port=_port("LLMFLOW_METRICS_PORT", 8080),
             pause_schedules=_flag("LLMFLOW_PAUSE_SCHEDULES"),
+            ray_client_port=_port("LLMFLOW_RAY_CLIENT_PORT", 10001),
+            serve_ingress=_choice("LLMFLOW_SERVE_INGRESS", ("haproxy", "proxy")),
+            haproxy_stats_port=_port("LLMFLOW_HAPROXY_STATS_PORT", 8404),
+            haproxy_metrics_port=_port("LLMFLOW_HAPROXY_METRICS_PORT", 9101),
         )
+
+    def serve_ingress_env(self) -> dict[str, str]:
+        """What the Ray processes of the stack need for ``serve_ingress``: with haproxy, Ray's
+        switches (HAProxy, and the throughput-optimized replica settings it goes with) and
+        HAProxy's files and ports kept per stack (Ray's defaults are fixed /tmp paths and
+        ports, which two stacks on one machine would share)."""
+        if self.serve_ingress != "haproxy":
+            return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+        # Not under home: HAProxy caps socket paths at 97 characters, and Ray adds a directory
+        # named by the node id (56) to each.
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
+        base = Path(tempfile.gettempdir()) / f"lf-hap-{digest}"
+        return {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            # Replicas keep logging to their files; the stack's logs are read there.
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(self.haproxy_stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.haproxy_metrics_port),
+        }
 
     @property
     def prefect_url(self) -> str:

@@ -53,6 +53,9 @@ def stack_settings(tmp_path_factory):
         "LLMFLOW_DASHBOARD_PORT": str(free_port()),
         "LLMFLOW_SERVE_PORT": str(free_port()),
         "LLMFLOW_METRICS_PORT": str(free_port()),
+        "LLMFLOW_RAY_CLIENT_PORT": str(free_port()),
+        "LLMFLOW_HAPROXY_STATS_PORT": str(free_port()),
+        "LLMFLOW_HAPROXY_METRICS_PORT": str(free_port()),
         "LLMFLOW_WORK_POOL": "llmflow-test",
         "LLMFLOW_STORE": str(home / "store"),
         # prefect.yaml's schedules are registered paused: a scheduled run (retrain-nightly

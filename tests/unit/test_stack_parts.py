@@ -86,3 +86,32 @@ def test_a_server_started_on_postgresql_is_not_restarted_on_sqlite(s):
     ) as exc:
         stack.up(s, with_deploy=False)
     assert "hunter2" not in str(exc.value)
+
+
+def test_haproxy_ingress_keeps_its_files_per_stack_and_within_haproxys_path_limit(
+    s, tmp_path, monkeypatch
+):
+    env = s.serve_ingress_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Ray puts each socket in a directory named by the node id (56 characters); HAProxy
+    # refuses socket paths over 97.
+    for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"):
+        parent, name = env[key].rsplit("/", 1)
+        assert len(f"{parent}/{'0' * 56}/{name}") <= 97, env[key]
+    # A second stack (another LLMFLOW_HOME) gets other files and its own ports.
+    monkeypatch.setenv("LLMFLOW_HOME", str(tmp_path / "other"))
+    monkeypatch.setenv("LLMFLOW_HAPROXY_STATS_PORT", "18404")
+    other = StackSettings.from_env().serve_ingress_env()
+    assert other["RAY_SERVE_HAPROXY_SOCKET_PATH"] != env["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+    assert other["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_the_python_proxy_ingress_turns_haproxy_off_and_a_bad_choice_is_one_line(monkeypatch):
+    monkeypatch.setenv("LLMFLOW_SERVE_INGRESS", "proxy")
+    assert StackSettings.from_env().serve_ingress_env() == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+    }
+    monkeypatch.setenv("LLMFLOW_SERVE_INGRESS", "nginx")
+    with pytest.raises(ConfigError, match=r"LLMFLOW_SERVE_INGRESS='nginx': expected one of"):
+        StackSettings.from_env()
