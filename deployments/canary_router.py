@@ -138,10 +138,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     Args:
         args: ``upstreams`` ({champion, candidate}: base URL of each version's app),
             ``versions`` ({champion, candidate}: version ids), ``max_surge_percent`` (the
-            rolling update between the plain app and the router), ``timeout_s``.
+            rolling update between the plain app and the router), ``timeout_s``,
+            ``user_config`` ({weight, step}; the promote stage sets it per step instead).
     """
     args = dict(args)
     options: dict[str, Any] = {"max_ongoing_requests": int(args.pop("max_ongoing_requests", 1000))}
     if "max_surge_percent" in args:
         options["max_surge_percent"] = int(args.pop("max_surge_percent"))
+    if "user_config" in args:  # the first weight, for `serve run` (the promote stage sets it)
+        options["user_config"] = dict(args.pop("user_config"))
     return CanaryRouter.options(**options).bind(**args)
