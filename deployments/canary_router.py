@@ -136,13 +136,17 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder (a declarative app, so a new user_config is a reconfigure).
 
     Args:
-        args: ``upstreams`` ({champion, candidate}: base URL of each version's app),
+        args: ``name`` (the deployment's: the plain app's ingress it takes over from,
+            "llm" for hf), ``upstreams`` ({champion, candidate}: each version app's base URL),
             ``versions`` ({champion, candidate}: version ids), ``max_surge_percent`` (the
             rolling update between the plain app and the router), ``timeout_s``,
             ``user_config`` ({weight, step}; the promote stage sets it per step instead).
     """
     args = dict(args)
-    options: dict[str, Any] = {"max_ongoing_requests": int(args.pop("max_ongoing_requests", 1000))}
+    options: dict[str, Any] = {
+        "name": str(args.pop("name", "llm")),  # the ingress deployment's name it replaces
+        "max_ongoing_requests": int(args.pop("max_ongoing_requests", 1000)),
+    }
     if "max_surge_percent" in args:
         options["max_surge_percent"] = int(args.pop("max_surge_percent"))
     if "user_config" in args:  # the first weight, for `serve run` (the promote stage sets it)

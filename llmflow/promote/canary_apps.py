@@ -18,6 +18,7 @@ from typing import Any
 import tenacity
 
 from llmflow.config import ClusterConfig, ServeConfig
+from llmflow.promote.apps import INGRESS_DEPLOYMENT, serve_engine
 from llmflow.promote.canary import CANDIDATE, CHAMPION, ROLLBACK, WAIT, judge
 from llmflow.promote.rollout import RolloutError, apply_declarative, deploy, wait_running
 from llmflow.refs import CanaryStep, ModelRef
@@ -48,13 +49,15 @@ def router_schema(
     weight: int,
     step: str,
 ) -> dict[str, Any]:
-    """The router's declarative application at the public name and prefix."""
+    """The router's declarative application at the public name and prefix, its deployment
+    named as the engine's ingress (a rolling update between the plain app and the router)."""
     base = serve_url(cluster)
     refs = {CHAMPION: champion, CANDIDATE: candidate}
     upstreams = {
         r: f"{base}{version_cfg(serve_cfg, r, m.version).route_prefix}" for r, m in refs.items()
     }
     env = {**offline_env(), **dict(getattr(cluster, "env_vars", None) or {})}
+    ingress = INGRESS_DEPLOYMENT[serve_engine(serve_cfg, cluster)]
     return {
         "name": serve_cfg.app_name,
         "route_prefix": serve_cfg.route_prefix,
@@ -63,8 +66,9 @@ def router_schema(
             "upstreams": upstreams,
             "versions": {r: m.version for r, m in refs.items()},
             "max_surge_percent": serve_cfg.max_surge_percent,
+            "name": ingress,
         },
-        "deployments": [{"name": "llm", "user_config": {"weight": weight, "step": step}}],
+        "deployments": [{"name": ingress, "user_config": {"weight": weight, "step": step}}],
         "runtime_env": {"env_vars": env},
     }
 

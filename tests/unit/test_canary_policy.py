@@ -160,3 +160,32 @@ def test_the_table_shows_each_version_of_each_step_and_the_decision():
         "| 1 | 10% | 12 | candidate | 20 | 20.0% | 50.0 | 100.0 | **rollback**: candidate error rate 20.0% |"
         in table
     )
+
+
+def test_each_version_gets_an_internal_app_and_the_router_takes_the_public_one():
+    from llmflow.config import ClusterConfig
+    from llmflow.promote.canary_apps import router_schema, version_cfg
+    from llmflow.refs import ModelRef
+
+    serve_cfg = ServeConfig(app_name="qa", engine="hf", chat=True)
+    internal = version_cfg(serve_cfg, CANDIDATE, "v7")
+    assert (internal.app_name, internal.route_prefix, internal.chat) == (
+        "qa--candidate",
+        "/_llmflow/qa/v7",
+        False,
+    )
+    assert internal.engine == "hf" and internal.api_key_env == serve_cfg.api_key_env
+
+    def ref(version):
+        return ModelRef(uri=f"/m/{version}", name="m", version=version, base_model="tiny")
+
+    cluster = ClusterConfig(serve_url="http://head:8000")
+    app = router_schema(serve_cfg, ref("v6"), ref("v7"), cluster, 10, "1:10")
+    assert (app["name"], app["route_prefix"]) == ("qa", "/qa")
+    assert app["args"]["upstreams"] == {
+        CHAMPION: "http://head:8000/_llmflow/qa/v6",
+        CANDIDATE: "http://head:8000/_llmflow/qa/v7",
+    }
+    # The hf app's ingress deployment: switching to the router is a rolling update of it.
+    assert app["args"]["name"] == "llm"
+    assert app["deployments"] == [{"name": "llm", "user_config": {"weight": 10, "step": "1:10"}}]
