@@ -76,8 +76,8 @@ class Load:
     per request. Half the requests name an OpenAI ``user`` (sticky), every ``sampled``-th
     one samples (temperature 0.9) instead of decoding greedily."""
 
-    def __init__(self, url: str, threads: int = 2, sampled: int = 0):
-        self.url, self.sampled = url, sampled
+    def __init__(self, url: str, threads: int = 2, sampled: int = 0, model: str = NAME):
+        self.url, self.sampled, self.model = url, sampled, model
         self.results: list[tuple[int, str]] = []
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(threads)]
@@ -88,7 +88,7 @@ class Load:
             while not self.stop.is_set() and len(self.results) < 5000:
                 n += 1
                 body = {
-                    "model": NAME,
+                    "model": self.model,
                     "max_tokens": 4,
                     "messages": [{"role": "user", "content": "Reverse 12"}],
                 }
