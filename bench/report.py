@@ -230,6 +230,35 @@ def rollout(f: dict) -> list[Row]:
     ]
 
 
+def canary(f: dict) -> list[Row]:
+    def cell(setting: str, c: int) -> dict:
+        return next(r for r in f["rows"] if r["setting"] == setting and r["concurrency"] == c)
+
+    rows = []
+    for c in (1, 32):
+        routed, direct = cell("router", c), cell("direct", c)
+        base = f"{direct['req_per_s']} req/s, {direct['p50_ms']:.0f}/{direct['p99_ms']:.0f} ms"
+        rows.append(
+            (
+                f"canary router, concurrency {c}: req/s, p50/p99",
+                f"{routed['req_per_s']} req/s, {routed['p50_ms']:.0f}/{routed['p99_ms']:.0f} ms",
+                f"{base} (direct to the version app)",
+                f"{routed['req_per_s'] / max(direct['req_per_s'], 1e-9):.2f}x",
+                "-",
+            )
+        )
+    rows.append(
+        (
+            "canary router's added p50, concurrency 1 / 32",
+            f"{f['router_p50_added_ms_c1']:+.1f} / {f['router_p50_added_ms_c32']:+.1f} ms",
+            "direct to the version app",
+            "-",
+            "report",
+        )
+    )
+    return rows
+
+
 def _resolved(s: dict) -> bool:
     return all(e["wall_s"][1] - e["wall_s"][0] >= 2.0 for e in s.values())
 
@@ -299,6 +328,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
     "score": ([], score),
     "serve": ([], serve),
     "rollout": ([], rollout),
+    "canary": ([], canary),
     "engines": ([], vllm),
 }
 

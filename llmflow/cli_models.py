@@ -72,7 +72,13 @@ def show(name: str, version: Annotated[str | None, typer.Argument()] = None) -> 
     typer.echo(json.dumps(registry.read_manifest(store, name, ref.version), indent=2, default=str))
 
 
-def _promote(name: str, version: str | None, config: Path | None, set_: list[str] | None) -> None:
+def _promote(
+    name: str,
+    version: str | None,
+    config: Path | None,
+    set_: list[str] | None,
+    canary: bool = False,
+) -> None:
     from llmflow import registry
     from llmflow.cli_common import echo
     from llmflow.cli_run import prepare_environment
@@ -80,7 +86,8 @@ def _promote(name: str, version: str | None, config: Path | None, set_: list[str
     from llmflow.errors import RunFailed
     from llmflow.store import Store
 
-    cfg = load_config(config, [*(set_ or []), f"train.model_name={name}"])
+    sets = [*(set_ or []), f"train.model_name={name}"]
+    cfg = load_config(config, [*sets, "serve.rollout.strategy=canary"] if canary else sets)
     prepare_environment(cfg)
     from flows.promote import promote as promote_flow
 
@@ -97,9 +104,17 @@ def promote(
     version: Annotated[str | None, typer.Argument()] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    canary: Annotated[
+        bool,
+        typer.Option(
+            "--canary",
+            help="Canary rollout for this promotion (the steps and policy of serve.rollout): "
+            "the version takes a growing share of live requests, rolled back on a breach.",
+        ),
+    ] = False,
 ) -> None:
     """Serve a version and make it champion (smoke-tested; rolled back on failure)."""
-    _promote(name, version, config, set_)
+    _promote(name, version, config, set_, canary)
 
 
 @models_app.command()

@@ -6,6 +6,7 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -192,6 +193,57 @@ class ServeAutoscaling(Section):
 DEFAULT_APP = "llmflow"
 
 
+class RolloutPolicy(Section):
+    """How a gated version takes over the traffic (serve.rollout)."""
+
+    strategy: Literal["all-at-once", "canary"] = Field(
+        "all-at-once",
+        description="all-at-once: the candidate replaces the champion in one rolling update. "
+        "canary: both are served behind the same endpoint and a router gives the candidate "
+        "the share of requests each step names, comparing its errors and latency with the "
+        "champion's before the next step; a step that breaches the policy rolls back.",
+    )
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50, 100],
+        description="canary: the candidate's percent of requests at each step, strictly "
+        "increasing, ending at 100.",
+    )
+    step_s: float = Field(60.0, gt=0, description="canary: seconds each step lasts at least.")
+    min_requests: int = Field(
+        20,
+        ge=1,
+        description="canary: candidate requests a step needs before it is judged; a step that "
+        "has not had them after max_wait_s is rolled back (not enough traffic).",
+    )
+    max_wait_s: float = Field(
+        300.0, gt=0, description="canary: the longest a step waits for min_requests."
+    )
+    max_error_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="canary: how far the candidate's error rate (5xx and upstream failures) "
+        "may exceed the champion's in the same step.",
+    )
+    max_p99_ratio: float = Field(
+        1.5,
+        gt=0,
+        description="canary: the candidate's p99 latency over the champion's (the step's, "
+        "else the last step that had champion requests) may be at most this.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[int]) -> list[int]:
+        if not value or value[-1] != 100:
+            raise ValueError("must end at 100 (the candidate takes all the traffic)")
+        if any(not 1 <= v <= 100 for v in value):
+            raise ValueError("each step is a percent in 1..100")
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("must be strictly increasing")
+        return value
+
+
 class ServeConfig(Section):
     app_name: str = Field(DEFAULT_APP, description="Ray Serve application name.")
     route_prefix: str = Field(
@@ -275,6 +327,11 @@ class ServeConfig(Section):
         False,
         description="Also serve the chat page (deployments/chat_app.py) as its own Serve "
         "application, at <route_prefix>/chat, talking to this model's endpoint.",
+    )
+    rollout: RolloutPolicy = Field(
+        default_factory=RolloutPolicy,
+        description="How the candidate takes over the traffic: all at once (default) or by "
+        "canary steps judged on live requests.",
     )
 
 

@@ -104,6 +104,17 @@ class SmokeTest(Ref):
     checks: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class CanaryStep(Ref):
+    """One canary step: the candidate's share, what each version's requests did, the verdict."""
+
+    weight: int
+    seconds: float
+    champion: dict[str, float] = Field(default_factory=dict)
+    candidate: dict[str, float] = Field(default_factory=dict)
+    decision: str = ""
+    reason: str = ""
+
+
 class Rollout(Ref):
     """What promotion did: the version now served and the one it replaced."""
 
@@ -113,3 +124,5 @@ class Rollout(Ref):
     smoke_test: SmokeTest | None = None
     rolled_back: bool = False
     message: str = ""
+    strategy: str = "all-at-once"
+    canary_steps: list[CanaryStep] = Field(default_factory=list)

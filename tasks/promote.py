@@ -1,5 +1,6 @@
 """The promote stage's tasks: the gate (metric policy, optional approval in the Prefect UI),
-then the rollout as one Prefect transaction.
+then the rollout as one Prefect transaction (all at once, or canary steps on live traffic:
+serve.rollout).
 
 `deploy_version` registers an on_rollback hook that puts the previous version back (or
 removes the app when there was none), and `move_champion` one that restores the aliases, so
@@ -21,8 +22,10 @@ from pydantic import Field
 from llmflow import aliases, registry
 from llmflow.config import ClusterConfig, GateConfig, PipelineConfig, ServeConfig
 from llmflow.evaluate.metrics import metric_directions
-from llmflow.promote import serving
+from llmflow.promote import canary_apps, serving
 from llmflow.promote.apps import connect, serve_engine
+from llmflow.promote.canary import CANDIDATE, steps_markdown
+from llmflow.promote.canary_apps import version_cfg
 from llmflow.promote.gate import decide, decision_markdown
 from llmflow.promote.rollout import (
     RolloutError,
@@ -33,7 +36,15 @@ from llmflow.promote.rollout import (
     smoke_test,
     summary,
 )
-from llmflow.refs import EvalReport, GateDecision, GateRule, ModelRef, Rollout, SmokeTest
+from llmflow.refs import (
+    CanaryStep,
+    EvalReport,
+    GateDecision,
+    GateRule,
+    ModelRef,
+    Rollout,
+    SmokeTest,
+)
 from llmflow.settings import serve_url
 from llmflow.store import Store
 from llmflow.terminal import stage
@@ -103,9 +114,14 @@ def ask_for_approval(decision: GateDecision, timeout_s: int) -> GateDecision:
 
 @task(name="deploy-version", cache_policy=NO_CACHE)
 def deploy_version(
-    serve_cfg: ServeConfig, cluster: ClusterConfig, model: ModelRef, previous: ModelRef | None
+    serve_cfg: ServeConfig,
+    cluster: ClusterConfig,
+    model: ModelRef,
+    previous: ModelRef | None,
+    canary: bool = False,
 ) -> str:
-    """Roll the version out in place; the transaction remembers what to restore."""
+    """Roll the version out in place, or (canary) serve it beside ``previous`` behind the
+    canary router at 0%; the transaction remembers what to restore."""
     from prefect.transactions import get_transaction
 
     connect(cluster)
@@ -114,22 +130,69 @@ def deploy_version(
         txn.set("serve_cfg", serve_cfg)
         txn.set("cluster", cluster)
         txn.set("previous", previous)
+        txn.set("canary_of", model if canary else None)
     try:
-        deploy(serve_cfg, model, cluster)
+        if canary:
+            canary_apps.start(serve_cfg, previous, model, cluster)
+        else:
+            deploy(serve_cfg, model, cluster)
     except RolloutError:
         # A failed task registers no rollback hook: undo its own half-done update here.
         # (Serve keeps the old replicas, but marks the app failed until the next deploy.)
-        restore(serve_cfg, previous, cluster)
+        _undo(serve_cfg, previous, model if canary else None, cluster)
         raise
+    how = "beside the champion, at 0% (canary)" if canary else "in place"
     get_run_logger().info(
-        "Serving %s:%s on app '%s'", model.name, model.version, serve_cfg.app_name
+        "Serving %s:%s on app '%s' %s", model.name, model.version, serve_cfg.app_name, how
     )
     return model.version
 
 
+def _undo(
+    serve_cfg: ServeConfig,
+    previous: ModelRef | None,
+    canary_of: ModelRef | None,
+    cluster: ClusterConfig | None,
+) -> None:
+    if canary_of is not None and previous is not None:
+        canary_apps.restore_champion(serve_cfg, previous, canary_of, cluster)
+    else:
+        restore(serve_cfg, previous, cluster)
+
+
 @deploy_version.on_rollback
 def _restore_previous(txn) -> None:
-    restore(txn.get("serve_cfg"), txn.get("previous"), txn.get("cluster", None))
+    _undo(
+        txn.get("serve_cfg"),
+        txn.get("previous"),
+        txn.get("canary_of", None),
+        txn.get("cluster", None),
+    )
+
+
+@task(name="canary-steps", cache_policy=NO_CACHE)
+def canary_steps(
+    serve_cfg: ServeConfig, cluster: ClusterConfig, champion: ModelRef, candidate: ModelRef
+) -> tuple[bool, list[CanaryStep], str]:
+    """serve.rollout.steps, each judged on the router's per-version figures against the
+    policy; the per-step comparison is the 'canary' artifact, held or not."""
+    from prefect.artifacts import create_markdown_artifact
+
+    held, steps, reason = canary_apps.run_steps(serve_cfg, champion, candidate, cluster)
+    outcome = "held: the candidate takes all the traffic" if held else "rolled back"
+    create_markdown_artifact(
+        key="canary", markdown=f"{steps_markdown(steps, outcome)}\n\n**{outcome}**: {reason}"
+    )
+    get_run_logger().info("canary %s: %s", outcome, reason)
+    return held, steps, reason
+
+
+@task(name="finish-canary", cache_policy=NO_CACHE)
+def finish_canary(
+    serve_cfg: ServeConfig, cluster: ClusterConfig, champion: ModelRef, candidate: ModelRef
+) -> None:
+    """The candidate held at 100%: it becomes the plain public app, the internal apps go."""
+    canary_apps.finish(serve_cfg, champion, candidate, cluster)
 
 
 @task(name="smoke-test", cache_policy=NO_CACHE)
@@ -194,35 +257,61 @@ def record_gate(candidate: ModelRef, decision: GateDecision) -> None:
 
 
 def roll_out(config: PipelineConfig, candidate: ModelRef, champion: ModelRef | None) -> Rollout:
-    """deploy-version, smoke-test, move-champion, record-serving in one transaction: a
-    failure in any of them rolls all of them back, and the Rollout says so."""
+    """deploy-version, smoke-test, [canary-steps, finish-canary,] move-champion,
+    record-serving in one transaction: a failure in any of them, or a canary step that
+    breaches serve.rollout, rolls all of them back, and the Rollout says so."""
     from prefect.transactions import transaction
 
-    url = endpoint(config.serve, config.cluster)
+    serve_cfg, cluster = config.serve, config.cluster
+    url = endpoint(serve_cfg, cluster)
     previous = champion.version if champion else None
+    canary = uses_canary(serve_cfg, candidate, champion)
+    strategy = "canary" if canary else "all-at-once"
+    steps: list[CanaryStep] = []
     try:
         with transaction() as txn:
             txn.set("model_name", candidate.name)
-            deploy_version(config.serve, config.cluster, candidate, champion)
-            smoke = check_served(config.serve, config.cluster, candidate)
+            deploy_version(serve_cfg, cluster, candidate, champion, canary)
+            tried = version_cfg(serve_cfg, CANDIDATE, candidate.version) if canary else serve_cfg
+            smoke = check_served(tried, cluster, candidate)
+            if canary:
+                held, steps, reason = canary_steps(serve_cfg, cluster, champion, candidate)
+                if not held:
+                    raise RolloutError(f"canary {reason}")
+                finish_canary(serve_cfg, cluster, champion, candidate)
             move_champion(candidate.name, candidate.version)
-            record_serving(config.serve, config.cluster, candidate)
+            record_serving(serve_cfg, cluster, candidate)
     except RolloutError as exc:
-        live = served_version(config.serve, serve_url(config.cluster))
         return Rollout(
-            served_version=live,
+            served_version=served_version(serve_cfg, serve_url(cluster)),
             previous_version=previous,
             endpoint=url,
             rolled_back=True,
             message=f"rolled back: {exc}",
+            strategy=strategy,
+            canary_steps=steps,
         )
     return Rollout(
         served_version=candidate.version,
         previous_version=previous,
         endpoint=url,
         smoke_test=smoke,
-        message=f"{candidate.name}:{candidate.version} is champion and served",
+        message=f"{candidate.name}:{candidate.version} is champion and served"
+        + (f" (canary: {' -> '.join(f'{s.weight}%' for s in steps)})" if canary else ""),
+        strategy=strategy,
+        canary_steps=steps,
     )
+
+
+def uses_canary(serve_cfg: ServeConfig, candidate: ModelRef, champion: ModelRef | None) -> bool:
+    """serve.rollout.strategy canary, and a champion other than the candidate to compare
+    with (the first promotion of a model goes all at once, and says so)."""
+    if serve_cfg.rollout.strategy != "canary":
+        return False
+    if champion is None or champion.version == candidate.version:
+        stage("promote", "canary: no other champion to compare with, all at once")
+        return False
+    return True
 
 
 def report_rollout(rollout: Rollout) -> Rollout:

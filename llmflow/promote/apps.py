@@ -125,6 +125,11 @@ def serve_engine(serve_cfg: ServeConfig, cluster: ClusterConfig | None = None) -
 
 
 VLLM_IMPORT_PATH = "deployments.vllm_app:build_app"
+# The ingress deployment of each engine's app (deployments/openai_app.py's "llm";
+# ray.serve.llm names the vllm one after its class): a router in front of either takes this
+# name, so switching between the plain app and the router is a rolling update of one
+# deployment, old replicas answering until the new ones are ready.
+INGRESS_DEPLOYMENT = {"hf": "llm", "vllm": "LlmflowIngress"}
 
 
 def vllm_app_schema(

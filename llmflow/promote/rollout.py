@@ -57,7 +57,7 @@ def deploy_chat(
         ) from exc
 
 
-def _apply_declarative(app: dict[str, Any]) -> float:
+def apply_declarative(app: dict[str, Any]) -> float:
     """Deploy one declarative application, keeping every other declarative one (a Serve
     config replaces the whole declarative set; apps run with serve.run are not part of it).
     Returns the app's last deployment time before the apply (the controller's clock, not
@@ -104,7 +104,7 @@ def deploy(
     since = -1.0  # serve.run returns once its deployment is the app's
     try:
         if engine == "vllm":
-            since = _apply_declarative(vllm_app_schema(serve_cfg, model, cluster))
+            since = apply_declarative(vllm_app_schema(serve_cfg, model, cluster))
         else:
             # serve.run returns once the app is RUNNING and raises when it cannot get there.
             serve.run(
@@ -118,14 +118,23 @@ def deploy(
             f"{model.name}:{model.version}: {str(exc)[:300]}"
         ) from exc
 
+    wait_running(serve_cfg.app_name, since, timeout_s, f"{model.name}:{model.version}")
+    if serve_cfg.chat:
+        deploy_chat(serve_cfg, model, cluster)
+
+
+def wait_running(app_name: str, since: float, timeout_s: float, what: str) -> None:
+    """Wait until the app's deployment after ``since`` (controller clock) is RUNNING; a
+    RolloutError when it failed or did not get there in ``timeout_s``."""
+    from ray import serve
+
     def running() -> bool:
-        app = serve.status().applications.get(serve_cfg.app_name)
+        app = serve.status().applications.get(app_name)
         status = str(getattr(app, "status", ""))
         current = getattr(app, "last_deployed_time_s", 0.0) > since  # not the old version's
         if current and status.endswith("DEPLOY_FAILED"):
             raise RolloutError(
-                f"Serve app '{serve_cfg.app_name}' failed to deploy "
-                f"{model.name}:{model.version}: {app.message[:300]}"
+                f"Serve app '{app_name}' failed to deploy {what}: {app.message[:300]}"
             )
         return current and status.endswith("RUNNING")
 
@@ -136,11 +145,7 @@ def deploy(
             retry=tenacity.retry_if_result(lambda ok: not ok),
         )(running)
     except tenacity.RetryError as exc:
-        raise RolloutError(
-            f"Serve app '{serve_cfg.app_name}' not RUNNING after {timeout_s:.0f}s"
-        ) from exc
-    if serve_cfg.chat:
-        deploy_chat(serve_cfg, model, cluster)
+        raise RolloutError(f"Serve app '{app_name}' not RUNNING after {timeout_s:.0f}s") from exc
 
 
 def smoke_test(
@@ -248,6 +253,11 @@ def summary(rollout: Rollout) -> str:
         f"- endpoint: {rollout.endpoint}",
         f"- {rollout.message}",
     ]
+    if rollout.canary_steps:
+        from llmflow.promote.canary import steps_markdown
+
+        outcome = "rolled back" if rollout.rolled_back else "the candidate took all the traffic"
+        lines += ["", steps_markdown(rollout.canary_steps, outcome)]
     if rollout.smoke_test:
         lines += ["", "| check | passed | detail |", "| --- | --- | --- |"]
         lines += [

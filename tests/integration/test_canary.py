@@ -1,0 +1,174 @@
+"""Canary promotion on the local stack (serve.rollout.strategy: canary): a healthy candidate
+takes all the traffic step by step with no failed request, and a candidate that fails a
+share of its requests is rolled back at its first step while the champion answers."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from typing import Self
+
+import httpx
+import pytest
+
+from llmflow import aliases, registry
+from llmflow.configfile import load_config
+from llmflow.store import Store
+from tests.integration.helpers import unserve
+
+pytestmark = pytest.mark.slow
+NAME = "canary-test"
+APP = "canary-test"
+
+
+@pytest.fixture(scope="module")
+def versions(stack, tmp_path_factory):
+    """Two healthy versions (the tiny weights) and one whose output layer has a NaN row for
+    the token "7": greedy requests answer "7" (so it passes the smoke test), sampled ones
+    fail in torch.multinomial (probabilities with NaN) and answer 500."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmflow.basemodels import resolve_base_model
+    from llmflow.config import TrainConfig
+
+    base = resolve_base_model(TrainConfig())
+    store = Store()
+    good = [registry.register_version(store, NAME, base, base_model="tiny") for _ in range(2)]
+    nan_dir = tmp_path_factory.mktemp("nan")
+    shutil.copytree(base, nan_dir, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(nan_dir)
+    token = AutoTokenizer.from_pretrained(nan_dir)("7", add_special_tokens=False)["input_ids"][-1]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[token].fill_(float("nan"))
+    model.save_pretrained(nan_dir)
+    flaky = registry.register_version(store, NAME, nan_dir, base_model="tiny")
+    return good[0], good[1], flaky
+
+
+@pytest.fixture(scope="module")
+def cfg(stack):
+    yield load_config(
+        None,
+        [
+            f"train.model_name={NAME}",
+            f"serve.app_name={APP}",
+            "serve.route_prefix=/canary",
+            "serve.rollout.strategy=canary",
+            "serve.rollout.steps=[25, 100]",
+            "serve.rollout.step_s=3",
+            "serve.rollout.min_requests=5",
+            "serve.rollout.max_wait_s=60",
+            "serve.rollout.max_error_rate=0.05",
+            # Two replicas of one tiny model on 2 shared cores: the p99 of a few dozen
+            # requests is noise; latency is not what these tests judge.
+            "serve.rollout.max_p99_ratio=50",
+        ],
+    )
+    unserve(NAME, APP)
+    for role in ("champion", "candidate"):
+        unserve(NAME, f"{APP}--{role}")
+
+
+class Load:
+    """Client threads calling the public endpoint until stopped: (status, answering version)
+    per request. Half the requests name an OpenAI ``user`` (sticky), every ``sampled``-th
+    one samples (temperature 0.9) instead of decoding greedily."""
+
+    def __init__(self, url: str, threads: int = 2, sampled: int = 0, model: str = NAME):
+        self.url, self.sampled, self.model = url, sampled, model
+        self.results: list[tuple[int, str]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(threads)]
+
+    def _run(self, t: int) -> None:
+        n = 0
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set() and len(self.results) < 5000:
+                n += 1
+                body = {
+                    "model": self.model,
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "Reverse 12"}],
+                }
+                if n % 2:
+                    body["user"] = f"user-{t}-{n % 40}"
+                if self.sampled and n % self.sampled == 0:
+                    body["temperature"] = 0.9
+                try:
+                    r = client.post(self.url, json=body)
+                    self.results.append((r.status_code, r.headers.get("x-llmflow-version", "")))
+                except httpx.HTTPError:
+                    self.results.append((-1, ""))
+                time.sleep(0.02)
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_a_healthy_candidate_takes_all_the_traffic_with_no_failed_request(stack, versions, cfg):
+    from flows.promote import promote
+
+    v1, v2, _ = versions
+    first = promote(config=cfg, candidate=v1)  # no champion yet: all at once
+    assert first.served_version == v1.version and first.strategy == "all-at-once"
+
+    with Load(f"{stack.serve_url}/canary/v1/chat/completions") as load:
+        time.sleep(1)
+        rollout = promote(config=cfg, candidate=v2)
+        time.sleep(1)
+    assert rollout.strategy == "canary" and not rollout.rolled_back, rollout.message
+    assert rollout.served_version == v2.version and rollout.previous_version == v1.version
+    assert [s.weight for s in rollout.canary_steps] == [25, 100]
+    assert all(s.decision == "pass" for s in rollout.canary_steps), rollout.canary_steps
+    assert all(s.candidate["requests"] >= 5 for s in rollout.canary_steps)
+    assert rollout.canary_steps[0].champion["requests"] > 0
+    assert aliases.read_aliases(Store(), NAME) == {"champion": v2.version, "previous": v1.version}
+    failed = [r for r in load.results if r[0] != 200]
+    assert len(load.results) > 50 and failed == [], f"{len(failed)} of {len(load.results)} failed"
+    answered_by = {v for _, v in load.results}
+    assert {v1.version, v2.version} <= answered_by  # both answered through the router
+    served = httpx.get(f"{stack.serve_url}/canary/v1/models", timeout=30).json()["data"][0]
+    assert served["version"] == v2.version
+    apps = httpx.get(f"{stack.serve_url}/canary/health", timeout=30).json()
+    assert apps["version"] == v2.version  # the plain app again, not the router
+    from ray import serve
+
+    assert not {f"{APP}--champion", f"{APP}--candidate"} & set(serve.status().applications)
+
+
+def test_a_failing_candidate_is_rolled_back_at_its_first_step(stack, versions, cfg, prefect_client):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from ray import serve
+
+    from flows.promote import promote
+
+    _, v2, flaky = versions  # v2 is champion after the test before
+    assert aliases.read_aliases(Store(), NAME)["champion"] == v2.version
+    before = aliases.read_aliases(Store(), NAME)
+    with Load(f"{stack.serve_url}/canary/v1/chat/completions", threads=3, sampled=5) as load:
+        time.sleep(1)
+        state = promote(config=cfg, candidate=flaky, return_state=True)
+        time.sleep(1)
+    assert state.is_failed()
+    assert "rolled back: canary step 1 (25%): candidate error rate" in state.message
+    assert aliases.read_aliases(Store(), NAME) == before
+    # The champion answered every request routed to it; only the candidate's failed.
+    assert all(code == 200 for code, v in load.results if v != flaky.version), load.results
+    assert any(code == 500 for code, v in load.results if v == flaky.version)
+    health = httpx.get(f"{stack.serve_url}/canary/health", timeout=30).json()
+    assert health["version"] == v2.version
+    assert not {f"{APP}--champion", f"{APP}--candidate"} & set(serve.status().applications)
+    artifacts = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["canary"])),
+    )
+    table = max(artifacts, key=lambda a: a.created).data
+    assert "**rollback**" in table and "| 1 | 25% |" in table and "| 2 | 100% |" not in table
