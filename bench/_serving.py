@@ -12,6 +12,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def ingress_env(ingress: str) -> None:
+    """Ray's switches for ``ingress``, as the local stack sets them (HAProxy's files in a
+    temporary directory), before the private Ray starts."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from llmflow.settings import StackSettings
+
+    s = dataclasses.replace(
+        StackSettings.from_env(), home=Path(tempfile.mkdtemp()), serve_ingress=ingress
+    )
+    os.environ.update(s.serve_ingress_env())
+
+
+def add_ingress_option(ap) -> None:
+    ap.add_argument(
+        "--ingress",
+        choices=("haproxy", "proxy"),
+        default="haproxy",
+        help="Serve's HTTP ingress, as the local stack's LLMFLOW_SERVE_INGRESS (default haproxy).",
+    )
+
+
 def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> str:
     """Connect to the Ray at ``address`` (its Serve answers at ``serve_url``), or start a
     private one ("local": never whichever cluster started last on this machine) with Serve

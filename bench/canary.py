@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _serving import Run, drive, start_serve
+from _serving import Run, add_ingress_option, drive, ingress_env, start_serve
 
 
 def bodies(max_tokens: int) -> list[dict]:
@@ -64,8 +64,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="Requests a setting and concurrency.")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs of the private Ray.")
+    add_ingress_option(ap)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
+    ingress_env(args.ingress)
 
     import ray
     from ray import serve
@@ -115,6 +117,7 @@ def main() -> None:
         return next(r for r in rows if r["setting"] == setting and r["concurrency"] == c)
 
     figures = {
+        "ingress": args.ingress,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "requests_per_cell": args.requests,

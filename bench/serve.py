@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _serving import Run, drive, start_serve
+from _serving import Run, add_ingress_option, drive, ingress_env, start_serve
 from ray import serve
 
 
@@ -132,20 +132,6 @@ def cpu_seconds() -> dict[str, float]:
     return out
 
 
-def ingress_env(ingress: str) -> None:
-    """Ray's switches for ``ingress``, as the local stack sets them (HAProxy's files in a
-    temporary directory), before the private Ray starts."""
-    import dataclasses
-    import tempfile
-
-    from llmflow.settings import StackSettings
-
-    s = dataclasses.replace(
-        StackSettings.from_env(), home=Path(tempfile.mkdtemp()), serve_ingress=ingress
-    )
-    os.environ.update(s.serve_ingress_env())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64, help="Requests at concurrency 1.")
@@ -154,12 +140,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=16, help="The served app's batch size.")
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs of the private Ray.")
-    ap.add_argument(
-        "--ingress",
-        choices=("haproxy", "proxy"),
-        default="haproxy",
-        help="Serve's HTTP ingress, as the local stack's LLMFLOW_SERVE_INGRESS.",
-    )
+    add_ingress_option(ap)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
     ingress_env(args.ingress)
