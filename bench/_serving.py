@@ -99,6 +99,27 @@ class Run:
         }
 
 
+def one_at_a_time(calls: dict, requests: int) -> dict[str, Run]:
+    """Concurrency 1 for each of ``calls`` (name -> call of the request's index, returning
+    success), taking turns request by request, so a change in the machine's load weighs on
+    all alike."""
+    runs = {name: Run() for name in calls}
+    for i in range(requests):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            try:
+                ok = call(i)
+            except Exception:  # noqa: BLE001 - a failed request, counted
+                ok = False
+            if ok:
+                runs[name].latencies.append(time.perf_counter() - t0)
+            else:
+                runs[name].failures += 1
+    for run in runs.values():
+        run.wall_s = sum(run.latencies)  # one request at a time: the time spent on them
+    return runs
+
+
 def drive(url: str, body: dict, concurrency: int, requests: int) -> Run:
     """POST ``body`` to ``url`` ``requests`` times from ``concurrency`` clients at once.
 

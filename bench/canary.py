@@ -18,13 +18,12 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _serving import Run, add_ingress_option, drive, ingress_env, start_serve
+from _serving import Run, add_ingress_option, drive, ingress_env, one_at_a_time, start_serve
 
 
 def bodies(max_tokens: int) -> list[dict]:
@@ -41,22 +40,12 @@ def interleaved(urls: dict[str, str], body_list: list[dict], requests: int) -> d
     """Concurrency 1, the settings taking turns request by request."""
     import httpx
 
-    runs = {name: Run() for name in urls}
     with httpx.Client(timeout=120) as http:
-        for i in range(requests):
-            for name, url in urls.items():
-                t0 = time.perf_counter()
-                try:
-                    ok = http.post(url, json=body_list[i % 2]).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    runs[name].latencies.append(time.perf_counter() - t0)
-                else:
-                    runs[name].failures += 1
-    for run in runs.values():
-        run.wall_s = sum(run.latencies)
-    return runs
+        calls = {
+            name: (lambda i, u=url: http.post(u, json=body_list[i % 2]).status_code == 200)
+            for name, url in urls.items()
+        }
+        return one_at_a_time(calls, requests)
 
 
 def main() -> None:

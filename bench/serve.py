@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _serving import Run, add_ingress_option, drive, ingress_env, start_serve
+from _serving import Run, add_ingress_option, drive, ingress_env, one_at_a_time, start_serve
 from ray import serve
 
 
@@ -93,25 +93,6 @@ class Engine:
         for _ in range(max(1, prompts // batch)):
             generate_batch(self.model, self.tok, self.jobs(batch))
         return max(1, prompts // batch) * batch / (time.perf_counter() - t0)
-
-
-def one_at_a_time(calls: dict, requests: int) -> dict[str, Run]:
-    """Concurrency 1 for each of ``calls`` (name -> call returning success), interleaved."""
-    runs = {name: Run() for name in calls}
-    for _ in range(requests):
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            try:
-                ok = call()
-            except Exception:  # noqa: BLE001 - a failed request, counted
-                ok = False
-            if ok:
-                runs[name].latencies.append(time.perf_counter() - t0)
-            else:
-                runs[name].failures += 1
-    for run in runs.values():
-        run.wall_s = sum(run.latencies)  # one request at a time: the time spent on them
-    return runs
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -180,9 +161,9 @@ def main() -> None:
             drive(url, body, 8, 32)  # warm-up: connections, first generate calls
         engine.offline_rate(args.max_batch_size, 4 * args.max_batch_size)
         with httpx.Client(timeout=120) as http:
-            calls = {"direct": engine.once}
+            calls = {"direct": lambda _i: engine.once()}
             calls |= {
-                name: (lambda u=urls[name]: http.post(u, json=body).status_code == 200)
+                name: (lambda _i, u=urls[name]: http.post(u, json=body).status_code == 200)
                 for name in ("served", "no-op")
             }
             one_at_a_time(calls, 5)  # warm-up
