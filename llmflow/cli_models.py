@@ -72,6 +72,15 @@ def show(name: str, version: Annotated[str | None, typer.Argument()] = None) -> 
     typer.echo(json.dumps(registry.read_manifest(store, name, ref.version), indent=2, default=str))
 
 
+def promote_config(name: str, config: Path | None, set_: list[str] | None, canary: bool):
+    """The config `models promote` runs with: the file and --set, the model's name, and with
+    --canary the canary strategy (the steps and policy stay the config's serve.rollout)."""
+    from llmflow.configfile import load_config
+
+    sets = [*(set_ or []), f"train.model_name={name}"]
+    return load_config(config, [*sets, "serve.rollout.strategy=canary"] if canary else sets)
+
+
 def _promote(
     name: str,
     version: str | None,
@@ -82,12 +91,10 @@ def _promote(
     from llmflow import registry
     from llmflow.cli_common import echo
     from llmflow.cli_run import prepare_environment
-    from llmflow.configfile import load_config
     from llmflow.errors import RunFailed
     from llmflow.store import Store
 
-    sets = [*(set_ or []), f"train.model_name={name}"]
-    cfg = load_config(config, [*sets, "serve.rollout.strategy=canary"] if canary else sets)
+    cfg = promote_config(name, config, set_, canary)
     prepare_environment(cfg)
     from flows.promote import promote as promote_flow
 

@@ -207,3 +207,13 @@ def test_a_pipeline_config_that_cannot_run_fails_before_anything_starts(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert _one_error_line(proc) == f"error: {line}"
     assert not (tmp_path / "stack.json").exists()  # nothing was started
+
+
+def test_models_promote_canary_sets_the_strategy_and_keeps_the_policy():
+    from llmflow.cli_models import promote_config
+
+    plain = promote_config("m", None, ["serve.rollout.steps=[20, 100]"], canary=False)
+    assert plain.serve.rollout.strategy == "all-at-once" and plain.train.model_name == "m"
+    canary = promote_config("m", None, ["serve.rollout.steps=[20, 100]"], canary=True)
+    assert canary.serve.rollout.strategy == "canary"
+    assert canary.serve.rollout.steps == [20, 100]  # the policy is the config's
