@@ -87,6 +87,12 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
                     "asks for CPUs only"
                 )
             config["accelerator_config"] = {"kind": "cpu"}
+            # The replica actor runs in the first bundle, and ray.serve.llm adds the actor's
+            # own CPU (Ray's default 1) to it: a replica of [{CPU: 1}] took 2 logical CPUs,
+            # twice what serve.vllm_placement says and what preflight checks (measured: a
+            # canary's third engine never placed on 4 logical CPUs). On CPUs the bundles are
+            # the replica's whole footprint.
+            deployment["ray_actor_options"] = {"num_cpus": 0}
     if args.get("runtime_env"):
         config["runtime_env"] = dict(args["runtime_env"])
     return config

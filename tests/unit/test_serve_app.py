@@ -137,6 +137,8 @@ def test_llm_config_on_cpus_places_replicas_by_the_bundles():
     config = llm_config(vllm_app_args(tiny, MODEL))
     assert config["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}
     assert config["accelerator_config"] == {"kind": "cpu"}
+    # The bundles are the replica's whole footprint: its actor adds no CPU of its own.
+    assert config["deployment_config"]["ray_actor_options"] == {"num_cpus": 0}
     assert config["engine_kwargs"]["kv_cache_memory_bytes"] == 64 * 2**20
     gpus = llm_config(
         vllm_app_args(
@@ -145,6 +147,7 @@ def test_llm_config_on_cpus_places_replicas_by_the_bundles():
         )
     )
     assert "accelerator_config" not in gpus and gpus["accelerator_type"] == "A10G"
+    assert "ray_actor_options" not in gpus["deployment_config"]
     with pytest.raises(ValueError, match="accelerator_type: a GPU type, but serve.vllm_placement"):
         llm_config(vllm_app_args(tiny.model_copy(update={"accelerator_type": "A10G"}), MODEL))
 
