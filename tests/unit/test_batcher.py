@@ -42,72 +42,48 @@ def thread():
         yield pool
 
 
-def test_requests_that_queue_during_a_batch_form_the_next_batch(thread):
-    rec = Recorder(hold_first=True)
+def submit_while_first_is_held(rec: Recorder, batcher: ContinuousBatcher, later: int) -> list:
+    """Job 0, held in its batch until jobs 1..``later`` are queued; then each job's result,
+    or its exception, in submission order."""
 
     async def main():
-        b = ContinuousBatcher(rec, thread, max_batch_size=16)
-        first = asyncio.ensure_future(b.submit(0))
+        first = asyncio.ensure_future(batcher.submit(0))
         await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 10)
-        later = [asyncio.ensure_future(b.submit(i)) for i in range(1, 6)]
-        await asyncio.sleep(0.05)  # all five are queued while the first batch is held
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, later + 1)]
+        await asyncio.sleep(0.05)  # all of them queue while the first batch is held
         rec.release.set()
-        return await first, await asyncio.gather(*later)
+        return await asyncio.gather(first, *rest, return_exceptions=True)
 
-    first, later = run(main())
-    assert first == "out-0"
-    assert later == [f"out-{i}" for i in range(1, 6)]
+    return run(main())
+
+
+def test_requests_that_queue_during_a_batch_form_the_next_batch(thread):
+    rec = Recorder(hold_first=True)
+    results = submit_while_first_is_held(rec, ContinuousBatcher(rec, thread, 16), 5)
+    assert results == [f"out-{i}" for i in range(6)]
     assert rec.batches == [[0], [1, 2, 3, 4, 5]]
 
 
 def test_a_batch_holds_at_most_max_batch_size_in_arrival_order(thread):
     rec = Recorder(hold_first=True)
-
-    async def main():
-        b = ContinuousBatcher(rec, thread, max_batch_size=4)
-        first = asyncio.ensure_future(b.submit(0))
-        await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 10)
-        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 11)]
-        await asyncio.sleep(0.05)
-        rec.release.set()
-        return await asyncio.gather(first, *rest)
-
-    assert run(main()) == [f"out-{i}" for i in range(11)]
+    results = submit_while_first_is_held(rec, ContinuousBatcher(rec, thread, 4), 10)
+    assert results == [f"out-{i}" for i in range(11)]
     assert rec.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
 
 
 def test_jobs_with_different_keys_never_share_a_batch(thread):
     rec = Recorder(hold_first=True)
-
-    async def main():
-        b = ContinuousBatcher(rec, thread, max_batch_size=16, key=lambda j: j % 2)
-        first = asyncio.ensure_future(b.submit(0))
-        await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 10)
-        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 7)]
-        await asyncio.sleep(0.05)
-        rec.release.set()
-        return await asyncio.gather(first, *rest)
-
-    assert run(main()) == [f"out-{i}" for i in range(7)]
+    batcher = ContinuousBatcher(rec, thread, 16, key=lambda j: j % 2)
+    assert submit_while_first_is_held(rec, batcher, 6) == [f"out-{i}" for i in range(7)]
     # The oldest waiting job's key goes first: 1 (odd) before the even ones queued after it.
     assert rec.batches == [[0], [1, 3, 5], [2, 4, 6]]
 
 
 def test_a_failed_batch_fails_its_own_requests_and_the_next_batch_is_served(thread):
     rec = Recorder(hold_first=True, fail_on=0)
-
-    async def main():
-        b = ContinuousBatcher(rec, thread, max_batch_size=16)
-        first = asyncio.ensure_future(b.submit(0))
-        await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 10)
-        later = asyncio.ensure_future(b.submit(1))
-        await asyncio.sleep(0.05)
-        rec.release.set()
-        with pytest.raises(ValueError, match="bad job 0"):
-            await first
-        return await later
-
-    assert run(main()) == "out-1"
+    failed, served = submit_while_first_is_held(rec, ContinuousBatcher(rec, thread, 16), 1)
+    assert isinstance(failed, ValueError) and str(failed) == "bad job 0"
+    assert served == "out-1"
     assert rec.batches == [[0], [1]]
 
 
