@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -38,13 +37,10 @@ def choose(weight: int, user: str | None, rng: random.Random | None = None) -> s
 def summarize(requests: int, errors: int, latencies_s: Iterable[float]) -> dict[str, float]:
     """requests, errors, error_rate, p50_ms and p99_ms of one version in one step (p50/p99 0
     when there were no requests)."""
-    lat = sorted(latencies_s)
-    p50 = p99 = 0.0
-    if len(lat) == 1:
-        p50 = p99 = lat[0]
-    elif lat:
-        cuts = statistics.quantiles(lat, n=100, method="inclusive")
-        p50, p99 = cuts[49], cuts[98]
+    from llmflow.evaluate.scoring import percentile
+
+    lat = list(latencies_s)
+    p50, p99 = (percentile(lat, 50), percentile(lat, 99)) if lat else (0.0, 0.0)
     return {
         "requests": requests,
         "errors": errors,
