@@ -118,10 +118,12 @@ class StackSettings:
     # The Ray client server's port (ray://); the local stack does not use it, but two heads on
     # one machine (a developer's stack and the tests') must not both bind Ray's default.
     ray_client_port: int = 10001
-    # Serve's HTTP ingress: "haproxy" (Ray 2.60's HAProxy in front of replicas that answer
-    # HTTP themselves: bench/RESULTS.md measured ~7x the no-op rate and a third of the
-    # latency of the Python proxy on 2 cores) or "proxy" (Ray's Python HTTP proxy actor).
-    serve_ingress: str = "haproxy"
+    # Serve's HTTP ingress: "proxy" (Ray's Python HTTP proxy actor, the default) or "haproxy"
+    # (Ray 2.60's HAProxy in front of replicas that answer HTTP themselves: bench/RESULTS.md
+    # measured ~10x the no-op rate and a fifth of the latency on 2 cores). Opt-in: after a
+    # SIGKILL of the Ray head its haproxy process outlived it and kept the Serve port, so
+    # `llmflow up` could not start again (tests/drills/test_ray_head_killed.py, clean-clone run).
+    serve_ingress: str = "proxy"
     haproxy_stats_port: int = 8404
     haproxy_metrics_port: int = 9101
 
@@ -139,7 +141,7 @@ class StackSettings:
             metrics_port=_port("LLMFLOW_METRICS_PORT", 8080),
             pause_schedules=_flag("LLMFLOW_PAUSE_SCHEDULES"),
             ray_client_port=_port("LLMFLOW_RAY_CLIENT_PORT", 10001),
-            serve_ingress=_choice("LLMFLOW_SERVE_INGRESS", ("haproxy", "proxy")),
+            serve_ingress=_choice("LLMFLOW_SERVE_INGRESS", ("proxy", "haproxy")),
             haproxy_stats_port=_port("LLMFLOW_HAPROXY_STATS_PORT", 8404),
             haproxy_metrics_port=_port("LLMFLOW_HAPROXY_METRICS_PORT", 9101),
         )

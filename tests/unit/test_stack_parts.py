@@ -91,6 +91,8 @@ def test_a_server_started_on_postgresql_is_not_restarted_on_sqlite(s):
 def test_haproxy_ingress_keeps_its_files_per_stack_and_within_haproxys_path_limit(
     s, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv("LLMFLOW_SERVE_INGRESS", "haproxy")
+    s = StackSettings.from_env()
     env = s.serve_ingress_env()
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     # Ray puts each socket in a directory named by the node id (56 characters); HAProxy
