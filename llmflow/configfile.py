@@ -29,8 +29,11 @@ def _format_validation_error(
         for okey, item in (overridden or {}).items():
             if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
                 src = f"--set {item}"
+        msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"{src}: unknown key '{key}'")
+        elif e["type"] == "value_error" and msg.startswith(f"{key}."):
+            lines.append(f"{src}: {msg}")  # a section's own check, naming its keys
         else:
             lines.append(f"{src}: {key}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)

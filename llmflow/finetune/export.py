@@ -125,7 +125,14 @@ def export_and_register(
     from llmflow.registry import register_version
 
     with tempfile.TemporaryDirectory(prefix="llmflow-export-") as tmp:
-        export_model(base_model_uri, checkpoint_state(run.checkpoint_uri), train, Path(tmp))
+        if train.backend == "llamafactory":
+            from llmflow.finetune import llamafactory
+
+            llamafactory.export_model(
+                base_model_uri, run.checkpoint_uri, train.lora, train.merge_lora, Path(tmp)
+            )
+        else:
+            export_model(base_model_uri, checkpoint_state(run.checkpoint_uri), train, Path(tmp))
         return register_version(
             store,
             train.model_name,

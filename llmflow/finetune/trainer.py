@@ -95,6 +95,9 @@ def run_training(
     if done is not None:
         return done
     check_placeable(train, ray.nodes())
+    loop, loop_config, worker_env = train_loop, {}, None
+    if train.backend == "llamafactory":
+        loop, loop_config, worker_env = _llamafactory(train, dataset, base_model_uri, store, name)
     backend = "gloo"
     if train.use_gpu:
         if cuda_on_gpu_nodes():
@@ -102,12 +105,13 @@ def run_training(
         else:
             log.warning("train.use_gpu: the GPU node has no CUDA; workers use gloo and the CPU")
     trainer = TorchTrainer(
-        train_loop,
+        loop,
         train_loop_config={
             "train": train.model_dump(mode="json"),
             "base_model": base_model_uri,
             "dataset_uri": dataset.uri,
             "progress_run": progress_run,  # rank 0 reports its steps (llmflow.progress)
+            **loop_config,
         },
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
@@ -120,6 +124,7 @@ def run_training(
             storage_path=store.uri("runs"),
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            worker_runtime_env=worker_env,
         ),
     )
     t0 = time.time()
@@ -171,6 +176,25 @@ def run_training(
     return run
 
 
+def _llamafactory(
+    train: TrainConfig, dataset: DatasetRef, base_model_uri: str, store: Store, name: str
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """train.backend llamafactory: the workers' loop, its config (the LlamaFactory arguments,
+    the dataset in its format) and their runtime_env (the LlamaFactory environment)."""
+    from llmflow.finetune import llamafactory
+    from llmflow.finetune.recipe import llamafactory_args
+    from llmflow.settings import offline_env
+
+    args = llamafactory_args(train.model_dump(mode="json"), base_model_uri, "", "")
+    config = {
+        "args": {k: v for k, v in args.items() if k not in ("dataset_dir", "output_dir")},
+        "data_uri": llamafactory.write_dataset(store, dataset.uri, name),
+        "use_gpu": train.use_gpu,
+    }
+    env = {"py_executable": llamafactory.interpreter(), "env_vars": offline_env()}
+    return llamafactory.train_loop, config, env
+
+
 def finished_run(store: Store, name: str, train: TrainConfig) -> TrainRun | None:
     """The stored TrainRun of run ``name`` if it reached ``train.max_steps`` and its last
     checkpoint is still in the store; None otherwise (the run then starts or resumes)."""
@@ -180,7 +204,8 @@ def finished_run(store: Store, name: str, train: TrainConfig) -> TrainRun | None
         return None
     run = TrainRun.model_validate(store.read_json("runs", name, RESULT))
     fs, path = fsspec.core.url_to_fs(run.checkpoint_uri)
-    if run.metrics.get("steps") != train.max_steps or not fs.exists(f"{path}/{TRAIN_STATE}"):
+    marker = TRAIN_STATE if train.backend == "llmflow" else "trainer_state.json"
+    if run.metrics.get("steps") != train.max_steps or not fs.exists(f"{path}/{marker}"):
         return None
     return run.model_copy(update={"reused": True})
 

@@ -92,3 +92,60 @@ def _minor(version: str) -> tuple[int, int]:
 def test_make_env_installs_the_lock_without_resolving_again():
     script = (ENGINES / "make-env.sh").read_text()
     assert '--no-deps -r "$lock"' in script and 'lock="$here/vllm-$variant.txt"' in script
+
+
+# The LlamaFactory lock leaves out, besides the CUDA builds, gradio and what only it needs:
+# LlamaFactory's web UI, never imported on the SFT path (llamafactory.in says which).
+LLAMAFACTORY_NOT_EMITTED = (
+    *NOT_EMITTED,
+    "gradio",
+    "gradio-client",
+    "aiofiles",
+    "ffmpy",
+    "groovy",
+    "orjson",
+    "pydub",
+    "python-multipart",
+    "ruff",
+    "safehttpx",
+    "semantic-version",
+    "tomlkit",
+    "websockets",
+)
+
+
+def test_the_llamafactory_lock_is_a_resolution_with_the_clusters_ray(tmp_path):
+    uv = Path(sys.executable).parent / "uv"
+    lock = ENGINES / "llamafactory.txt"
+    out = tmp_path / "resolved.txt"
+    cmd = [
+        str(uv),
+        "pip",
+        "compile",
+        str(ENGINES / "llamafactory.in"),
+        "-c",
+        str(lock),
+        "--python-platform",
+        "x86_64-manylinux_2_28",
+        "--python-version",
+        "3.11",
+        "--no-header",
+        "--no-annotate",
+        "-o",
+        str(out),
+        *[arg for name in LLAMAFACTORY_NOT_EMITTED for arg in ("--no-emit-package", name)],
+        *_torch_cpu_source(),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved, locked = pins(out.read_text()), pins(lock.read_text())
+    assert resolved == locked
+    assert locked["llamafactory"] == "0.9.5" and locked["torch"] == "2.13.0+cpu"
+    assert pins((ROOT / "constraints.txt").read_text())["ray"] == locked["ray"] == "2.60.0"
+    # Why it is a venv of its own: LlamaFactory 0.9.5 pins transformers<=5.6.0, the main venv
+    # runs 5.20.
+    main = pins((ROOT / "constraints.txt").read_text())
+    assert _minor(locked["transformers"]) <= (5, 6) < _minor(main["transformers"])
+    assert not set(LLAMAFACTORY_NOT_EMITTED) & set(locked)

@@ -1,0 +1,276 @@
+"""``train.backend: llamafactory``: LlamaFactory's SFT inside llmflow's TorchTrainer workers.
+
+llmflow launches the TorchTrainer as for its own loop (trainer.py: same ScalingConfig,
+placement, FailureConfig, checkpoints in the store, resume); the workers run in the
+LlamaFactory environment (``RunConfig(worker_runtime_env={"py_executable": ...})``: its
+transformers, peft and datasets clash with the main venv's) and call LlamaFactory's
+``run_exp`` there. The Ray Train worker has set up torch.distributed already (gloo or NCCL,
+RANK/WORLD_SIZE/LOCAL_RANK in the environment), and the HF Trainer inside LlamaFactory
+joins that process group, as in Ray Train's own transformers integration.
+
+- Data: the driver writes the prepared train split as LlamaFactory's openai-messages
+  ("sharegpt" with role/content tags) JSON lines, with its dataset_info.json entry, into the
+  run's directory in the store (``write_dataset``); each worker copies it to local disk.
+- Checkpoints: on each HF save, rank 0 reports LlamaFactory's checkpoint directory (adapter
+  or full weights, optimizer, scheduler, trainer_state.json) plus llmflow's loss history to
+  Ray Train (``ray.train.report``); the other ranks report with it, without a checkpoint.
+- Resume: the latest Ray Train checkpoint becomes ``resume_from_checkpoint``: the HF Trainer
+  restores weights, optimizer, scheduler and step, and skips the batches already seen.
+- Export (the register task, main venv): PEFT loads the adapter on the base and merges it,
+  or the full weights load as they are (``export_model``).
+
+This module is imported in both environments: the LlamaFactory one runs ``train_loop``, the
+main one the rest. Only the standard library at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# A finished LlamaFactory checkpoint has this file (the HF Trainer writes it with the state).
+STATE_FILE = "trainer_state.json"
+HISTORY = "llmflow_history.json"
+DATA_DIR = "llamafactory-data"
+DATASET_FILE = "train.jsonl"
+PYTHON_ENV = "LLMFLOW_LLAMAFACTORY_PYTHON"
+DEFAULT_DIR = ".venv-llamafactory"
+
+
+def dataset_info(file_name: str = DATASET_FILE) -> dict[str, Any]:
+    """The dataset_info.json of the prepared split: OpenAI-style ``messages`` rows."""
+    from llmflow.finetune.recipe import DATASET_NAME
+
+    return {
+        DATASET_NAME: {
+            "file_name": file_name,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+                "system_tag": "system",
+            },
+        }
+    }
+
+
+def write_dataset(store, dataset_uri: str, run_name: str) -> str:
+    """The prepared train split as LlamaFactory reads it, in the run's directory of the store
+    (one JSON line a row, and dataset_info.json); returns that directory's URI. Written once
+    per content: a resumed run finds it."""
+    from llmflow.finetune.batches import read_rows
+
+    if not store.exists("runs", run_name, DATA_DIR, "dataset_info.json"):
+        rows = read_rows(dataset_uri, "train")
+        lines = "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows)
+        store.write_bytes(lines.encode(), "runs", run_name, DATA_DIR, DATASET_FILE)
+        store.write_json(dataset_info(), "runs", run_name, DATA_DIR, "dataset_info.json")
+    return store.uri("runs", run_name, DATA_DIR)
+
+
+def interpreter() -> str:
+    """The LlamaFactory environment's Python: LLMFLOW_LLAMAFACTORY_PYTHON, else
+    .venv-llamafactory/bin/python in the project directory (make install builds it)."""
+    import os
+
+    from llmflow.settings import project_dir
+
+    return os.environ.get(PYTHON_ENV) or str(project_dir() / DEFAULT_DIR / "bin" / "python")
+
+
+# Run by the environment's interpreter: versions from package metadata (no heavy imports).
+_PROBE = r"""
+import importlib.metadata as md, importlib.util as iu, json, sys
+out = {"python": "%d.%d" % sys.version_info[:2]}
+for name in ("ray", "llamafactory"):
+    out[name] = md.version(name) if iu.find_spec(name) else None
+print(json.dumps(out))
+"""
+
+
+def environment_problem(python: str | None = None) -> str | None:
+    """Why the LlamaFactory environment cannot train here, or None. Checked before any
+    cluster work: Ray only warns on a Ray or Python mismatch, and a worker started with a
+    wrong interpreter path hangs. An interpreter named by LLMFLOW_LLAMAFACTORY_PYTHON that
+    this machine lacks is taken as the cluster nodes' (an image's) and not probed here."""
+    import os
+    import platform
+    import subprocess
+    from importlib.metadata import version
+
+    python = python or interpreter()
+    if not Path(python).is_file():
+        if os.environ.get(PYTHON_ENV):
+            return None
+        return f"{python}: no such interpreter (make install builds {DEFAULT_DIR})"
+    try:
+        proc = subprocess.run(
+            [python, "-c", _PROBE], capture_output=True, text=True, timeout=60, check=False
+        )
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, IndexError, json.JSONDecodeError):
+        return f"{python}: its probe failed (is it a Python with llamafactory?)"
+    minor = ".".join(platform.python_version_tuple()[:2])
+    if not found["llamafactory"]:
+        return f"{python}: llamafactory is not installed there"
+    if found["ray"] != version("ray"):
+        return f"{python}: Ray {found['ray']} there, {version('ray')} here (they must match)"
+    if found["python"] != minor:
+        return f"{python}: Python {found['python']} there, {minor} here (they must match)"
+    return None
+
+
+# -- the Ray Train worker, in the LlamaFactory environment ---------------------------------------
+def _copy_tree(uri: str, dest: Path) -> Path:
+    """A store directory (local path or fsspec URI) copied to local ``dest``."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in fs.find(path):
+        target = dest / Path(src).relative_to(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(src, str(target))
+    return dest
+
+
+def _callback(rank: int, history: dict[str, list], cfg: dict[str, Any], times: dict):
+    import ray.train
+    from transformers import TrainerCallback
+
+    from llmflow import progress
+
+    class Report(TrainerCallback):
+        """Loss history, progress, the NaN stop, and each checkpoint to Ray Train."""
+
+        error: str | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            times["first_step"] = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                history["train"].append([state.global_step, loss, logs.get("learning_rate", 0.0)])
+                if not math.isfinite(loss):
+                    self.error = (
+                        f"training loss became {loss} at step {state.global_step}: lower "
+                        "train.learning_rate or check the data; the run keeps its checkpoints "
+                        "from before that step"
+                    )
+                    control.should_training_stop = True
+                    control.should_save = False
+            if "eval_loss" in logs:
+                history["eval"].append([state.global_step, float(logs["eval_loss"])])
+            if rank == 0:
+                progress.report(
+                    cfg.get("progress_run"),
+                    "train",
+                    state.global_step,
+                    state.max_steps,
+                    final=state.global_step >= state.max_steps,
+                )
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = None
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if rank == 0 and (saved / STATE_FILE).exists():
+                (saved / HISTORY).write_text(json.dumps(history))
+                checkpoint = ray.train.Checkpoint.from_directory(str(saved))
+            metrics = {"step": state.global_step}
+            if history["train"]:
+                metrics["loss"] = history["train"][-1][1]
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    return Report()
+
+
+def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker running LlamaFactory's SFT (in the LlamaFactory environment).
+
+    ``cfg``: ``args`` (``llmflow.finetune.recipe.llamafactory_args`` without the data and
+    output directories), ``data_uri`` (write_dataset's directory), ``progress_run``. Returns
+    the same fields as llmflow's own loop (``llmflow.finetune.loop.train_loop``).
+    """
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from llamafactory.train.tuner import run_exp
+
+    t_start = time.time()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    work = Path(tempfile.mkdtemp(prefix="llmflow-llamafactory-"))
+    args = dict(cfg["args"])
+    args["dataset_dir"] = str(_copy_tree(cfg["data_uri"], work / "data"))
+    args["output_dir"] = str(work / "out")
+    if "://" in args["model_name_or_path"]:  # a base model in a remote store
+        args["model_name_or_path"] = str(_copy_tree(args["model_name_or_path"], work / "base"))
+    history: dict[str, list] = {"train": [], "eval": []}
+    start_step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        local = Path(ckpt.to_directory(str(work / "resume")))
+        history = json.loads((local / HISTORY).read_text())
+        start_step = int(json.loads((local / STATE_FILE).read_text())["global_step"])
+        args["resume_from_checkpoint"] = str(local)
+    times: dict[str, float] = {}
+    report = _callback(rank, history, cfg, times)
+    run_exp(args=args, callbacks=[report])
+    end_step = history["train"][-1][0] if history["train"] else start_step
+    cuda = bool(cfg.get("use_gpu")) and torch.cuda.is_available()
+    return {
+        "history": history,
+        "start_step": start_step,
+        "end_step": end_step,
+        "steps_run": end_step - start_step,
+        "tokens": 0,
+        "train_s": time.time() - times.get("first_step", t_start),
+        "t_start": t_start,
+        "t_first_step": times.get("first_step", t_start),
+        "device": f"cuda:{ctx.get_local_rank()}" if cuda else "cpu",
+        "precision": "bf16" if args.get("bf16") else ("fp16" if args.get("fp16") else "fp32"),
+        "world_size": world,
+        "backend": dist.get_backend() if dist.is_initialized() else "none",
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "error": report.error,
+    }
+
+
+# -- export, in the main venv ---------------------------------------------------------------------
+def export_model(base_model_uri: str, checkpoint_uri: str, lora: bool, merge: bool, out_dir: Path):
+    """The final LlamaFactory checkpoint as a HF directory: the adapter merged into the base
+    (``merge``), the adapter alone, or the full weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmflow.basemodels import load_tokenizer
+    from llmflow.engines import loadable_path
+
+    with tempfile.TemporaryDirectory(prefix="llmflow-lf-export-") as tmp:
+        ckpt = _copy_tree(checkpoint_uri, Path(tmp) / "ckpt")
+        if lora:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(
+                loadable_path(base_model_uri), dtype=torch.float32, use_safetensors=True
+            )
+            model = PeftModel.from_pretrained(base, str(ckpt))
+            if merge:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(ckpt), dtype=torch.float32, use_safetensors=True
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(base_model_uri).save_pretrained(out_dir)
