@@ -6,10 +6,20 @@ declarative Serve application of deployments/vllm_app.py names it. On top of ray
 lineage to /v1/models, a /health that names the version (the promote stage's rollback reads
 it), the bearer API key (serve.api_key_env / api_key_file; llmflow.apikey.bearer_problem), and
 the `name:version` model alias.
+
+Two guards make the canary's switches of the public app lossless (llmflow/promote/canary_apps.py):
+a replica is ready only once its engine is (so the router answers until the new public app
+can), and a replica whose engine deployment was deleted under it (the public app became the
+canary router; Serve removes the engine at once, the old ingress answers until the router's
+replica is ready) hands its requests to the same version's engine in the internal champion
+app, which the canary deployed before the switch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -20,16 +30,22 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     to_model_metadata,
 )
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
 from llmflow.apikey import bearer_problem, resolve_api_key
+from llmflow.promote.canary import CHAMPION, internal_app
+
+log = logging.getLogger("ray.serve")
+ENGINE_CHECK_S = 1.0  # a request waiting this long for the engine asks whether it still exists
+_HANDED_OVER, _END = object(), object()
 
 
 class LlmflowIngress(OpenAiIngress):
     """ray.serve.llm's ingress for one model version, with llmflow's version, lineage and key."""
 
-    def __init__(
+    async def __init__(
         self,
         llm_deployments,
         model_cards,
@@ -45,14 +61,96 @@ class LlmflowIngress(OpenAiIngress):
         self._version, self._lineage = version, dict(lineage or {})
         # Read in the replica: only the variable's name or the file's path travelled.
         self._api_key = resolve_api_key(api_key_env, api_key_file)
+        self._app_name = serve.get_replica_context().app_name
+        # The app whose engine this replica calls: its own, or after a hand-over the champion's.
+        self._engine_app = self._app_name
+        self._checked_at, self._engine_gone = 0.0, False
+        self._hand_over_lock = asyncio.Lock()
+        # Ready when the engine is: in a rolling update of the public app (a canary's last
+        # switch) the old replicas answer until then, instead of requests queueing here for
+        # the engine's start.
+        for handle in self._default_serve_handles.values():
+            await handle.check_health.remote()
 
     async def _get_response(self, *, body, **kwargs: Any):
         if getattr(body, "model", None) == f"{self._model_name}:{self._version}":
             # The hf app's version alias; to Ray ':' means a LoRA adapter, to vLLM an unknown
             # model, so the request goes on under the model's own name.
             body = body.model_copy(update={"model": self._model_name})
-        async for response in super()._get_response(body=body, **kwargs):
+        engine_app = self._engine_app
+        attempt = super()._get_response(body=body, **kwargs).__aiter__()
+        first = await self._first(attempt, engine_app)
+        if first is _HANDED_OVER:  # the engine went while this request waited for it
+            attempt = super()._get_response(body=body, **kwargs).__aiter__()
+            first = await self._first(attempt, self._engine_app)
+        if first is _END:
+            return
+        yield first
+        async for response in attempt:
             yield response
+
+    async def _first(self, attempt, engine_app: str):
+        """The first response of ``attempt`` (sent to ``engine_app``'s engine), or
+        _HANDED_OVER when that engine was deleted while it waited (the canary's first switch)
+        and its own version's champion app took over, here or for another request: the
+        request must be sent again. _END for an empty stream."""
+        step = asyncio.ensure_future(attempt.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=ENGINE_CHECK_S)
+                if done:
+                    break
+                if self._engine_app != engine_app or (
+                    await self._engine_deleted() and await self._hand_over()
+                ):
+                    return _HANDED_OVER
+            return step.result()
+        except StopAsyncIteration:
+            return _END
+        except DeploymentUnavailableError:
+            if self._engine_app != engine_app or await self._hand_over():
+                return _HANDED_OVER
+            raise
+        finally:
+            if not step.done():
+                step.cancel()
+
+    async def _engine_deleted(self) -> bool:
+        """Whether the engine's app no longer has the engine deployment (asked of the
+        controller at most once every ENGINE_CHECK_S per replica, only while a request waits)."""
+        now = time.monotonic()
+        if now - self._checked_at >= ENGINE_CHECK_S:
+            self._checked_at = now
+            status = await asyncio.get_running_loop().run_in_executor(None, serve.status)
+            app = status.applications.get(self._engine_app)
+            names = set(app.deployments) if app else set()
+            self._engine_gone = any(
+                h.deployment_name not in names for h in self._default_serve_handles.values()
+            )
+        return self._engine_gone
+
+    async def _hand_over(self) -> bool:
+        """Point this replica at the engine of its own version's internal champion app, if
+        there is one: this app's engine was deleted (the public app is becoming the canary
+        router) while this replica still answers. Once only: False after that."""
+        app = internal_app(self._app_name, CHAMPION)
+        async with self._hand_over_lock:  # one hand-over, however many requests wait
+            if self._engine_app == app:
+                return False
+            try:
+                health = await serve.get_app_handle(app).health.remote()
+            except Exception:  # noqa: BLE001 - no such app, or not answering: none to hand to
+                return False
+            if health.get("version") != self._version:
+                return False
+            for model_id, handle in list(self._default_serve_handles.items()):
+                self._default_serve_handles[model_id] = serve.get_deployment_handle(
+                    handle.deployment_name, app_name=app
+                )
+            self._configured_serve_handles.clear()
+            self._engine_app, self._checked_at, self._engine_gone = app, 0.0, False
+        log.info("engine of app '%s' gone: requests go to '%s'", self._app_name, app)
+        return True
 
     async def _get_model_id(self, model: str | None) -> str:
         try:

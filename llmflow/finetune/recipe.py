@@ -201,6 +201,7 @@ def llamafactory_args(
         "plot_loss": False,
         "trust_remote_code": False,
         "ddp_timeout": 1800,
+        "include_num_input_tokens_seen": "non_padding",  # tokens/s in the train report
     }
     if train["lora"]:
         args.update(lora_rank=train["lora_rank"], lora_target="all", lora_dropout=0.0)

@@ -14,6 +14,13 @@ from llmflow.config import RolloutPolicy
 from llmflow.refs import CanaryStep
 
 CHAMPION, CANDIDATE = "champion", "candidate"
+
+
+def internal_app(app_name: str, role: str) -> str:
+    """The Serve app name of one side of a canary: the public app's name and the role."""
+    return f"{app_name}--{role}"
+
+
 PASS, WAIT, ROLLBACK = "pass", "wait", "rollback"
 
 

@@ -19,7 +19,7 @@ import tenacity
 
 from llmflow.config import ClusterConfig, ServeConfig
 from llmflow.promote.apps import INGRESS_DEPLOYMENT, serve_engine
-from llmflow.promote.canary import CANDIDATE, CHAMPION, ROLLBACK, WAIT, judge
+from llmflow.promote.canary import CANDIDATE, CHAMPION, ROLLBACK, WAIT, internal_app, judge
 from llmflow.promote.rollout import RolloutError, apply_declarative, deploy, wait_running
 from llmflow.refs import CanaryStep, ModelRef
 from llmflow.settings import offline_env, serve_url
@@ -34,7 +34,7 @@ def version_cfg(serve_cfg: ServeConfig, role: str, version: str) -> ServeConfig:
     (/_llmflow/<app>/<version>), the same engine, replicas and API key rules, no chat."""
     return serve_cfg.model_copy(
         update={
-            "app_name": f"{serve_cfg.app_name}--{role}",
+            "app_name": internal_app(serve_cfg.app_name, role),
             "route_prefix": f"{INTERNAL_PREFIX}/{serve_cfg.app_name}/{version}",
             "chat": False,
         }

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
+import json
+import os
+import signal
+import threading
 import time
+from pathlib import Path
+from typing import Self
 from uuid import UUID
 
 
@@ -111,3 +118,128 @@ def unserve(model_name: str, app_name: str) -> None:
     connect(ClusterConfig())
     if unserve_model(Store(), model_name) is None:
         serve.delete(app_name)
+
+
+class Load:
+    """Client threads posting chat completions to a served endpoint until stopped: (status,
+    answering version from x-llmflow-version) per request, -1 for a transport error. Every
+    other request names an OpenAI ``user`` (sticky in a canary); every ``sampled``-th one
+    samples (temperature 0.9) instead of decoding greedily.
+
+        with Load(url) as load:
+            promote(...)
+        assert all(code == 200 for code, _ in load.results)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        threads: int = 2,
+        sampled: int = 0,
+        key: str | None = None,
+        pause_s: float = 0.02,
+        limit: int = 5000,
+    ):
+        self.url, self.model, self.sampled = url, model, sampled
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.pause_s, self.limit = pause_s, limit
+        self.results: list[tuple[int, str]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(threads)]
+
+    @property
+    def failed(self) -> list[tuple[int, str]]:
+        return [r for r in self.results if r[0] != 200]
+
+    def _run(self, t: int) -> None:
+        import httpx
+
+        n = 0
+        with httpx.Client(timeout=60, headers=self.headers) as client:
+            while not self.stop.is_set() and len(self.results) < self.limit:
+                n += 1
+                body = {
+                    "model": self.model,
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "Reverse 12"}],
+                }
+                if n % 2:
+                    body["user"] = f"user-{t}-{n % 40}"
+                if self.sampled and n % self.sampled == 0:
+                    body["temperature"] = 0.9
+                try:
+                    r = client.post(self.url, json=body)
+                    self.results.append((r.status_code, r.headers.get("x-llmflow-version", "")))
+                except httpx.HTTPError:
+                    self.results.append((-1, ""))
+                time.sleep(self.pause_s)
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+# -- training runs ---------------------------------------------------------------------------
+def checkpoints(path: Path) -> list[Path]:
+    return sorted(path.glob("checkpoint_*")) if path.exists() else []
+
+
+def registered_checkpoints(path: Path) -> list:
+    """Checkpoints the Train controller has registered (its snapshot): a worker killed after
+    writing a checkpoint but before the controller took its report resumes from the one
+    before, so the kill tests wait for this, not for the directory."""
+    try:
+        snapshot = json.loads((path / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return snapshot.get("checkpoint_results") or []
+
+
+def ray_address() -> str:
+    return os.environ["LLMFLOW_RAY_ADDRESS"]  # the session stack's head (client_env)
+
+
+def alive_train_workers() -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(
+        address=ray_address(),
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        detail=True,
+    )
+
+
+def kill_worker_after_first_checkpoint(path: Path, done: threading.Event, timeout: float = 240):
+    """SIGKILL the live training worker once the run at ``path`` has a checkpoint."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done.is_set():
+        workers = alive_train_workers() if registered_checkpoints(path) else []
+        if workers:
+            os.kill(workers[0].pid, signal.SIGKILL)
+            return workers[0].pid
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint and live worker to kill at {path}")
+
+
+def run_in_thread(config, dataset):
+    from flows.finetune import finetune
+
+    out: dict = {}
+    done = threading.Event()
+
+    def go():
+        try:
+            out["state"] = finetune(config=config, dataset=dataset, return_state=True)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=contextvars.copy_context().run, args=(go,))  # Prefect's settings
+    t.start()
+    return t, done, out

@@ -5,9 +5,7 @@ share of its requests is rolled back at its first step while the champion answer
 from __future__ import annotations
 
 import shutil
-import threading
 import time
-from typing import Self
 
 import httpx
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
-from tests.integration.helpers import unserve
+from tests.integration.helpers import Load, unserve
 
 pytestmark = pytest.mark.slow
 NAME = "canary-test"
@@ -71,49 +69,6 @@ def cfg(stack):
         unserve(NAME, f"{APP}--{role}")
 
 
-class Load:
-    """Client threads calling the public endpoint until stopped: (status, answering version)
-    per request. Half the requests name an OpenAI ``user`` (sticky), every ``sampled``-th
-    one samples (temperature 0.9) instead of decoding greedily."""
-
-    def __init__(self, url: str, threads: int = 2, sampled: int = 0, model: str = NAME):
-        self.url, self.sampled, self.model = url, sampled, model
-        self.results: list[tuple[int, str]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(threads)]
-
-    def _run(self, t: int) -> None:
-        n = 0
-        with httpx.Client(timeout=60) as client:
-            while not self.stop.is_set() and len(self.results) < 5000:
-                n += 1
-                body = {
-                    "model": self.model,
-                    "max_tokens": 4,
-                    "messages": [{"role": "user", "content": "Reverse 12"}],
-                }
-                if n % 2:
-                    body["user"] = f"user-{t}-{n % 40}"
-                if self.sampled and n % self.sampled == 0:
-                    body["temperature"] = 0.9
-                try:
-                    r = client.post(self.url, json=body)
-                    self.results.append((r.status_code, r.headers.get("x-llmflow-version", "")))
-                except httpx.HTTPError:
-                    self.results.append((-1, ""))
-                time.sleep(0.02)
-
-    def __enter__(self) -> Self:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
 def test_a_healthy_candidate_takes_all_the_traffic_with_no_failed_request(stack, versions, cfg):
     from flows.promote import promote
 
@@ -121,7 +76,7 @@ def test_a_healthy_candidate_takes_all_the_traffic_with_no_failed_request(stack,
     first = promote(config=cfg, candidate=v1)  # no champion yet: all at once
     assert first.served_version == v1.version and first.strategy == "all-at-once"
 
-    with Load(f"{stack.serve_url}/canary/v1/chat/completions") as load:
+    with Load(f"{stack.serve_url}/canary/v1/chat/completions", NAME) as load:
         time.sleep(1)
         rollout = promote(config=cfg, candidate=v2)
         time.sleep(1)
@@ -154,7 +109,7 @@ def test_a_failing_candidate_is_rolled_back_at_its_first_step(stack, versions, c
     _, v2, flaky = versions  # v2 is champion after the test before
     assert aliases.read_aliases(Store(), NAME)["champion"] == v2.version
     before = aliases.read_aliases(Store(), NAME)
-    with Load(f"{stack.serve_url}/canary/v1/chat/completions", threads=3, sampled=5) as load:
+    with Load(f"{stack.serve_url}/canary/v1/chat/completions", NAME, threads=3, sampled=5) as load:
         time.sleep(1)
         state = promote(config=cfg, candidate=flaky, return_state=True)
         time.sleep(1)

