@@ -262,18 +262,31 @@ def export_model(base_model_uri: str, checkpoint_uri: str, lora: bool, merge: bo
 
     with tempfile.TemporaryDirectory(prefix="llmflow-lf-export-") as tmp:
         ckpt = _copy_tree(checkpoint_uri, Path(tmp) / "ckpt")
-        if lora:
-            from peft import PeftModel
+        if lora:  # PEFT's own loading, from the safetensors file only
+            from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+            from safetensors.torch import load_file
 
             base = AutoModelForCausalLM.from_pretrained(
-                loadable_path(base_model_uri), dtype=torch.float32, use_safetensors=True
+                loadable_path(base_model_uri),
+                dtype=torch.float32,
+                use_safetensors=True,
+                trust_remote_code=False,
             )
-            model = PeftModel.from_pretrained(base, str(ckpt))
+            config = json.loads((ckpt / "adapter_config.json").read_text())
+            model = get_peft_model(base, PeftConfig.from_peft_type(**config))
+            loaded = set_peft_model_state_dict(
+                model, load_file(str(ckpt / "adapter_model.safetensors"))
+            )
+            if loaded.unexpected_keys:
+                raise ValueError(
+                    f"{checkpoint_uri}: the adapter does not fit the base model "
+                    f"(unexpected {loaded.unexpected_keys[:3]})"
+                )
             if merge:
                 model = model.merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                str(ckpt), dtype=torch.float32, use_safetensors=True
+                str(ckpt), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
             )
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
