@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -229,7 +230,10 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         args["resume_from_checkpoint"] = str(local)
     times: dict[str, float] = {}
     report = _callback(rank, history, cfg, times)
-    run_exp(args=args, callbacks=[report])
+    try:
+        run_exp(args=args, callbacks=[report])
+    finally:  # the checkpoints are in the store (report persists them before it returns)
+        shutil.rmtree(work, ignore_errors=True)
     end_step = history["train"][-1][0] if history["train"] else start_step
     cuda = bool(cfg.get("use_gpu")) and torch.cuda.is_available()
     return {
