@@ -201,8 +201,7 @@ def _callback(rank: int, history: dict[str, list], cfg: dict[str, Any], times: d
 def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker running LlamaFactory's SFT (in the LlamaFactory environment).
 
-    ``cfg``: ``args`` (``llmflow.finetune.recipe.llamafactory_args`` without the data and
-    output directories), ``data_uri`` (write_dataset's directory), ``progress_run``. Returns
+    ``cfg``: ``args`` (``llmflow.finetune.recipe.llamafactory_args``), ``data_uri`` (write_dataset's directory), ``progress_run``. Returns
     the same fields as llmflow's own loop (``llmflow.finetune.loop.train_loop``).
     """
     import ray

@@ -159,10 +159,9 @@ def merge_recipe(train: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def llamafactory_args(
-    train: dict[str, Any], base_model_path: str, dataset_dir: str, output_dir: str
-) -> dict[str, Any]:
-    """The arguments of LlamaFactory's ``run_exp`` for one worker.
+def llamafactory_args(train: dict[str, Any], base_model: str) -> dict[str, Any]:
+    """The arguments of LlamaFactory's ``run_exp``, but for ``dataset_dir`` and
+    ``output_dir``: each worker adds its local copies.
 
     ``train`` is the TrainConfig as a dict (recipe merged). Mapped keys come from the train
     section, owned ones from llmflow; the recipe's other keys pass through. ``template``
@@ -180,7 +179,7 @@ def llamafactory_args(
     args: dict[str, Any] = {
         "stage": "sft",
         "do_train": True,
-        "model_name_or_path": base_model_path,
+        "model_name_or_path": base_model,
         "finetuning_type": "lora" if train["lora"] else "full",
         "learning_rate": train["learning_rate"],
         "per_device_train_batch_size": train["batch_size"],
@@ -194,8 +193,6 @@ def llamafactory_args(
         "save_strategy": "steps",
         "logging_steps": 1,
         "dataset": DATASET_NAME,
-        "dataset_dir": dataset_dir,
-        "output_dir": output_dir,
         "overwrite_output_dir": True,
         "report_to": "none",
         "plot_loss": False,

@@ -185,9 +185,8 @@ def _llamafactory(
     from llmflow.finetune.recipe import llamafactory_args
     from llmflow.settings import offline_env
 
-    args = llamafactory_args(train.model_dump(mode="json"), base_model_uri, "", "")
     config = {
-        "args": {k: v for k, v in args.items() if k not in ("dataset_dir", "output_dir")},
+        "args": llamafactory_args(train.model_dump(mode="json"), base_model_uri),
         "data_uri": llamafactory.write_dataset(store, dataset.uri, name),
         "use_gpu": train.use_gpu,
     }
@@ -204,7 +203,9 @@ def finished_run(store: Store, name: str, train: TrainConfig) -> TrainRun | None
         return None
     run = TrainRun.model_validate(store.read_json("runs", name, RESULT))
     fs, path = fsspec.core.url_to_fs(run.checkpoint_uri)
-    marker = TRAIN_STATE if train.backend == "llmflow" else "trainer_state.json"
+    from llmflow.finetune.llamafactory import STATE_FILE
+
+    marker = TRAIN_STATE if train.backend == "llmflow" else STATE_FILE
     if run.metrics.get("steps") != train.max_steps or not fs.exists(f"{path}/{marker}"):
         return None
     return run.model_copy(update={"reused": True})

@@ -72,9 +72,9 @@ def test_the_arguments_keep_llmflows_data_and_output_and_pass_the_rest(tmp_path)
     recipe = tmp_path / "seed.yaml"
     recipe.write_text(SEED.format(base="tiny"))
     cfg = load_config(None, ["train.backend=llamafactory", f"train.llamafactory={recipe}"])
-    args = llamafactory_args(cfg.train.model_dump(mode="json"), "/models/tiny", "/d", "/o")
-    assert args["dataset"] == DATASET_NAME and args["dataset_dir"] == "/d"
-    assert args["output_dir"] == "/o" and args["report_to"] == "none"
+    args = llamafactory_args(cfg.train.model_dump(mode="json"), "/models/tiny")
+    assert args["dataset"] == DATASET_NAME and args["report_to"] == "none"
+    assert "dataset_dir" not in args and "output_dir" not in args  # each worker's own
     assert args["model_name_or_path"] == "/models/tiny"  # the resolved base, not the name
     assert (args["template"], args["cutoff_len"], args["bf16"]) == ("llama3", 512, True)
     assert (args["logging_steps"], args["warmup_ratio"]) == (10, 0.1)
@@ -86,7 +86,7 @@ def test_the_arguments_keep_llmflows_data_and_output_and_pass_the_rest(tmp_path)
 
 def test_without_a_recipe_the_arguments_come_from_the_train_section():
     cfg = load_config("configs/tiny.yaml", ["train.backend=llamafactory", "train.lora=true"])
-    args = llamafactory_args(cfg.train.model_dump(mode="json"), "/m", "/d", "/o")
+    args = llamafactory_args(cfg.train.model_dump(mode="json"), "/m")
     assert args["finetuning_type"] == "lora" and args["lora_target"] == "all"
     assert args["learning_rate"] == cfg.train.learning_rate == 0.003
     assert args["max_steps"] == 300 and args["save_steps"] == cfg.train.checkpoint_every
