@@ -71,7 +71,10 @@ class TrainConfig(Section):
         "commit when the stage runs; the pinned snapshot is what trains (and the cache keys).",
     )
     model_name: str = Field("llmflow-tiny", description="Registry name of the fine-tuned model.")
-    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps (unless epochs is set).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the train split: the stage computes the steps."
+    )
     batch_size: int = Field(16, ge=1, description="Examples per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
@@ -102,12 +105,9 @@ class TrainConfig(Section):
     )
     llamafactory: dict[str, Any] | None = Field(
         None,
-        description="train.backend llamafactory: a LlamaFactory SFT recipe, the path of its "
-        "YAML or the mapping inline. Keys that overlap this section (model_name_or_path, "
-        "finetuning_type, lora_rank, learning_rate, per_device_train_batch_size, ...) and its "
-        "Ray keys (ray_num_workers, resources_per_worker) map onto it, refused in one line "
-        "when they disagree; the rest goes to LlamaFactory as it is. Unset: the recipe is "
-        "derived from this section.",
+        description="train.backend llamafactory: a LlamaFactory SFT recipe (a YAML path, or "
+        "inline). Keys that overlap this section, and its Ray keys, map onto it (refused in one "
+        "line when they disagree); the rest goes to LlamaFactory. Unset: derived from here.",
     )
 
     @model_validator(mode="before")

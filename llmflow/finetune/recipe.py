@@ -29,6 +29,7 @@ OVERLAP: dict[str, tuple[str, type]] = {
     "per_device_train_batch_size": ("batch_size", int),
     "gradient_accumulation_steps": ("grad_accum", int),
     "max_steps": ("max_steps", int),
+    "num_train_epochs": ("epochs", float),
     "warmup_steps": ("warmup_steps", int),
     "weight_decay": ("weight_decay", float),
     "save_steps": ("checkpoint_every", int),
@@ -111,12 +112,6 @@ def _implied(recipe: dict[str, Any]) -> dict[str, tuple[str, Any]]:
                 f"train.llamafactory: finetuning_type {kind!r}: llmflow trains 'lora' or 'full'"
             )
         out["lora"] = ("finetuning_type", kind == "lora")
-    if recipe.get("num_train_epochs") is not None and recipe.get("max_steps") is None:
-        # With max_steps too, max_steps wins (as in transformers) and epochs go unused.
-        raise RecipeError(
-            "train.llamafactory: num_train_epochs: llmflow trains a number of steps (its "
-            "checkpoints, resume and run reuse count them): give max_steps instead"
-        )
     stage = recipe.get("stage", "sft")
     if stage != "sft":
         raise RecipeError(f"train.llamafactory: stage {stage!r}: llmflow runs LlamaFactory's sft")
@@ -141,13 +136,27 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def merge_recipe(train: dict[str, Any]) -> dict[str, Any]:
-    """The raw train section with the recipe read and its overlapping keys mapped onto it.
+    """The raw train section with the recipe read, its overlapping keys mapped onto it and
+    left out of ``llamafactory`` (the rest of the recipe).
 
     Raises RecipeError (one line) for a key that disagrees with the train section."""
     out = dict(train)
     recipe = read_recipe(out["llamafactory"])
-    out["llamafactory"] = recipe
-    for field, (key, value) in _implied(recipe).items():
+    # What maps onto the train section lives there only: a dump validates to the same config.
+    out["llamafactory"] = {
+        k: v
+        for k, v in recipe.items()
+        if k not in OVERLAP and k not in ("finetuning_type", "resources_per_worker")
+    }
+    implied = _implied(recipe)
+    if "max_steps" in implied:  # max_steps wins over num_train_epochs, as in transformers
+        implied.pop("epochs", None)
+    elif "epochs" in implied and out.get("max_steps") is not None:
+        raise RecipeError(
+            f"train.llamafactory: num_train_epochs {recipe['num_train_epochs']!r} disagrees "
+            f"with train.max_steps {out['max_steps']!r}: drop one of them"
+        )
+    for field, (key, value) in implied.items():
         if field not in out or out[field] is None:
             out[field] = value
         elif not _same(out[field], value):
@@ -174,7 +183,7 @@ def llamafactory_args(train: dict[str, Any], base_model: str) -> dict[str, Any]:
         for k, v in recipe.items()
         if k not in OVERLAP
         and k not in OWNED
-        and k not in ("finetuning_type", "stage", "num_train_epochs", "resources_per_worker")
+        and k not in ("finetuning_type", "stage", "resources_per_worker")
     }
     args: dict[str, Any] = {
         "stage": "sft",
@@ -203,3 +212,10 @@ def llamafactory_args(train: dict[str, Any], base_model: str) -> dict[str, Any]:
     if train["lora"]:
         args.update(lora_rank=train["lora_rank"], lora_target="all", lora_dropout=0.0)
     return {**args, **passthrough}
+
+
+def steps_for_epochs(epochs: float, num_train: int, batch: int, grad_accum: int, world: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``num_train`` rows: rows per step are
+    batch x grad_accum x workers (a last partial batch counts as a step), at least one."""
+    per_epoch = math.ceil(num_train / (batch * grad_accum * world))
+    return max(1, math.ceil(epochs * per_epoch))

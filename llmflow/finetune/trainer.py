@@ -50,6 +50,19 @@ def run_key(train: TrainConfig, dataset_sha256: str, base_model_uri: str) -> str
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def resolve_epochs(train: TrainConfig, num_train: int) -> TrainConfig:
+    """``train`` with ``epochs`` turned into ``max_steps`` for a train split of ``num_train``
+    rows (unchanged without epochs): what the run, its key and its reuse count in."""
+    if train.epochs is None:
+        return train
+    from llmflow.finetune.recipe import steps_for_epochs
+
+    steps = steps_for_epochs(
+        train.epochs, num_train, train.batch_size, train.grad_accum, train.num_workers
+    )
+    return train.model_copy(update={"max_steps": steps, "epochs": None})
+
+
 # -- the launcher ----------------------------------------------------------------------------
 def cuda_on_gpu_nodes() -> bool:
     """Whether a process holding one Ray GPU sees CUDA (a node may declare GPUs it lacks)."""
@@ -90,6 +103,7 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_dataset(dataset)
+    train = resolve_epochs(train, dataset.num_train)
     name = f"finetune-{run_key(train, dataset.sha256, base_model_uri)}"
     done = finished_run(store, name, train)
     if done is not None:

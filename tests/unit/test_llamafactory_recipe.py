@@ -64,6 +64,8 @@ def test_the_seed_recipe_maps_onto_the_train_section(tmp_path):
     assert (t.batch_size, t.grad_accum, t.learning_rate, t.max_steps) == (2, 4, 1e-4, 50)
     assert (t.checkpoint_every, t.num_workers, t.use_gpu) == (25, 4, True)
     assert t.llamafactory["template"] == "llama3"  # read from the file, kept inline
+    assert "learning_rate" not in t.llamafactory  # mapped: the train section holds it
+    assert t.epochs is None  # max_steps wins over num_train_epochs, as in transformers
     # A dump validates to the same config (workers and Prefect parameters re-validate it).
     assert TrainConfig.model_validate(t.model_dump(mode="json")) == t
 
@@ -111,8 +113,8 @@ def test_without_a_recipe_the_arguments_come_from_the_train_section():
         ),
         (["train.llamafactory={stage: dpo}"], "train.llamafactory: stage 'dpo'"),
         (
-            ["train.llamafactory={num_train_epochs: 3}"],
-            "train.llamafactory: num_train_epochs: llmflow trains a number of steps",
+            ["train.max_steps=50", "train.llamafactory={num_train_epochs: 3}"],
+            "train.llamafactory: num_train_epochs 3 disagrees with train.max_steps 50",
         ),
         (
             ["train.llamafactory={lora_rank: four}"],
@@ -133,3 +135,27 @@ def test_a_recipe_without_its_backend_is_refused():
         ConfigError, match=": train.llamafactory is a recipe: set train.backend=llamafactory$"
     ):
         load_config(None, ["train.llamafactory={lora_rank: 4}"])
+
+
+def test_epochs_become_steps_of_the_train_split_when_the_stage_runs():
+    from llmflow.finetune.recipe import steps_for_epochs
+    from llmflow.finetune.trainer import resolve_epochs, run_key
+
+    cfg = load_config(
+        None,
+        [
+            "train.backend=llamafactory",
+            "train.llamafactory={num_train_epochs: 2.5, per_device_train_batch_size: 8}",
+            "train.num_workers=2",
+        ],
+    )
+    t = cfg.train
+    assert t.epochs == 2.5 and TrainConfig.model_validate(t.model_dump(mode="json")) == t
+    # 1000 rows, 16 a step (8 x 2 workers): 63 steps an epoch (the last one partial).
+    assert steps_for_epochs(2.5, 1000, 8, 1, 2) == 158
+    run = resolve_epochs(t, 1000)
+    assert (run.max_steps, run.epochs) == (158, None)
+    assert resolve_epochs(run, 5) is run  # no epochs: unchanged
+    # The run's key follows the steps: more data, more steps, another run.
+    assert run_key(run, "d", "b") != run_key(resolve_epochs(t, 2000), "d", "b")
+    assert steps_for_epochs(1, 3, 16, 1, 1) == 1
