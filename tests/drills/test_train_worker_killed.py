@@ -6,15 +6,12 @@ from __future__ import annotations
 import pytest
 
 from llmflow.refs import DatasetRef
-from tests.integration.test_finetune import (
-    LONG,
-    TINY,
+from tests.integration.helpers import (
     alive_train_workers,
-    cfg,
     kill_worker_after_first_checkpoint,
-    run_dir,
     run_in_thread,
 )
+from tests.integration.test_finetune import LONG, TINY, cfg, run_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
