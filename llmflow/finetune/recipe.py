@@ -59,6 +59,8 @@ OWNED = frozenset(
         "ray_storage_filesystem",
         "ray_init_kwargs",
         "placement_strategy",
+        # llmflow loads no remote code, whatever a recipe says (LlamaFactory's examples say true)
+        "trust_remote_code",
     }
 )
 DATASET_NAME = "llmflow"  # the prepared train split's entry in dataset_info.json

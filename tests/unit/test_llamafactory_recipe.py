@@ -84,6 +84,7 @@ def test_the_arguments_keep_llmflows_data_and_output_and_pass_the_rest(tmp_path)
     for key in ("ray_num_workers", "resources_per_worker", "ray_storage_path", "use_ray"):
         assert key not in args, key
     assert "num_train_epochs" not in args  # max_steps decides, as in transformers
+    assert args["trust_remote_code"] is False  # the recipe's true is not taken
 
 
 def test_without_a_recipe_the_arguments_come_from_the_train_section():
