@@ -61,6 +61,10 @@ def test_the_project_is_installed_editable_at_the_pull_steps_directory_with_the_
     assert "vllm" not in re.search(r'extras="([^"]*)"', runs).group(1)
     assert "make-env.sh /opt/venv-vllm cuda" in runs
     assert env()["LLMFLOW_VLLM_PYTHON"] == "/opt/venv-vllm/bin/python"
+    # LLAMAFACTORY=1: its environment from the variant's lock, where llmflow looks by default.
+    assert 'make-env.sh /opt/venv-llamafactory "$lock"' in runs
+    assert "lock=llamafactory-cuda" in runs
+    assert "ln -s /opt/venv-llamafactory /opt/llmflow/.venv-llamafactory" in runs
     assert any(op == "COPY" and a.startswith("constraints.txt") for op, a in instructions())
 
 
@@ -83,6 +87,12 @@ def test_the_offline_switches_of_llmflow_are_set_and_the_hubs_follow_a_build_arg
 
 def test_the_build_context_leaves_local_state_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".venv-vllm", ".llmflow", "**/__pycache__", "*.egg-info"} <= set(
-        ignored
-    )
+    assert {
+        ".git",
+        ".venv",
+        ".venv-vllm",
+        ".venv-llamafactory",
+        ".llmflow",
+        "**/__pycache__",
+        "*.egg-info",
+    } <= set(ignored)
