@@ -129,17 +129,12 @@ def environment_problem(python: str | None = None) -> str | None:
 
 
 # -- the Ray Train worker, in the LlamaFactory environment ---------------------------------------
-def _copy_tree(uri: str, dest: Path) -> Path:
-    """A store directory (local path or fsspec URI) copied to local ``dest``."""
-    import fsspec
+def _local(uri: str, dest: Path) -> Path:
+    """A directory of the store on local disk: itself when the store is local, else a copy
+    at ``dest`` (``Store.download_dir``)."""
+    from llmflow.store import Store
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    dest.mkdir(parents=True, exist_ok=True)
-    for src in fs.find(path):
-        target = dest / Path(src).relative_to(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(src, str(target))
-    return dest
+    return Store(uri).download_dir(uri, dest)
 
 
 def _callback(rank: int, history: dict[str, list], cfg: dict[str, Any], times: dict):
@@ -210,15 +205,16 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
     from llamafactory.train.tuner import run_exp
 
+    from llmflow.engines import loadable_path
+
     t_start = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     work = Path(tempfile.mkdtemp(prefix="llmflow-llamafactory-"))
     args = dict(cfg["args"])
-    args["dataset_dir"] = str(_copy_tree(cfg["data_uri"], work / "data"))
+    args["dataset_dir"] = str(_local(cfg["data_uri"], work / "data"))
     args["output_dir"] = str(work / "out")
-    if "://" in args["model_name_or_path"]:  # a base model in a remote store
-        args["model_name_or_path"] = str(_copy_tree(args["model_name_or_path"], work / "base"))
+    args["model_name_or_path"] = loadable_path(args["model_name_or_path"])  # a remote store's
     history: dict[str, list] = {"train": [], "eval": []}
     start_step = 0
     ckpt = ray.train.get_checkpoint()
@@ -264,7 +260,7 @@ def export_model(base_model_uri: str, checkpoint_uri: str, lora: bool, merge: bo
     from llmflow.engines import loadable_path
 
     with tempfile.TemporaryDirectory(prefix="llmflow-lf-export-") as tmp:
-        ckpt = _copy_tree(checkpoint_uri, Path(tmp) / "ckpt")
+        ckpt = _local(checkpoint_uri, Path(tmp) / "ckpt")
         if lora:  # PEFT's own loading, from the safetensors file only
             from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
             from safetensors.torch import load_file

@@ -79,18 +79,13 @@ def read_recipe(value: Any) -> dict[str, Any]:
             f"train.llamafactory: expected the path of a LlamaFactory YAML or a mapping, "
             f"got {type(value).__name__}"
         )
-    import yaml
+    from llmflow.configfile import read_yaml
+    from llmflow.errors import ConfigError
 
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise RecipeError(f"train.llamafactory: {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"train.llamafactory: {path}: malformed YAML") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"train.llamafactory: {path}: expected a mapping of arguments")
-    return data
+    try:  # its one line: a missing file, malformed YAML (where), not a mapping
+        return read_yaml(Path(value).expanduser())
+    except ConfigError as exc:
+        raise RecipeError(f"train.llamafactory: {exc}") from None
 
 
 def _as(kind: type, key: str, value: Any) -> Any:
