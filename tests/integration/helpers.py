@@ -126,7 +126,7 @@ class Load:
     other request names an OpenAI ``user`` (sticky in a canary); every ``sampled``-th one
     samples (temperature 0.9) instead of decoding greedily.
 
-        with Load(url) as load:
+        with Load(url, model) as load:
             promote(...)
         assert all(code == 200 for code, _ in load.results)
     """
