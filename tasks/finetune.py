@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect_ray.context import remote_options
 
-from llmflow.config import PipelineConfig, TrainConfig
+from llmflow.config import ClusterConfig, PipelineConfig, TrainConfig
 from llmflow.finetune.export import (
     export_and_register,
     export_format,
@@ -30,13 +30,20 @@ from llmflow.terminal import stage
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
-def train_model(train: TrainConfig, dataset: DatasetRef, base_model_uri: str) -> TrainRun:
+def train_model(
+    train: TrainConfig,
+    dataset: DatasetRef,
+    base_model_uri: str,
+    cluster: ClusterConfig | None = None,
+) -> TrainRun:
     """Run the TorchTrainer (resuming an earlier run of the same inputs); no retries here:
     Ray Train's FailureConfig replaces failed workers, and a re-run resumes anyway."""
     from prefect import get_run_logger
 
     logger = get_run_logger()
-    run = run_training(train, dataset, base_model_uri, Store(), progress_run=flow_run_id())
+    run = run_training(
+        train, dataset, base_model_uri, Store(), progress_run=flow_run_id(), cluster=cluster
+    )
     m = run.metrics
     if run.reused:
         logger.info(
@@ -153,7 +160,9 @@ def finetune_stage(
     """train-model, then register-model: (the training run, the registered version)."""
     # The trainer's workers hold the resources; the terminal draws their steps (progress).
     with listening(flow_run_id()) as steps, remote_options(num_cpus=0, num_gpus=0):
-        run = steps.wait(train_model.submit(config.train, dataset, model_uri), "train", "train")
+        run = steps.wait(
+            train_model.submit(config.train, dataset, model_uri, config.cluster), "train", "train"
+        )
     lineage = config.model_dump(mode="json")
     ref = register_model.submit(config.train, dataset, model_uri, run, lineage).result()
     stage("finetune", train_line(ref, run))

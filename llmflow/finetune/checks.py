@@ -10,7 +10,7 @@ from typing import Any
 
 from llmflow.basemodels import ModelError
 from llmflow.config import TrainConfig
-from llmflow.errors import ConfigError, LlmflowError
+from llmflow.errors import LlmflowError
 from llmflow.refs import DatasetRef
 from llmflow.store import MANIFEST
 
@@ -122,9 +122,3 @@ def check_inputs(train: TrainConfig, dataset: DatasetRef | None) -> None:
             check_causal_lm(uri)
     if dataset is not None:
         check_dataset(dataset)
-    if train.backend == "llamafactory":
-        from llmflow.finetune.llamafactory import environment_problem
-
-        problem = environment_problem()
-        if problem:
-            raise ConfigError(f"train.backend llamafactory: {problem}")

@@ -2,8 +2,8 @@
 
 llmflow launches the TorchTrainer as for its own loop (trainer.py: same ScalingConfig,
 placement, FailureConfig, checkpoints in the store, resume); the workers run in the
-LlamaFactory environment (``RunConfig(worker_runtime_env={"py_executable": ...})``: its
-transformers, peft and datasets clash with the main venv's) and call LlamaFactory's
+LlamaFactory environment (``RunConfig(worker_runtime_env=engine_env.runtime_env(cluster,
+LLAMAFACTORY))``: its transformers, peft and datasets clash with the main venv's) and call LlamaFactory's
 ``run_exp`` there. The Ray Train worker has set up torch.distributed already (gloo or NCCL,
 RANK/WORLD_SIZE/LOCAL_RANK in the environment), and the HF Trainer inside LlamaFactory
 joins that process group, as in Ray Train's own transformers integration.
@@ -38,8 +38,6 @@ STATE_FILE = "trainer_state.json"
 HISTORY = "llmflow_history.json"
 DATA_DIR = "llamafactory-data"
 DATASET_FILE = "train.jsonl"
-PYTHON_ENV = "LLMFLOW_LLAMAFACTORY_PYTHON"
-DEFAULT_DIR = ".venv-llamafactory"
 
 
 def dataset_info(file_name: str = DATASET_FILE) -> dict[str, Any]:
@@ -74,58 +72,6 @@ def write_dataset(store, dataset_uri: str, run_name: str) -> str:
         store.write_bytes(lines.encode(), "runs", run_name, DATA_DIR, DATASET_FILE)
         store.write_json(dataset_info(), "runs", run_name, DATA_DIR, "dataset_info.json")
     return store.uri("runs", run_name, DATA_DIR)
-
-
-def interpreter() -> str:
-    """The LlamaFactory environment's Python: LLMFLOW_LLAMAFACTORY_PYTHON, else
-    .venv-llamafactory/bin/python in the project directory (make install builds it)."""
-    import os
-
-    from llmflow.settings import project_dir
-
-    return os.environ.get(PYTHON_ENV) or str(project_dir() / DEFAULT_DIR / "bin" / "python")
-
-
-# Run by the environment's interpreter: versions from package metadata (no heavy imports).
-_PROBE = r"""
-import importlib.metadata as md, importlib.util as iu, json, sys
-out = {"python": "%d.%d" % sys.version_info[:2]}
-for name in ("ray", "llamafactory"):
-    out[name] = md.version(name) if iu.find_spec(name) else None
-print(json.dumps(out))
-"""
-
-
-def environment_problem(python: str | None = None) -> str | None:
-    """Why the LlamaFactory environment cannot train here, or None. Checked before any
-    cluster work: Ray only warns on a Ray or Python mismatch, and a worker started with a
-    wrong interpreter path hangs. An interpreter named by LLMFLOW_LLAMAFACTORY_PYTHON that
-    this machine lacks is taken as the cluster nodes' (an image's) and not probed here."""
-    import os
-    import platform
-    import subprocess
-    from importlib.metadata import version
-
-    python = python or interpreter()
-    if not Path(python).is_file():
-        if os.environ.get(PYTHON_ENV):
-            return None
-        return f"{python}: no such interpreter (make install builds {DEFAULT_DIR})"
-    try:
-        proc = subprocess.run(
-            [python, "-c", _PROBE], capture_output=True, text=True, timeout=60, check=False
-        )
-        found = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.TimeoutExpired, IndexError, json.JSONDecodeError):
-        return f"{python}: its probe failed (is it a Python with llamafactory?)"
-    minor = ".".join(platform.python_version_tuple()[:2])
-    if not found["llamafactory"]:
-        return f"{python}: llamafactory is not installed there"
-    if found["ray"] != version("ray"):
-        return f"{python}: Ray {found['ray']} there, {version('ray')} here (they must match)"
-    if found["python"] != minor:
-        return f"{python}: Python {found['python']} there, {minor} here (they must match)"
-    return None
 
 
 # -- the Ray Train worker, in the LlamaFactory environment ---------------------------------------

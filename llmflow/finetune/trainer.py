@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from llmflow.config import TrainConfig
+from llmflow.config import ClusterConfig, TrainConfig
 from llmflow.finetune.checks import (
     NonFiniteLoss,
     TrainingError,
@@ -83,8 +83,11 @@ def run_training(
     base_model_uri: str,
     store: Store,
     progress_run: str | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> TrainRun:
     """Run (or resume) the TorchTrainer run of these inputs and return where it ended.
+    ``cluster`` names the LlamaFactory environment (``train.backend: llamafactory``) and the
+    env_vars its workers get.
 
     The run lives at ``<store>/runs/finetune-<run_key>``: the same inputs find the same
     directory, and Ray Train V2 restores its checkpoint manager from the snapshot there, so
@@ -111,7 +114,9 @@ def run_training(
     check_placeable(train, ray.nodes())
     loop, loop_config, worker_env = train_loop, {}, None
     if train.backend == "llamafactory":
-        loop, loop_config, worker_env = _llamafactory(train, dataset, base_model_uri, store, name)
+        loop, loop_config, worker_env = _llamafactory(
+            train, dataset, base_model_uri, store, name, cluster
+        )
     backend = "gloo"
     if train.use_gpu:
         if cuda_on_gpu_nodes():
@@ -191,20 +196,26 @@ def run_training(
 
 
 def _llamafactory(
-    train: TrainConfig, dataset: DatasetRef, base_model_uri: str, store: Store, name: str
+    train: TrainConfig,
+    dataset: DatasetRef,
+    base_model_uri: str,
+    store: Store,
+    name: str,
+    cluster: ClusterConfig | None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """train.backend llamafactory: the workers' loop, its config (the LlamaFactory arguments,
-    the dataset in its format) and their runtime_env (the LlamaFactory environment)."""
+    the dataset in its format) and their runtime_env (the LlamaFactory environment, with the
+    cluster section's env_vars)."""
+    from llmflow import engine_env
     from llmflow.finetune import llamafactory
     from llmflow.finetune.recipe import llamafactory_args
-    from llmflow.settings import offline_env
 
     config = {
         "args": llamafactory_args(train.model_dump(mode="json"), base_model_uri),
         "data_uri": llamafactory.write_dataset(store, dataset.uri, name),
         "use_gpu": train.use_gpu,
     }
-    env = {"py_executable": llamafactory.interpreter(), "env_vars": offline_env()}
+    env = engine_env.runtime_env(cluster, engine_env.LLAMAFACTORY)
     return llamafactory.train_loop, config, env
 
 

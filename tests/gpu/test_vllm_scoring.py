@@ -25,8 +25,8 @@ _ENV = engine_env.probe()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not _ENV.healthy or _ENV.vllm_dist != "vllm",
-        reason=f"needs the CUDA vLLM engine environment ({_ENV.problem or _ENV.vllm_dist})",
+        not _ENV.healthy or _ENV.dist != "vllm",
+        reason=f"needs the CUDA vLLM engine environment ({_ENV.problem or _ENV.dist})",
     ),
 ]
 N_EVAL = 32

@@ -123,8 +123,10 @@ def unserve(model_name: str, app_name: str) -> None:
 class Load:
     """Client threads posting chat completions to a served endpoint until stopped: (status,
     answering version from x-llmflow-version) per request, -1 for a transport error. Every
-    other request names an OpenAI ``user`` (sticky in a canary); every ``sampled``-th one
-    samples (temperature 0.9) instead of decoding greedily.
+    ``sampled``-th request samples (temperature 0.9) instead of decoding greedily; of the
+    others every other one names an OpenAI ``user`` (sticky in a canary), so the sampled
+    ones are routed by the canary's weight alone, not by which users a hash gave the
+    candidate.
 
         with Load(url, model) as load:
             promote(...)
@@ -164,10 +166,10 @@ class Load:
                     "max_tokens": 4,
                     "messages": [{"role": "user", "content": "Reverse 12"}],
                 }
-                if n % 2:
-                    body["user"] = f"user-{t}-{n % 40}"
                 if self.sampled and n % self.sampled == 0:
                     body["temperature"] = 0.9
+                elif n % 2:
+                    body["user"] = f"user-{t}-{n % 40}"
                 try:
                     r = client.post(self.url, json=body)
                     self.results.append((r.status_code, r.headers.get("x-llmflow-version", "")))

