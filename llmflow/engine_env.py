@@ -17,6 +17,7 @@ on a cluster the image provides them and ``cluster.vllm_python`` /
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -117,11 +118,6 @@ def interpreter(cluster: ClusterConfig | None = None, env: EngineEnv = VLLM) -> 
     return str(configured or project_dir() / env.default_dir / "bin" / "python")
 
 
-def vllm_python(cluster: ClusterConfig | None = None) -> str:
-    """The vLLM engine environment's interpreter (``interpreter(cluster, VLLM)``)."""
-    return interpreter(cluster, VLLM)
-
-
 def _where(cluster: ClusterConfig | None, env: EngineEnv) -> str:
     if getattr(cluster, env.cluster_key, None):
         return f"cluster.{env.cluster_key}"
@@ -130,11 +126,10 @@ def _where(cluster: ClusterConfig | None, env: EngineEnv) -> str:
     return f"{env.default_dir} (make install builds it)"
 
 
-# One probe per (engine, interpreter, Ray version, Python minor) in a process.
-_local_answers: dict[tuple[str, str, str, str], EnvInfo] = {}
 _remote_answers: dict[tuple[str, str, str], EnvInfo] = {}
 
 
+@functools.lru_cache(maxsize=16)  # one probe per interpreter and engine in a process
 def _probe(python: str, ray_version: str, python_minor: str, env: EngineEnv) -> EnvInfo:
     if not Path(python).is_file() or not os.access(python, os.X_OK):
         return EnvInfo(python, problem=f"{python}: no such interpreter")
@@ -161,7 +156,7 @@ def _judge(
     returncode: int,
     ray_version: str,
     python_minor: str,
-    env: EngineEnv = VLLM,
+    env: EngineEnv,
 ) -> EnvInfo:
     try:
         found = json.loads(stdout.strip().splitlines()[-1])
@@ -210,10 +205,7 @@ def probe(
                 cluster, python, ray_version, minor, placement, env
             )
         return _remote_answers[key]
-    key = (env.package, python, ray_version, minor)
-    if key not in _local_answers:
-        _local_answers[key] = _probe(python, ray_version, minor, env)
-    return _local_answers[key]
+    return _probe(python, ray_version, minor, env)
 
 
 def _remote_probe(package: str, dists: tuple[str, ...]) -> str:

@@ -2,9 +2,9 @@
 
 llmflow launches the TorchTrainer as for its own loop (trainer.py: same ScalingConfig,
 placement, FailureConfig, checkpoints in the store, resume); the workers run in the
-LlamaFactory environment (``RunConfig(worker_runtime_env=engine_env.runtime_env(cluster,
-LLAMAFACTORY))``: its transformers, peft and datasets clash with the main venv's) and call LlamaFactory's
-``run_exp`` there. The Ray Train worker has set up torch.distributed already (gloo or NCCL,
+LlamaFactory environment (``RunConfig(worker_runtime_env=...)`` of
+``engine_env.runtime_env(cluster, LLAMAFACTORY)``: its transformers, peft and datasets clash
+with the main venv's) and call LlamaFactory's ``run_exp`` there. The Ray Train worker has set up torch.distributed already (gloo or NCCL,
 RANK/WORLD_SIZE/LOCAL_RANK in the environment), and the HF Trainer inside LlamaFactory
 joins that process group, as in Ray Train's own transformers integration.
 

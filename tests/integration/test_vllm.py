@@ -61,12 +61,14 @@ def test_engine_environment_matches_the_cluster():
     assert info.ray_version == "2.60.0" and info.python_version.startswith("3.11.")
 
 
-def test_the_vllm_apps_ingress_keeps_the_old_replica_until_it_is_ready(tmp_path):
+def test_the_vllm_apps_ingress_keeps_the_old_replica_until_it_is_ready(stack):
     """The public app's switches (canary router <-> plain vLLM app) update one ingress
     deployment: with serve.max_surge_percent its old replica answers until the new one, and
     so its engine, is ready; with 0 it stops first. Built in the engine environment, as the
-    controller builds it (nothing is deployed)."""
+    controller builds it (nothing is deployed; ray.serve.llm's builder joins a Ray cluster:
+    the stack's, named, not whatever /tmp/ray last recorded)."""
     import json
+    import os
     import subprocess
 
     from llmflow import engine_env
@@ -86,7 +88,7 @@ def test_the_vllm_apps_ingress_keeps_the_old_replica_until_it_is_ready(tmp_path)
         args = {"model_path": model, "model_name": NAME, "placement": [{"CPU": 1}]}
         proc = subprocess.run(
             [
-                engine_env.vllm_python(),
+                engine_env.interpreter(),
                 "-c",
                 script,
                 json.dumps(args | {"max_surge_percent": surge}),
@@ -95,6 +97,7 @@ def test_the_vllm_apps_ingress_keeps_the_old_replica_until_it_is_ready(tmp_path)
             text=True,
             timeout=300,
             check=False,
+            env={**os.environ, "RAY_ADDRESS": stack.ray_address},
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1]) == [surge, surge]
