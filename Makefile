@@ -42,13 +42,16 @@ $(LLAMAFACTORY_ENV)/.installed: infra/engines/llamafactory.txt infra/engines/mak
 demo: install
 	$(BIN)/llmflow demo --config configs/tiny.yaml --chat
 
+# Every run ends with the 25 slowest tests and the time per module (tests/timing.py).
+TIMES := --durations=25 --durations-min=1
+
 # The lint and the layout rules (tests/unit/test_layout.py) first: they fail in seconds.
 test: install lint
-	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider
+	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider $(TIMES)
 
 # Reliability drills (tests/drills): things broken on purpose. CI runs them after `make test`.
 drills: install
-	$(BIN)/python -m pytest tests/drills -p no:cacheprovider
+	$(BIN)/python -m pytest tests/drills -p no:cacheprovider $(TIMES)
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

@@ -15,6 +15,9 @@ import tempfile
 
 import pytest
 
+# The per-module time table at the end of every run (tests/timing.py).
+pytest_plugins = ["tests.timing"]
+
 # Before anything imports prefect, ray or transformers: offline, no telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
