@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from tests.integration.helpers import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 N = 16
 
@@ -23,11 +25,13 @@ def test_flow_run_survives_a_prefect_server_restart(stack, prefect_client):
     from llmflow import stack as stack_mod
 
     started = threading.Event()
+    finished: list[int] = []
 
     @task(name="restart-drill-step")
     def step(i: int) -> int:
         started.set()
-        time.sleep(1.0)
+        time.sleep(1.0)  # the work of a step: the run lasts N seconds, the outage falls in it
+        finished.append(i)
         return i
 
     @flow(name="restart-drill")
@@ -42,7 +46,8 @@ def test_flow_run_survives_a_prefect_server_restart(stack, prefect_client):
     )
     t.start()
     assert started.wait(120)
-    time.sleep(2)
+    # Two steps done first, so the outage falls in the middle of the run.
+    wait_for(lambda: len(finished) >= 2, 60, "two task runs finished before the kill")
     server = stack_mod.read_state(stack)["prefect-server"]
     os.kill(server["pid"], signal.SIGKILL)
     assert not stack_mod.prefect_healthy(stack.prefect_api_url, timeout=2)

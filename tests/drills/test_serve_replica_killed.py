@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from tests.integration.helpers import wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 APP = "drill-replica"
 BODY = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "Reverse 12"}]}
@@ -78,16 +80,20 @@ def test_killed_replica_is_replaced_and_no_request_is_lost(stack):
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(3)
+        wait_for(lambda: len(final) >= 10, 60, "10 requests answered before the kill")
         before = len(final)
         os.kill(victim.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # Serve starts a replacement
-            alive = replicas()
-            if len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}:
-                break
-            time.sleep(1)
-        time.sleep(3)  # traffic on the replacement too
+        wait_for(
+            lambda: (
+                len(alive := replicas()) == 2 and victim.actor_id not in {a.actor_id for a in alive}
+            ),
+            180,
+            "Serve's replacement replica alive beside the other one",
+            every=1,
+        )
+        replaced = len(final)
+        # Traffic on the replacement too: 20 more requests through both replicas.
+        wait_for(lambda: len(final) >= replaced + 20, 60, "20 requests after the replacement")
         stop.set()
         for t in threads:
             t.join(120)

@@ -177,6 +177,12 @@ class Load:
                     self.results.append((-1, ""))
                 time.sleep(self.pause_s)
 
+    def answered(self, n: int, timeout: float = 60) -> None:
+        """Wait until ``n`` more requests than now have come back (answered or failed): load
+        before a change and after it, instead of a fixed sleep."""
+        target = len(self.results) + n
+        wait_for(lambda: len(self.results) >= target, timeout, f"{n} more requests to {self.url}")
+
     def __enter__(self) -> Self:
         for t in self.threads:
             t.start()

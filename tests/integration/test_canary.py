@@ -5,7 +5,6 @@ share of its requests is rolled back at its first step while the champion answer
 from __future__ import annotations
 
 import shutil
-import time
 
 import httpx
 import pytest
@@ -77,9 +76,9 @@ def test_a_healthy_candidate_takes_all_the_traffic_with_no_failed_request(stack,
     assert first.served_version == v1.version and first.strategy == "all-at-once"
 
     with Load(f"{stack.serve_url}/canary/v1/chat/completions", NAME) as load:
-        time.sleep(1)
+        load.answered(5)  # traffic before the rollout
         rollout = promote(config=cfg, candidate=v2)
-        time.sleep(1)
+        load.answered(5)  # and after it
     assert rollout.strategy == "canary" and not rollout.rolled_back, rollout.message
     assert rollout.served_version == v2.version and rollout.previous_version == v1.version
     assert [s.weight for s in rollout.canary_steps] == [25, 100]
@@ -114,9 +113,9 @@ def test_a_failing_candidate_is_rolled_back_at_its_first_step(stack, versions, c
     # that none of 10 fails is 1 in 1000; with every fifth sampled and sticky users it was
     # about 1 in 4, and the rollback came at step 2).
     with Load(f"{stack.serve_url}/canary/v1/chat/completions", NAME, threads=3, sampled=2) as load:
-        time.sleep(1)
+        load.answered(5)  # traffic before the rollout
         state = promote(config=cfg, candidate=flaky, return_state=True)
-        time.sleep(1)
+        load.answered(5)  # and after it
     assert state.is_failed()
     assert "rolled back: canary step 1 (25%): candidate error rate" in state.message
     assert aliases.read_aliases(Store(), NAME) == before

@@ -361,9 +361,9 @@ def test_a_canary_on_vllm_takes_all_the_traffic_with_no_failed_request(
     canary = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": policy})})
     url = f"{stack.serve_url}/vllm/v1/chat/completions"
     with Load(url, NAME, 2, key=KEY, pause_s=0.05) as load:
-        time.sleep(1)
+        load.answered(5)  # traffic before the rollout
         rollout = promote(config=canary, candidate=second)
-        time.sleep(1)
+        load.answered(5)  # and after it
     assert rollout.strategy == "canary" and not rollout.rolled_back, rollout.message
     assert [s.weight for s in rollout.canary_steps] == [50, 100]
     assert all(s.decision == "pass" for s in rollout.canary_steps), rollout.canary_steps
