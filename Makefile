@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+UV := $(BIN)/uv
 # vLLM's own environment (its fastapi pin clashes with Prefect's): infra/engines/.
 VLLM_ENV := .venv-vllm
 # LlamaFactory's (train.backend: llamafactory; it pins transformers<=5.6): ~1.5 min, ~2.2 GB.
@@ -16,27 +17,36 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test drills test-unit test-integration test-gpu bench up down status clean lint
 
-install: $(STAMP) $(VLLM_ENV)/.installed $(LLAMAFACTORY_ENV)/.installed
+# The three environments build side by side with uv (7 min one after another with pip);
+# each target's output is printed whole when it ends.
+install:
+	@$(MAKE) --no-print-directory -j3 --output-sync=target \
+		$(STAMP) $(VLLM_ENV)/.installed $(LLAMAFACTORY_ENV)/.installed
 
-# torch first, pinned to the CPU build that lies on the machine's disk: a bare `torch`
-# requirement would otherwise pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# uv first (the pin of constraints.txt, a few seconds): every environment installs with it.
+$(UV):
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (llmflow needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=24"
-	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt uv
+
+# torch first, pinned to the CPU build that lies on the machine's disk: a bare `torch`
+# requirement would otherwise pull a multi-GB CUDA build. uv with pip's sources and a cache
+# the environments share (infra/local/uv-pip.sh; pip took 3 min here, uv 1).
+$(STAMP): pyproject.toml constraints.txt | $(UV)
+	UV=$(UV) bash infra/local/uv-pip.sh $(BIN)/python -c constraints.txt "torch==2.13.0"
+	UV=$(UV) bash infra/local/uv-pip.sh $(BIN)/python -c constraints.txt -e ".[dev]"
 	@bash infra/local/chromium.sh
 	@bash infra/local/postgres.sh
 	touch $(STAMP)
 
 # The vLLM engine environment (cpu or cuda variant, by the machine; LLMFLOW_VLLM_VARIANT=none
 # skips it): a second venv Ray runs vLLM in. ~2 min and ~4 GB on CPU.
-$(VLLM_ENV)/.installed: infra/engines/vllm-cpu.txt infra/engines/vllm-cuda.txt infra/engines/make-env.sh
-	bash infra/engines/make-env.sh $(VLLM_ENV)
+$(VLLM_ENV)/.installed: infra/engines/vllm-cpu.txt infra/engines/vllm-cuda.txt infra/engines/make-env.sh | $(UV)
+	UV=$(UV) bash infra/engines/make-env.sh $(VLLM_ENV)
 
-$(LLAMAFACTORY_ENV)/.installed: infra/engines/llamafactory.txt infra/engines/make-env.sh
-	bash infra/engines/make-env.sh $(LLAMAFACTORY_ENV) llamafactory
+$(LLAMAFACTORY_ENV)/.installed: infra/engines/llamafactory.txt infra/engines/make-env.sh | $(UV)
+	UV=$(UV) bash infra/engines/make-env.sh $(LLAMAFACTORY_ENV) llamafactory
 
 # Ends by starting the chat page over the served model and printing its URL.
 demo: install

