@@ -1,6 +1,6 @@
 """Benchmark: what the canary router (deployments/canary_router.py) adds to a request.
 
-    .venv/bin/python bench/canary.py [--requests 64] [--max-tokens 16] [--json out.json]
+    .venv/bin/python bench/canary.py [--requests 64] [--max-tokens 16] [--smoke] [--json out.json]
 
 One private Ray (--num-cpus, Serve on a free port), the tiny model (built locally) as one hf
 app at an internal prefix, and the router as a second app in front of it (both of its
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _serving import Run, add_ingress_option, drive, ingress_env, one_at_a_time, start_serve
+from _smoke import parse_with_smoke
 
 
 def bodies(max_tokens: int) -> list[dict]:
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs of the private Ray.")
     add_ingress_option(ap)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = ap.parse_args()
+    args = parse_with_smoke(ap, {"requests": 4})
     ingress_env(args.ingress)
 
     import ray

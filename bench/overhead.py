@@ -1,6 +1,6 @@
 """Per-task overhead of the RayTaskRunner against Prefect's default runner, and a cold `up`.
 
-    .venv/bin/python bench/overhead.py [--tasks 50]
+    .venv/bin/python bench/overhead.py [--tasks 50] [--smoke] [--json out.json]
 
 Starts a fresh local stack (temporary LLMFLOW_HOME, free ports) and times it: that is the
 cold `llmflow up`. Then runs the same flow of N no-op tasks on Prefect's default thread
@@ -11,6 +11,7 @@ and prints seconds per task and their ratio. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,28 +22,46 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _smoke import parse_with_smoke
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all held open at once, since the kernel may hand
+    out a port again as soon as its socket is closed."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=50)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = ap.parse_args()
+    args = parse_with_smoke(ap, {"tasks": 4})
 
     home = tempfile.mkdtemp(prefix="llmflow-bench-")
+    # Every port the stack binds, as tests/conftest.py does: on their defaults (8080, 10001,
+    # 8404, 9101) the metrics, Ray client and HAProxy ports would collide with a stack that
+    # `llmflow up` started on this machine.
+    ports = (
+        "PREFECT",
+        "RAY",
+        "DASHBOARD",
+        "SERVE",
+        "METRICS",
+        "RAY_CLIENT",
+        "HAPROXY_STATS",
+        "HAPROXY_METRICS",
+    )
+    os.environ.update(
+        {f"LLMFLOW_{name}_PORT": str(port) for name, port in zip(ports, _free_ports(len(ports)))}
+    )
     os.environ.update(
         {
             "LLMFLOW_HOME": home,
-            "LLMFLOW_PREFECT_PORT": str(_free_port()),
-            "LLMFLOW_RAY_PORT": str(_free_port()),
-            "LLMFLOW_DASHBOARD_PORT": str(_free_port()),
-            "LLMFLOW_SERVE_PORT": str(_free_port()),
+            "LLMFLOW_STORE": str(Path(home) / "store"),
             "LLMFLOW_WORK_POOL": "llmflow-bench",
         }
     )

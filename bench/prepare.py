@@ -1,6 +1,6 @@
 """Rows/s and peak memory of the prepare stage on 100k synthetic rows.
 
-    .venv/bin/python bench/prepare.py [--rows 100000]
+    .venv/bin/python bench/prepare.py [--rows 100000] [--smoke] [--json out.json]
 
 Side by side in one run, each in a fresh child process (so peak RSS is its own):
   baseline  read the JSONL and json.loads every line (the I/O floor)
@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _forkserver import small_forkserver
+from _smoke import parse_with_smoke
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = ap.parse_args()
+    args = parse_with_smoke(ap, {"rows": 500})
     ctx, q = small_forkserver()  # before heavy imports: children measure their own peak
 
     from llmflow.basemodels import resolve_base_model

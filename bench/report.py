@@ -1,13 +1,19 @@
 """Run every benchmark of bench/ on the tiny default and write bench/RESULTS.md.
 
-    .venv/bin/python bench/report.py [--only train,score] [--out bench/RESULTS.md]
+    .venv/bin/python bench/report.py [--only train,score] [--out bench/RESULTS.md] [--smoke]
     make bench
 
 Each benchmark runs as its own process (as a user would run it) with --json; this script
 reads the figures back and writes one table: each figure, its baseline, the ratio (measured
 side by side in the same run, so it holds on a noisy machine), the target where the issue
 names one, and the machine it ran on (cores, memory, load before and after). A benchmark
-that fails is reported as such, with its last output line, and the others still run.
+that fails is reported as such, with its last output line, and the others still run; the
+exit status is then 1.
+
+--smoke runs each script with --smoke (tiny sizes, the same code paths and figure keys) and
+turns its figures into rows all the same, so a script that no longer runs or a figure that was
+renamed fails in minutes (tests/integration/test_bench.py). It prints the table and writes it
+only to an --out given: its figures measure nothing, and bench/RESULTS.md is left alone.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def train(f: dict) -> list[Row]:
         if name == "plain":
             continue
         if "error" in r:
-            rows.append((f"Ray Train {name}", "failed", "-", "-", r["error"][:80]))
+            rows.append((f"Ray Train {name}", "**failed**", "-", "-", r["error"][:80]))
             continue
         best = name == f.get("best")
         rows.append(
@@ -320,6 +326,35 @@ def vllm(f: dict) -> list[Row]:
     return rows
 
 
+def tiny_task(f: dict) -> list[Row]:
+    return [
+        (
+            (
+                f"tiny task: exact match on {f['eval_examples']} eval examples after "
+                f"{f['steps']} steps (plain torch loop)"
+            ),
+            f"{f['em_after']:.3f}",
+            f"{f['em_before']:.3f} before fine-tuning",
+            "-",
+            "-",
+        ),
+        (
+            f"tiny task: training loss, first step / mean of the last 10 (batch {f['batch_size']})",
+            f"{f['loss_first']:.3f} / {f['loss_last']:.3f}",
+            "-",
+            "-",
+            "-",
+        ),
+        (
+            f"tiny task: training, {f['threads']} threads",
+            f"{f['tokens_per_s']:,} tokens/s, {f['train_s']:.0f} s",
+            "-",
+            "-",
+            "-",
+        ),
+    ]
+
+
 # name -> (script args after --json, figures -> rows)
 BENCHES: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
     "overhead": ([], overhead),
@@ -330,6 +365,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[Row]]]] = {
     "rollout": ([], rollout),
     "canary": ([], canary),
     "engines": ([], vllm),
+    "tiny_task": ([], tiny_task),
 }
 
 
@@ -355,13 +391,56 @@ def git_commit() -> str:
     return out.stdout.strip() or "?"
 
 
+def run_one(name: str, tmp: Path, smoke: bool) -> tuple[list[Row], str, bool]:
+    """Run bench/NAME.py with --json; returns its rows, its line for "Runs:" and whether it
+    failed (the script exited non-zero, wrote no figures, or its row function raised)."""
+    extra, rows_of = BENCHES[name]
+    out = tmp / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--json", str(out), *extra]
+    if smoke:
+        cmd.append("--smoke")
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        check=False,
+    )
+    wall = time.monotonic() - t0
+    print(proc.stdout[-3000:], flush=True)
+    if proc.returncode != 0 or not out.exists():
+        last = (proc.stdout.strip().splitlines() or ["no output"])[-1][:160]
+        row = (name, "**failed**", "-", "-", f"exit {proc.returncode}: {last}")
+        return [row], f"- `{name}`: failed after {wall:.0f} s", True
+    try:
+        rows = rows_of(json.loads(out.read_text()))
+    except Exception as exc:  # noqa: BLE001 - a figure the row function wants is missing
+        print(f"{name}: the row function failed: {type(exc).__name__}: {exc}", flush=True)
+        row = (name, "**failed**", "-", "-", f"row function: {type(exc).__name__}: {exc}"[:160])
+        return [row], f"- `bench/{name}.py`: {wall:.0f} s, its figures unreadable", True
+    failed = any(r[1] == "**failed**" for r in rows)
+    return rows, f"- `bench/{name}.py`: {wall:.0f} s", failed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--only", help="Comma-separated benchmarks to run (default: all).")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="Where the table goes (default bench/RESULTS.md; none with --smoke).",
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="Tiny sizes: check that every benchmark still runs."
+    )
     args = ap.parse_args()
+    if args.out is None and not args.smoke:
+        args.out = ROOT / "bench" / "RESULTS.md"
     names = args.only.split(",") if args.only else list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
@@ -371,37 +450,21 @@ def main() -> None:
 
     table: list[Row] = []
     runs: list[str] = []
+    failed: list[str] = []
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="llmflow-bench-") as tmp:
         for name in names:
-            extra, rows_of = BENCHES[name]
-            out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--json", str(out), *extra]
-            print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-            t0 = time.monotonic()
-            proc = subprocess.run(
-                cmd,
-                cwd=ROOT,
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                check=False,
-            )
-            wall = time.monotonic() - t0
-            print(proc.stdout[-3000:], flush=True)
-            if proc.returncode != 0 or not out.exists():
-                last = (proc.stdout.strip().splitlines() or ["no output"])[-1][:160]
-                table.append((f"{name}", "**failed**", "-", "-", f"exit {proc.returncode}: {last}"))
-                runs.append(f"- `{name}`: failed after {wall:.0f} s")
-                continue
-            figures = json.loads(out.read_text())
-            table.extend(rows_of(figures))
-            runs.append(f"- `bench/{name}.py`: {wall:.0f} s")
+            rows, run, bad = run_one(name, Path(tmp), args.smoke)
+            table.extend(rows)
+            runs.append(run)
+            if bad:
+                failed.append(name)
     load_after = os.getloadavg()[0]
 
     lines = [
-        "# Benchmark results",
+        "# Benchmark results"
+        + (" (smoke run: tiny sizes, the figures mean nothing)" if args.smoke else ""),
         "",
         f"`make bench` ({Path(__file__).name}), {started:%Y-%m-%d %H:%M} UTC, commit {git_commit()}.",
         f"Machine: {machine()}; load average {load_before:.2f} before, {load_after:.2f} after.",
@@ -415,10 +478,14 @@ def main() -> None:
         *runs,
         "",
     ]
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text("\n".join(lines))
-    os.replace(tmp_out, args.out)
-    print(f"wrote {args.out}")
+    print("\n".join(lines), flush=True)
+    if args.out:
+        tmp_out = args.out.with_suffix(".tmp")
+        tmp_out.write_text("\n".join(lines))
+        os.replace(tmp_out, args.out)
+        print(f"wrote {args.out}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: failed requests and latency during a rolling update of the Serve app under load.
 
     .venv/bin/python bench/rollout.py [--clients 4] [--before 10] [--after 10]
-        [--max-surge-percent 100] [--address ADDR --serve-url URL] [--json out.json]
+        [--max-surge-percent 100] [--address ADDR --serve-url URL] [--smoke] [--json out.json]
 
 Serves version A of the tiny model with llmflow.promote.rollout.deploy (what the promote stage runs),
 puts --clients clients on it, each looping greedy chat requests back to back, then rolls the
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _serving import Run, start_serve
+from _smoke import parse_with_smoke
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--address", help="Use this Ray cluster instead of a private one.")
     ap.add_argument("--serve-url", help="Its Serve HTTP address (with --address).")
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = ap.parse_args()
+    args = parse_with_smoke(ap, {"before": 1.0, "after": 1.0})
 
     import httpx
     import ray

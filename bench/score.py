@@ -1,7 +1,7 @@
 """Benchmark: Ray Data batch scoring (hf engine) against one-at-a-time and local batched generate.
 
     .venv/bin/python bench/score.py [--prompts 5000] [--naive 200] [--config configs/tiny.yaml]
-        [--set eval.batch_size=64 ...] [--local-threads 1,2] [--skip-naive] [--json out.json]
+        [--set eval.batch_size=64 ...] [--local-threads 1,2] [--skip-naive] [--smoke] [--json out.json]
 
 Same tiny model, same prompts (the bundled task's generator), same max_new_tokens and batch
 size, one run:
@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _smoke import parse_with_smoke
 
 
 def prompt_batch(rows: list[dict]):
@@ -109,7 +110,7 @@ def main() -> None:
         help="Prompts for (e), the eval loss in the same pass or apart; 0 skips.",
     )
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = ap.parse_args()
+    args = parse_with_smoke(ap, {"prompts": 32, "naive": 4, "loss_prompts": 8})
 
     import ray
     import torch
@@ -122,8 +123,8 @@ def main() -> None:
     from llmflow.engines.hf import HFGenerator
     from llmflow.evaluate.eval_split import split_chat
     from llmflow.evaluate.scoring import eval_loss, generate_predictions
+    from llmflow.launch import default_logical_cpus
     from llmflow.prepare.dataset import parquet_bytes
-    from llmflow.stack import default_logical_cpus
     from llmflow.store import Store
 
     transformers.utils.logging.disable_progress_bar()

@@ -1,7 +1,7 @@
 """Benchmark: the hf Serve app against the same engine without Serve, and where the time goes.
 
     .venv/bin/python bench/serve.py [--requests 64] [--max-tokens 16] [--max-batch-size 16]
-        [--rounds 2] [--json out.json]
+        [--rounds 2] [--smoke] [--json out.json]
 
 One run, the tiny model (built locally), the same greedy chat request of --max-tokens tokens
 everywhere, a private local Ray (--num-cpus logical CPUs, no dashboard):
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _serving import Run, add_ingress_option, drive, ingress_env, one_at_a_time, start_serve
+from _smoke import parse_with_smoke
 from ray import serve
 
 
@@ -123,7 +124,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs of the private Ray.")
     add_ingress_option(ap)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = ap.parse_args()
+    args = parse_with_smoke(ap, {"requests": 4, "c32_requests": 8, "rounds": 1})
     ingress_env(args.ingress)
 
     import httpx

@@ -1,6 +1,7 @@
 """Benchmark: does the tiny model learn the bundled task in about two minutes on 2 CPU cores?
 
-    python bench/tiny_task.py [--steps 600] [--batch-size 16] [--lr 3e-3] [--threads 2]
+    .venv/bin/python bench/tiny_task.py [--steps 600] [--batch-size 16] [--lr 3e-3] [--threads 2]
+        [--smoke] [--json out.json]
 
 A plain torch loop (no Ray, no Prefect): build the tiny model in a temporary directory,
 split the bundled JSONL 90/10 by a hash of each example, score exact match of greedy
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import tempfile
@@ -24,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _smoke import parse_with_smoke
 
 
 def is_eval(row: dict, fraction: float) -> bool:
@@ -94,7 +97,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=100)
-    args = ap.parse_args()
+    ap.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parse_with_smoke(ap, {"steps": 5, "eval_examples": 8, "log_every": 5})
 
     import torch
     import transformers
@@ -175,6 +179,29 @@ def main() -> None:
         f"loss: first {losses[0]:.4f}, last {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of 10)"
     )
     print(f"EM: before {em_before:.3f}, after {em_after:.3f} ({score_s:.1f} s to score)")
+    if args.json:
+        figures = {
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+            "train_rows": len(train_rows),
+            "eval_examples": len(eval_rows),
+            "vocab": len(tokenizer),
+            "params": params,
+            "build_s": round(build_s, 2),
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "train_s": round(train_s, 2),
+            "tokens_per_s": round(tokens / train_s),
+            "steps_per_s": round(args.steps / train_s, 2),
+            "loss_first": round(losses[0], 4),
+            "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "em_before": em_before,
+            "em_after": em_after,
+            "score_s": round(score_s, 2),
+        }
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: tokens/s of the Ray Train fine-tune (1 and 2 workers) against a plain loop.
 
-    .venv/bin/python bench/train.py [--steps 400] [--cpus 2] [--json out.json]
+    .venv/bin/python bench/train.py [--steps 400] [--cpus 2] [--smoke] [--json out.json]
 
 Same tiny model, same prepared dataset (the bundled task, prepared into a temporary store),
 same batches and learning rate (configs/tiny.yaml: batch 16, lr 3e-3), side by side in one run:
@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _forkserver import small_forkserver
+from _smoke import parse_with_smoke
 
 # Ray workers are started by the raylet, which inherits this environment: they find the
 # project's `tasks` package and the offline switches this way.
@@ -211,7 +212,7 @@ def main() -> None:
     )
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = ap.parse_args()
+    args = parse_with_smoke(ap, {"steps": 5})
 
     ctx, q = small_forkserver()  # before heavy imports: children measure their own peak
 
