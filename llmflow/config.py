@@ -7,9 +7,9 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def check_bundles(value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
@@ -21,6 +21,10 @@ def check_bundles(value: list[dict[str, float]] | None) -> list[dict[str, float]
             if not bundle or any(amount <= 0 for amount in bundle.values()):
                 raise ValueError(f"{bundle}: a bundle names resources with positive amounts")
     return value
+
+
+# A vLLM replica's resource bundles (eval.vllm_placement, serve.vllm_placement).
+Bundles = Annotated[list[dict[str, float]], AfterValidator(check_bundles)]
 
 
 class Section(BaseModel):
@@ -171,16 +175,11 @@ class EvalConfig(Section):
         description="vllm: engine arguments (max_model_len, dtype, kv_cache_memory_bytes: "
         "required on CPUs, where vLLM otherwise reserves 92% of the RAM).",
     )
-    vllm_placement: list[dict[str, float]] | None = Field(
+    vllm_placement: Bundles | None = Field(
         None,
         description="vllm: Ray resource bundles of one engine replica, e.g. [{CPU: 1}] on CPUs "
         "or [{GPU: 1}, {GPU: 1}] for tensor_parallel_size 2; empty: one GPU.",
     )
-
-    @field_validator("vllm_placement")
-    @classmethod
-    def _bundles(cls, value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
-        return check_bundles(value)
 
 
 class GateConfig(Section):
@@ -317,6 +316,12 @@ class ServeConfig(Section):
         "old ones. 100: every old replica serves until its replacement is ready (needs room "
         "for both); 0: old replicas stop first and requests wait while the new ones load.",
     )
+    start_attempts: int | None = Field(
+        None,
+        ge=1,
+        description="Starts of a replica that fails to load before its rollout fails and is "
+        "rolled back (Serve's max_constructor_retry_count); empty: Serve's 3 a replica.",
+    )
     api_key_env: str | None = Field(
         None,
         description="Name of an environment variable holding the bearer API key (hf); "
@@ -333,16 +338,11 @@ class ServeConfig(Section):
     accelerator_type: str | None = Field(
         None, description="vllm: GPU type to place replicas on (e.g. A10G, H100); empty: any."
     )
-    vllm_placement: list[dict[str, float]] | None = Field(
+    vllm_placement: Bundles | None = Field(
         None,
         description="vllm: Ray resource bundles of one replica, e.g. [{CPU: 1}] on CPUs; "
         "empty: one GPU.",
     )
-
-    @field_validator("vllm_placement")
-    @classmethod
-    def _bundles(cls, value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
-        return check_bundles(value)
 
     chat: bool = Field(
         False,

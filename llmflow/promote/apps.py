@@ -35,6 +35,8 @@ def app_args(serve_cfg: ServeConfig, model: ModelRef) -> dict[str, Any]:
         args["num_replicas"] = serve_cfg.num_replicas
     if serve_cfg.max_ongoing_requests is not None:
         args["max_ongoing_requests"] = serve_cfg.max_ongoing_requests
+    if serve_cfg.start_attempts is not None:
+        args["max_constructor_retry_count"] = serve_cfg.start_attempts
     return args
 
 

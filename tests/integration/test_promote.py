@@ -75,7 +75,9 @@ def test_a_version_that_cannot_serve_is_rolled_back(stack, versions, cfg):
 
     _, v2, broken = versions
     before = aliases.read_aliases(Store(), NAME)
-    state = promote(config=cfg, candidate=broken, return_state=True)
+    # One failed start fails the deployment (serve.start_attempts; Serve's default is three).
+    once = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"start_attempts": 1})})
+    state = promote(config=once, candidate=broken, return_state=True)
     assert state.is_failed()
     assert "rolled back" in state.message
     assert aliases.read_aliases(Store(), NAME) == before

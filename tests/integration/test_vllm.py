@@ -330,8 +330,11 @@ def test_a_broken_candidate_on_vllm_is_rolled_back_with_the_champion_answering(
     good, broken, _ = versions
     before = aliases.read_aliases(Store(), NAME)
     url = f"{stack.serve_url}/vllm/v1/chat/completions"
+    # One failed engine start fails the deployment (serve.start_attempts; Serve's default is
+    # three starts, each importing vLLM before the weights fail to load).
+    once = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"start_attempts": 1})})
     with Load(url, NAME, 1, key=KEY, pause_s=0.1) as load:
-        state = promote(config=cfg, candidate=broken, return_state=True)
+        state = promote(config=once, candidate=broken, return_state=True)
     assert state.is_failed() and "rolled back" in state.message
     assert aliases.read_aliases(Store(), NAME) == before
     assert httpx.get(f"{stack.serve_url}/vllm/health", timeout=30).json()["version"] == good.version

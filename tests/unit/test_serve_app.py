@@ -287,3 +287,29 @@ def test_a_key_source_without_a_key_fails_before_any_work(tmp_path, monkeypatch)
     check_api_key_source(
         _serve("serve.api_key_env=NO_SUCH_KEY_VAR"), ClusterConfig(ray_address="ray://h:10001")
     )
+
+
+def test_start_attempts_reach_both_apps_as_serves_constructor_retries():
+    """serve.start_attempts: how many failed starts of a replica Serve makes before the
+    deployment fails (and the rollout rolls back); empty leaves Serve's default."""
+    from ray.serve._private.config import DeploymentConfig  # what LLMConfig validates with
+
+    from deployments.openai_app import deployment_options
+    from deployments.vllm_app import llm_config
+    from llmflow.promote.apps import app_args, vllm_app_args
+
+    once = _serve("serve.start_attempts=1")
+    options, kwargs = deployment_options(app_args(once, MODEL))
+    assert options["max_constructor_retry_count"] == 1
+    assert "max_constructor_retry_count" not in kwargs
+    vllm = llm_config(vllm_app_args(once, MODEL))["deployment_config"]
+    assert vllm["max_constructor_retry_count"] == 1
+    assert DeploymentConfig(**vllm).max_constructor_retry_count == 1
+    default = _serve()
+    assert "max_constructor_retry_count" not in deployment_options(app_args(default, MODEL))[0]
+    assert (
+        "max_constructor_retry_count"
+        not in llm_config(vllm_app_args(default, MODEL))["deployment_config"]
+    )
+    with pytest.raises(ConfigError, match="serve.start_attempts"):
+        _serve("serve.start_attempts=0")
