@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Self
 from uuid import UUID
 
+# The last N_EVAL bundled examples are the scoring tests' eval split (conftest.eval_split); the
+# others train the session's model (conftest.tiny_trained).
+N_EVAL = 64
+
 
 def wait_for_logs(client, flow_run_id: UUID, *needles: str, timeout: float = 60) -> list:
     """The flow run's log records once every needle occurs in one of them (logs are shipped

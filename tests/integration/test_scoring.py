@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmflow.config import EvalConfig
+from tests.integration.helpers import N_EVAL
 
 pytestmark = pytest.mark.slow
-N_EVAL = 64
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +22,8 @@ def store(stack):
 
 
 @pytest.fixture(scope="module")
-def eval_dataset(store) -> str:
-    """A prepared-format dataset directory whose eval.parquet holds N_EVAL bundled rows."""
-    from llmflow.bundled import bundled_path, read_examples
-    from llmflow.prepare.dataset import parquet_bytes
-
-    rows = read_examples(bundled_path())[-N_EVAL:]
-    prepared = [
-        {
-            "id": f"e{i:03d}",
-            "messages": r["messages"],
-            "n_chars": sum(len(m["content"]) for m in r["messages"]),
-            "n_tokens": 10,
-        }
-        for i, r in enumerate(rows)
-    ]
-    store.write_bytes(parquet_bytes(prepared), "datasets", "scoring-test", "eval.parquet")
-    return store.uri("datasets", "scoring-test")
+def eval_dataset(eval_split) -> str:
+    return eval_split  # the session's: the last N_EVAL bundled examples (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +32,6 @@ def tiny_base(store) -> str:
     from llmflow.config import TrainConfig
 
     return resolve_base_model(TrainConfig(), store)
-
-
-@pytest.fixture(scope="module")
-def tiny_trained(tiny_base, tmp_path_factory) -> str:
-    from llmflow.bundled import bundled_path, read_examples
-    from tests.tiny_training import train_tiny
-
-    rows = read_examples(bundled_path())[:-N_EVAL]
-    return train_tiny(tiny_base, tmp_path_factory.mktemp("trained"), rows, steps=150)
 
 
 CFG = EvalConfig(engine="hf", batch_size=16, concurrency=1, max_new_tokens=12)

@@ -4,8 +4,9 @@ to a ray.serve.llm application that the official openai client talks to, a broke
 rolled back with the champion answering throughout, and a canary promotion with no failed
 request.
 
-One trained tiny model for the module; one Ray Data engine start and one Serve engine start
-(plus the broken candidate's failed ones): vLLM's start-up on 2 cores is most of the time.
+The session's trained tiny model and eval split (shared with test_scoring); one Ray Data
+engine start per scored model and one Serve engine start per served version (plus the broken
+candidate's failed one): vLLM's start-up on 2 cores is most of the time.
 """
 
 from __future__ import annotations
@@ -19,38 +20,21 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
-from tests.integration.helpers import Load, unserve
+from tests.integration.helpers import N_EVAL, Load, unserve
 
 pytestmark = pytest.mark.slow
-N_EVAL = 64
 NAME = "vllm-test"
 KEY = "vllm-s3cret"
 
 
 @pytest.fixture(scope="module")
-def eval_dataset(stack) -> str:
-    from llmflow.bundled import bundled_path, read_examples
-    from llmflow.prepare.dataset import parquet_bytes
-
-    rows = read_examples(bundled_path())[-N_EVAL:]
-    prepared = [
-        {"id": f"e{i:03d}", "messages": r["messages"], "n_chars": 1, "n_tokens": 10}
-        for i, r in enumerate(rows)
-    ]
-    Store().write_bytes(parquet_bytes(prepared), "datasets", "vllm-test", "eval.parquet")
-    return Store().uri("datasets", "vllm-test")
+def eval_dataset(eval_split) -> str:
+    return eval_split  # the session's: the last N_EVAL bundled examples (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def trained(stack, tmp_path_factory) -> str:
-    from llmflow.basemodels import resolve_base_model
-    from llmflow.bundled import bundled_path, read_examples
-    from llmflow.config import TrainConfig
-    from tests.tiny_training import train_tiny
-
-    base = resolve_base_model(TrainConfig())
-    rows = read_examples(bundled_path())[:-N_EVAL]
-    return train_tiny(base, tmp_path_factory.mktemp("vllm-trained"), rows, steps=150)
+def trained(tiny_trained) -> str:
+    return tiny_trained  # the session's trained tiny model, shared with test_scoring
 
 
 def test_engine_environment_matches_the_cluster():
