@@ -23,4 +23,7 @@ while IFS= read -r line; do
     esac
   done
 done < <("$python" -m pip config list 2>/dev/null)
-exec "$uv" pip install -q --python "$python" "${sources[@]}" "$@"
+# --compile-bytecode: as pip does, the .pyc files are written at install (uv compiles in
+# parallel), not by the first processes that import each module (the Ray workers of a cold
+# venv, started side by side, each compile what none has written yet).
+exec "$uv" pip install -q --compile-bytecode --python "$python" "${sources[@]}" "$@"
