@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test drills test-unit test-integration test-gpu bench up down status clean lint
+.PHONY: install demo test drills bench-smoke test-unit test-integration test-gpu bench up down status clean lint
 
 # The three environments build side by side with uv (7 min one after another with pip);
 # each target's output is printed whole when it ends.
@@ -57,7 +57,12 @@ TIMES := --durations=25 --durations-min=1
 
 # The lint and the layout rules (tests/unit/test_layout.py) first: they fail in seconds.
 test: install lint
-	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider $(TIMES)
+	$(BIN)/python -m pytest tests -m "not gpu and not bench_smoke" --ignore=tests/drills -p no:cacheprovider $(TIMES)
+
+# Every bench script's smoke run (tests/integration/test_bench.py), ~22 min on 2 cores; make test
+# runs the three cheap ones.
+bench-smoke: install
+	$(BIN)/python -m pytest tests/integration/test_bench.py -p no:cacheprovider $(TIMES)
 
 # Reliability drills (tests/drills): things broken on purpose. CI runs them after `make test`.
 drills: install

@@ -1,4 +1,5 @@
-"""Every bench/ script runs and its figures make report rows (--smoke): ~17 min on 2 cores."""
+"""Every bench/ script runs and its figures make report rows (--smoke): three in `make test`
+(about 2 min), all nine in `make bench-smoke` (about 22 min on 2 cores)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # 137 s; engines 472 s, where vLLM starts three times, 1.5-3 min each).
 TIMEOUT_S = {"engines": 1500}
 DEFAULT_TIMEOUT_S = 420
+# Cheap enough for every `make test` (under a minute each on 2 cores); the others start
+# vLLM engines, Ray Train fits or a whole stack (about 20 min together, measured in a clean
+# CI run): marked `bench_smoke`, run by `make bench-smoke`, not by `make test`.
+IN_MAKE_TEST = {"prepare", "canary", "tiny_task"}
 
 
 def _benches() -> list:
@@ -26,7 +31,11 @@ def _benches() -> list:
     spec.loader.exec_module(report)
     # pytest's own timeout (pyproject's 900 s) a little above the subprocess's.
     return [
-        pytest.param(name, marks=pytest.mark.timeout(TIMEOUT_S.get(name, DEFAULT_TIMEOUT_S) + 60))
+        pytest.param(
+            name,
+            marks=[pytest.mark.timeout(TIMEOUT_S.get(name, DEFAULT_TIMEOUT_S) + 60)]
+            + ([] if name in IN_MAKE_TEST else [pytest.mark.bench_smoke]),
+        )
         for name in report.BENCHES
     ]
 
