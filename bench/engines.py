@@ -107,8 +107,13 @@ def score_once(engine: str, model: str, dataset: str, out: str, max_tokens: int)
     }
 
 
-def bench_scoring(model: str, store, n: int, warm_n: int, max_tokens: int) -> dict:
-    small, large = eval_split(store, n, "bench-n"), eval_split(store, 2 * n, "bench-2n")
+def bench_scoring(
+    model: str, store, n: int, warm_n: int, max_tokens: int, twice: bool = True
+) -> dict:
+    """Per engine, a job of N then one of 2N; with ``twice`` false (a smoke run) the job of N
+    only, and the rate without start-up is None (one vLLM start less, ~1.5 min here)."""
+    small = eval_split(store, n, "bench-n")
+    large = eval_split(store, 2 * n, "bench-2n") if twice else None
     out: dict = {}
     warm = eval_split(store, warm_n, "bench-warm") if warm_n else None
     for engine in ("hf", "vllm"):
@@ -117,14 +122,18 @@ def bench_scoring(model: str, store, n: int, warm_n: int, max_tokens: int) -> di
         if warm:
             score_once(engine, model, warm, store.uri("runs", "bench", engine, "warm"), max_tokens)
         a = score_once(engine, model, small, store.uri("runs", "bench", engine, "n"), max_tokens)
-        b = score_once(engine, model, large, store.uri("runs", "bench", engine, "2n"), max_tokens)
-        marginal = b["wall_s"] - a["wall_s"]
+        b = (
+            score_once(engine, model, large, store.uri("runs", "bench", engine, "2n"), max_tokens)
+            if large
+            else None
+        )
+        marginal = b["wall_s"] - a["wall_s"] if b else 0.0
         out[engine] = {
             "examples_per_s_with_startup": round(n / a["wall_s"], 2),
             "examples_per_s_without_startup": round(n / marginal, 2) if marginal > 0 else None,
-            "startup_s": round(max(0.0, 2 * a["wall_s"] - b["wall_s"]), 1),
-            "peak_mib": round(max(a["peak_mib"], b["peak_mib"]), 0),
-            "wall_s": [round(a["wall_s"], 1), round(b["wall_s"], 1)],
+            "startup_s": round(max(0.0, 2 * a["wall_s"] - b["wall_s"]), 1) if b else None,
+            "peak_mib": round(max(a["peak_mib"], b["peak_mib"] if b else 0.0), 0),
+            "wall_s": [round(x["wall_s"], 1) for x in (a, b) if x],
         }
         print(f"scoring {engine}: {out[engine]}", flush=True)
     return out
@@ -201,7 +210,7 @@ def main() -> None:
             "prompts": args.prompts,
             "max_tokens": args.max_tokens,
             "scoring": bench_scoring(
-                model, store, args.prompts, args.warm_prompts, args.max_tokens
+                model, store, args.prompts, args.warm_prompts, args.max_tokens, not args.smoke
             ),
             "serving": bench_serving(model, base_url, args.requests, args.max_tokens),
         }

@@ -266,16 +266,22 @@ def canary(f: dict) -> list[Row]:
 
 
 def _resolved(s: dict) -> bool:
-    return all(e["wall_s"][1] - e["wall_s"][0] >= 2.0 for e in s.values())
+    return all(len(e["wall_s"]) == 2 and e["wall_s"][1] - e["wall_s"][0] >= 2.0 for e in s.values())
 
 
 def _marginal(e: dict, n: int) -> str:
     """The marginal rate, or why it is not one: a T(2N) - T(N) under 2 s is the machine's
-    noise, not N prompts' generation time."""
+    noise, not N prompts' generation time; a smoke run has no 2N job."""
+    if len(e["wall_s"]) < 2:
+        return "not measured: no 2N job (smoke run)"
     extra = e["wall_s"][1] - e["wall_s"][0]
     if extra < 2.0:
         return f"not resolved: T(2N) - T(N) = {extra:+.1f} s for {n} more prompts (noise)"
     return f"{n / extra:.1f}/s"
+
+
+def _seconds(value: float | None) -> str:
+    return "- s" if value is None else f"{value:.0f} s"
 
 
 def vllm(f: dict) -> list[Row]:
@@ -297,8 +303,8 @@ def vllm(f: dict) -> list[Row]:
         ),
         (
             "scoring start-up, peak added RSS (vllm)",
-            f"{s['vllm']['startup_s']:.0f} s, {s['vllm']['peak_mib']:.0f} MiB",
-            f"{s['hf']['startup_s']:.0f} s, {s['hf']['peak_mib']:.0f} MiB (hf)",
+            f"{_seconds(s['vllm']['startup_s'])}, {s['vllm']['peak_mib']:.0f} MiB",
+            f"{_seconds(s['hf']['startup_s'])}, {s['hf']['peak_mib']:.0f} MiB (hf)",
             "-",
             "-",
         ),

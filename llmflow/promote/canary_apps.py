@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import tenacity
@@ -107,9 +108,17 @@ def set_step(
 def start(
     serve_cfg: ServeConfig, champion: ModelRef, candidate: ModelRef, cluster: ClusterConfig | None
 ) -> None:
-    """Both versions' internal apps, then the router as the public app at 0%."""
-    deploy(version_cfg(serve_cfg, CHAMPION, champion.version), champion, cluster)
-    deploy(version_cfg(serve_cfg, CANDIDATE, candidate.version), candidate, cluster)
+    """Both versions' internal apps, side by side (the cluster holds both for the whole canary
+    anyway; their engines' starts overlap instead of adding up), then the router as the
+    public app at 0%. A failed start raises once the other has ended."""
+    roles = ((CHAMPION, champion), (CANDIDATE, candidate))
+    with ThreadPoolExecutor(len(roles), thread_name_prefix="canary-start") as pool:
+        started = [
+            pool.submit(deploy, version_cfg(serve_cfg, role, model.version), model, cluster)
+            for role, model in roles
+        ]
+    for future in started:
+        future.result()
     set_step(serve_cfg, champion, candidate, cluster, 0, "0:start")
 
 

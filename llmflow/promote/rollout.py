@@ -5,6 +5,7 @@ outcome of a promotion that has nothing to do. tasks/promote.py runs them in one
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import httpx
@@ -24,6 +25,9 @@ from llmflow.refs import GateDecision, ModelRef, Rollout, SmokeTest
 from llmflow.settings import serve_url
 
 SMOKE_PROMPTS = ("Reverse this number: 1234", "Reverse this number: 905")
+# One read-modify-write of the declarative set at a time: two apps applied side by side (a
+# canary's internal apps) would each keep the set read before the other's was applied.
+_APPLY = threading.Lock()
 
 
 class RolloutError(LlmflowError):
@@ -66,14 +70,15 @@ def apply_declarative(app: dict[str, Any]) -> float:
     from ray.serve.schema import ServeDeploySchema
 
     client = _get_global_client()
-    details = client.get_serve_details().get("applications", {})
-    keep = [
-        d["deployed_app_config"]
-        for name, d in details.items()
-        if d.get("deployed_app_config") and name != app["name"]
-    ]
-    before = float((details.get(app["name"]) or {}).get("last_deployed_time_s") or 0.0)
-    client.deploy_apps(ServeDeploySchema(applications=[*keep, app]))
+    with _APPLY:
+        details = client.get_serve_details().get("applications", {})
+        keep = [
+            d["deployed_app_config"]
+            for name, d in details.items()
+            if d.get("deployed_app_config") and name != app["name"]
+        ]
+        before = float((details.get(app["name"]) or {}).get("last_deployed_time_s") or 0.0)
+        client.deploy_apps(ServeDeploySchema(applications=[*keep, app]))
     return before
 
 
