@@ -33,9 +33,11 @@ $(UV):
 # torch first, pinned to the CPU build that lies on the machine's disk: a bare `torch`
 # requirement would otherwise pull a multi-GB CUDA build. uv with pip's sources and a cache
 # the environments share (infra/local/uv-pip.sh; pip took 3 min here, uv 1).
-$(STAMP): pyproject.toml constraints.txt | $(UV)
+# examples/metrics-plugin: the example metric plug-in (eval.extra_metrics names its metrics).
+$(STAMP): pyproject.toml constraints.txt examples/metrics-plugin/pyproject.toml | $(UV)
 	UV=$(UV) bash infra/local/uv-pip.sh $(BIN)/python -c constraints.txt "torch==2.13.0"
-	UV=$(UV) bash infra/local/uv-pip.sh $(BIN)/python -c constraints.txt -e ".[dev]"
+	UV=$(UV) bash infra/local/uv-pip.sh $(BIN)/python -c constraints.txt -e ".[dev]" \
+		-e examples/metrics-plugin
 	@bash infra/local/chromium.sh
 	@bash infra/local/postgres.sh
 	touch $(STAMP)

@@ -13,6 +13,7 @@ from prefect import flow
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
+from llmflow.preflight import check_flow
 from llmflow.terminal import stage
 from tasks.check import where_am_i
 
@@ -23,6 +24,7 @@ def check(config: PipelineConfig = default_config(), tasks: int = 3) -> list[dic
 
     Stages: where_am_i x tasks (on Ray workers).
     """
+    check_flow(config, "check")  # the secrets the run names are set on every node
     where = where_am_i.map(list(range(tasks))).result()
     nodes = {w["ray_node"] for w in where}
     stage("check", f"{len(where)} tasks ran on {len(nodes)} Ray node(s), their logs in Prefect")

@@ -90,16 +90,17 @@ def _promote(
 ) -> None:
     from llmflow import registry
     from llmflow.cli_common import echo
-    from llmflow.cli_run import prepare_environment
+    from llmflow.cli_run import prepare_environment, quiet_unless_debug
     from llmflow.errors import RunFailed
     from llmflow.store import Store
 
     cfg = promote_config(name, config, set_, canary)
     prepare_environment(cfg)
-    from flows.promote import promote as promote_flow
-
     candidate = registry.get_version(Store(), name, version)
-    state = promote_flow(config=cfg, candidate=candidate, return_state=True)
+    with quiet_unless_debug(f"promote-{name}", f"promote {name}:{candidate.version}"):
+        from flows.promote import promote as promote_flow
+
+        state = promote_flow(config=cfg, candidate=candidate, return_state=True)
     if not state.is_completed():
         raise RunFailed(f"promotion of {name}:{candidate.version} failed: {state.message}")
     echo(state.result().message)
@@ -144,7 +145,7 @@ def unserve(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     `llmflow up` no longer restores it; `llmflow models promote` serves it again.
     """
     from llmflow.cli_common import echo
-    from llmflow.cli_run import prepare_environment
+    from llmflow.cli_run import prepare_environment, quiet_unless_debug
     from llmflow.configfile import load_config
     from llmflow.errors import LlmflowError
     from llmflow.promote.serving import recorded
@@ -156,7 +157,8 @@ def unserve(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     if name not in {s.name for s in recorded(store)}:  # before any stack or cluster work
         raise LlmflowError(f"model '{name}' is not recorded as served (no serving.json)")
     prepare_environment(cfg)
-    app = unserve_model(store, name, cfg.cluster)
+    with quiet_unless_debug(f"unserve-{name}", f"unserve {name}"):
+        app = unserve_model(store, name, cfg.cluster)
     echo(f"{name}: Serve app '{app}' deleted; `llmflow up` no longer restores it")
 
 

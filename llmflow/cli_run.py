@@ -4,8 +4,10 @@ its outcome in one line, and the demo's served answer and chat page.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -51,22 +53,30 @@ def run_flow(name: str, cfg, echo=echo, **params):
     line of the run to the Prefect UI, as always)."""
     import importlib
 
-    from llmflow import terminal
-    from llmflow.settings import StackSettings
-
     if name not in FLOWS:
         raise LlmflowError(f"unknown flow '{name}'; choose one of: {', '.join(FLOWS)}")
     prepare_environment(cfg)
     module, func = FLOWS[name].split(":")
+    with quiet_unless_debug(f"run-{name}", f"{name}: running"):
+        flow_obj = getattr(importlib.import_module(module), func)
+        return flow_obj(config=cfg, return_state=True, **params)
+
+
+@contextlib.contextmanager
+def quiet_unless_debug(what: str, line: str) -> Iterator[None]:
+    """Prefect's, Ray's and Serve's own output to .llmflow/logs/<what>-<time>.log while the
+    block runs (the terminal keeps llmflow's lines), unless --debug: every command that talks
+    to the cluster, not only `llmflow run`."""
+    from llmflow import terminal
+    from llmflow.settings import StackSettings
+
     if os.environ.get("LLMFLOW_DEBUG") == "1":
-        flow_obj = getattr(importlib.import_module(module), func)
-        return flow_obj(config=cfg, return_state=True, **params)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_file = StackSettings.from_env().logs_dir / f"run-{name}-{stamp}.log"
-    echo(f"{name}: running; Prefect's and Ray's output in {log_file}")
+        yield
+        return
+    log_file = StackSettings.from_env().logs_dir / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    echo(f"{line}; Prefect's and Ray's output in {log_file}")
     with terminal.quiet(log_file):
-        flow_obj = getattr(importlib.import_module(module), func)
-        return flow_obj(config=cfg, return_state=True, **params)
+        yield
 
 
 def run(

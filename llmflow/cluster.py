@@ -9,7 +9,8 @@ runs on the local stack, on a remote cluster, or from a UI form, with only confi
 The runtime_env carries PREFECT_API_URL and the offline switches to the Ray workers: on a
 standalone cluster they do not inherit the driver's environment, and a worker without a
 server address starts a temporary Prefect server of its own, whose task runs and logs
-never reach the flow's database (prefect issues #18485 and #14494).
+never reach the flow's database (prefect issues #18485 and #14494). It never carries a
+secret: Ray's runtime_env agent logs its values (llmflow/trust.py).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from llmflow.settings import StackSettings, default_store_uri, offline_env
 
 log = logging.getLogger(__name__)
 
-# Passed through to Ray workers when set in the driver's environment.
+# Passed through to Ray workers when set in the driver's environment. Never a secret (Ray's
+# runtime_env agent logs these values): PREFECT_API_KEY and PREFECT_API_AUTH_STRING reach the
+# workers from the nodes' own environment (llmflow/trust.py; the flows check they are set).
 PASS_THROUGH = (
-    "PREFECT_API_KEY",
-    "PREFECT_API_AUTH_STRING",
     "PREFECT_API_SSL_CERT_FILE",
     "PREFECT_LOGGING_LEVEL",
     "PREFECT_LOCAL_STORAGE_PATH",
@@ -71,7 +72,7 @@ def worker_env(cluster: ClusterConfig) -> dict[str, str]:
     for key in PASS_THROUGH:
         if os.environ.get(key):
             env[key] = os.environ[key]
-    env.update(cluster.env_vars)
+    env.update(cluster.env_vars)  # validated: no key that names a secret
     return env
 
 

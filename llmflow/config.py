@@ -9,7 +9,10 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
+import pydantic
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llmflow import trust
 
 
 def check_bundles(value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
@@ -23,8 +26,9 @@ def check_bundles(value: list[dict[str, float]] | None) -> list[dict[str, float]
     return value
 
 
-# A vLLM replica's resource bundles (eval.vllm_placement, serve.vllm_placement).
-Bundles = Annotated[list[dict[str, float]], AfterValidator(check_bundles)]
+Bundles = Annotated[list[dict[str, float]], AfterValidator(check_bundles)]  # a vLLM replica's
+EnvVars = Annotated[dict[str, str], AfterValidator(trust.check_env_vars)]
+EnvNames = Annotated[list[str], AfterValidator(trust.check_names)]
 
 
 class Section(BaseModel):
@@ -152,12 +156,10 @@ class EvalConfig(Section):
     # The defaults are measured for the tiny model on 2 CPU cores (bench/score.py, whole job,
     # start-up included): one actor of one torch thread, batch 256. One thread is the robust
     # choice where the cores are shared: with one core busy elsewhere, 1 x 1 scored 5,000
-    # prompts in 17.3 s and 1 x 2 in 98.7 s (two threads spin-wait on a busy core;
-    # OMP_WAIT_POLICY=PASSIVE did not help: it cost a quiet machine a fifth of its speed).
-    # On a dedicated machine set threads_per_actor to the cores: quiet, 1 x 2 took 15.0 s
-    # (12.3x the one-at-a-time loop) against 19.8 s for 1 x 1. A second actor costs ~8 CPU s
-    # of imports and model load, more than it saves on 2 cores. Batch 256 cost the least CPU
-    # per prompt of 64..1024. On GPUs set concurrency to the number of GPUs.
+    # prompts in 17.3 s and 1 x 2 in 98.7 s (two threads spin-wait on a busy core). On a
+    # dedicated machine set threads_per_actor to the cores: quiet, 1 x 2 took 15.0 s against
+    # 19.8 s for 1 x 1. A second actor costs ~8 CPU s of imports and model load, more than it
+    # saves on 2 cores. On GPUs set concurrency to the number of GPUs.
     batch_size: int = Field(256, ge=1, description="Prompts per generate call.")
     concurrency: int = Field(1, ge=1, description="Scoring actors (vllm: engine replicas).")
     cpus_per_actor: float = Field(1, gt=0, description="hf: CPUs Ray reserves per actor.")
@@ -168,7 +170,8 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     max_examples: int | None = Field(None, ge=1, description="Score at most this many.")
     extra_metrics: list[str] = Field(
-        default_factory=list, description="Dotted paths of extra metric functions."
+        default_factory=list,
+        description="Plug-in metrics by name ('llmflow.metrics' entry points).",
     )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -365,8 +368,11 @@ class ClusterConfig(Section):
     prefect_api_url: str | None = Field(
         None, description="Prefect API URL. Empty means the local stack's server."
     )
-    env_vars: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables for Ray workers."
+    env_vars: EnvVars = Field(
+        default_factory=dict, description="Extra environment for Ray workers (no secrets)."
+    )
+    secret_env: EnvNames = Field(
+        default_factory=list, description="Secrets the nodes must have set (names: HF_TOKEN)."
     )
     serve_url: str | None = Field(
         None,
@@ -379,16 +385,9 @@ class ClusterConfig(Section):
         description="The cluster starts nodes on demand (KubeRay's autoscaler): the flows do "
         "not check the stages' resources against the nodes alive at the start.",
     )
-    vllm_python: str | None = Field(
-        None,
-        description="Interpreter of the vLLM engine environment on the Ray nodes (the "
-        "image's). Empty: LLMFLOW_VLLM_PYTHON, else the project's .venv-vllm/bin/python.",
-    )
-    llamafactory_python: str | None = Field(
-        None,
-        description="Interpreter of the LlamaFactory environment (train.backend llamafactory) "
-        "on the nodes. Empty: LLMFLOW_LLAMAFACTORY_PYTHON, else .venv-llamafactory/bin/python.",
-    )
+
+
+Cluster = Annotated[ClusterConfig, pydantic.BeforeValidator(trust.no_interpreters)]  # no code
 
 
 class PipelineConfig(Section):
@@ -397,4 +396,4 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    cluster: Cluster = Field(default_factory=ClusterConfig)

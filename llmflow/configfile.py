@@ -28,7 +28,8 @@ def _format_validation_error(
         src = where
         for okey, item in (overridden or {}).items():
             if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
-                src = f"--set {item}"
+                # env_vars may hold what a user should not have put there: never echoed.
+                src = f"--set {okey}=..." if "env_vars" in okey else f"--set {item}"
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"{src}: unknown key '{key}'")

@@ -11,8 +11,10 @@ data crosses it. ``VLLM`` and ``LLAMAFACTORY`` describe the two environments; ev
 takes one (vLLM by default).
 
 `make install` builds them in .venv-vllm and .venv-llamafactory (infra/engines/make-env.sh);
-on a cluster the image provides them and ``cluster.vllm_python`` /
-``cluster.llamafactory_python`` name their interpreters.
+on a cluster the image provides them and LLMFLOW_VLLM_PYTHON / LLMFLOW_LLAMAFACTORY_PYTHON,
+set where the flows run (the flow-run pod's environment in infra/k8s), name their
+interpreters. Never a run's parameter: whoever can start a run from the UI's form must not
+choose the program the cluster executes.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class EngineEnv:
     package: str  # the module it must import, and the name errors give ('vllm')
     dists: tuple[str, ...]  # distributions that provide it, first found wins
     label: str  # 'the vLLM engine environment'
-    cluster_key: str  # the ClusterConfig field naming its interpreter
+    cluster_key: str  # the retired ClusterConfig field that named it (refused with a hint)
     python_env: str  # the environment variable naming it
     default_dir: str  # <project>/<default_dir>/bin/python otherwise (make install builds it)
 
@@ -110,20 +112,19 @@ class EnvInfo:
 
 
 def interpreter(cluster: ClusterConfig | None = None, env: EngineEnv = VLLM) -> str:
-    """The environment's interpreter: the cluster section's field (``cluster.vllm_python``),
-    else its environment variable, else <project>/<default_dir>/bin/python."""
+    """The environment's interpreter: its environment variable (LLMFLOW_VLLM_PYTHON) where
+    the flow runs, else <project>/<default_dir>/bin/python. ``cluster`` is accepted for the
+    callers' symmetry; no field of a run's config names an interpreter."""
     from llmflow.settings import project_dir
 
-    configured = getattr(cluster, env.cluster_key, None) or os.environ.get(env.python_env)
+    configured = os.environ.get(env.python_env)
     return str(configured or project_dir() / env.default_dir / "bin" / "python")
 
 
 def _where(cluster: ClusterConfig | None, env: EngineEnv) -> str:
-    if getattr(cluster, env.cluster_key, None):
-        return f"cluster.{env.cluster_key}"
     if os.environ.get(env.python_env):
         return env.python_env
-    return f"{env.default_dir} (make install builds it)"
+    return f"{env.default_dir} (make install builds it; {env.python_env} names another)"
 
 
 _remote_answers: dict[tuple[str, str, str], EnvInfo] = {}

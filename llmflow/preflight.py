@@ -107,10 +107,35 @@ def check_placement(config: PipelineConfig, flow: str) -> None:
     if isinstance(runner, ClusterTaskRunner):
         runner.ensure_connected()
     if ray.is_initialized():
-        check_resources(config, flow, ray.nodes())
+        nodes = ray.nodes()
+        check_resources(config, flow, nodes)
+        check_secrets(config, nodes)
+
+
+# The Prefect client's credentials: where the flow has them, its task runs on the Ray workers
+# need them too, from the nodes' own environment (llmflow/trust.py).
+PREFECT_SECRETS = ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
+
+
+def check_secrets(config: PipelineConfig, nodes: Sequence[dict[str, Any]]) -> None:
+    """Every name of ``cluster.secret_env``, and the Prefect credentials this process uses,
+    is set on every alive node (names are asked, never values). Raises ConfigError."""
+    from llmflow.trust import missing_on_nodes
+
+    names = [*config.cluster.secret_env, *(k for k in PREFECT_SECRETS if os.environ.get(k))]
+    if not names:
+        return
+    missing = missing_on_nodes(list(dict.fromkeys(names)), list(nodes))
+    if missing:
+        node, lacking = next(iter(missing.items()))
+        raise ConfigError(
+            f"cluster.secret_env: {', '.join(lacking)} not set on the Ray node {node} (set it "
+            "in the nodes' own environment: exported before `llmflow up`, a Kubernetes Secret "
+            "in infra/k8s; never in cluster.env_vars)"
+        )
 
 
 def check_flow(config: PipelineConfig, flow: str) -> None:
-    """What each flow runs first: check_config, then check_placement."""
+    """What each flow runs first: check_config, then check_placement (and the secrets)."""
     check_config(config, flow)
     check_placement(config, flow)

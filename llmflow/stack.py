@@ -45,6 +45,7 @@ from llmflow.processes import (
     OPTIONAL_PARTS,
     PARTS,
     child_env,
+    client_env,
     default_database,
     env_bin,
     log_tail,
@@ -237,13 +238,19 @@ def restore_serving(s: StackSettings, echo: Callable[[str], None] = lambda _: No
     """Deploy the champions recorded in the store (models/<name>/serving.json) whose apps do
     not answer: Serve's applications live in the Ray head and go with it. Returns the
     restored "name:version"s; one that cannot be restored is echoed with its reason and
-    the stack stays up (`llmflow status` shows what serves)."""
+    the stack stays up (`llmflow status` shows what serves).
+
+    It connects to Ray from this process (the CLI's, in a user's shell), so this process
+    takes the stack's client environment first: the head's token above all, without which
+    the connection fails with InvalidAuthToken.
+    """
     from llmflow.promote import serving
     from llmflow.store import Store
 
     store = Store()
     if not any(store.exists("models", n, serving.SERVING) for n in store.listdir("models")):
         return []
+    os.environ.update(client_env(s))
     restored, _ = serving.restore_champions(store, s.ray_address, echo)
     return restored
 

@@ -44,6 +44,25 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port found in 100 tries")
 
 
+# Every port a stack binds (LLMFLOW_<NAME>_PORT): on their defaults the metrics, Ray client
+# and HAProxy ports would collide with a stack that `llmflow up` started on this machine.
+STACK_PORTS = (
+    "PREFECT",
+    "RAY",
+    "DASHBOARD",
+    "SERVE",
+    "METRICS",
+    "RAY_CLIENT",
+    "HAPROXY_STATS",
+    "HAPROXY_METRICS",
+)
+
+
+def stack_ports() -> dict[str, str]:
+    """A free port for each of STACK_PORTS, as the LLMFLOW_*_PORT variables."""
+    return {f"LLMFLOW_{name}_PORT": str(free_port()) for name in STACK_PORTS}
+
+
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory):
     from llmflow.settings import StackSettings
@@ -51,14 +70,7 @@ def stack_settings(tmp_path_factory):
     home = tmp_path_factory.mktemp("llmflow-home")
     env = {
         "LLMFLOW_HOME": str(home),
-        "LLMFLOW_PREFECT_PORT": str(free_port()),
-        "LLMFLOW_RAY_PORT": str(free_port()),
-        "LLMFLOW_DASHBOARD_PORT": str(free_port()),
-        "LLMFLOW_SERVE_PORT": str(free_port()),
-        "LLMFLOW_METRICS_PORT": str(free_port()),
-        "LLMFLOW_RAY_CLIENT_PORT": str(free_port()),
-        "LLMFLOW_HAPROXY_STATS_PORT": str(free_port()),
-        "LLMFLOW_HAPROXY_METRICS_PORT": str(free_port()),
+        **stack_ports(),
         "LLMFLOW_WORK_POOL": "llmflow-test",
         "LLMFLOW_STORE": str(home / "store"),
         # prefect.yaml's schedules are registered paused: a scheduled run (retrain-nightly

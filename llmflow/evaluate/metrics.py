@@ -1,17 +1,20 @@
 """Evaluation metrics: per-example text scores, corpus aggregation, teacher-forced loss.
 
 Text metrics are pure functions ``(prediction, reference) -> float`` in [0, 1]. Task-specific
-ones plug in by dotted path (``eval.extra_metrics``) with the same signature.
+ones, with the same signature, are plug-ins: a package installed on the nodes registers them
+as ``llmflow.metrics`` entry points, and ``eval.extra_metrics`` names them. A config (or the
+Prefect UI's form) names a registered metric, never a module: whoever can start a run cannot
+make the cluster import code of their choosing (examples/metrics-plugin/ is one such package).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from llmflow.engines.hf import example_losses, loss_mask  # noqa: F401  (model-side, used here)
@@ -107,50 +110,69 @@ DIRECTIONS: dict[str, str] = {
 }
 
 
+ENTRY_POINTS = "llmflow.metrics"
+
+
 def metric_directions(extra: Iterable[str] = ()) -> dict[str, str]:
     """Every gateable metric's direction: the built-in ones and the ``extra`` metrics'."""
     out = dict(DIRECTIONS)
-    for path in extra:
-        fn = load_metric(path)
-        out[metric_name(path)] = HIGHER if getattr(fn, "higher_is_better", True) else LOWER
+    for name in extra:
+        fn = load_metric(name)
+        out[metric_name(name)] = HIGHER if getattr(fn, "higher_is_better", True) else LOWER
     return out
 
 
-def load_metric(path: str) -> Metric:
-    """A metric function from ``"package.module:function"`` or ``"package.module.function"``.
+def registered_metrics() -> dict[str, EntryPoint]:
+    """The plug-in metrics of the installed packages (``llmflow.metrics`` entry points)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
 
-    Raises ConfigError (one line naming the path) when it cannot be imported or called.
+
+def load_metric(name: str) -> Metric:
+    """The plug-in metric registered as ``name``.
+
+    Raises ConfigError (one line naming the metric and the registered ones) for a module path,
+    an unknown name, or an entry point that does not load a function.
     """
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(f"eval.extra_metrics: {path!r}: expected 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+    registered = registered_metrics()
+    known = ", ".join(sorted(registered)) or "none installed"
+    if any(c in name for c in ":./"):
         raise ConfigError(
-            f"eval.extra_metrics: {path!r}: cannot import {module_name} ({exc})"
+            f"eval.extra_metrics: {name!r} is a module path; name a metric registered as an "
+            f"'{ENTRY_POINTS}' entry point (registered: {known})"
+        )
+    if name not in registered:
+        raise ConfigError(
+            f"eval.extra_metrics: {name!r} is not a registered metric (registered: {known}; "
+            f"a package registers one as an '{ENTRY_POINTS}' entry point)"
+        )
+    try:
+        fn = registered[name].load()
+    except Exception as exc:  # a broken plug-in, in one line
+        raise ConfigError(
+            f"eval.extra_metrics: {name!r}: {registered[name].value} does not load "
+            f"({type(exc).__name__}: {exc})"
         ) from exc
-    fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"eval.extra_metrics: {path!r}: {module_name} has no function {attr!r}")
+        raise ConfigError(
+            f"eval.extra_metrics: {name!r}: {registered[name].value} is not a function"
+        )
     return fn
 
 
-def metric_name(path: str) -> str:
-    """The column and report key of an extra metric: its function name."""
-    return path.replace(":", ".").rsplit(".", 1)[-1]
+def metric_name(name: str) -> str:
+    """The column and report key of an extra metric: its registered name."""
+    return name
 
 
 def load_metrics(extra: Iterable[str] = ()) -> dict[str, Metric]:
-    """The built-in metrics plus the extra ones by dotted path, keyed by name."""
+    """The built-in metrics plus the registered extra ones, keyed by name."""
     metrics = dict(BUILTIN_METRICS)
-    for path in extra:
-        name = metric_name(path)
+    for name in extra:
         if name in metrics:
-            raise ConfigError(f"eval.extra_metrics: {path!r}: a metric named {name!r} exists")
-        metrics[name] = load_metric(path)
+            raise ConfigError(
+                f"eval.extra_metrics: {name!r}: a built-in metric of that name exists"
+            )
+        metrics[name] = load_metric(name)
     return metrics
 
 

@@ -2,7 +2,8 @@
 controller, proxy and replicas) while a client calls the served champion. Serve's
 applications live in the head, so nothing answers; `llmflow up` (the CLI, as a user runs it)
 starts a new head and brings the champion back from its serving record, and the same version
-answers again without a promotion."""
+answers again without a promotion. `llmflow up` runs from a user's shell: none of the
+variables the stack hands its own clients (the Ray token's among them)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.promote.serving import SERVING
 from llmflow.store import Store
-from tests.integration.helpers import unserve, wait_for
+from tests.integration.helpers import unserve, user_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +83,7 @@ def test_llmflow_up_brings_the_champion_back_after_the_ray_head_dies(stack):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            env=os.environ.copy(),
+            env=user_env(),
             timeout=600,
             check=False,
         )
@@ -112,7 +113,7 @@ def test_llmflow_up_brings_the_champion_back_after_the_ray_head_dies(stack):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=os.environ.copy(),
+        env=user_env(),
         timeout=300,
         check=False,
     )

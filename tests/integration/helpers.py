@@ -16,6 +16,28 @@ from uuid import UUID
 # others train the session's model (conftest.tiny_trained).
 N_EVAL = 64
 
+# What the stack's clients get from it (llmflow.processes.client_env) and a user's shell does
+# not have: a command must find them itself (the test process carries them all).
+STACK_CLIENT_VARS = (
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_ADDRESS",
+    "PREFECT_API_URL",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_LOCAL_STORAGE_PATH",
+    "LLMFLOW_RAY_ADDRESS",
+    "LLMFLOW_SERVE_URL",
+    "LLMFLOW_PROJECT_DIR",
+)
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """A user's shell for an `llmflow` subprocess: this process's environment (the offline
+    switches, and where the test stack lives: LLMFLOW_HOME and its ports, as a user of a
+    non-default stack exports them) less every variable the stack hands its own clients."""
+    env = {k: v for k, v in os.environ.items() if k not in STACK_CLIENT_VARS}
+    return env | extra
+
 
 def wait_for_logs(client, flow_run_id: UUID, *needles: str, timeout: float = 60) -> list:
     """The flow run's log records once every needle occurs in one of them (logs are shipped

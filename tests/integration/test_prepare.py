@@ -4,7 +4,6 @@ Prefect, a cache hit on a re-run, and a readable failure for bad data."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from prefect.client.schemas.filters import (
 from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
 from llmflow.store import Store
-from tests.integration.helpers import task_states, wait_for
+from tests.integration.helpers import task_states, user_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -100,7 +99,7 @@ def test_bad_rows_past_the_bound_fail_with_a_readable_reason(stack, tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=dict(os.environ),
+        env=user_env(),
         cwd=ROOT,
         timeout=600,
         check=False,
@@ -151,7 +150,7 @@ def test_missing_source_fails_before_any_cluster_work(stack):
         ],
         capture_output=True,
         text=True,
-        env=dict(os.environ),
+        env=user_env(),
         cwd=ROOT,
         timeout=300,
         check=False,

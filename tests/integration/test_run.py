@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.integration.helpers import user_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,7 +29,7 @@ def test_llmflow_run_exits_0_on_completed(stack):
         ],
         capture_output=True,
         text=True,
-        env=dict(os.environ),
+        env=user_env(),
         cwd=ROOT,
         timeout=300,
         check=False,
@@ -155,7 +157,7 @@ def test_failure_alert_posts_to_a_webhook_when_a_run_fails(stack):
             [llmflow, *args],
             capture_output=True,
             text=True,
-            env=dict(os.environ),
+            env=user_env(),
             cwd=ROOT,
             timeout=120,
             check=False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 
 from llmflow import probes, processes
 from llmflow import stack as stack_mod
+from tests.integration.helpers import user_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_status_command_reports_healthy(stack):
         [str(Path(sys.executable).parent / "llmflow"), "status"],
         capture_output=True,
         text=True,
-        env=dict(os.environ),
+        env=user_env(),
         cwd=ROOT,
         timeout=60,
         check=False,

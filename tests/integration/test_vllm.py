@@ -101,9 +101,8 @@ def test_an_interpreter_missing_on_a_remote_clusters_nodes_fails_in_one_line(
     from llmflow.errors import ConfigError
 
     monkeypatch.setattr(engine_env, "PROBE_TIMEOUT_S", 15.0)
-    cluster = ClusterConfig(
-        ray_address=ray_on_stack.ray_address, vllm_python="/opt/nowhere/bin/python"
-    )
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", "/opt/nowhere/bin/python")
+    cluster = ClusterConfig(ray_address=ray_on_stack.ray_address)
     t0 = time.monotonic()
     with pytest.raises(
         ConfigError,
@@ -225,6 +224,11 @@ def cfg(stack, tmp_path_factory):
             f"serve.app_name={NAME}",
             "serve.route_prefix=/vllm",
             f"serve.api_key_file={key_file}",
+            # One failed engine start fails a deployment (Serve's default is three, each
+            # importing vLLM before the weights fail to load). Every promotion of the module
+            # deploys with it: the app's args are its code version, so the broken candidate's
+            # rollback finds the champion's running replica of the same version and keeps it.
+            "serve.start_attempts=1",
         ],
     )
     # Free the engines' CPUs for the tests after this module (the canary's internal apps are
@@ -239,6 +243,19 @@ def promoted(ray_on_stack, versions, cfg):
 
     good, _, _ = versions
     return promote(config=cfg, candidate=good)
+
+
+def _engine_replicas() -> set[str]:
+    """The alive replica actors of the public app's engine deployment (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        filters=[
+            ("class_name", "=", f"ServeReplica:{NAME}:LLMServer:{NAME}"),
+            ("state", "=", "ALIVE"),
+        ]
+    )
+    return {a.actor_id for a in actors}
 
 
 def _client(stack, key: str | None = KEY):
@@ -313,14 +330,15 @@ def test_a_broken_candidate_on_vllm_is_rolled_back_with_the_champion_answering(
 
     good, broken, _ = versions
     before = aliases.read_aliases(Store(), NAME)
+    engines = _engine_replicas()
     url = f"{stack.serve_url}/vllm/v1/chat/completions"
-    # One failed engine start fails the deployment (serve.start_attempts; Serve's default is
-    # three starts, each importing vLLM before the weights fail to load).
-    once = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"start_attempts": 1})})
     with Load(url, NAME, 1, key=KEY, pause_s=0.1) as load:
-        state = promote(config=once, candidate=broken, return_state=True)
+        state = promote(config=cfg, candidate=broken, return_state=True)
     assert state.is_failed() and "rolled back" in state.message
     assert aliases.read_aliases(Store(), NAME) == before
+    # The champion's engine replica answered throughout and is the one serving now: the
+    # rollback restored its version without starting a new engine.
+    assert _engine_replicas() == engines and len(engines) == 1, engines
     assert httpx.get(f"{stack.serve_url}/vllm/health", timeout=30).json()["version"] == good.version
     failed = load.failed
     assert len(load.results) > 10 and failed == [], f"{len(failed)} of {len(load.results)} failed"

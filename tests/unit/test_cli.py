@@ -177,38 +177,63 @@ def test_unreachable_ray_head(addr, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, line",
+    "overrides, engine_env, line",
     [
         (
-            ["eval.engine=vllm", "cluster.vllm_python=/no/such/python"],
+            ["eval.engine=vllm"],
+            {"LLMFLOW_VLLM_PYTHON": "/no/such/python"},
             (
-                "eval.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
+                "eval.engine: 'vllm' needs the vLLM engine environment, from LLMFLOW_VLLM_PYTHON: "
                 "/no/such/python: no such interpreter"
             ),
         ),
         (
-            ["serve.engine=vllm", f"cluster.vllm_python={sys.executable}"],
+            ["serve.engine=vllm"],
+            {"LLMFLOW_VLLM_PYTHON": sys.executable},
             (
-                "serve.engine: 'vllm' needs the vLLM engine environment, from cluster.vllm_python: "
+                "serve.engine: 'vllm' needs the vLLM engine environment, from LLMFLOW_VLLM_PYTHON: "
                 f"{sys.executable}: vllm is not installed there"
             ),
         ),
         (
-            ["train.backend=llamafactory", "cluster.llamafactory_python=/no/such/python"],
+            ["train.backend=llamafactory"],
+            {"LLMFLOW_LLAMAFACTORY_PYTHON": "/no/such/python"},
             (
                 "train.backend: 'llamafactory' needs the LlamaFactory environment, from "
-                "cluster.llamafactory_python: /no/such/python: no such interpreter"
+                "LLMFLOW_LLAMAFACTORY_PYTHON: /no/such/python: no such interpreter"
             ),
         ),
         (
-            ["eval.extra_metrics=[llmflow.evaluate.metrics:rouge_l]"],
-            "eval.extra_metrics: 'llmflow.evaluate.metrics:rouge_l': a metric named 'rouge_l' exists",
+            # A run's parameters never name the program the cluster executes.
+            ["cluster.vllm_python=/tmp/evil/python"],
+            {},
+            (
+                "--set cluster.vllm_python=/tmp/evil/python: cluster.vllm_python: not a run setting (a "
+                "run never chooses the program the cluster executes); set LLMFLOW_VLLM_PYTHON "
+                "where the flows run"
+            ),
+        ),
+        (
+            # Nor the code it imports: a metric is a registered plug-in, by name.
+            ["eval.extra_metrics=[os:system]"],
+            {},
+            (
+                "eval.extra_metrics: 'os:system' is a module path; name a metric registered as an "
+                "'llmflow.metrics' entry point (registered: edit_distance, shouting_match)"
+            ),
+        ),
+        (
+            ["eval.extra_metrics=[rouge_l]"],
+            {},
+            "eval.extra_metrics: 'rouge_l': a built-in metric of that name exists",
         ),
     ],
 )
-def test_a_pipeline_config_that_cannot_run_fails_before_anything_starts(tmp_path, overrides, line):
+def test_a_pipeline_config_that_cannot_run_fails_before_anything_starts(
+    tmp_path, overrides, engine_env, line
+):
     """Checked before the stack comes up: no server, no Ray head, one line, exit 2."""
-    env = {"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(_free_port())}
+    env = {"LLMFLOW_HOME": str(tmp_path), "LLMFLOW_PREFECT_PORT": str(_free_port()), **engine_env}
     sets = [a for o in overrides for a in ("--set", o)]
     proc = run_cli("run", "pipeline", "--config", "configs/tiny.yaml", *sets, env=env)
     assert proc.returncode == 2, proc.stderr

@@ -158,12 +158,13 @@ def test_select_engine_asks_the_real_engine_environment(monkeypatch):
     monkeypatch.setattr(E, "cuda_available", lambda: True)
     assert select_engine("auto") == "vllm"
     # This venv has Ray but no vllm: auto falls back, an explicit vllm is one line.
-    no_vllm = ClusterConfig(vllm_python=sys.executable)
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", sys.executable)
+    no_vllm = ClusterConfig()
     assert select_engine("auto", no_vllm, [{"CPU": 1}]) == "hf"
     with pytest.raises(
         ConfigError,
         match=r"^eval.engine: 'vllm' needs the vLLM engine "
-        r"environment, from cluster.vllm_python: .*python.*: vllm is not installed there$",
+        r"environment, from LLMFLOW_VLLM_PYTHON: .*python.*: vllm is not installed there$",
     ):
         select_engine("vllm", no_vllm)
 
@@ -182,15 +183,16 @@ def test_select_engine_asks_the_real_engine_environment(monkeypatch):
         ('{"python": "3.11.7", "ray": null, "version": "0.32.0"}', "ray is not installed there"),
     ],
 )
-def test_a_mismatched_engine_environment_is_one_line(tmp_path, answer, problem):
+def test_a_mismatched_engine_environment_is_one_line(tmp_path, monkeypatch, answer, problem):
     from llmflow.config import ClusterConfig
 
     python = _fake_python(tmp_path, f"echo '{answer}'")
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", python)
     with pytest.raises(ConfigError) as err:
-        select_engine("vllm", ClusterConfig(vllm_python=python), key="serve.engine")
+        select_engine("vllm", ClusterConfig(), key="serve.engine")
     assert str(err.value) == (
         f"serve.engine: 'vllm' needs the vLLM engine environment, from "
-        f"cluster.vllm_python: {python}: {problem}"
+        f"LLMFLOW_VLLM_PYTHON: {python}: {problem}"
     )
 
 
@@ -198,7 +200,7 @@ def test_the_llamafactory_environment_is_checked_by_the_same_probe_before_cluste
     tmp_path, monkeypatch
 ):
     """train.backend llamafactory: the flows' preflight (check_config) probes the LlamaFactory
-    environment named by cluster.llamafactory_python, else LLMFLOW_LLAMAFACTORY_PYTHON, else
+    environment named by LLMFLOW_LLAMAFACTORY_PYTHON where the flow runs, else
     .venv-llamafactory (make install builds it), and fails in one line naming the key."""
     import sys
 
@@ -212,17 +214,16 @@ def test_the_llamafactory_environment_is_checked_by_the_same_probe_before_cluste
     assert info.dist == "llamafactory" and info.version == "0.9.5"
     assert info.python.endswith(".venv-llamafactory/bin/python")
     check_config(cfg, "finetune")
-    # This venv has Ray but no llamafactory: named by the cluster section, it is refused.
-    cfg.cluster.llamafactory_python = sys.executable
+    # This venv has Ray but no llamafactory: named by the variable, it is refused.
+    monkeypatch.setenv("LLMFLOW_LLAMAFACTORY_PYTHON", sys.executable)
     with pytest.raises(ConfigError) as err:
         check_config(cfg, "pipeline")
     assert str(err.value) == (
         "train.backend: 'llamafactory' needs the LlamaFactory environment, from "
-        f"cluster.llamafactory_python: {sys.executable}: llamafactory is not installed there"
+        f"LLMFLOW_LLAMAFACTORY_PYTHON: {sys.executable}: llamafactory is not installed there"
     )
     check_config(cfg, "evaluate")  # a flow that does not train does not ask for it
-    # Named by the variable, an environment with another Ray is refused the same way.
-    cfg.cluster.llamafactory_python = None
+    # An environment with another Ray is refused the same way.
     other = _fake_python(
         tmp_path,
         """echo '{"python": "3.11.7", "ray": "2.54.0", """
@@ -251,24 +252,28 @@ def test_a_hanging_or_missing_interpreter_fails_instead_of_hanging(tmp_path, mon
 
     monkeypatch.setattr(engine_env, "PROBE_TIMEOUT_S", 2.0)
     python = _fake_python(tmp_path, "sleep 60")
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", python)
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match=r"no answer in 2 s$"):
-        select_engine("vllm", ClusterConfig(vllm_python=python))
+        select_engine("vllm", ClusterConfig())
     assert time.monotonic() - t0 < 10
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", "/no/such/python")
     with pytest.raises(ConfigError, match=r"/no/such/python: no such interpreter$"):
-        select_engine("vllm", ClusterConfig(vllm_python="/no/such/python"))
+        select_engine("vllm", ClusterConfig())
     broken = _fake_python(tmp_path / "..", "echo 'Traceback: boom' >&2; exit 3")
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", broken)
     with pytest.raises(ConfigError, match=r"the probe failed \(exit 3: Traceback: boom\)$"):
-        select_engine("vllm", ClusterConfig(vllm_python=broken))
+        select_engine("vllm", ClusterConfig())
 
 
-def test_the_engine_environment_runtime_env_carries_the_interpreter_and_offline_switches():
+def test_the_engine_environment_runtime_env_carries_the_interpreter_and_offline_switches(
+    monkeypatch,
+):
     from llmflow import engine_env
     from llmflow.config import ClusterConfig
 
-    env = engine_env.runtime_env(
-        ClusterConfig(vllm_python="/opt/venv-vllm/bin/python", env_vars={"A": "1"})
-    )
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", "/opt/venv-vllm/bin/python")
+    env = engine_env.runtime_env(ClusterConfig(env_vars={"A": "1"}))
     assert env["py_executable"] == "/opt/venv-vllm/bin/python"
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["A"] == "1"
 

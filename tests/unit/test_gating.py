@@ -93,20 +93,9 @@ def test_each_metric_is_gated_in_the_direction_it_declares():
 
 
 def test_extra_metrics_declare_their_direction_on_the_function():
-    dirs = metric_directions(
-        ["tests.unit.test_gating:edit_distance", "llmflow.evaluate.metrics:rouge_l"]
-    )
-    assert dirs["edit_distance"] == "lower" and dirs["rouge_l"] == "higher"
+    dirs = metric_directions(["edit_distance", "shouting_match"])  # examples/metrics-plugin
+    assert dirs["edit_distance"] == "lower" and dirs["shouting_match"] == "higher"
     assert dirs["eval_loss"] == "lower" and dirs["exact_match"] == "higher"
-
-
-def edit_distance(prediction: str, reference: str) -> float:
-    return float(
-        sum(a != b for a, b in zip(prediction, reference)) + abs(len(prediction) - len(reference))
-    )
-
-
-edit_distance.higher_is_better = False
 
 
 def test_decision_markdown():

@@ -364,3 +364,21 @@ def test_the_rayservice_deploys_the_openai_app_with_arguments_it_accepts():
     params = inspect.signature(server_cls.__init__).parameters
     assert set(kwargs) <= set(params), set(kwargs) - set(params)
     assert app["args"]["model_path"].startswith(JOB_VARIABLES["env"]["LLMFLOW_STORE"] + "/models/")
+
+
+def test_the_ray_pods_get_the_secrets_from_kubernetes_secrets_not_from_runs():
+    """The flows' runtime_env no longer carries the Prefect credentials (Ray logs its values):
+    every Ray pod of both manifests reads them, and the hub token, from Secrets."""
+    for kind in ("RayCluster", "RayService"):
+        spec = the(kind)["spec"]
+        spec = spec.get("rayClusterConfig", spec)
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
+            env = env_of(container)
+            for var, secret in (
+                ("PREFECT_API_AUTH_STRING", "prefect-basic-auth"),
+                ("HF_TOKEN", "llmflow-hf"),
+            ):
+                ref = env[var]["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == secret and ref["optional"] is True, (kind, var)
+                assert "value" not in env[var]

@@ -46,25 +46,33 @@ def test_rouge_l_is_lcs_f_measure():
     assert M.rouge_l("x", "y") == 0.0 and M.rouge_l("", "") == 1.0
 
 
-def shouting_match(prediction: str, reference: str) -> float:
-    return float(prediction.upper() == reference.upper())
+def test_extra_metrics_are_registered_plugins_never_module_paths():
+    """eval.extra_metrics names `llmflow.metrics` entry points (examples/metrics-plugin is
+    installed by make install); a module path, which would import code a run's parameters
+    chose, is refused in one line listing what is registered."""
+    import llmflow_example_metrics as example
 
-
-def test_load_metric_by_both_dotted_forms_and_clear_errors():
-    here = __name__
-    assert M.load_metric(f"{here}:shouting_match") is shouting_match
-    assert M.load_metric(f"{here}.shouting_match") is shouting_match
-    assert M.metric_name(f"{here}:shouting_match") == "shouting_match"
-    metrics = M.load_metrics([f"{here}:shouting_match"])
+    assert {"edit_distance", "shouting_match"} <= set(M.registered_metrics())
+    assert M.load_metric("shouting_match") is example.shouting_match
+    assert M.metric_name("shouting_match") == "shouting_match"
+    metrics = M.load_metrics(["shouting_match"])
     assert set(metrics) == {*M.BUILTIN_METRICS, "shouting_match"}
-    with pytest.raises(ConfigError, match="cannot import no_such_mod"):
-        M.load_metric("no_such_mod:f")
-    with pytest.raises(ConfigError, match="has no function 'nope'"):
-        M.load_metric("llmflow.evaluate.metrics:nope")
-    with pytest.raises(ConfigError, match="expected 'module:function'"):
-        M.load_metric("justaname")
-    with pytest.raises(ConfigError, match="exists"):
-        M.load_metrics(["llmflow.evaluate.metrics:rouge_l"])
+    assert metrics["shouting_match"]("Abc", "aBC") == 1.0
+    for path in (
+        "llmflow_example_metrics:shouting_match",
+        "llmflow_example_metrics.shouting_match",
+        "os:system",
+    ):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^eval.extra_metrics: '{path}' is a module path; name a metric registered "
+            r"as an 'llmflow.metrics' entry point \(registered: .*shouting_match.*\)$",
+        ):
+            M.load_metric(path)
+    with pytest.raises(ConfigError, match=r"'nope' is not a registered metric \(registered: "):
+        M.load_metric("nope")
+    with pytest.raises(ConfigError, match="a built-in metric of that name exists"):
+        M.load_metrics(["rouge_l"])
 
 
 def test_score_example_and_aggregate_means():

@@ -193,12 +193,14 @@ def test_engine_choice(monkeypatch):
     auto = tiny.model_copy(update={"engine": "auto"})
     assert rollout.serve_engine(tiny) == "hf"  # tiny.yaml says hf
     assert rollout.serve_engine(auto) == "vllm"  # .venv-vllm is healthy, CPU bundles place
-    no_vllm = ClusterConfig(vllm_python=sys.executable)
+    monkeypatch.setenv("LLMFLOW_VLLM_PYTHON", sys.executable)  # Ray, but no vllm
+    no_vllm = ClusterConfig()
     assert rollout.serve_engine(auto, no_vllm) == "hf"
     with pytest.raises(
         ConfigError, match="^serve.engine: 'vllm' needs the vLLM engine environment"
     ):
         rollout.serve_engine(_serve("serve.engine=vllm"), no_vllm)
+    monkeypatch.delenv("LLMFLOW_VLLM_PYTHON")
     monkeypatch.setattr(engines, "cuda_available", lambda: False)
     assert rollout.serve_engine(_serve("serve.engine=auto")) == "hf"  # a GPU bundle, no GPU
 
