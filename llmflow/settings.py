@@ -66,6 +66,20 @@ def project_dir() -> Path:
     return Path.cwd().resolve()
 
 
+# Every port a stack binds (LLMFLOW_<NAME>_PORT; the chat page's is bound only on demand):
+# a second stack on one machine (the tests', a benchmark's) moves them all off the defaults.
+STACK_PORTS = (
+    "PREFECT",
+    "RAY",
+    "DASHBOARD",
+    "SERVE",
+    "METRICS",
+    "RAY_CLIENT",
+    "HAPROXY_STATS",
+    "HAPROXY_METRICS",
+)
+
+
 def _port(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":

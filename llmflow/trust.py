@@ -54,7 +54,9 @@ def check_names(names: list[str]) -> list[str]:
 
 def no_interpreters(data: Any) -> Any:
     """The cluster section before validation: refuse the retired interpreter keys."""
-    for key in sorted({"vllm_python", "llamafactory_python"} & set(data or ())):
+    named = sorted({"vllm_python", "llamafactory_python"} & set(data or ()))
+    if named:
+        key = named[0]
         raise ValueError(
             f"cluster.{key}: not a run setting (a run never chooses the program the cluster "
             f"executes); set LLMFLOW_{key.upper()} where the flows run"

@@ -44,22 +44,11 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port found in 100 tries")
 
 
-# Every port a stack binds (LLMFLOW_<NAME>_PORT): on their defaults the metrics, Ray client
-# and HAProxy ports would collide with a stack that `llmflow up` started on this machine.
-STACK_PORTS = (
-    "PREFECT",
-    "RAY",
-    "DASHBOARD",
-    "SERVE",
-    "METRICS",
-    "RAY_CLIENT",
-    "HAPROXY_STATS",
-    "HAPROXY_METRICS",
-)
-
-
 def stack_ports() -> dict[str, str]:
-    """A free port for each of STACK_PORTS, as the LLMFLOW_*_PORT variables."""
+    """A free port for each port a stack binds (llmflow.settings.STACK_PORTS), as the
+    LLMFLOW_*_PORT variables."""
+    from llmflow.settings import STACK_PORTS
+
     return {f"LLMFLOW_{name}_PORT": str(free_port()) for name in STACK_PORTS}
 
 

@@ -118,7 +118,7 @@ def metric_directions(extra: Iterable[str] = ()) -> dict[str, str]:
     out = dict(DIRECTIONS)
     for name in extra:
         fn = load_metric(name)
-        out[metric_name(name)] = HIGHER if getattr(fn, "higher_is_better", True) else LOWER
+        out[name] = HIGHER if getattr(fn, "higher_is_better", True) else LOWER
     return out
 
 
@@ -159,13 +159,9 @@ def load_metric(name: str) -> Metric:
     return fn
 
 
-def metric_name(name: str) -> str:
-    """The column and report key of an extra metric: its registered name."""
-    return name
-
-
 def load_metrics(extra: Iterable[str] = ()) -> dict[str, Metric]:
-    """The built-in metrics plus the registered extra ones, keyed by name."""
+    """The built-in metrics plus the registered extra ones, keyed by name (an extra metric's
+    column and report key is its registered name)."""
     metrics = dict(BUILTIN_METRICS)
     for name in extra:
         if name in metrics:

@@ -54,7 +54,7 @@ def test_extra_metrics_are_registered_plugins_never_module_paths():
 
     assert {"edit_distance", "shouting_match"} <= set(M.registered_metrics())
     assert M.load_metric("shouting_match") is example.shouting_match
-    assert M.metric_name("shouting_match") == "shouting_match"
+    assert M.metric_directions(["shouting_match"])["shouting_match"] == "higher"
     metrics = M.load_metrics(["shouting_match"])
     assert set(metrics) == {*M.BUILTIN_METRICS, "shouting_match"}
     assert metrics["shouting_match"]("Abc", "aBC") == 1.0
