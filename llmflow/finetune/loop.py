@@ -106,6 +106,31 @@ def load_trainable_state(model, state: dict[str, Any]) -> None:
         )
 
 
+def build_optimizer(model, train: TrainConfig, device, state: dict[str, Any] | None = None):
+    """AdamW over the trainable parameters of ``model`` moved to ``device`` first, with the
+    checkpoint's ``state`` (``trainable_state``, optimizer, step) loaded when resuming:
+    ``(optimizer, start_step)``.
+
+    The order matters: ``Optimizer.load_state_dict`` puts each moment tensor on its
+    parameter's device at load time, so a model moved afterwards (to CUDA) would leave
+    ``exp_avg``/``exp_avg_sq`` on the CPU and the first step after a resume would fail.
+    """
+    import torch
+
+    model.to(device)
+    # A move that makes new Parameters (to XLA, or to meta) unties tied embeddings; a move to
+    # CUDA keeps them, and tying again is then a no-op.
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    if state is None:
+        return opt, 0
+    load_trainable_state(model, state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return opt, int(state["step"])
+
+
 def all_sum(values: list[float], device) -> list[float]:
     """``values`` summed over every rank of the process group (as they are without one).
 
@@ -180,18 +205,16 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         raise TrainingError(f"{cfg['dataset_uri']}: no training row has an assistant token")
 
     model = load_model(cfg["base_model"], train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     history: dict[str, list] = {"train": [], "eval": []}
-    start_step = 0
+    state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=True)
             history = json.loads((Path(d) / HISTORY).read_text())
-        load_trainable_state(model, state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
+    opt, start_step = build_optimizer(model, train, device, state)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    # Already on its device (a no-op move): prepare_model wraps it in DDP when world > 1.
     model = prepare_model(model, move_to_device=device)
     backend = dist.get_backend() if dist.is_initialized() else "none"
 

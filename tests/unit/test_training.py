@@ -22,7 +22,13 @@ from llmflow.finetune.checks import (
     worker_resources,
 )
 from llmflow.finetune.export import export_model, loss_plot_png, loss_table
-from llmflow.finetune.loop import check_finite_loss, is_checkpoint_step, load_model, trainable_state
+from llmflow.finetune.loop import (
+    build_optimizer,
+    check_finite_loss,
+    is_checkpoint_step,
+    load_model,
+    trainable_state,
+)
 from llmflow.finetune.trainer import run_key
 from llmflow.refs import DatasetRef
 from llmflow.tinymodel import build_tiny_model, example_texts
@@ -249,6 +255,36 @@ def test_a_missing_dataset_is_refused(tmp_path):
     )
     with pytest.raises(DatasetNotFound, match=r"datasets/nope: no manifest.json"):
         check_dataset(ref)
+
+
+# -- resume ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_resume_puts_the_optimizer_state_on_the_models_device(tiny, tokenizer, lora):
+    """A checkpoint saved on one device (the CPU here) and resumed on another (a GPU in
+    production; ``meta`` shows it without one): every AdamW moment lands on the device of its
+    parameter, so the first step after the resume does not mix devices. Loading the state
+    before moving the model left them on the CPU (issue 30)."""
+    import torch
+
+    train = TrainConfig(lora=lora, lora_rank=4, learning_rate=1e-3)
+    model = load_model(str(tiny), train)
+    opt, start = build_optimizer(model, train, torch.device("cpu"))
+    assert start == 0 and not opt.state
+    ids = torch.tensor([encode_chat(tokenizer, CHAT)[0]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    state = {"model": trainable_state(model), "optimizer": opt.state_dict(), "step": 7}
+
+    resumed = load_model(str(tiny), train)
+    opt2, start = build_optimizer(resumed, train, torch.device("meta"), state)
+    assert start == 7
+    trainable = [p for p in resumed.parameters() if p.requires_grad]
+    assert trainable and all(p.device.type == "meta" for p in trainable)
+    moments = [
+        t for s in opt2.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")
+    ]
+    assert len(moments) == 2 * len(trainable)
+    assert {t.device.type for t in moments} == {"meta"}
 
 
 # -- export ----------------------------------------------------------------------------------
