@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,14 +74,7 @@ def check_resources(config: PipelineConfig, flow: str, nodes: Sequence[dict[str,
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
     gpus = any(r.get("GPU", 0) > 0 for r in alive)
     for stage in stages:
-        section = getattr(config, stage)
-        if section.engine == "vllm":
-            key, bundles = f"{stage}.vllm_placement", section.vllm_placement or [{"GPU": 1.0}]
-        elif stage == "eval":  # hf: one actor of cpus_per_actor, and a GPU where there are some
-            key = "eval.cpus_per_actor"
-            bundles = [{"CPU": section.cpus_per_actor, **({"GPU": 1.0} if gpus else {})}]
-        else:  # hf Serve replicas take one CPU (deployments/openai_app.py)
-            key, bundles = "serve", [{"CPU": 1.0}]
+        key, bundles = stage_bundles(config, stage, gpus)
         for bundle in bundles:
             if not any(bundles_on_node(bundle, r) for r in alive):
                 wanted = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
@@ -89,6 +83,153 @@ def check_resources(config: PipelineConfig, flow: str, nodes: Sequence[dict[str,
                     f"{key}: a bundle of {wanted} fits on no node of the Ray "
                     f"cluster (nodes: {most or 'none alive'})"
                 )
+
+
+def stage_bundles(config: PipelineConfig, stage: str, gpus: bool) -> tuple[str, list[dict]]:
+    """The config key and the resource bundles of one engine of ``stage`` ("eval" or
+    "serve"): a vLLM engine's placement group, an hf scoring actor (with a GPU where the
+    cluster has some), an hf Serve replica (one CPU, deployments/openai_app.py)."""
+    section = getattr(config, stage)
+    if section.engine == "vllm":
+        return f"{stage}.vllm_placement", section.vllm_placement or [{"GPU": 1.0}]
+    if stage == "eval":
+        return "eval.cpus_per_actor", [
+            {"CPU": section.cpus_per_actor, **({"GPU": 1.0} if gpus else {})}
+        ]
+    return "serve", [{"CPU": 1.0}]
+
+
+# -- what the cluster holds now --------------------------------------------------------------
+# Replicas of an app deleted a moment ago (`llmflow models unserve` just before a run, a test
+# module's teardown) free their resources within seconds: a stage that does not fit now is
+# asked again for this long before the run fails (LLMFLOW_ROOM_WAIT_S overrides it).
+ROOM_WAIT_S = 20.0
+UNSERVE_HINT = " (`llmflow models unserve NAME` frees a served model's)"
+
+
+def held_on_nodes() -> dict[str, list[tuple[str, dict[str, float]]]]:
+    """Node id -> [(holder, resources)]: what alive actors outside placement groups and
+    created placement groups hold on each node now (Ray's state API, no private call). A
+    holder is 'Serve app NAME', 'Ray Train workers', or an actor's class."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    actors = list_actors(
+        filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False
+    )
+    groups = list_placement_groups(
+        filters=[("state", "=", "CREATED")],
+        detail=True,
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    owner: dict[str, str] = {}
+    held: dict[str, list[tuple[str, dict[str, float]]]] = {}
+    for actor in actors:
+        who = holder_name(actor.class_name or "")
+        if actor.placement_group_id:  # its resources are its group's bundle's
+            owner.setdefault(actor.placement_group_id, who)
+        elif actor.node_id and actor.required_resources:
+            held.setdefault(actor.node_id, []).append((who, dict(actor.required_resources)))
+    for group in groups:
+        who = owner.get(group.placement_group_id) or f"placement group {group.name or '(unnamed)'}"
+        for bundle in group.bundles or ():
+            if bundle.get("node_id"):
+                resources = dict(bundle.get("unit_resources") or {})
+                held.setdefault(bundle["node_id"], []).append((who, resources))
+    return held
+
+
+def holder_name(class_name: str) -> str:
+    """'ServeReplica:APP:DEPLOYMENT' -> 'Serve app APP'; Ray Train's worker actors by name."""
+    if class_name.startswith("ServeReplica:"):
+        return f"Serve app {class_name.split(':')[1]}"
+    if class_name == "RayTrainWorker":
+        return "Ray Train workers"
+    return class_name or "an actor"
+
+
+def check_room(
+    key: str,
+    bundle: dict[str, float],
+    count: int,
+    nodes: Sequence[dict[str, Any]],
+    held: dict[str, list[tuple[str, dict[str, float]]]],
+) -> None:
+    """Raise ConfigError when fewer than ``count`` copies of ``bundle`` fit in what the alive
+    ``nodes`` have free now (their totals less ``held``, from held_on_nodes), naming how much
+    of each resource is held and by whom."""
+    alive = [n for n in nodes if n.get("Alive")]
+    free = []
+    for node in alive:
+        left = dict(node.get("Resources", {}))
+        for _, resources in held.get(node.get("NodeID", ""), ()):
+            for k, v in resources.items():
+                if k in left:
+                    left[k] = max(0.0, left[k] - v)
+        free.append(left)
+    if sum(bundles_on_node(bundle, left) for left in free) >= count:
+        return
+    wanted = [k for k in bundle if bundle[k] > 0]
+    total = {k: sum(n.get("Resources", {}).get(k, 0.0) for n in alive) for k in wanted}
+    used = {k: total[k] - sum(left.get(k, 0.0) for left in free) for k in wanted}
+    holders: dict[str, dict[str, float]] = {}
+    for node in alive:
+        for who, resources in held.get(node.get("NodeID", ""), ()):
+            for k in wanted:
+                if resources.get(k, 0.0) > 0:
+                    holders.setdefault(who, {}).setdefault(k, 0.0)
+                    holders[who][k] += resources[k]
+    by = ", ".join(
+        f"{who} ({', '.join(f'{v:g} {k}' for k, v in res.items())})"
+        for who, res in sorted(holders.items(), key=lambda item: -sum(item[1].values()))
+    )
+    ask = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    raise ConfigError(
+        f"{key}: {count} x ({ask}) cannot be placed now: "
+        + ", ".join(f"{used[k]:g} of {total[k]:g} {k}" for k in wanted)
+        + f" held by {by or 'other work'}"
+        + (UNSERVE_HINT if "Serve app " in by else "")
+    )
+
+
+def check_room_now(config: PipelineConfig, flow: str, nodes: Sequence[dict[str, Any]]) -> None:
+    """check_room for what ``flow`` would wait on forever: every training worker at once and
+    each scoring engine's bundle. (A promotion's replicas are not asked here: the rollout
+    has its own deadline and rolls back.)"""
+    held = held_on_nodes()
+    if flow in TRAINS:
+        from llmflow.finetune.checks import worker_resources
+
+        need = worker_resources(config.train)
+        check_room("train.num_workers", need, config.train.num_workers, nodes, held)
+    if "eval" in FLOW_STAGES.get(flow, ()):
+        gpus = any(n.get("Resources", {}).get("GPU", 0) > 0 for n in nodes if n.get("Alive"))
+        key, bundles = stage_bundles(config, "eval", gpus)
+        for bundle in bundles:
+            check_room(key, bundle, 1, nodes, held)
+
+
+def wait_for_room(config: PipelineConfig, flow: str) -> None:
+    """check_room_now, asked again for up to ROOM_WAIT_S while it does not fit (resources
+    that were being released a moment ago); then its one line. A cluster whose state API
+    does not answer (no dashboard) is not checked, with a log line."""
+    import ray
+    from ray.util.state.exception import RayStateApiException
+
+    deadline = time.monotonic() + float(os.environ.get("LLMFLOW_ROOM_WAIT_S", ROOM_WAIT_S))
+    while True:
+        try:
+            check_room_now(config, flow, ray.nodes())
+            return
+        except ConfigError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("%s; asking again for up to %.0f s", exc, deadline - time.monotonic())
+        except (RayStateApiException, RuntimeError, ConnectionError) as exc:
+            # The state API is the dashboard's (and ray[default]'s): a cluster may lack it.
+            log.warning("resources held now are not checked: %s", exc)
+            return
+        time.sleep(1.0)
 
 
 def check_placement(config: PipelineConfig, flow: str) -> None:
@@ -110,6 +251,7 @@ def check_placement(config: PipelineConfig, flow: str) -> None:
         nodes = ray.nodes()
         check_resources(config, flow, nodes)
         check_secrets(config, nodes)
+        wait_for_room(config, flow)
 
 
 # The Prefect client's credentials: where the flow has them, its task runs on the Ray workers

@@ -11,6 +11,7 @@ from typing import Any
 
 from llmflow.config import ClusterConfig, TrainConfig
 from llmflow.finetune.checks import (
+    InsufficientResources,
     NonFiniteLoss,
     TrainingError,
     check_dataset,
@@ -74,7 +75,15 @@ def cuda_on_gpu_nodes() -> bool:
 
         return torch.cuda.is_available()
 
-    return bool(ray.get(probe.remote(), timeout=120))
+    ref = probe.remote()
+    try:
+        return bool(ray.get(ref, timeout=120))
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise InsufficientResources(
+            "train.use_gpu: no GPU of the Ray cluster came free in 120 s (Serve replicas or "
+            "another run hold them: `llmflow models list` shows what is served)"
+        ) from None
 
 
 def run_training(

@@ -180,3 +180,62 @@ def test_failure_alert_posts_to_a_webhook_when_a_run_fails(stack):
         out = cli("alerts", "--off")
         server.shutdown()
     assert out.startswith("removed 1 automation")
+
+
+def test_a_run_that_cannot_be_placed_now_fails_in_one_line_naming_what_holds_the_room(
+    stack, ray_on_stack
+):
+    """Served apps and a placement group hold every CPU: `llmflow run finetune` fails at its
+    preflight in one line naming them, instead of waiting for ever for its worker's CPU
+    (issue 29). The preflight asks again for LLMFLOW_ROOM_WAIT_S (2 s here) first."""
+    import ray
+    from ray import serve
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from deployments.openai_app import build_app
+    from llmflow.basemodels import resolve_base_model
+    from llmflow.config import TrainConfig
+
+    app = "room-test"
+    serve.run(
+        build_app({"model_path": resolve_base_model(TrainConfig()), "model_name": app}),
+        name=app,
+        route_prefix="/room-test",
+    )
+    group = None
+    try:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free > 0:
+            group = placement_group([{"CPU": free}], name="room-test-hold")
+            ray.get(group.ready(), timeout=60)
+        # A hang would end at the timeout: the preflight answers in seconds.
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "llmflow"),
+                "run",
+                "finetune",
+                "--config",
+                "configs/tiny.yaml",
+            ],
+            capture_output=True,
+            text=True,
+            env=user_env(LLMFLOW_ROOM_WAIT_S="2"),
+            cwd=ROOT,
+            timeout=240,
+            check=False,
+        )
+    finally:
+        if group is not None:
+            remove_placement_group(group)
+        serve.delete(app)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    total = sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    [line] = [ln for ln in out.splitlines() if "cannot be placed now" in ln]
+    assert re.search(
+        rf"train.num_workers: 1 x \(1 CPU\) cannot be placed now: {total:g} of {total:g} CPU "
+        r"held by .*Serve app room-test \(1 CPU\).*\(`llmflow models unserve NAME` frees",
+        line,
+    ), line
+    assert free == 0 or "placement group room-test-hold" in line, line
+    assert "Traceback" not in out, out
