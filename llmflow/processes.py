@@ -247,6 +247,35 @@ def stop_part(entry: dict, timeout: float = 20.0) -> bool:
     return True
 
 
+def stop_stray_haproxy(s: StackSettings) -> list[int]:
+    """Stop the haproxy processes that read this stack's config files (Ray starts one per
+    node as ``haproxy -db -f <haproxy_dir>/<node id>/haproxy.cfg``) and return their pids.
+    Called when the stack's head is not running (`llmflow up` before it starts one,
+    `llmflow down` after it stopped it): a haproxy then is one a SIGKILLed head left behind,
+    holding the Serve port. Another stack's (another LLMFLOW_HOME) has another directory."""
+    import psutil
+
+    mine = f"{s.haproxy_dir}{os.sep}"
+    strays = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if "haproxy" in (p.info.get("name") or "") and any(a.startswith(mine) for a in cmd):
+            strays.append(p)
+    for p in strays:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(strays, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in strays]
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)

@@ -132,12 +132,12 @@ class StackSettings:
     # The Ray client server's port (ray://); the local stack does not use it, but two heads on
     # one machine (a developer's stack and the tests') must not both bind Ray's default.
     ray_client_port: int = 10001
-    # Serve's HTTP ingress: "proxy" (Ray's Python HTTP proxy actor, the default) or "haproxy"
-    # (Ray 2.60's HAProxy in front of replicas that answer HTTP themselves: bench/RESULTS.md
-    # measured ~10x the no-op rate and a fifth of the latency on 2 cores). Opt-in: after a
-    # SIGKILL of the Ray head its haproxy process outlived it and kept the Serve port, so
-    # `llmflow up` could not start again (tests/drills/test_ray_head_killed.py, clean-clone run).
-    serve_ingress: str = "proxy"
+    # Serve's HTTP ingress: "haproxy" (the default: Ray 2.60's HAProxy in front of replicas
+    # that answer HTTP themselves; bench/RESULTS.md measured ~10x the no-op rate and a fifth
+    # of the latency on 2 cores) or "proxy" (Ray's Python HTTP proxy actor). A haproxy that
+    # outlived a SIGKILLed head keeps the Serve port: `llmflow up` and `down` stop it
+    # (processes.stop_stray_haproxy, found by its config file under haproxy_dir).
+    serve_ingress: str = "haproxy"
     haproxy_stats_port: int = 8404
     haproxy_metrics_port: int = 9101
 
@@ -155,7 +155,7 @@ class StackSettings:
             metrics_port=_port("LLMFLOW_METRICS_PORT", 8080),
             pause_schedules=_flag("LLMFLOW_PAUSE_SCHEDULES"),
             ray_client_port=_port("LLMFLOW_RAY_CLIENT_PORT", 10001),
-            serve_ingress=_choice("LLMFLOW_SERVE_INGRESS", ("proxy", "haproxy")),
+            serve_ingress=_choice("LLMFLOW_SERVE_INGRESS", ("haproxy", "proxy")),
             haproxy_stats_port=_port("LLMFLOW_HAPROXY_STATS_PORT", 8404),
             haproxy_metrics_port=_port("LLMFLOW_HAPROXY_METRICS_PORT", 9101),
         )
@@ -167,10 +167,7 @@ class StackSettings:
         ports, which two stacks on one machine would share)."""
         if self.serve_ingress != "haproxy":
             return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
-        # Not under home: HAProxy caps socket paths at 97 characters, and Ray adds a directory
-        # named by the node id (56) to each.
-        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
-        base = Path(tempfile.gettempdir()) / f"lf-hap-{digest}"
+        base = self.haproxy_dir
         return {
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -189,6 +186,14 @@ class StackSettings:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(self.haproxy_stats_port),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.haproxy_metrics_port),
         }
+
+    @property
+    def haproxy_dir(self) -> Path:
+        """HAProxy's files of this stack (its config file names its processes). Not under
+        home: HAProxy caps socket paths at 97 characters, and Ray adds a directory named by
+        the node id (56) to each."""
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / f"lf-hap-{digest}"
 
     @property
     def prefect_url(self) -> str:

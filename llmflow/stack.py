@@ -54,6 +54,7 @@ from llmflow.processes import (
     process_alive,
     read_state,
     stop_part,
+    stop_stray_haproxy,
     wait_healthy,
     write_state,
 )
@@ -170,6 +171,8 @@ def up(
         state["prefect-server"] = start_prefect_server(s, database)
         started.append("prefect-server")
     if need("ray-head", lambda: ray_healthy(s)):
+        for pid in stop_stray_haproxy(s):  # left by a head that was killed: it holds the port
+            echo(f"haproxy: stopped pid {pid}, left by an earlier Ray head")
         state["ray-head"] = start_ray_head(s, num_cpus, num_gpus)
         started.append("ray-head")
     write_state(s, state)
@@ -204,7 +207,7 @@ def up(
                     f"Ray Serve did not start on {s.serve_url}; see {entry['log']} "
                     f"({log_tail(Path(entry['log']))})"
                 )
-            echo(f"ray-serve: HTTP proxy at {s.serve_url}")
+            echo(f"ray-serve: HTTP ingress ({s.serve_ingress}) at {s.serve_url}")
         else:
             echo("ray-serve: already running")
         _converge_nodes(s, state, nodes, need, echo)
@@ -330,6 +333,9 @@ def down(s: StackSettings | None = None, echo: Callable[[str], None] = lambda _:
             stopped.append(name)
             echo(f"{name}: stopped (pid {entry['pid']})")
     write_state(s, state)
+    for pid in stop_stray_haproxy(s):
+        stopped.append("haproxy")
+        echo(f"haproxy: stopped (pid {pid}), outlived its Ray head")
     if not stopped:
         echo("nothing was running")
     return stopped

@@ -382,3 +382,18 @@ def test_the_ray_pods_get_the_secrets_from_kubernetes_secrets_not_from_runs():
                 ref = env[var]["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == secret and ref["optional"] is True, (kind, var)
                 assert "value" not in env[var]
+
+
+def test_the_ray_pods_run_serve_behind_haproxy_as_the_local_stack_does(monkeypatch):
+    from llmflow.settings import StackSettings
+
+    monkeypatch.delenv("LLMFLOW_SERVE_INGRESS", raising=False)
+    local = StackSettings.from_env().serve_ingress_env()
+    for kind in ("RayCluster", "RayService"):
+        spec = the(kind)["spec"]
+        spec = spec.get("rayClusterConfig", spec)
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
+            env = env_of(container)
+            for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+                assert env[var]["value"] == local[var] == "1", (kind, var)

@@ -108,6 +108,46 @@ def test_haproxy_ingress_keeps_its_files_per_stack_and_within_haproxys_path_limi
     assert other["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
 
 
+def test_haproxy_is_the_default_ingress(monkeypatch):
+    monkeypatch.delenv("LLMFLOW_SERVE_INGRESS", raising=False)
+    s = StackSettings.from_env()
+    assert s.serve_ingress == "haproxy"
+    assert s.serve_ingress_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_a_haproxy_left_by_a_killed_head_is_stopped_and_another_stacks_is_not(
+    s, tmp_path, monkeypatch
+):
+    """Ray runs `haproxy -db -f <dir>/<node id>/haproxy.cfg`; after a SIGKILL of the head it
+    lives on with the Serve port. Stand-ins: `tail -f` on such a file, run as `haproxy`."""
+    import shutil
+    import subprocess
+
+    fake = tmp_path / "bin" / "haproxy"
+    fake.parent.mkdir()
+    fake.symlink_to(shutil.which("tail"))
+    monkeypatch.setenv("LLMFLOW_HOME", str(tmp_path / "other-home"))
+    other = StackSettings.from_env()
+    procs = []
+    for stack_settings in (s, other):
+        cfg = stack_settings.haproxy_dir / ("n" * 56) / "haproxy.cfg"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text("global\n")
+        procs.append(subprocess.Popen([str(fake), "-f", str(cfg)]))
+    mine, theirs = procs
+    try:
+        assert processes.stop_stray_haproxy(s) == [mine.pid]
+        assert mine.wait(timeout=10) is not None
+        assert theirs.poll() is None  # another stack's haproxy keeps running
+        assert processes.stop_stray_haproxy(s) == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for stack_settings in (s, other):
+            shutil.rmtree(stack_settings.haproxy_dir, ignore_errors=True)
+
+
 def test_the_python_proxy_ingress_turns_haproxy_off_and_a_bad_choice_is_one_line(monkeypatch):
     monkeypatch.setenv("LLMFLOW_SERVE_INGRESS", "proxy")
     assert StackSettings.from_env().serve_ingress_env() == {
