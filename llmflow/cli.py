@@ -99,11 +99,19 @@ def up(
         nodes=nodes,
         database=database,
         with_deploy=not no_deploy,
-        restore=not no_restore,
-        chat_endpoint=endpoint,
-        chat_args=chat_args,
+        restore=False,
         echo=echo,
     )
+    if not no_restore and stack.has_recorded_serving():
+        from llmflow.cli_run import quiet_unless_debug
+
+        # Connecting to Ray and deploying print Ray's and Serve's own lines: to the log.
+        with quiet_unless_debug("restore", "serving the recorded champions again"):
+            stack.restore_serving(settings.StackSettings.from_env(), echo)
+        parts = stack.status()
+    if endpoint:
+        stack.start_chat(settings.StackSettings.from_env(), endpoint, chat_args, echo=echo)
+        parts = stack.status()
     print_status(parts)
 
 

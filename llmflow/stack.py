@@ -237,6 +237,15 @@ def up(
     return status(s)
 
 
+def has_recorded_serving(store=None) -> bool:
+    """Whether the store records any served champion (models/<name>/serving.json)."""
+    from llmflow.promote import serving
+    from llmflow.store import Store
+
+    store = store or Store()
+    return any(store.exists("models", n, serving.SERVING) for n in store.listdir("models"))
+
+
 def restore_serving(s: StackSettings, echo: Callable[[str], None] = lambda _: None) -> list[str]:
     """Deploy the champions recorded in the store (models/<name>/serving.json) whose apps do
     not answer: Serve's applications live in the Ray head and go with it. Returns the
@@ -251,7 +260,7 @@ def restore_serving(s: StackSettings, echo: Callable[[str], None] = lambda _: No
     from llmflow.store import Store
 
     store = Store()
-    if not any(store.exists("models", n, serving.SERVING) for n in store.listdir("models")):
+    if not has_recorded_serving(store):
         return []
     os.environ.update(client_env(s))
     restored, _ = serving.restore_champions(store, s.ray_address, echo)

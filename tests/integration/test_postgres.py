@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.integration.helpers import user_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -169,10 +170,8 @@ def run_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.Completed
 
 
 def home_env(home: Path, **more: str) -> dict[str, str]:
-    env = {**os.environ, "LLMFLOW_HOME": str(home), "LLMFLOW_PREFECT_PORT": str(free_port())}
-    env.pop("PREFECT_API_URL", None)
-    env.pop("PREFECT_API_AUTH_STRING", None)
-    return env | more
+    """A user's shell (none of the session stack's client variables) for another home."""
+    return user_env(LLMFLOW_HOME=str(home), LLMFLOW_PREFECT_PORT=str(free_port())) | more
 
 
 def test_a_flow_runs_on_a_prefect_server_on_postgresql(stack, postgres, tmp_path):

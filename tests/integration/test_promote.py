@@ -11,7 +11,7 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
-from tests.integration.helpers import Load, unserve
+from tests.integration.helpers import Load, unserve, user_env
 
 pytestmark = pytest.mark.slow
 NAME = "promote-test"
@@ -163,6 +163,7 @@ def test_the_gate_decision_and_approver_are_in_the_lineage_and_on_v1_models(stac
         [str(Path(sys.executable).parent / "llmflow"), "models", "list", NAME],
         capture_output=True,
         text=True,
+        env=user_env(),
         timeout=120,
         check=False,
     )

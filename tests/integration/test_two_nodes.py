@@ -18,7 +18,7 @@ import pytest
 
 from llmflow.configfile import load_config
 from llmflow.refs import DatasetRef
-from tests.integration.helpers import unserve
+from tests.integration.helpers import unserve, user_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -98,7 +98,7 @@ def test_the_second_node_declares_a_gpu_and_gpu_node_and_status_shows_it(stack, 
         [str(Path(sys.executable).parent / "llmflow"), "status", "--json"],
         capture_output=True,
         text=True,
-        env=dict(os.environ),
+        env=user_env(),  # a user's shell: none of the stack's client variables
         cwd=ROOT,
         timeout=60,
         check=False,
