@@ -344,6 +344,29 @@ def test_full_finetune_exports_the_trained_weights(tiny, tmp_path):
     torch.testing.assert_close(dict(loaded.named_parameters())[name], state[name])
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "merged"])
+def test_an_export_keeps_the_base_models_dtype(tiny, tmp_path, lora):
+    """A bf16 base (the real Qwen2.5 and Phi-3 checkpoints) exports bf16 weights, not the
+    float32 the training ran in (issue 30: 15.3 GB a Phi-3 version)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny).to(torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(base)
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    train = TrainConfig(lora=lora, lora_rank=4, merge_lora=True)
+    out = tmp_path / "out"
+    export_model(str(base), _perturbed_state(load_model(str(base), train)), train, out)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    # The tiny base is float32 and stays so (the test above loads its trained weights).
+    assert export_model(str(tiny), {}, TrainConfig(), tmp_path / "f32") == "full"
+    f32 = load_file(tmp_path / "f32" / "model.safetensors")
+    assert {t.dtype for t in f32.values()} == {torch.float32}
+
+
 # -- artifacts -------------------------------------------------------------------------------
 HISTORY = {
     "train": [[s, 5.0 - s / 100, 1e-3] for s in range(1, 301)],
