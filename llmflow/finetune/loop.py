@@ -42,7 +42,7 @@ MAX_GRAD_NORM = 1.0
 MAX_EVAL_ROWS = 256  # eval loss on at most this many eval rows: a trend, not a benchmark
 
 
-EVAL_BATCH_SIZE = 64
+EVAL_BATCH_SIZE = 64  # rows, at most: eval_batch_rows bounds them by their logits too
 
 
 TRAIN_STATE = "train_state.pt"
@@ -89,6 +89,37 @@ def load_model(base_model_uri: str, train: TrainConfig):
         )
         model = get_peft_model(model, cfg)
     return model
+
+
+def eval_batch_rows(rows: list[tuple[list[int], list[int]]], vocab: int) -> int:
+    """Rows per batch of the in-training eval loss: at most EVAL_BATCH_SIZE, and few enough
+    that their logits (rows x the longest row x vocabulary: the kept positions' bound) stay
+    within the loss passes' LOGITS_BUDGET: 64 rows of 300 tokens of a 152k vocabulary were
+    29 GB in float32 (issue 30)."""
+    from llmflow.engines.hf import LOGITS_BUDGET
+
+    longest = max((len(x) for x, _ in rows), default=1)
+    return max(1, min(EVAL_BATCH_SIZE, LOGITS_BUDGET // (max(1, longest) * vocab)))
+
+
+def reply_loss(model, batch: dict[str, Any]):
+    """The mean loss over the batch's target tokens, as ``model(**batch).loss`` computes it,
+    with logits only at the positions that predict a target (``logits_to_keep``): a batch of
+    8 x 1024 tokens of a 152k vocabulary holds its reply positions' logits, not all 1.24 G
+    values (2.5 GB in bf16, 5 GB more once the loss upcasts them; issue 30)."""
+    import torch
+
+    labels = batch["labels"]
+    # Position t predicts token t + 1: keep the positions where some row's t + 1 is a target.
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels[:, keep + 1].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -218,20 +249,21 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     model = prepare_model(model, move_to_device=device)
     backend = dist.get_backend() if dist.is_initialized() else "none"
 
+    vocab = getattr(model, "module", model).get_output_embeddings().weight.shape[0]
+    eval_rows = eval_batch_rows(eval_data, vocab)
+
     def eval_loss() -> float:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad(), autocast:
             mine = eval_data[rank::world]
-            for i in range(0, len(mine), EVAL_BATCH_SIZE):
+            for i in range(0, len(mine), eval_rows):
                 b = {
                     k: v.to(device)
-                    for k, v in collate(
-                        mine[i : i + EVAL_BATCH_SIZE], tokenizer.pad_token_id
-                    ).items()
+                    for k, v in collate(mine[i : i + eval_rows], tokenizer.pad_token_id).items()
                 }
                 n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                total += torch.tensor([float(model(**b).loss) * n, n], dtype=torch.float64)
+                total += torch.tensor([float(reply_loss(model, b)) * n, n], dtype=torch.float64)
         model.train()
         s, n = all_sum(total.tolist(), device)
         return s / n if n else float("nan")
@@ -269,7 +301,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
             last = micro == train.grad_accum - 1
             sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
             with sync, autocast:
-                loss = model(**b).loss
+                loss = reply_loss(model, b)
                 (loss / train.grad_accum).backward()
             loss = loss.detach()
             n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -160,3 +160,57 @@ def test_teacher_forced_loss_on_a_random_model(tiny_tokenizer):
     assert abs(out["eval_loss"] - math.log(len(tiny_tokenizer))) < 1.0
     assert out["perplexity"] == pytest.approx(math.exp(out["eval_loss"]))
     assert out["eval_loss"] == pytest.approx(sum(s for s, _ in per) / 10)
+
+
+def test_loss_passes_keep_only_reply_positions_within_the_logits_budget(tiny_tokenizer):
+    """The loss pass of a real vocabulary (152k) cannot hold a batch's float32 logits (issue
+    30): only the positions before a reply token get logits, in passes of at most ``budget``
+    values; the losses are those of the whole-sequence computation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmflow.engines.hf import LOGITS_BUDGET
+
+    torch.manual_seed(0)
+    vocab = len(tiny_tokenizer)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
+    ).eval()
+    chats = [
+        [
+            {"role": "user", "content": f"Reverse the digits: {n}"},
+            {"role": "assistant", "content": str(n)[::-1]},
+        ]
+        for n in (12, 34567, 8901234, 5, 678901234567)
+    ]
+    # The whole-sequence reference: every position's float32 logits at once.
+    reference = []
+    for chat in chats:
+        ids, mask = M.loss_mask(tiny_tokenizer, chat)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        labels = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+        loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        reference.append((float(loss), int((labels != -100).sum())))
+
+    shapes = []
+    model.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.logits.shape)))
+    for budget in (LOGITS_BUDGET, 8 * vocab, 3 * vocab):  # 3: a 13-token reply takes 5 passes
+        shapes.clear()
+        got = M.example_losses(model, tiny_tokenizer, chats, budget=budget)
+        assert [n for _, n in got] == [n for _, n in reference]
+        for (s, _), (ref, _) in zip(got, reference):
+            assert s == pytest.approx(ref, rel=1e-4)
+        assert all(b * k * vocab <= max(budget, vocab) for b, k, _ in shapes), (budget, shapes)
+        # Only reply positions: never a whole padded sequence of the longest prompt.
+        assert sum(b * k for b, k, _ in shapes) <= len(chats) * sum(n for _, n in reference)
+    assert len(shapes) >= 5

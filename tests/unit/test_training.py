@@ -23,10 +23,13 @@ from llmflow.finetune.checks import (
 )
 from llmflow.finetune.export import export_model, loss_plot_png, loss_table
 from llmflow.finetune.loop import (
+    EVAL_BATCH_SIZE,
     build_optimizer,
     check_finite_loss,
+    eval_batch_rows,
     is_checkpoint_step,
     load_model,
+    reply_loss,
     trainable_state,
 )
 from llmflow.finetune.trainer import run_key
@@ -255,6 +258,49 @@ def test_a_missing_dataset_is_refused(tmp_path):
     )
     with pytest.raises(DatasetNotFound, match=r"datasets/nope: no manifest.json"):
         check_dataset(ref)
+
+
+# -- the loss at real sizes --------------------------------------------------------------------
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_reply_loss_is_the_models_loss_from_the_reply_positions_logits_only(
+    tiny, tokenizer, lora
+):
+    """Issue 30: at 8 x 1024 tokens of a 152k vocabulary the whole batch's logits are 1.24 G
+    values; the training loss takes only the positions that predict a target, and gives the
+    loss and the gradients of ``model(**batch).loss``."""
+    import torch
+
+    rows = [encode_chat(tokenizer, r["messages"]) for r in ROWS[:6]]
+    batch = collate(rows, tokenizer.pad_token_id)
+    train = TrainConfig(lora=lora, lora_rank=4)
+    model = load_model(str(tiny), train)
+    shapes = []
+    hook = model.register_forward_hook(lambda _m, _a, out: shapes.append(out.logits.shape))
+    mine = reply_loss(model, batch)
+    mine.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    theirs = model(**batch).loss
+    theirs.backward()
+    hook.remove()
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+    kept, full = shapes
+    targets = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum()
+    assert kept[1] == targets < full[1] == batch["input_ids"].shape[1]
+
+
+def test_eval_batches_are_bounded_by_their_logits_not_only_rows():
+    from llmflow.engines.hf import LOGITS_BUDGET
+
+    rows = [([1] * 300, [IGNORE_INDEX] * 300)] * 100
+    assert eval_batch_rows(rows, vocab=500) == EVAL_BATCH_SIZE  # the tiny model: rows bound it
+    qwen = eval_batch_rows(rows, vocab=151_936)  # Qwen2.5: 5 rows of 300 tokens, not 64
+    assert qwen == LOGITS_BUDGET // (300 * 151_936) == 5
+    assert qwen * 300 * 151_936 * 4 <= 1.1 * 2**30  # about 1 GiB of float32 logits, not 29 GB
+    assert eval_batch_rows([([1] * 4096, [0] * 4096)], vocab=151_936) == 1  # never 0
 
 
 # -- resume ----------------------------------------------------------------------------------
