@@ -66,8 +66,9 @@ def is_checkpoint_step(step: int, train: TrainConfig) -> bool:
 
 
 # -- model -----------------------------------------------------------------------------------
-def load_model(base_model_uri: str, train: TrainConfig):
-    """The base model in float32, wrapped in a LoRA adapter when ``train.lora``."""
+def load_model(base_model_uri: str, train: TrainConfig, dtype=None):
+    """The base model in ``dtype`` (float32 unless given: see load_dtype), wrapped in a LoRA
+    adapter when ``train.lora`` (PEFT keeps the adapter's own weights in float32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +76,7 @@ def load_model(base_model_uri: str, train: TrainConfig):
 
     path = loadable_path(base_model_uri)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
     )
     if train.lora:
         from peft import LoraConfig, get_peft_model
@@ -120,6 +121,18 @@ def reply_loss(model, batch: dict[str, Any]):
         labels[:, keep + 1].reshape(-1),
         ignore_index=IGNORE_INDEX,
     )
+
+
+def load_dtype(train: TrainConfig, device, bf16_supported: bool):
+    """The dtype a worker loads its base model in: bfloat16 for a LoRA run on a GPU that
+    supports it (the base is frozen: Phi-3-mini's 3.8 B weights are 7.6 GB, not 15.3 GB in
+    float32 with bf16 copies made by autocast on top); float32 otherwise (what trains is
+    kept in float32, AdamW's state with it; autocast computes in bf16 on such a GPU)."""
+    import torch
+
+    if train.lora and device.type == "cuda" and bf16_supported:
+        return torch.bfloat16
+    return torch.float32
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -235,7 +248,8 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     if not data:
         raise TrainingError(f"{cfg['dataset_uri']}: no training row has an assistant token")
 
-    model = load_model(cfg["base_model"], train)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = load_model(cfg["base_model"], train, load_dtype(train, device, bf16))
     history: dict[str, list] = {"train": [], "eval": []}
     state = None
     ckpt = ray.train.get_checkpoint()

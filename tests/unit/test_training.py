@@ -28,6 +28,7 @@ from llmflow.finetune.loop import (
     check_finite_loss,
     eval_batch_rows,
     is_checkpoint_step,
+    load_dtype,
     load_model,
     reply_loss,
     trainable_state,
@@ -290,6 +291,20 @@ def test_the_reply_loss_is_the_models_loss_from_the_reply_positions_logits_only(
     kept, full = shapes
     targets = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum()
     assert kept[1] == targets < full[1] == batch["input_ids"].shape[1]
+
+
+def test_a_lora_base_loads_in_bf16_on_a_bf16_gpu_and_its_adapter_trains_in_float32(tiny):
+    import torch
+
+    lora, full = TrainConfig(lora=True, lora_rank=4), TrainConfig()
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert load_dtype(lora, cuda, bf16_supported=True) == torch.bfloat16
+    assert load_dtype(lora, cuda, bf16_supported=False) == torch.float32  # a V100
+    assert load_dtype(lora, cpu, bf16_supported=True) == torch.float32
+    assert load_dtype(full, cuda, bf16_supported=True) == torch.float32  # what trains: fp32
+    model = load_model(str(tiny), lora, torch.bfloat16)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
 
 
 def test_eval_batches_are_bounded_by_their_logits_not_only_rows():
