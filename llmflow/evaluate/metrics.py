@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from llmflow.engines.hf import example_losses, loss_mask  # noqa: F401  (model-side, used here)
+from llmflow.engines.hf import loss_mask  # noqa: F401  (model-side, used here)
+from llmflow.engines.losses import example_losses
 from llmflow.errors import ConfigError
 
 Metric = Callable[[str, str], float]

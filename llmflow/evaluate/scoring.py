@@ -71,7 +71,8 @@ class TeacherForcedLoss:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from llmflow.engines.hf import example_losses, to_messages
+        from llmflow.engines.hf import to_messages
+        from llmflow.engines.losses import example_losses
 
         chats = [to_messages(c) for c in batch["messages"]]
         losses = example_losses(self.model, self.tokenizer, chats)

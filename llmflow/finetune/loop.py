@@ -78,6 +78,8 @@ def load_model(base_model_uri: str, train: TrainConfig, dtype=None):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
     )
+    if train.gradient_checkpointing:  # in train() mode only; non-reentrant: LoRA, DDP
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -97,7 +99,7 @@ def eval_batch_rows(rows: list[tuple[list[int], list[int]]], vocab: int) -> int:
     that their logits (rows x the longest row x vocabulary: the kept positions' bound) stay
     within the loss passes' LOGITS_BUDGET: 64 rows of 300 tokens of a 152k vocabulary were
     29 GB in float32 (issue 30)."""
-    from llmflow.engines.hf import LOGITS_BUDGET
+    from llmflow.engines.losses import LOGITS_BUDGET
 
     longest = max((len(x) for x, _ in rows), default=1)
     return max(1, min(EVAL_BATCH_SIZE, LOGITS_BUDGET // (max(1, longest) * vocab)))

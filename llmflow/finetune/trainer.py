@@ -37,6 +37,8 @@ OPERATIONAL_FIELDS = frozenset(
         "max_failures",
         "cpus_per_worker",
         "resources_per_worker",
+        # The same math with less memory: a run that ran out of it resumes with it turned on.
+        "gradient_checkpointing",
     }
 )
 

@@ -169,7 +169,7 @@ def test_loss_passes_keep_only_reply_positions_within_the_logits_budget(tiny_tok
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmflow.engines.hf import LOGITS_BUDGET
+    from llmflow.engines.losses import LOGITS_BUDGET
 
     torch.manual_seed(0)
     vocab = len(tiny_tokenizer)

@@ -307,8 +307,41 @@ def test_a_lora_base_loads_in_bf16_on_a_bf16_gpu_and_its_adapter_trains_in_float
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradients(
+    tiny, tokenizer, lora
+):
+    import torch
+
+    batch = collate([encode_chat(tokenizer, r["messages"]) for r in ROWS[:4]], 0)
+    runs = {}
+    for checkpointing in (False, True):
+        train = TrainConfig(lora=lora, lora_rank=4, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        model = load_model(str(tiny), train)
+        model.train()
+        calls: list[int] = []
+        [mlp] = [m for n, m in model.named_modules() if n.endswith("layers.0.mlp")]
+        # A pre-hook: the recomputation stops early, inside the MLP, once it has what the
+        # backward needs, so a hook after the MLP's forward would not see it.
+        mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        loss = reply_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        runs[checkpointing] = (float(loss), grads, len(calls))
+    (plain_loss, plain, once), (ckpt_loss, ckpt, twice) = runs[False], runs[True]
+    assert (once, twice) == (1, 2)  # the layer ran again in the backward pass
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-4, atol=1e-6)
+    # The same math: a run resumes whether or not it is turned on (an operational field).
+    assert run_key(TrainConfig(gradient_checkpointing=True), "sha", "base") == run_key(
+        TrainConfig(), "sha", "base"
+    )
+
+
 def test_eval_batches_are_bounded_by_their_logits_not_only_rows():
-    from llmflow.engines.hf import LOGITS_BUDGET
+    from llmflow.engines.losses import LOGITS_BUDGET
 
     rows = [([1] * 300, [IGNORE_INDEX] * 300)] * 100
     assert eval_batch_rows(rows, vocab=500) == EVAL_BATCH_SIZE  # the tiny model: rows bound it
