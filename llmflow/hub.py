@@ -64,14 +64,26 @@ def resolve_revision(repo_id: str, revision: str | None, repo_type: RepoType, ke
         raise HubError(f"{where}: cannot resolve the revision on the hub: {first}") from exc
 
 
-def snapshot(repo_id: str, revision: str | None, key: str) -> tuple[str, str]:
+# What a check of a model reads: its config and tokenizer, never its weights.
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json")
+
+
+def snapshot(
+    repo_id: str, revision: str | None, key: str, files: tuple[str, ...] | None = None
+) -> tuple[str, str]:
     """(local directory, commit) of a model repo at ``revision``: downloaded once, or taken
-    from the HF cache offline. Everything downstream then reads a local, pinned directory."""
+    from the HF cache offline; only the ``files`` patterns when given (CONFIG_FILES for a
+    check). Everything downstream then reads a local, pinned directory."""
     from huggingface_hub import snapshot_download
 
     commit = resolve_revision(repo_id, revision, "model", key)
     try:
-        path = snapshot_download(repo_id, revision=commit, local_files_only=offline())
+        path = snapshot_download(
+            repo_id,
+            revision=commit,
+            local_files_only=offline(),
+            allow_patterns=list(files) if files else None,
+        )
     except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         hint = " (HF_HUB_OFFLINE=1: only models already in the HF cache load)" if offline() else ""

@@ -5,7 +5,6 @@ is a causal LM, the workers can be placed on the cluster's nodes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from llmflow.basemodels import ModelError
@@ -114,11 +113,9 @@ def worker_resources(train: TrainConfig) -> dict[str, float]:
 
 def check_inputs(train: TrainConfig, dataset: DatasetRef | None) -> None:
     """What finetune can check before any cluster work: the base model and the dataset."""
-    from llmflow.basemodels import resolve_base_model
+    from llmflow.basemodels import base_model_config
 
     if train.base_model != "tiny":
-        uri = resolve_base_model(train)  # a missing local directory fails here
-        if Path(uri).is_dir():
-            check_causal_lm(uri)
+        check_causal_lm(base_model_config(train))  # a missing local directory fails there
     if dataset is not None:
         check_dataset(dataset)

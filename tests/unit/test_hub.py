@@ -5,6 +5,8 @@ the cache does not know is one line naming HF_HUB_OFFLINE."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 A, B = "a" * 40, "b" * 40
@@ -55,12 +57,62 @@ def test_a_hub_base_model_resolves_to_its_pinned_snapshot(hf_cache):
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import TrainConfig
     from llmflow.hub import HubError
+    from llmflow.store import Store
 
     _ref(hf_cache, "model", "org/llm", "v1.0", A)
     snap = hf_cache / "models--org--llm" / "snapshots" / A
     snap.mkdir(parents=True)
-    (snap / "config.json").write_text("{}")
+    # As huggingface_hub lays it out: the snapshot's files are links to blobs.
+    blob = hf_cache / "models--org--llm" / "blobs" / "c0ffee"
+    blob.parent.mkdir()
+    blob.write_text('{"model_type": "llama"}')
+    (snap / "config.json").symlink_to(blob)
     path = resolve_base_model(TrainConfig(base_model="org/llm", base_model_revision="v1.0"))
-    assert path == str(snap) and path.endswith(A)  # the commit is in every key built on it
+    # In the store, which every node reads, not in this node's HF cache (issue 30); the
+    # commit is in every key built on it.
+    assert path == Store().uri("models", "_base", f"org--llm@{A}")
+    copied = Path(Store().path("models", "_base", f"org--llm@{A}", "config.json"))
+    assert not copied.is_symlink() and copied.read_text() == blob.read_text()
+    blob.write_text("changed")  # the HF cache going away or changing does not touch it
+    assert resolve_base_model(TrainConfig(base_model="org/llm", base_model_revision=A)) == path
+    assert copied.read_text() == '{"model_type": "llama"}'
     with pytest.raises(HubError, match=r"^train.base_model: org/llm@main: cannot resolve"):
         resolve_base_model(TrainConfig(base_model="org/llm"))
+
+
+def test_the_preflight_reads_a_hub_models_config_and_tokenizer_never_its_weights(
+    hf_cache, tmp_path, monkeypatch
+):
+    """Checks before any work read config.json and the tokenizer (CONFIG_FILES): a snapshot
+    in the cache that holds only those passes the causal-LM check, and nothing is copied to
+    the store (the weights move when the stage runs)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from llmflow.bundled import generate_examples
+    from llmflow.config import TrainConfig
+    from llmflow.finetune.checks import check_inputs
+    from llmflow.store import Store
+    from llmflow.tinymodel import build_tiny_model, example_texts
+
+    tiny = build_tiny_model(tmp_path / "tiny", example_texts(generate_examples(50)), seed=0)
+    _ref(hf_cache, "model", "org/small", "main", B)
+    snap = hf_cache / "models--org--small" / "snapshots" / B
+    snap.mkdir(parents=True)
+    for f in tiny.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, snap / f.name)
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(*args, **kwargs):  # the hub is the boundary: what would be downloaded
+        asked.append(kwargs.get("allow_patterns"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    check_inputs(TrainConfig(base_model="org/small"), None)
+    assert asked and all(patterns for patterns in asked), asked  # never the whole repo
+    assert not any(fnmatch.fnmatch("model.safetensors", p) for ps in asked for p in ps)
+    assert not Store().exists("models", "_base", f"org--small@{B}")
