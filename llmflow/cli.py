@@ -231,6 +231,24 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command("plan")
+def memory_plan(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    gpu_memory_gb: Annotated[
+        float | None,
+        typer.Option(help="Memory of one GPU, GB (default: cluster.gpu_memory_gb)."),
+    ] = None,
+) -> None:
+    """Each stage's peak GPU memory from the base model's config.json alone; exit 2 when a
+    GPU stage cannot fit (no weights are read, no cluster is asked)."""
+    from llmflow.configfile import load_config
+    from llmflow.plan import check_memory
+
+    for line in check_memory(load_config(config, set_ or []), gpu_memory_gb):
+        typer.echo(line)
+
+
 # Commands whose code lives in their own modules, in the order `llmflow --help` lists them.
 app.command()(chat)
 app.command()(run)

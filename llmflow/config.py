@@ -369,6 +369,12 @@ class ClusterConfig(Section):
         description="The cluster starts nodes on demand (KubeRay's autoscaler): the flows do "
         "not check the stages' resources against the nodes alive at the start.",
     )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of one GPU of the cluster: every flow holds the memory plan "
+        "(`llmflow plan`) against it before any work; empty: not checked.",
+    )
 
 
 Cluster = Annotated[ClusterConfig, pydantic.BeforeValidator(trust.no_interpreters)]  # no code

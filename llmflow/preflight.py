@@ -26,9 +26,9 @@ TRAINS = ("pipeline", "finetune")
 
 def check_config(config: PipelineConfig, flow: str) -> None:
     """Engine environments (vLLM's for a vllm engine, LlamaFactory's for
-    ``train.backend: llamafactory``: present, with the cluster's Ray and Python), and the
-    extra metrics (importable, no clash with a built-in) of the stages ``flow`` runs.
-    Raises ConfigError."""
+    ``train.backend: llamafactory``: present, with the cluster's Ray and Python), the memory
+    plan against ``cluster.gpu_memory_gb`` when set (llmflow/plan.py), and the extra metrics
+    (importable, no clash with a built-in) of the stages ``flow`` runs. Raises ConfigError."""
     from llmflow.engines import check_engines
 
     stages = FLOW_STAGES.get(flow, ())
@@ -38,6 +38,10 @@ def check_config(config: PipelineConfig, flow: str) -> None:
         bundle = {"GPU": 1.0} if config.train.use_gpu else {"CPU": 1.0}
         engine_env.check(config.cluster, "train.backend", [bundle], engine_env.LLAMAFACTORY)
     check_engines(config, stages)
+    if config.cluster.gpu_memory_gb:  # the memory plan, from config.json alone
+        from llmflow.plan import check_memory
+
+        check_memory(config)
     if "eval" in stages:
         from llmflow.evaluate.metrics import load_metrics, metric_directions
 

@@ -1,0 +1,107 @@
+"""The memory plan (llmflow/plan.py) on the real models' config.json values: parameter
+counts as published, the shipped GPU configs fitting one 24 GB GPU, and a config that cannot
+fit refused in one line naming its largest term and a fix, before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmflow.configfile import load_config
+from llmflow.errors import ConfigError
+from llmflow.plan import GB, Shape, check_memory, lines, plan, verdict
+
+# As the hub's config.json files say (Qwen/Qwen2.5-0.5B-Instruct, microsoft/Phi-3-mini-4k-instruct).
+QWEN = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+PHI3 = {
+    "model_type": "phi3",
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+QWEN_CFG = "configs/qwen2.5-0.5b-instruct.yaml"
+PHI3_CFG = "configs/phi-3-mini-4k-instruct.yaml"
+
+
+def test_parameter_counts_match_the_published_sizes():
+    # 494 M (Qwen2.5-0.5B; its q/k/v biases, 0.4 M, are left out) and 3.82 B (Phi-3-mini).
+    assert Shape.from_config(QWEN).params == pytest.approx(494.0e6, rel=0.002)
+    assert Shape.from_config(PHI3).params == pytest.approx(3.821e9, rel=0.002)
+
+
+@pytest.mark.parametrize(("path", "model"), [(QWEN_CFG, QWEN), (PHI3_CFG, PHI3)])
+def test_the_shipped_gpu_configs_fit_one_24_gb_gpu(path, model):
+    cfg = load_config(path)
+    stages = plan(cfg, model, 24)
+    fits, last = verdict(stages, 24, cfg)
+    assert fits, (last, lines(stages, 24))
+    assert last.startswith("plan: ") and last.endswith("of 24.0 GB per GPU: fits")
+    train = next(s for s in stages if s.name == "train")
+    assert 10 * GB < train.peak < 24 * GB, train.terms
+
+
+def test_qwen_without_gradient_checkpointing_does_not_fit_and_the_line_says_what_to_change():
+    cfg = load_config(QWEN_CFG, ["train.gradient_checkpointing=false"])
+    fits, last = verdict(plan(cfg, QWEN, 24), 24, cfg)
+    assert not fits
+    # ~11 GB of activations on top of 12.5 GB of logits and 7.9 GB of weights and optimizer.
+    assert last.startswith("plan: train peak 3") and "of 24.0 GB per GPU: does not fit" in last
+    assert last.startswith("plan: train peak 31.4 GB of 24.0 GB per GPU: does not fit")
+    assert "; largest: logits at reply positions (at most) 12.4 GB" in last
+    assert "(train.batch_size 8 -> 2)" in last
+
+
+def test_a_full_fine_tune_of_phi3_is_refused_naming_its_weights():
+    cfg = load_config(PHI3_CFG, ["train.lora=false"])
+    fits, last = verdict(plan(cfg, PHI3, 24), 24, cfg)
+    assert not fits and "largest: AdamW state 30.6 GB (train.lora: true)" in last, last
+
+
+def test_a_vllm_engine_that_cannot_hold_its_weights_names_max_model_len():
+    cfg = load_config(PHI3_CFG, ["serve.vllm_engine_kwargs={gpu_memory_utilization: 0.3}"])
+    fits, last = verdict(plan(cfg, PHI3, 24), 24, cfg)
+    # bf16 weights 7.6 GB and the KV cache of one 2048-token sequence (the default: the --set
+    # replaced the whole dict) 0.8 GB: above 0.3 x 24 GB.
+    assert not fits and last.startswith("plan: serve (vLLM) peak 8.4 GB of 7.2 GB (vLLM's")
+    assert "serve.vllm_engine_kwargs.max_model_len or gpu_memory_utilization" in last
+
+
+def test_the_tiny_cpu_config_holds_nothing_against_a_gpu(tmp_path):
+    out = check_memory(load_config("configs/tiny.yaml"))
+    assert out[0].startswith("train (on CPU): ") and out[-1] == "plan: no stage runs on a GPU"
+
+
+def test_a_config_json_without_the_sizes_is_one_line():
+    with pytest.raises(ConfigError, match=r"^train.base_model: config.json lacks 'hidden_size'"):
+        Shape.from_config({"vocab_size": 10, "num_attention_heads": 2})
+
+
+def test_every_flow_holds_the_plan_against_cluster_gpu_memory_gb_before_any_work(tmp_path):
+    """With cluster.gpu_memory_gb set, the preflight (check_config: no cluster is asked)
+    refuses the config in the plan's one line; without it the plan is not held."""
+    import json
+
+    from llmflow.preflight import check_config
+
+    base = tmp_path / "qwen-config-only"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(QWEN))
+    sets = [f"train.base_model={base}", "train.gradient_checkpointing=false"]
+    with pytest.raises(ConfigError, match=r"^plan: train peak 31.4 GB of 24.0 GB per GPU: does"):
+        check_config(load_config(QWEN_CFG, [*sets, "cluster.gpu_memory_gb=24"]), "finetune")
+    check_config(load_config(QWEN_CFG, sets), "finetune")  # not held without a GPU size
+    check_config(load_config(QWEN_CFG, [*sets[:1], "cluster.gpu_memory_gb=24"]), "finetune")
