@@ -115,12 +115,21 @@ def held_on_nodes() -> dict[str, list[tuple[str, dict[str, float]]]]:
     """Node id -> [(holder, resources)]: what alive actors outside placement groups and
     created placement groups hold on each node now (Ray's state API, no private call). A
     holder is 'Serve app NAME', 'Ray Train workers', or an actor's class."""
+    import ray
     from ray.util.state import list_actors, list_placement_groups
 
+    # The cluster this process is connected to: without an address the state API takes the
+    # last cluster started on this machine (/tmp/ray), which may be another one.
+    address = ray.get_runtime_context().gcs_address
     actors = list_actors(
-        filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False
+        address=address,
+        filters=[("state", "=", "ALIVE")],
+        detail=True,
+        limit=10_000,
+        raise_on_missing_output=False,
     )
     groups = list_placement_groups(
+        address=address,
         filters=[("state", "=", "CREATED")],
         detail=True,
         limit=10_000,
@@ -229,8 +238,14 @@ def wait_for_room(config: PipelineConfig, flow: str) -> None:
             if time.monotonic() >= deadline:
                 raise
             log.info("%s; asking again for up to %.0f s", exc, deadline - time.monotonic())
-        except (RayStateApiException, RuntimeError, ConnectionError) as exc:
-            # The state API is the dashboard's (and ray[default]'s): a cluster may lack it.
+        except (
+            RayStateApiException,
+            RuntimeError,
+            ConnectionError,
+            ray.exceptions.RayError,
+        ) as exc:
+            # The state API is the dashboard's (and ray[default]'s): a cluster may lack it, and
+            # a check that cannot ask must not fail the run.
             log.warning("resources held now are not checked: %s", exc)
             return
         time.sleep(1.0)

@@ -58,9 +58,11 @@ def test_qwen_without_gradient_checkpointing_does_not_fit_and_the_line_says_what
     cfg = load_config(QWEN_CFG, ["train.gradient_checkpointing=false"])
     fits, last = verdict(plan(cfg, QWEN, 24), 24, cfg)
     assert not fits
-    # ~11 GB of activations on top of 12.5 GB of logits and 7.9 GB of weights and optimizer.
-    assert last.startswith("plan: train peak 3") and "of 24.0 GB per GPU: does not fit" in last
-    assert last.startswith("plan: train peak 31.4 GB of 24.0 GB per GPU: does not fit")
+    # ~11 GB of activations on top of 12.5 GB of logits and 5.9 GB of weights and AdamW.
+    assert (
+        last.startswith("plan: train peak 29.4 GB") and "of 24.0 GB per GPU: does not fit" in last
+    )
+    assert last.startswith("plan: train peak 29.4 GB of 24.0 GB per GPU: does not fit")
     assert "; largest: logits at reply positions (at most) 12.4 GB" in last
     assert "(train.batch_size 8 -> 2)" in last
 
@@ -101,7 +103,71 @@ def test_every_flow_holds_the_plan_against_cluster_gpu_memory_gb_before_any_work
     base.mkdir()
     (base / "config.json").write_text(json.dumps(QWEN))
     sets = [f"train.base_model={base}", "train.gradient_checkpointing=false"]
-    with pytest.raises(ConfigError, match=r"^plan: train peak 31.4 GB of 24.0 GB per GPU: does"):
+    with pytest.raises(ConfigError, match=r"^plan: train peak 29.4 GB of 24.0 GB per GPU: does"):
         check_config(load_config(QWEN_CFG, [*sets, "cluster.gpu_memory_gb=24"]), "finetune")
     check_config(load_config(QWEN_CFG, sets), "finetune")  # not held without a GPU size
     check_config(load_config(QWEN_CFG, [*sets[:1], "cluster.gpu_memory_gb=24"]), "finetune")
+
+
+# Reduced sizes of the real architectures: Qwen2 keeps its 151,936-token vocabulary (its
+# logits dominate, as on the real model), Phi-3 its fused projections and untied head.
+SMALL_QWEN = {
+    **QWEN,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+SMALL_PHI3 = {
+    **PHI3,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "batch", "seq", "train"),
+    [
+        (SMALL_QWEN, 2, 256, {}),
+        (SMALL_PHI3, 4, 256, {"lora": True, "lora_rank": 8}),
+        (SMALL_PHI3, 4, 256, {"gradient_checkpointing": True}),
+    ],
+    ids=["qwen2-full", "phi3-lora", "phi3-checkpointed"],
+)
+def test_the_training_plan_is_within_20_percent_of_the_measured_peak_on_cpu(
+    model, batch, seq, train
+):
+    """One training step of llmflow's loss and optimizer on a random-weight model, measured
+    in its own process (tests/plan_probe.py: the resident peak with glibc returning freed
+    blocks at once), against the plan's training stage for the same sizes on CPU (float32).
+    Measured 2026-12-07: the plan was 0-4% above the measurement in each case."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = {"model": model, "batch": batch, "seq": seq, "train": train}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "MALLOC_TRIM_THRESHOLD_": "0",
+        "MALLOC_ARENA_MAX": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.plan_probe", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    sets = [f"train.batch_size={batch}", f"data.max_tokens={seq}"]
+    sets += [f"train.{k}={json.dumps(v)}" for k, v in train.items()]
+    stage = plan(load_config("configs/tiny.yaml", sets), model, None)[0]
+    assert 0.8 <= stage.peak / measured <= 1.2, (stage.peak / GB, measured / GB, stage.terms)
