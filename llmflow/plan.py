@@ -13,8 +13,9 @@ Mistral: RMSNorm, rotary attention with grouped KV heads, a gated MLP):
   ``activation_bytes``; with gradient checkpointing one float32 hidden state a layer plus one
   layer's worth during its recomputation), and the larger of the gradients (4 bytes a
   trained parameter) and the loss's logits at the reply positions (at most every token of a
-  batch of ``data.max_tokens`` rows: bf16 logits, their float32 copy and its gradient, 10
-  bytes each), which are freed before most gradients exist;
+  batch of ``data.max_tokens`` rows: in the backward pass the float32 log-softmax, its
+  gradient and the logits' gradient, 12 bytes each), which are freed before most gradients
+  exist;
 - the eval-loss pass: the weights and the loss passes' logits budget (engines/losses.py);
 - a vLLM engine: what vLLM takes by construction, ``gpu_memory_utilization`` of the GPU,
   checked to hold the bf16 weights and the KV cache of one ``max_model_len`` sequence.
@@ -152,9 +153,7 @@ def training(cfg: PipelineConfig, shape: Shape) -> Stage:
         stage.terms.append(("activations (checkpointed)", kept))
     else:
         stage.terms.append(("activations", tokens * shape.layers * per_layer))
-    stage.terms.append(
-        ("logits at reply positions (at most)", tokens * shape.vocab * (10 if half else 12))
-    )
+    stage.terms.append(("logits at reply positions (at most)", tokens * shape.vocab * 12))
     # The loss's logits and their gradient are freed once the backward pass leaves the output
     # layer, before most gradients exist: measured on CPU, summing both overshot by up to 24%.
     stage.apart = ("gradients", "logits at reply positions (at most)")
