@@ -57,7 +57,7 @@ def base_dtype(base_model_uri: str):
     if not path.is_file():  # a hub id: its config.json from the hub cache
         from transformers import AutoConfig
 
-        declared = AutoConfig.from_pretrained(base_model_uri).to_dict()
+        declared = AutoConfig.from_pretrained(base_model_uri, trust_remote_code=False).to_dict()
     else:
         declared = json.loads(path.read_text())
     name = declared.get("dtype") or declared.get("torch_dtype") or "float32"
