@@ -243,10 +243,15 @@ def memory_plan(
     """Each stage's peak GPU memory from the base model's config.json alone; exit 2 when a
     GPU stage cannot fit (no weights are read, no cluster is asked)."""
     from llmflow.configfile import load_config
-    from llmflow.plan import check_memory
+    from llmflow.errors import ConfigError
+    from llmflow.plan import report
 
-    for line in check_memory(load_config(config, set_ or []), gpu_memory_gb):
+    out, fits = report(load_config(config, set_ or []), gpu_memory_gb)
+    for line in out[:-1]:  # the terms; the verdict last, on stderr when it does not fit
         typer.echo(line)
+    if not fits:
+        raise ConfigError(out[-1])
+    typer.echo(out[-1])
 
 
 # Commands whose code lives in their own modules, in the order `llmflow --help` lists them.

@@ -270,11 +270,17 @@ def read_model_config(cfg: PipelineConfig) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_memory(cfg: PipelineConfig, gpu_gb: float | None = None) -> list[str]:
-    """The plan's lines; ConfigError (its last line) when a GPU stage cannot fit."""
+def report(cfg: PipelineConfig, gpu_gb: float | None = None) -> tuple[list[str], bool]:
+    """The plan's lines, its verdict last, and whether every GPU stage fits."""
     gpu_gb = gpu_gb or cfg.cluster.gpu_memory_gb
     stages = plan(cfg, read_model_config(cfg), gpu_gb)
     fits, last = verdict(stages, gpu_gb, cfg)
+    return [*lines(stages, gpu_gb), last], fits
+
+
+def check_memory(cfg: PipelineConfig, gpu_gb: float | None = None) -> list[str]:
+    """The plan's lines; ConfigError (its last line) when a GPU stage cannot fit."""
+    out, fits = report(cfg, gpu_gb)
     if not fits:
-        raise ConfigError(last)
-    return [*lines(stages, gpu_gb), last]
+        raise ConfigError(out[-1])
+    return out

@@ -168,3 +168,33 @@ def test_the_training_plan_is_within_20_percent_of_the_measured_peak_on_cpu(
     sets += [f"train.{k}={json.dumps(v)}" for k, v in train.items()]
     stage = plan(load_config("configs/tiny.yaml", sets), model, None)[0]
     assert 0.8 <= stage.peak / measured <= 1.2, (stage.peak / GB, measured / GB, stage.terms)
+
+
+def test_llmflow_plan_prints_the_terms_and_refuses_in_one_line_with_exit_2(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = tmp_path / "qwen-config-only"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(QWEN))
+    cli = [str(Path(sys.executable).parent / "llmflow"), "plan", "--config", QWEN_CFG]
+    cli += ["--set", f"train.base_model={base}", "--gpu-memory-gb", "24"]
+    ok = subprocess.run(cli, capture_output=True, text=True, timeout=120, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0] == "train (per GPU): 14.0 GB"
+    assert ok.stdout.splitlines()[-1] == "plan: train peak 14.0 GB of 24.0 GB per GPU: fits"
+    bad = subprocess.run(
+        [*cli, "--set", "train.batch_size=8", "--set", "train.gradient_checkpointing=false"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "activations" in bad.stdout  # the terms, then the verdict
+    refusal = (
+        "error: plan: train peak 31.9 GB of 24.0 GB per GPU: does not fit; largest: logits at "
+        "reply positions (at most) 14.9 GB (train.batch_size 8 -> 2)"
+    )
+    assert bad.stderr.strip().splitlines() == [refusal]
