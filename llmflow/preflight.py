@@ -209,13 +209,16 @@ def check_room_now(config: PipelineConfig, flow: str, nodes: Sequence[dict[str, 
     """check_room for what ``flow`` would wait on forever: every training worker at once and
     each scoring engine's bundle. (A promotion's replicas are not asked here: the rollout
     has its own deadline and rolls back.)"""
+    trains, scores = flow in TRAINS, "eval" in FLOW_STAGES.get(flow, ())
+    if not (trains or scores):
+        return
     held = held_on_nodes()
-    if flow in TRAINS:
+    if trains:
         from llmflow.finetune.checks import worker_resources
 
         need = worker_resources(config.train)
         check_room("train.num_workers", need, config.train.num_workers, nodes, held)
-    if "eval" in FLOW_STAGES.get(flow, ()):
+    if scores:
         gpus = any(n.get("Resources", {}).get("GPU", 0) > 0 for n in nodes if n.get("Alive"))
         key, bundles = stage_bundles(config, "eval", gpus)
         for bundle in bundles:
