@@ -237,14 +237,22 @@ def stop_part(entry: dict, timeout: float = 20.0) -> bool:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return False
-    _, alive = psutil.wait_procs(group, timeout=timeout)
+    _kill_after(group, timeout)
+    return True
+
+
+def _kill_after(procs, timeout: float) -> None:
+    """Wait up to ``timeout`` for ``procs`` (psutil processes, already sent SIGTERM) to
+    exit, then SIGKILL what is left."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
-    return True
 
 
 def stop_stray_haproxy(s: StackSettings) -> list[int]:
@@ -266,13 +274,7 @@ def stop_stray_haproxy(s: StackSettings) -> list[int]:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(strays, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    _kill_after(strays, 5)
     return [p.pid for p in strays]
 
 
