@@ -366,22 +366,26 @@ def test_the_rayservice_deploys_the_openai_app_with_arguments_it_accepts():
     assert app["args"]["model_path"].startswith(JOB_VARIABLES["env"]["LLMFLOW_STORE"] + "/models/")
 
 
+def both_manifests_ray_containers():
+    """(kind, container) of every Ray pod of both manifests (ray_containers of each)."""
+    for kind in ("RayCluster", "RayService"):
+        spec = the(kind)["spec"]
+        for _, container in ray_containers(spec.get("rayClusterConfig", spec)):
+            yield kind, container
+
+
 def test_the_ray_pods_get_the_secrets_from_kubernetes_secrets_not_from_runs():
     """The flows' runtime_env no longer carries the Prefect credentials (Ray logs its values):
     every Ray pod of both manifests reads them, and the hub token, from Secrets."""
-    for kind in ("RayCluster", "RayService"):
-        spec = the(kind)["spec"]
-        spec = spec.get("rayClusterConfig", spec)
-        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-        for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
-            env = env_of(container)
-            for var, secret in (
-                ("PREFECT_API_AUTH_STRING", "prefect-basic-auth"),
-                ("HF_TOKEN", "llmflow-hf"),
-            ):
-                ref = env[var]["valueFrom"]["secretKeyRef"]
-                assert ref["name"] == secret and ref["optional"] is True, (kind, var)
-                assert "value" not in env[var]
+    for kind, container in both_manifests_ray_containers():
+        env = env_of(container)
+        for var, secret in (
+            ("PREFECT_API_AUTH_STRING", "prefect-basic-auth"),
+            ("HF_TOKEN", "llmflow-hf"),
+        ):
+            ref = env[var]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret and ref["optional"] is True, (kind, var)
+            assert "value" not in env[var]
 
 
 def test_the_ray_pods_run_serve_behind_haproxy_as_the_local_stack_does(monkeypatch):
@@ -389,11 +393,7 @@ def test_the_ray_pods_run_serve_behind_haproxy_as_the_local_stack_does(monkeypat
 
     monkeypatch.delenv("LLMFLOW_SERVE_INGRESS", raising=False)
     local = StackSettings.from_env().serve_ingress_env()
-    for kind in ("RayCluster", "RayService"):
-        spec = the(kind)["spec"]
-        spec = spec.get("rayClusterConfig", spec)
-        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-        for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
-            env = env_of(container)
-            for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
-                assert env[var]["value"] == local[var] == "1", (kind, var)
+    for kind, container in both_manifests_ray_containers():
+        env = env_of(container)
+        for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+            assert env[var]["value"] == local[var] == "1", (kind, var)
