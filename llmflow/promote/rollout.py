@@ -59,6 +59,7 @@ def deploy_chat(
         raise RolloutError(
             f"Serve app '{chat_app_name(serve_cfg)}' (the chat) failed to deploy: {str(exc)[:300]}"
         ) from exc
+    wait_routed(serve_url(cluster), chat_route_prefix(serve_cfg), chat_app_name(serve_cfg))
 
 
 def apply_declarative(app: dict[str, Any]) -> float:
@@ -124,6 +125,7 @@ def deploy(
         ) from exc
 
     wait_running(serve_cfg.app_name, since, timeout_s, f"{model.name}:{model.version}")
+    wait_routed(serve_url(cluster), serve_cfg.route_prefix, serve_cfg.app_name)
     if serve_cfg.chat:
         deploy_chat(serve_cfg, model, cluster)
 
@@ -151,6 +153,39 @@ def wait_running(app_name: str, since: float, timeout_s: float, what: str) -> No
         )(running)
     except tenacity.RetryError as exc:
         raise RolloutError(f"Serve app '{app_name}' not RUNNING after {timeout_s:.0f}s") from exc
+
+
+def routes(base_url: str) -> dict[str, str]:
+    """The HTTP ingress's live route table, ``{route_prefix: app_name}`` (``/-/routes``,
+    served by Serve's proxy and by HAProxy from the configuration it runs now)."""
+    r = httpx.get(f"{base_url}/-/routes", timeout=5)
+    r.raise_for_status()
+    return {str(k).rstrip("/"): str(v) for k, v in r.json().items()}
+
+
+def wait_routed(base_url: str, prefix: str, app_name: str, timeout_s: float = 60) -> None:
+    """Wait until the ingress routes ``prefix`` to ``app_name``. Serve reports an app
+    RUNNING before every proxy has its route (HAProxy picks it up on a config reload): a
+    request in between gets the ingress's own 404, which a smoke test would take for the
+    model's failure."""
+
+    def routed() -> bool:
+        try:
+            return routes(base_url).get(prefix.rstrip("/")) == app_name
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+
+    try:
+        tenacity.Retrying(
+            stop=tenacity.stop_after_delay(timeout_s),
+            wait=tenacity.wait_fixed(0.2),
+            retry=tenacity.retry_if_result(lambda ok: not ok),
+        )(routed)
+    except tenacity.RetryError as exc:
+        raise RolloutError(
+            f"Serve app '{app_name}' is RUNNING but {base_url} does not route "
+            f"{prefix or '/'} to it after {timeout_s:.0f}s"
+        ) from exc
 
 
 def smoke_test(

@@ -127,3 +127,40 @@ def test_a_manifest_without_serve_config_is_refused(tmp_path):
     path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     with pytest.raises(ConfigError, match=r"no 'serveConfigV2: \|' block"):
         kuberay.set_applications(path, [])
+
+
+def test_a_rollout_waits_until_the_ingress_routes_the_app_and_names_a_route_never_taken():
+    """Serve says RUNNING before HAProxy's reload has the route: the wait reads the
+    ingress's own /-/routes until the prefix maps to the app (here after three reads)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from llmflow.promote.rollout import RolloutError, wait_routed
+
+    reads = []
+
+    class Ingress(BaseHTTPRequestHandler):
+        def do_GET(self):
+            reads.append(self.path)
+            table = {"/other": "other"} if len(reads) < 3 else {"/secret/": "secret-test"}
+            body = json.dumps(table).encode()
+            self.send_response(200 if self.path == "/-/routes" else 404)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ingress)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        wait_routed(base, "/secret", "secret-test", timeout_s=10)
+        assert reads == ["/-/routes"] * 3
+        with pytest.raises(RolloutError, match=r"does not route /chat to it after 1s"):
+            wait_routed(base, "/chat", "chat", timeout_s=1)
+    finally:
+        server.shutdown()
