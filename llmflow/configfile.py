@@ -121,6 +121,7 @@ _VLLM_CPU = {
         "kv_cache_memory_bytes": 64 << 20,
         "max_model_len": 256,
         "dtype": "float32",
+        "enforce_eager": True,
     },
 }
 
