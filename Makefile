@@ -59,10 +59,10 @@ TIMES := --durations=25 --durations-min=1
 
 # The lint and the layout rules (tests/unit/test_layout.py) first: they fail in seconds.
 test: install lint
-	$(BIN)/python -m pytest tests -m "not gpu and not bench_smoke" --ignore=tests/drills -p no:cacheprovider $(TIMES)
+	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider $(TIMES)
 
-# Every bench script's smoke run (tests/integration/test_bench.py), ~22 min on 2 cores; make test
-# runs the three cheap ones.
+# Every bench script's smoke run alone (tests/integration/test_bench.py, ~8 min on 2 cores);
+# make test runs them too.
 bench-smoke: install
 	$(BIN)/python -m pytest tests/integration/test_bench.py -p no:cacheprovider $(TIMES)
 

@@ -36,6 +36,13 @@ def add_ingress_option(ap) -> None:
     )
 
 
+def _serving_at(url: str) -> str:
+    """``url`` as where llmflow's rollouts find this Serve (LLMFLOW_SERVE_URL): a deploy waits
+    until its ingress routes the app, and the smoke test asks it."""
+    os.environ["LLMFLOW_SERVE_URL"] = url.rstrip("/")
+    return url.rstrip("/")
+
+
 def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> str:
     """Connect to the Ray at ``address`` (its Serve answers at ``serve_url``), or start a
     private one ("local": never whichever cluster started last on this machine) with Serve
@@ -50,9 +57,9 @@ def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> st
 
         # Replicas still write their access logs (a cost measured here), just not to stdout.
         ray.init(address, **(ray_init_kwargs(ClusterConfig()) | {"log_to_driver": False}))
-        return (
+        return _serving_at(
             serve_url or os.environ.get("LLMFLOW_SERVE_URL") or StackSettings.from_env().serve_url
-        ).rstrip("/")
+        )
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -67,7 +74,7 @@ def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> st
             port = s.getsockname()[1]
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            return f"http://127.0.0.1:{port}"
+            return _serving_at(f"http://127.0.0.1:{port}")
         except RuntimeError:
             serve.shutdown()
             if attempt:
