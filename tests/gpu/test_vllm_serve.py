@@ -33,7 +33,7 @@ def served(tmp_path_factory):
     from ray import serve
 
     from llmflow.basemodels import resolve_base_model
-    from llmflow.config import ServeConfig, TrainConfig
+    from llmflow.config import ClusterConfig, ServeConfig, TrainConfig
     from llmflow.promote.rollout import deploy
     from llmflow.refs import ModelRef
     from llmflow.store import Store
@@ -58,7 +58,8 @@ def served(tmp_path_factory):
                 "enforce_eager": True,
             },
         )
-        deploy(cfg, ModelRef(uri=path, name=NAME, version="1", base_model="tiny"))
+        cluster = ClusterConfig(serve_url=f"http://127.0.0.1:{port}")  # where deploy waits
+        deploy(cfg, ModelRef(uri=path, name=NAME, version="1", base_model="tiny"), cluster)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
