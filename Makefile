@@ -76,7 +76,9 @@ test-unit: install
 test-integration: install
 	$(BIN)/python -m pytest tests/integration
 
+# The memory check first (real sizes, random weights, minutes), then the GPU tests.
 test-gpu: install
+	$(BIN)/python -m tests.gpu.memory_plan
 	$(BIN)/python -m pytest tests/gpu
 
 # Every benchmark of bench/ on the tiny default, written to bench/RESULTS.md (~15 min on 2 cores).

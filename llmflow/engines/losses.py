@@ -30,33 +30,41 @@ def example_losses(
     encoded = []
     for chat in chats:
         ids, mask = loss_mask(tokenizer, chat)
-        ids, mask = ids[-limit:], mask[-limit:]
-        # Position t's logits predict token t + 1: keep t where token t + 1 is a target.
-        encoded.append((ids, mask, [t for t in range(len(ids) - 1) if mask[t + 1]]))
+        encoded.append((ids[-limit:], mask[-limit:]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return encoded_losses(model, pad_id, encoded, budget)
+
+
+def encoded_losses(
+    model, pad_id: int, encoded: Sequence[tuple[list[int], list[int]]], budget: int = LOGITS_BUDGET
+) -> list[tuple[float, int]]:
+    """``example_losses`` of rows already encoded: (token ids, 0/1 target mask) each, packed
+    into passes of at most ``budget`` logits."""
+    # Position t's logits predict token t + 1: keep t where token t + 1 is a target.
+    rows = [(ids, mask, [t for t in range(len(ids) - 1) if mask[t + 1]]) for ids, mask in encoded]
     vocab = model.get_output_embeddings().weight.shape[0]
     per_pass = max(1, budget // vocab)  # positions a pass may keep
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     group: list[int] = []
     kept: set[int] = set()
-    for i, (_, _, positions) in enumerate(encoded):
+    for i, (_, _, positions) in enumerate(rows):
         union = kept | set(positions)
         if group and (len(group) + 1) * len(union) > per_pass:
-            _losses_of(model, tokenizer, encoded, group, sorted(kept), per_pass, results)
+            _losses_of(model, pad_id, rows, group, sorted(kept), per_pass, results)
             group, union = [], set(positions)
         group.append(i)
         kept = union
     if group:
-        _losses_of(model, tokenizer, encoded, group, sorted(kept), per_pass, results)
+        _losses_of(model, pad_id, rows, group, sorted(kept), per_pass, results)
     return results
 
 
-def _losses_of(model, tokenizer, encoded, rows, positions, per_pass, results) -> None:
+def _losses_of(model, pad_id, encoded, rows, positions, per_pass, results) -> None:
     """Add the summed loss and token count at ``positions`` of each row of ``rows`` (indices
     into ``encoded``) to ``results``: one forward pass per chunk of the positions, each
     keeping at most ``per_pass`` logits (one chunk unless a lone row's reply is longer)."""
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     x = pad([encoded[r][0] for r in rows], pad_id).to(device)
     attn = pad([[1] * len(encoded[r][0]) for r in rows], 0).to(device)

@@ -9,32 +9,7 @@ import pytest
 from llmflow.configfile import load_config
 from llmflow.errors import ConfigError
 from llmflow.plan import GB, Shape, check_memory, lines, plan, verdict
-
-# As the hub's config.json files say (Qwen/Qwen2.5-0.5B-Instruct, microsoft/Phi-3-mini-4k-instruct).
-QWEN = {
-    "model_type": "qwen2",
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-}
-PHI3 = {
-    "model_type": "phi3",
-    "vocab_size": 32064,
-    "hidden_size": 3072,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
-QWEN_CFG = "configs/qwen2.5-0.5b-instruct.yaml"
-PHI3_CFG = "configs/phi-3-mini-4k-instruct.yaml"
+from tests.real_shapes import PHI3, PHI3_CFG, QWEN, QWEN_CFG
 
 
 def test_parameter_counts_match_the_published_sizes():
