@@ -373,7 +373,8 @@ class ClusterConfig(Section):
         None,
         gt=0,
         description="Memory of one GPU of the cluster: every flow holds the memory plan "
-        "(`llmflow plan`) against it before any work; empty: not checked.",
+        "(`llmflow plan`) against it before any work; empty: the smallest GPU the nodes "
+        "report (nvidia-smi).",
     )
 
 

@@ -192,11 +192,20 @@ def plan(cfg: PipelineConfig, model_config: Mapping[str, Any], gpu_gb: float | N
     if cfg.train.use_gpu:  # a cluster with GPUs gives the loss actor one
         stages.append(eval_loss(shape, 2 if dtype in ("bfloat16", "float16") else 4))
     for key, section in (("eval", cfg.eval), ("serve", cfg.serve)):
-        if section.engine == "vllm" and any(
-            "GPU" in b for b in (section.vllm_placement or [{"GPU": 1}])
-        ):
+        if _vllm_on_gpu(section):
             stages.append(vllm_engine(section, f"{key} (vLLM)", shape, gpu))
     return stages
+
+
+def _vllm_on_gpu(section) -> bool:
+    return section.engine == "vllm" and any(
+        "GPU" in b for b in (section.vllm_placement or [{"GPU": 1}])
+    )
+
+
+def plan_uses_gpu(cfg: PipelineConfig) -> bool:
+    """Whether some stage of the plan is held against a GPU (without reading config.json)."""
+    return cfg.train.use_gpu or any(_vllm_on_gpu(s) for s in (cfg.eval, cfg.serve))
 
 
 def lines(stages: Iterable[Stage], gpu_gb: float | None) -> list[str]:
@@ -276,6 +285,49 @@ def report(cfg: PipelineConfig, gpu_gb: float | None = None) -> tuple[list[str],
     stages = plan(cfg, read_model_config(cfg), gpu_gb)
     fits, last = verdict(stages, gpu_gb, cfg)
     return [*lines(stages, gpu_gb), last], fits
+
+
+def gpu_memory_here() -> list[float]:
+    """The memory of each GPU of this machine, GB, as ``nvidia-smi`` reports it (it sees every
+    GPU whatever CUDA_VISIBLE_DEVICES says, so a task holding none can ask); [] without it."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        return [float(line) * 2**20 / GB for line in out.split() if line.strip()]  # MiB
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
+
+
+def gpu_memory_on_nodes(nodes: list[dict[str, Any]]) -> float | None:
+    """The smallest GPU of the alive nodes that have GPUs (``ray.nodes()`` entries), GB, asked
+    of a task that holds no CPU and no GPU, pinned to each such node; None when no node
+    could say (no GPU nodes, no nvidia-smi)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    gpu_nodes = [n for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    if not gpu_nodes:
+        return None
+    task = ray.remote(num_cpus=0, num_gpus=0, max_retries=0)(gpu_memory_here)
+    refs = [
+        task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote()
+        for n in gpu_nodes
+    ]
+    sizes = [gb for answer in ray.get(refs, timeout=120) for gb in answer]
+    return min(sizes) if sizes else None
 
 
 def check_memory(cfg: PipelineConfig, gpu_gb: float | None = None) -> list[str]:

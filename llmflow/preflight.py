@@ -272,8 +272,26 @@ def check_placement(config: PipelineConfig, flow: str) -> None:
     if ray.is_initialized():
         nodes = ray.nodes()
         check_resources(config, flow, nodes)
+        check_memory_on_nodes(config, nodes)
         check_secrets(config, nodes)
         wait_for_room(config, flow)
+
+
+def check_memory_on_nodes(config: PipelineConfig, nodes: Sequence[dict[str, Any]]) -> None:
+    """The memory plan against the smallest GPU of the cluster's nodes, where
+    ``cluster.gpu_memory_gb`` does not say it (check_config held it against that already)
+    and some stage runs on a GPU. A cluster that cannot say (no nvidia-smi) is logged, not
+    failed."""
+    from llmflow.plan import check_memory, gpu_memory_on_nodes, plan_uses_gpu
+
+    if config.cluster.gpu_memory_gb or not plan_uses_gpu(config):
+        return
+    gpu_gb = gpu_memory_on_nodes(list(nodes))
+    if gpu_gb is None:
+        log.info("the memory plan is not checked: no node says its GPU memory (nvidia-smi)")
+        return
+    for line in check_memory(config, gpu_gb):
+        log.info("%s", line)
 
 
 # The Prefect client's credentials: where the flow has them, its task runs on the Ray workers

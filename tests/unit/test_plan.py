@@ -173,3 +173,58 @@ def test_llmflow_plan_prints_the_terms_and_refuses_in_one_line_with_exit_2(tmp_p
         "reply positions (at most) 14.9 GB (train.batch_size 8 -> 2)"
     )
     assert bad.stderr.strip().splitlines() == [refusal]
+
+
+_ON_NODES = """
+import json, os, sys
+import ray
+from llmflow.configfile import load_config
+from llmflow.errors import ConfigError
+from llmflow.plan import gpu_memory_on_nodes
+from llmflow.preflight import check_memory_on_nodes
+
+ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False,
+         runtime_env={"env_vars": {"PATH": sys.argv[1] + os.pathsep + os.environ["PATH"]}})
+cfg = load_config("configs/tiny.yaml", ["train.use_gpu=true"])
+out = {"gb": gpu_memory_on_nodes(ray.nodes())}
+try:
+    check_memory_on_nodes(cfg, ray.nodes())
+    out["error"] = None
+except ConfigError as exc:
+    out["error"] = str(exc)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(("mib", "fits"), [("24576", True), ("1", False)])
+def test_the_preflight_reads_the_gpu_memory_of_the_nodes(tmp_path, mib, fits):
+    """Without cluster.gpu_memory_gb the plan is held against the smallest GPU the nodes'
+    nvidia-smi reports, asked by a task that holds no GPU (a local Ray with one logical GPU,
+    a stand-in nvidia-smi on its workers' PATH; about 10 s)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho {mib}\necho 81559\n")
+    smi.chmod(0o755)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ON_NODES, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    out = json.loads(line[7:])
+    assert out["gb"] == pytest.approx(int(mib) * 2**20 / GB)  # the smaller of the two GPUs
+    if fits:
+        assert out["error"] is None
+    else:
+        assert (
+            out["error"].startswith("plan: ")
+            and " of 0.0 GB per GPU: does not fit" in (out["error"])
+        )
