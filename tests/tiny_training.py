@@ -24,14 +24,14 @@ def train_tiny(
     from transformers import AutoModelForCausalLM
 
     from llmflow.basemodels import load_tokenizer
-    from llmflow.tinymodel import assistant_mask
+    from llmflow.engines.hf import loss_mask
 
     torch.manual_seed(seed)
     tok = load_tokenizer(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
     data = []
     for row in rows:
-        ids, mask = assistant_mask(tok, row["messages"])
+        ids, mask = loss_mask(tok, row["messages"])  # the trainer's mask, any template
         data.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
