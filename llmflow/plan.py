@@ -326,7 +326,7 @@ def gpu_memory_on_nodes(nodes: list[dict[str, Any]]) -> float | None:
         ).remote()
         for n in gpu_nodes
     ]
-    sizes = [gb for answer in ray.get(refs, timeout=120) for gb in answer]
+    sizes = [gb for answer in ray.get(refs, timeout=60) for gb in answer]
     return min(sizes) if sizes else None
 
 

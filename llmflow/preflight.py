@@ -286,7 +286,13 @@ def check_memory_on_nodes(config: PipelineConfig, nodes: Sequence[dict[str, Any]
 
     if config.cluster.gpu_memory_gb or not plan_uses_gpu(config):
         return
-    gpu_gb = gpu_memory_on_nodes(list(nodes))
+    import ray
+
+    try:
+        gpu_gb = gpu_memory_on_nodes(list(nodes))
+    except ray.exceptions.RayError as exc:  # a node whose task could not run (or in time)
+        log.warning("the memory plan is not checked: the nodes' GPU memory not read: %s", exc)
+        return
     if gpu_gb is None:
         log.info("the memory plan is not checked: no node says its GPU memory (nvidia-smi)")
         return
