@@ -6,6 +6,7 @@ outcome of a promotion that has nothing to do. tasks/promote.py runs them in one
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -145,14 +146,21 @@ def wait_running(app_name: str, since: float, timeout_s: float, what: str) -> No
             )
         return current and status.endswith("RUNNING")
 
+    if not _poll(running, timeout_s, every_s=1.0):
+        raise RolloutError(f"Serve app '{app_name}' not RUNNING after {timeout_s:.0f}s")
+
+
+def _poll(check: Callable[[], bool], timeout_s: float, every_s: float) -> bool:
+    """Call ``check`` every ``every_s`` until it is true (True) or ``timeout_s`` has passed
+    (False); what it raises goes through."""
     try:
-        tenacity.Retrying(
+        return tenacity.Retrying(
             stop=tenacity.stop_after_delay(timeout_s),
-            wait=tenacity.wait_fixed(1),
+            wait=tenacity.wait_fixed(every_s),
             retry=tenacity.retry_if_result(lambda ok: not ok),
-        )(running)
-    except tenacity.RetryError as exc:
-        raise RolloutError(f"Serve app '{app_name}' not RUNNING after {timeout_s:.0f}s") from exc
+        )(check)
+    except tenacity.RetryError:
+        return False
 
 
 def routes(base_url: str) -> dict[str, str]:
@@ -175,17 +183,11 @@ def wait_routed(base_url: str, prefix: str, app_name: str, timeout_s: float = 60
         except (httpx.HTTPError, ValueError, AttributeError):
             return False
 
-    try:
-        tenacity.Retrying(
-            stop=tenacity.stop_after_delay(timeout_s),
-            wait=tenacity.wait_fixed(0.2),
-            retry=tenacity.retry_if_result(lambda ok: not ok),
-        )(routed)
-    except tenacity.RetryError as exc:
+    if not _poll(routed, timeout_s, every_s=0.2):
         raise RolloutError(
             f"Serve app '{app_name}' is RUNNING but {base_url} does not route "
             f"{prefix or '/'} to it after {timeout_s:.0f}s"
-        ) from exc
+        )
 
 
 def smoke_test(
