@@ -45,10 +45,10 @@ def promote(
         rollout = nothing_to_do(
             config.serve, config.cluster, candidate, decision, champion, previous
         )
+        if decision is not None and (rollout is None or not decision.passed):
+            record_gate(candidate, decision)  # a refusal too: `llmflow models list` shows it
         if rollout is None:
             check_serving(config.serve, config.cluster)
-            if decision is not None:
-                record_gate(candidate, decision)
             champ = registry.get_version(store, candidate.name, champion) if champion else None
             rollout = roll_out(config, candidate, champ)
     return report_rollout(rollout)

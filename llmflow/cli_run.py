@@ -15,7 +15,14 @@ import typer
 
 from llmflow.cli_chat import chat_target
 from llmflow.cli_common import FLOWS, ConfigOpt, SetOpt, echo, print_status
-from llmflow.errors import ConfigError, LlmflowError, RunFailed, StackError
+from llmflow.errors import (
+    NOT_PROMOTED,
+    ConfigError,
+    LlmflowError,
+    NotPromoted,
+    RunFailed,
+    StackError,
+)
 
 
 def prepare_environment(cfg) -> str:
@@ -116,6 +123,8 @@ def finish(flow: str, state) -> None:
     if not state.is_completed():
         reason = (state.message or "").removeprefix("Flow run encountered an exception: ")
         raise RunFailed(f"flow '{flow}' ended {state.name}: {reason} (see {url})")
+    if state.name == NOT_PROMOTED:  # the run Completed; the gate refused (exit 3)
+        raise NotPromoted(f"flow '{flow}' {state.message} (see {url})")
     echo(f"Flow '{flow}' Completed: {url}")
 
 

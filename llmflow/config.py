@@ -170,13 +170,22 @@ class EvalConfig(Section):
 
 
 class GateConfig(Section):
+    """The promotion policy. The primary metric is compared row by row with the champion's: a
+    paired bootstrap interval of the improvement (llmflow/evaluate/paired.py) must lie above
+    min_improvement (superiority: a tie or a gain within noise does not promote) or at or
+    above -max_regression (non-inferiority: not worse)."""
+
     primary_metric: str = Field("exact_match", description="Metric the candidate must improve.")
-    min_improvement: float = Field(0.0, description="Margin over the champion's primary metric.")
+    policy: Literal["superiority", "non-inferiority"] = "superiority"
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="The intervals' confidence level.")
+    min_improvement: float = Field(0.0, ge=0, description="superiority: the bound to exceed.")
+    max_regression: float = Field(0.0, ge=0, description="non-inferiority: the loss tolerated.")
     thresholds: dict[str, float] = Field(
         default_factory=dict, description="Absolute minimum per metric."
     )
     guardrails: dict[str, float] = Field(
-        default_factory=dict, description="Metric -> largest regression tolerated."
+        default_factory=dict,
+        description="Metric -> largest regression tolerated (the interval's worst case).",
     )
     require_approval: bool = Field(False, description="Pause for a human decision in the UI.")
     approval_timeout_s: int = Field(3600, ge=1)

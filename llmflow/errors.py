@@ -23,3 +23,15 @@ class StoreError(LlmflowError):
 
 class RunFailed(LlmflowError):
     """A flow run ended in a state other than Completed."""
+
+
+class NotPromoted(LlmflowError):
+    """The pipeline ran to its end and the gate refused the candidate (the run Completed,
+    named NOT_PROMOTED): nothing went wrong, and nothing new is served."""
+
+    exit_code = 3
+
+
+# The name of a pipeline run's Completed state when its gate refused the candidate: the
+# Prefect UI shows it on the run, `llmflow run` exits with NotPromoted's code.
+NOT_PROMOTED = "NotPromoted"

@@ -82,6 +82,46 @@ class EvalReport(Ref):
     )
 
 
+class MetricComparison(Ref):
+    """One metric of a candidate against the champion on the same rows
+    (llmflow/evaluate/paired.py). ``improvement``, ``low`` and ``high`` are candidate minus
+    champion in the metric's better direction (positive: the candidate is better)."""
+
+    metric: str
+    lower_is_better: bool = False
+    num_pairs: int = Field(ge=0)
+    candidate: float
+    champion: float
+    improvement: float
+    low: float | None = Field(None, description="The interval's bounds; None below 2 rows.")
+    high: float | None = None
+    wins: int = Field(0, ge=0)
+    losses: int = Field(0, ge=0)
+    ties: int = Field(0, ge=0)
+    mcnemar_p: float | None = Field(None, description="McNemar's exact test, 0/1 metrics.")
+
+    def interval(self, confidence: float) -> str:
+        """``+0.003 (95% interval -0.008..+0.013; 4 won, 3 lost, 384 tied)``."""
+        if self.low is None or self.high is None:
+            bounds = "no interval: fewer than 2 rows"
+        else:
+            bounds = f"{confidence:.0%} interval {self.low:+.3g}..{self.high:+.3g}"
+        return (
+            f"{self.improvement:+.3g} ({bounds}; {self.wins} won, {self.losses} lost, "
+            f"{self.ties} tied)"
+        )
+
+
+class Comparison(Ref):
+    """Every metric both models score per row, compared pair by pair."""
+
+    candidate_version: str = ""
+    champion_version: str = ""
+    confidence: float = 0.95
+    num_pairs: int = Field(0, ge=0)
+    metrics: dict[str, MetricComparison] = Field(default_factory=dict)
+
+
 class GateRule(Ref):
     name: str
     passed: bool

@@ -13,10 +13,11 @@ from prefect import task
 from prefect_ray.context import remote_options
 
 from llmflow import registry
-from llmflow.config import ClusterConfig, EvalConfig, PipelineConfig
+from llmflow.config import ClusterConfig, EvalConfig, GateConfig, PipelineConfig
+from llmflow.evaluate.metrics import metric_directions
 from llmflow.evaluate.models import champion_model
 from llmflow.progress import listening
-from llmflow.refs import DatasetRef, EvalReport, ModelRef
+from llmflow.refs import Comparison, DatasetRef, EvalReport, ModelRef
 from llmflow.runs import flow_run_id
 from llmflow.store import Store
 from llmflow.terminal import stage
@@ -89,21 +90,46 @@ def record_eval(candidate: ModelRef, report: EvalReport, champion_version: str) 
 
 
 @task(name="compare-reports")
-def compare_reports(candidate: EvalReport, champion: EvalReport) -> None:
-    """Side-by-side table and the candidate's ten worst examples, as Prefect artifacts."""
-    import pyarrow.parquet as pq
+def compare_reports(
+    candidate: EvalReport, champion: EvalReport, gate: GateConfig, directions: dict[str, str]
+) -> Comparison | None:
+    """The two models row by row (paired intervals at gate.confidence), as Prefect artifacts:
+    the side-by-side table, the examples the candidate won and lost on the gate's metric, and
+    its ten worst examples."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from llmflow.evaluate.compare import comparison_rows, worst_examples
+    from llmflow.evaluate.compare import changes_markdown, comparison_rows, worst_examples
+    from llmflow.evaluate.metrics import LOWER
+    from llmflow.evaluate.paired import compare, read_predictions
 
+    cand_rows = read_predictions(candidate.predictions_uri)
+    comparison = None
+    if champion.predictions_uri:
+        champ_rows = read_predictions(champion.predictions_uri)
+        comparison = compare(
+            cand_rows,
+            champ_rows,
+            directions,
+            gate.confidence,
+            candidate_version=candidate.model_version,
+            champion_version=champion.model_version,
+        )
+        metric = gate.primary_metric
+        lower = directions.get(metric) == LOWER
+        create_markdown_artifact(
+            key="eval-changes",
+            markdown=changes_markdown(cand_rows, champ_rows, metric, lower, k=5),
+            description=f"where candidate {candidate.model_version} and champion "
+            f"{champion.model_version} differ most on {metric}",
+        )
     create_table_artifact(
         key="eval-comparison",
-        table=comparison_rows(candidate, champion),
+        table=comparison_rows(candidate, champion, comparison),
         description=f"candidate {candidate.model_version} vs champion "
         f"{champion.model_version} on dataset {candidate.dataset_sha256[:16]}",
     )
-    preds = pq.read_table(candidate.predictions_uri)
-    create_markdown_artifact(key="eval-worst-examples", markdown=worst_examples(preds, k=10))
+    create_markdown_artifact(key="eval-worst-examples", markdown=worst_examples(cand_rows, k=10))
+    return comparison
 
 
 def evaluate_stage(
@@ -122,17 +148,22 @@ def evaluate_stage(
         for label, (uri, version) in models.items():
             future = score_model.submit(config.eval, uri, version, dataset, label, config.cluster)
             reports[label] = rows.wait(future, f"score-{label}", label)
-    compare_reports(reports["candidate"], reports["champion"])
-    stage("evaluate", eval_line(reports, config.gate.primary_metric))
+    directions = metric_directions(config.eval.extra_metrics)
+    comparison = compare_reports(reports["candidate"], reports["champion"], config.gate, directions)
+    stage("evaluate", eval_line(reports, config.gate, comparison))
     return reports
 
 
-def eval_line(reports: dict[str, EvalReport], metric: str) -> str:
+def eval_line(
+    reports: dict[str, EvalReport], gate: GateConfig, comparison: Comparison | None = None
+) -> str:
     cand, champ = reports["candidate"], reports["champion"]
-    nan = float("nan")
+    metric, nan = gate.primary_metric, float("nan")
+    paired = comparison.metrics.get(metric) if comparison else None
     return (
         f"{metric} {cand.metrics.get(metric, nan):.3f} (candidate {cand.model_version}) vs "
-        f"{champ.metrics.get(metric, nan):.3f} (champion {champ.model_version}) on "
-        f"{cand.num_examples} rows, {cand.engine} engine, "
+        f"{champ.metrics.get(metric, nan):.3f} (champion {champ.model_version})"
+        + (f": {paired.interval(gate.confidence)}" if paired else "")
+        + f" on {cand.num_examples} rows, {cand.engine} engine, "
         f"{cand.throughput.get('examples_per_s', 0):.0f} rows/s"
     )

@@ -58,12 +58,18 @@ def gate(
     directions: dict[str, str] | None = None,
 ) -> GateDecision:
     """Decide on the candidate, each metric in the direction it declares (default: the
-    built-in metrics'); the decision is shown as a markdown artifact."""
+    built-in metrics'), the two models compared row by row on their stored predictions; the
+    decision is shown as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
     from llmflow.evaluate.metrics import DIRECTIONS
+    from llmflow.evaluate.paired import compare_reports
 
-    decision = decide(config, candidate, champion, directions or DIRECTIONS)
+    directions = directions or DIRECTIONS
+    comparison = (
+        compare_reports(candidate, champion, directions, config.confidence) if champion else None
+    )
+    decision = decide(config, candidate, champion, directions, comparison)
     create_markdown_artifact(key="gate-decision", markdown=decision_markdown(decision))
     return decision
 
@@ -72,7 +78,9 @@ class Approval(RunInput):
     """The form the Prefect UI shows on a paused pipeline run."""
 
     decision: Literal["approve", "reject"] = Field(
-        "reject", description="Approve to promote the candidate; reject to keep the champion."
+        "reject",
+        description="Approve to promote the candidate; reject to keep the champion (the run's "
+        "eval-comparison and eval-changes artifacts show the intervals and the examples).",
     )
     comment: str = Field("", description="Why (kept with the decision).")
     reviewer: str = Field("", description="Who decided.")

@@ -8,8 +8,10 @@ from typing import Any
 from uuid import UUID
 
 from prefect import task
+from prefect.states import Completed, State
 
 from llmflow.config import PipelineConfig
+from llmflow.errors import NOT_PROMOTED
 from llmflow.refs import DatasetRef, EvalReport, GateDecision, ModelRef, TrainRun
 from llmflow.report import pipeline_lines, summary_markdown
 
@@ -52,10 +54,11 @@ def ship(
     reports: dict[str, EvalReport],
     decision: GateDecision,
     promoted: Any,
-) -> dict:
+) -> dict | State:
     """After the promote subflow (its final state ``promoted``): the pipeline-summary
     artifact, then the pipeline's result; a rolled-back promotion fails the pipeline, after
-    the summary."""
+    the summary, and a refused candidate ends it Completed but named NotPromoted (the result
+    as its data)."""
     rollout = promoted.result(raise_on_failure=False)
     outcome = (
         f"rollout: {rollout.message}"
@@ -69,7 +72,7 @@ def ship(
     title = f"Pipeline: {candidate.name}:{candidate.version}"
     summarize(title, lines, [promoted.state_details.flow_run_id])
     promoted.result()
-    return {
+    result = {
         "dataset": dataset.model_dump(mode="json"),
         "model": candidate.model_dump(mode="json"),
         "candidate": reports["candidate"].metrics,
@@ -77,6 +80,13 @@ def ship(
         "gate_passed": decision.passed,
         "rollout": rollout.model_dump(mode="json"),
     }
+    if decision.passed:
+        return result
+    # Completed (a refusal is an outcome, not an error: no failure alert on a schedule), but
+    # named so that the UI's run list, `llmflow run`'s exit code and a caller all see it.
+    refused = "; ".join(r.reason for r in decision.rules if not r.passed)
+    message = f"not promoted: the gate refused {candidate.name}:{candidate.version}: {refused}"
+    return Completed(name=NOT_PROMOTED, message=message, data=result)
 
 
 def skipped(dataset: DatasetRef, latest: ModelRef) -> dict:

@@ -1,11 +1,13 @@
-"""Reading two eval reports side by side: the comparison table and the worst examples."""
+"""Reading two eval reports side by side: the comparison table (with the paired intervals),
+the examples that changed between them, and the worst examples."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from llmflow.refs import EvalReport
+from llmflow.evaluate.paired import as_rows, changed_examples
+from llmflow.refs import Comparison, EvalReport
 
 
 def basename(uri: str) -> str:
@@ -24,7 +26,7 @@ def worst_examples(predictions, k: int = 10, metric: str = "token_f1") -> str:
         predictions: rows (dicts), a pandas DataFrame or an Arrow table of predictions.
         metric: the per-row score to rank by (falls back to exact_match when absent).
     """
-    rows = _as_rows(predictions)
+    rows = as_rows(predictions)
     if not rows:
         return "_No predictions._"
     if metric not in rows[0]:
@@ -53,20 +55,15 @@ def worst_examples(predictions, k: int = 10, metric: str = "token_f1") -> str:
     return "\n".join(lines)
 
 
-def _as_rows(predictions) -> list[dict[str, Any]]:
-    if hasattr(predictions, "to_pylist"):
-        return predictions.to_pylist()
-    if hasattr(predictions, "to_dict"):
-        return predictions.to_dict("records")
-    return [dict(r) for r in predictions]
-
-
-def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[dict[str, Any]]:
+def comparison_rows(
+    candidate: EvalReport, champion: EvalReport | None, comparison: Comparison | None = None
+) -> list[dict[str, Any]]:
     """Side-by-side metrics of a candidate and the champion: rows for a Prefect table artifact.
 
     One row per metric (and throughput figure) in either report, with the difference and
     whether it is better for the candidate, in the direction the metric declares
-    (metrics.DIRECTIONS; blank for a figure without one).
+    (metrics.DIRECTIONS; blank for a figure without one), and for a metric scored per row the
+    paired interval of the improvement with the rows won, lost and tied (``comparison``).
     """
     from llmflow.evaluate.metrics import DIRECTIONS, LOWER
 
@@ -84,6 +81,7 @@ def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[
             lower = DIRECTIONS.get(name) == LOWER
             known = name in DIRECTIONS
             better = None if delta is None or delta == 0 or not known else (delta < 0) == lower
+            paired = comparison.metrics.get(name) if comparison and kind == "metric" else None
             rows.append(
                 {
                     "kind": kind,
@@ -92,6 +90,38 @@ def comparison_rows(candidate: EvalReport, champion: EvalReport | None) -> list[
                     "champion": fmt(p),
                     "delta": "" if delta is None else f"{delta:+.4g}",
                     "better": "" if better is None else ("yes" if better else "no"),
+                    "improvement, interval": paired.interval(comparison.confidence)
+                    if paired
+                    else "",
+                    "p (McNemar)": f"{paired.mcnemar_p:.3g}"
+                    if paired and paired.mcnemar_p is not None
+                    else "",
                 }
             )
     return rows
+
+
+def changes_markdown(
+    candidate: Any, champion: Any, metric: str, lower_is_better: bool = False, k: int = 5
+) -> str:
+    """Markdown of the ``k`` examples the candidate won by most and the ``k`` it lost by most
+    on ``metric`` against the champion: what a reviewer reads before approving."""
+    wins, losses = changed_examples(candidate, champion, metric, lower_is_better, k)
+    out = []
+    for title, rows in (("won", wins), ("lost", losses)):
+        out += [f"### {len(rows)} examples the candidate {title} on {metric}", ""]
+        if not rows:
+            out += ["_None._", ""]
+            continue
+        out += [
+            f"| id | question | reference | candidate | champion | {metric} |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            out.append(
+                f"| {_cell(r['id'], 12)} | {_cell(r['question'])} | {_cell(r['reference'])} "
+                f"| {_cell(r['candidate'] or '(empty)')} | {_cell(r['champion'] or '(empty)')} "
+                f"| {r['candidate_score']:.3g} vs {r['champion_score']:.3g} |"
+            )
+        out.append("")
+    return "\n".join(out).rstrip()

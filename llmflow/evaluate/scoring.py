@@ -220,7 +220,7 @@ def predictions_table(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[
     cols = [
         *PREDICTION_COLUMNS,
         *metric_names,
-        *(["eval_loss"] if rows and "eval_loss" in rows[0] else []),
+        *(["eval_loss", "eval_loss_tokens"] if rows and "eval_loss" in rows[0] else []),
     ]
     ordered = sorted(rows, key=lambda r: str(r["id"]))
     return pa.table({c: [_plain(r.get(c)) for r in ordered] for c in cols})
@@ -302,6 +302,7 @@ def score_dataset(
         for r in rows:
             s, n = per_row.get(str(r["id"]), (float("nan"), 0))
             r["eval_loss"] = s / n if n else float("nan")
+            r["eval_loss_tokens"] = n  # the weight of the row in the report's eval_loss
 
     import pyarrow.parquet as pq
 

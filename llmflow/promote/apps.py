@@ -90,7 +90,8 @@ def _eval_metrics(run_id: str) -> dict[str, float]:
     except Exception as exc:  # noqa: BLE001 - see served_lineage
         log.warning("run %s: no eval predictions to show in the lineage (%s)", run_id, exc)
         return {}
-    skip = {*PREDICTION_COLUMNS, "eval_loss"}  # eval_loss per row is not the corpus loss
+    # eval_loss per row is not the corpus loss, its token count not a metric
+    skip = {*PREDICTION_COLUMNS, "eval_loss", "eval_loss_tokens"}
     metrics = {}
     for name in table.column_names:
         values = table.column(name).to_pylist()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from llmflow.config import GateConfig
 from llmflow.errors import ConfigError
 from llmflow.evaluate.metrics import DIRECTIONS, LOWER
-from llmflow.refs import EvalReport, GateDecision, GateRule
+from llmflow.refs import Comparison, EvalReport, GateDecision, GateRule, MetricComparison
 
 
 def gated_metrics(gate: GateConfig) -> list[tuple[str, str]]:
@@ -36,10 +36,16 @@ def decide(
     candidate: EvalReport,
     champion: EvalReport | None,
     directions: Mapping[str, str] = DIRECTIONS,
+    comparison: Comparison | None = None,
 ) -> GateDecision:
-    """Apply the policy: absolute thresholds, a margin over the champion on the primary
-    metric, and guardrail metrics that may not regress beyond their tolerance. Each metric's
-    direction (higher or lower is better) is the one it declares (``directions``).
+    """Apply the policy: absolute thresholds, the primary metric against the champion
+    (``gate.policy``), and guardrail metrics that may not regress beyond their tolerance. Each
+    metric's direction (higher or lower is better) is the one it declares (``directions``).
+
+    With a ``comparison`` (the two models' per-row scores on the same rows) the primary metric
+    and the guardrails are judged by its interval of the improvement, so a tie or a gain within
+    noise does not pass superiority; a metric it lacks is judged by the two means alone, and
+    the reason says so.
 
     Returns:
         A GateDecision with one rule and reason per check; passed only if every rule passed.
@@ -90,18 +96,9 @@ def decide(
     elif primary not in champion.metrics:
         rules.append(missing(name, primary, "champion"))
     else:
-        gain = _improvement(primary, cm[primary], champion.metrics[primary])
-        ok = gain >= gate.min_improvement if gate.min_improvement > 0 else gain >= 0
+        paired = comparison.metrics.get(primary) if comparison else None
         rules.append(
-            GateRule(
-                name=name,
-                passed=ok,
-                reason=(
-                    f"{primary} {cm[primary]:.4g} vs champion {champion.metrics[primary]:.4g}: "
-                    f"{'+' if gain >= 0 else ''}{gain:.4g} {'>=' if ok else '<'} required margin "
-                    f"{gate.min_improvement:.4g}"
-                ),
-            )
+            _primary_rule(gate, name, primary, cm[primary], champion, paired, _improvement)
         )
 
     for metric, tolerance in sorted(gate.guardrails.items()):
@@ -117,20 +114,53 @@ def decide(
         if metric not in champion.metrics:
             rules.append(missing(name, metric, "champion"))
             continue
-        regression = -_improvement(metric, cm[metric], champion.metrics[metric])
-        ok = regression <= tolerance
-        rules.append(
-            GateRule(
-                name=name,
-                passed=ok,
-                reason=(
-                    f"{metric} {cm[metric]:.4g} vs champion {champion.metrics[metric]:.4g}: regression "
-                    f"{max(regression, 0):.4g} {'<=' if ok else '>'} tolerance {tolerance:.4g}"
-                ),
+        paired = comparison.metrics.get(metric) if comparison else None
+        vs = f"{metric} {cm[metric]:.4g} vs champion {champion.metrics[metric]:.4g}"
+        if paired is not None and paired.low is not None:
+            worst = -paired.low  # the largest regression the interval allows
+            ok = worst <= tolerance
+            reason = (
+                f"{vs}: {paired.interval(gate.confidence)}: worst regression {max(worst, 0):.4g} "
+                f"{'<=' if ok else '>'} tolerance {tolerance:.4g}"
             )
-        )
+        else:
+            regression = -_improvement(metric, cm[metric], champion.metrics[metric])
+            ok = regression <= tolerance
+            reason = (
+                f"{vs}: regression {max(regression, 0):.4g} {'<=' if ok else '>'} tolerance "
+                f"{tolerance:.4g} (no per-row scores: no interval)"
+            )
+        rules.append(GateRule(name=name, passed=ok, reason=reason))
 
     return GateDecision(passed=all(r.passed for r in rules), rules=rules)
+
+
+def _primary_rule(
+    gate: GateConfig,
+    name: str,
+    metric: str,
+    value: float,
+    champion: EvalReport,
+    paired: MetricComparison | None,
+    improvement,
+) -> GateRule:
+    """The primary metric under the policy: the interval's lower bound above min_improvement
+    (superiority) or at or above -max_regression (non-inferiority)."""
+    superiority = gate.policy == "superiority"
+    bound = gate.min_improvement if superiority else -gate.max_regression
+    vs = f"{metric} {value:.4g} vs champion {champion.metrics[metric]:.4g}"
+    if paired is not None and paired.low is not None:
+        low, what = paired.low, paired.interval(gate.confidence)
+    else:  # no per-row scores (or one row): the means alone decide
+        low = improvement(metric, value, champion.metrics[metric])
+        what = f"{low:+.4g} (no per-row scores: no interval)"
+    ok = low > bound if superiority else low >= bound
+    if superiority:
+        verdict = "lower bound above" if ok else "does not exclude"
+        need = f"{verdict} the required margin {bound:+.3g}"
+    else:
+        need = f"lower bound {'at or above' if ok else 'below'} the allowed regression {bound:+.3g}"
+    return GateRule(name=name, passed=ok, reason=f"{vs}: {what}: {need} ({gate.policy})")
 
 
 def decision_markdown(decision: GateDecision) -> str:

@@ -33,6 +33,8 @@ SETS = [
     "train.seed=7",
     f"train.model_name={NAME}",
     "eval.max_examples=64",
+    # 40 steps answer no row exactly, as the base: the lowered loss passes the gate.
+    "gate.primary_metric=eval_loss",
     f"serve.app_name={NAME}",
     "serve.route_prefix=/pipe",
 ]
@@ -119,6 +121,7 @@ def test_pipeline_killed_mid_run_is_rerun_reusing_the_finished_stages(stack, pre
         "finetune-report",
         "finetune-loss",
         "eval-comparison",
+        "eval-changes",
         "gate-decision",
         "rollout",
     } <= set(links.values()), summary.data

@@ -103,6 +103,10 @@ def test_a_candidate_that_fails_the_gate_is_not_served(stack, versions, cfg):
     rollout = promote(config=cfg, candidate=v1, decision=decision)
     assert rollout.message == "gate failed: exact_match 0.1 vs champion 0.9"
     assert aliases.read_aliases(Store(), NAME) == before
+    # The refusal is in the version's lineage (`llmflow models list` shows it as failed).
+    gate = registry.read_manifest(Store(), NAME, v1.version)["gate"]
+    assert gate["passed"] is False
+    assert gate["rules"][0]["reason"] == "exact_match 0.1 vs champion 0.9"
     after = httpx.get(f"{stack.serve_url}/promote/health", timeout=30)
     assert after.status_code == served_before.status_code
     if after.status_code == 200:

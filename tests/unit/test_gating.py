@@ -1,4 +1,5 @@
-"""The gate policy: thresholds, margin over the champion, guardrails, directions."""
+"""The gate policy: thresholds, the primary metric under superiority or non-inferiority (the
+means alone here; with per-row intervals in test_paired.py), guardrails, directions."""
 
 from __future__ import annotations
 
@@ -43,10 +44,21 @@ def test_candidate_must_beat_champion_by_the_margin():
     assert rules(d)["primary:exact_match"][1].startswith("exact_match 0.56 vs champion 0.5: +0.06")
 
 
-def test_equal_is_enough_without_a_margin_but_worse_is_not():
-    assert decide(GateConfig(), report(exact_match=0.5), report(exact_match=0.5)).passed
-    d = decide(GateConfig(), report(exact_match=0.4), report(exact_match=0.5))
-    assert not d.passed and "-0.1 < required margin 0" in rules(d)["primary:exact_match"][1]
+def test_a_tie_does_not_pass_superiority_but_passes_non_inferiority():
+    tie = report(exact_match=0.5), report(exact_match=0.5)
+    d = decide(GateConfig(), *tie)
+    assert not d.passed
+    assert rules(d)["primary:exact_match"][1] == (
+        "exact_match 0.5 vs champion 0.5: +0 (no per-row scores: no interval): does not "
+        "exclude the required margin +0 (superiority)"
+    )
+    assert decide(GateConfig(policy="non-inferiority"), *tie).passed
+    worse = report(exact_match=0.4), report(exact_match=0.5)
+    d = decide(GateConfig(policy="non-inferiority", max_regression=0.05), *worse)
+    assert (
+        not d.passed and "below the allowed regression -0.05" in rules(d)["primary:exact_match"][1]
+    )
+    assert decide(GateConfig(policy="non-inferiority", max_regression=0.1), *worse).passed
 
 
 def test_thresholds_respect_direction():
@@ -66,7 +78,7 @@ def test_guardrail_regression_beyond_tolerance_fails():
     r = rules(d)
     assert (
         r["guardrail:rouge_l"][0] is False
-        and "regression 0.05 > tolerance 0.02" in r["guardrail:rouge_l"][1]
+        and "regression 0.05 > tolerance 0.02 (no per-row scores" in r["guardrail:rouge_l"][1]
     )
     assert r["guardrail:perplexity"][0] is True  # 0.2 worse, within 0.5
 
