@@ -1,4 +1,4 @@
-"""`llmflow models list | show | promote | rollback | unserve | serve-config`: the registry
+"""`llmflow models list | show | diff | promote | rollback | unserve | serve-config`: the registry
 from the command line."""
 
 from __future__ import annotations
@@ -70,6 +70,63 @@ def show(name: str, version: Annotated[str | None, typer.Argument()] = None) -> 
     version = version or aliases.read_aliases(store, name).get("champion")
     ref = registry.get_version(store, name, version)
     typer.echo(json.dumps(registry.read_manifest(store, name, ref.version), indent=2, default=str))
+
+
+@models_app.command()
+def diff(
+    name: str,
+    version_a: Annotated[str, typer.Argument(help="The version judged (as a candidate).")],
+    version_b: Annotated[str, typer.Argument(help="The version it is judged against.")],
+    metric: Annotated[
+        str, typer.Option(help="The metric whose won and lost examples are shown.")
+    ] = "exact_match",
+    examples: Annotated[int, typer.Option(min=0, help="Examples won and lost shown.")] = 5,
+    confidence: Annotated[float, typer.Option(min=0.5, max=0.999)] = 0.95,
+) -> None:
+    """Two versions row by row on the eval rows both were scored on (their stored
+    predictions): each metric with its paired interval, and the examples that changed."""
+    from llmflow import registry
+    from llmflow.errors import StoreError
+    from llmflow.evaluate.compare import diff_markdown
+    from llmflow.evaluate.metrics import DIRECTIONS, LOWER
+    from llmflow.evaluate.paired import compare, read_predictions
+    from llmflow.store import Store
+
+    store = Store()
+    scored = {}
+    for version in (version_a, version_b):
+        ref = registry.get_version(store, name, version)
+        scored[version] = registry.read_manifest(store, name, ref.version).get("eval") or {}
+        if not scored[version].get("predictions_uri"):
+            raise StoreError(
+                f"{name}:{ref.version} has no stored predictions (never evaluated by a "
+                "pipeline, or before llmflow recorded them): run `llmflow run evaluate` on it"
+            )
+    datasets = [scored[v].get("dataset_sha256") or "?" for v in (version_a, version_b)]
+    if datasets[0] != datasets[1]:
+        raise StoreError(
+            f"{name}:{version_a} and {name}:{version_b} were scored on different datasets "
+            f"({datasets[0][:16]} and {datasets[1][:16]}): their rows do not pair"
+        )
+    rows = []
+    for version in (version_a, version_b):
+        uri = scored[version]["predictions_uri"]
+        try:
+            rows.append(read_predictions(uri))
+        except FileNotFoundError as exc:
+            raise StoreError(f"{name}:{version}'s predictions {uri}: not found") from exc
+    comparison = compare(
+        rows[0],
+        rows[1],
+        DIRECTIONS,
+        confidence,
+        candidate_version=version_a,
+        champion_version=version_b,
+    )
+    if not comparison.num_pairs:
+        raise StoreError(f"{name}:{version_a} and {name}:{version_b} share no scored row")
+    lower = DIRECTIONS.get(metric) == LOWER
+    typer.echo(diff_markdown(comparison, rows[0], rows[1], metric, lower, examples))
 
 
 def promote_config(name: str, config: Path | None, set_: list[str] | None, canary: bool):

@@ -85,6 +85,8 @@ def record_eval(candidate: ModelRef, report: EvalReport, champion_version: str) 
             "dataset_sha256": report.dataset_sha256,
             "num_examples": report.num_examples,
             "against": champion_version,
+            # Its per-row scores: `llmflow models diff` pairs two versions' rows.
+            "predictions_uri": report.predictions_uri,
         },
     )
 
@@ -116,6 +118,17 @@ def compare_reports(
         )
         metric = gate.primary_metric
         lower = directions.get(metric) == LOWER
+        if (paired := comparison.metrics.get(metric)) and paired.low is not None:
+            from prefect import get_run_logger
+
+            get_run_logger().info(
+                "%d paired rows resolve %s to about +-%.3g at %.0f%% confidence (half the "
+                "interval's width): a smaller true difference cannot pass the gate",
+                paired.num_pairs,
+                metric,
+                (paired.high - paired.low) / 2,
+                gate.confidence * 100,
+            )
         create_markdown_artifact(
             key="eval-changes",
             markdown=changes_markdown(cand_rows, champ_rows, metric, lower, k=5),

@@ -125,3 +125,29 @@ def changes_markdown(
             )
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def diff_markdown(
+    comparison: Comparison, candidate: Any, champion: Any, metric: str, lower: bool, k: int = 5
+) -> str:
+    """`llmflow models diff`: every per-row metric of two versions on the same rows with its
+    interval, then the examples the first won and lost against the second on ``metric``."""
+    a, b = comparison.candidate_version, comparison.champion_version
+    title = (
+        f"## {a} vs {b} on {comparison.num_pairs} paired rows "
+        f"({comparison.confidence:.0%} intervals of the improvement of {a})"
+    )
+    lines = [
+        title,
+        "",
+        f"| metric | {a} | {b} | improvement (interval; rows won, lost, tied) | p (McNemar) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, m in sorted(comparison.metrics.items()):
+        p = "" if m.mcnemar_p is None else f"{m.mcnemar_p:.3g}"
+        lines.append(
+            f"| {name} | {m.candidate:.4g} | {m.champion:.4g} | "
+            f"{m.interval(comparison.confidence)} | {p} |"
+        )
+    changes = changes_markdown(candidate, champion, metric, lower, k)
+    return "\n".join([*lines, "", changes.replace("the candidate", a)])

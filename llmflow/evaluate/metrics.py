@@ -9,6 +9,7 @@ make the cluster import code of their choosing (examples/metrics-plugin/ is one 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -56,29 +57,38 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of two token lists (O(len(a)*len(b)))."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _both_empty_or_none(prediction: str, reference: str) -> float | None:
+    """1.0 when both are blank, 0.0 when one is: the libraries score two blanks 0."""
+    pred, ref = prediction.strip(), reference.strip()
+    if pred and ref:
+        return None
+    return float(pred == ref)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (beta = 1) on lowercased whitespace tokens."""
-    pred, ref = prediction.lower().split(), reference.lower().split()
-    if not pred or not ref:
-        return float(pred == ref)
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F-measure of rouge-score (Google's implementation, as `evaluate` uses it):
+    lowercased alphanumeric tokens, Porter stemming."""
+    blank = _both_empty_or_none(prediction, reference)
+    if blank is not None:
+        return blank
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def bleu(prediction: str, reference: str) -> float:
+    """Sentence BLEU of sacrebleu (13a tokenisation, exponential smoothing), in [0, 1]."""
+    blank = _both_empty_or_none(prediction, reference)
+    if blank is not None:
+        return blank
+    import sacrebleu
+
+    return min(1.0, sacrebleu.sentence_bleu(prediction, [reference]).score / 100.0)
 
 
 BUILTIN_METRICS: dict[str, Metric] = {
@@ -86,6 +96,7 @@ BUILTIN_METRICS: dict[str, Metric] = {
     "normalized_exact_match": normalized_exact_match,
     "token_f1": token_f1,
     "rouge_l": rouge_l,
+    "bleu": bleu,
 }
 
 
@@ -98,6 +109,7 @@ DIRECTIONS: dict[str, str] = {
     "normalized_exact_match": HIGHER,
     "token_f1": HIGHER,
     "rouge_l": HIGHER,
+    "bleu": HIGHER,
     "eval_loss": LOWER,
     "perplexity": LOWER,
     "truncated_prompts": LOWER,

@@ -98,6 +98,7 @@ def test_vllm_engine_scores_a_model_on_the_gpu(local_ray, model_dir, eval_datase
         "normalized_exact_match",
         "token_f1",
         "rouge_l",
+        "bleu",
         "eval_loss",
         "perplexity",
         "truncated_prompts",

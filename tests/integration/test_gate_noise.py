@@ -6,6 +6,7 @@ NotPromoted, and `llmflow models list` shows the refusal."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -36,6 +37,18 @@ SETS = [
 ]
 
 
+def _artifacts(flow_run_id) -> dict:
+    """key -> artifact of the flow run (and its subflows' are not needed here)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
 @pytest.fixture(scope="module")
 def app(stack):
     yield NAME
@@ -54,6 +67,14 @@ def test_a_negligible_change_is_not_promoted_while_the_first_run_against_the_bas
     reason = gate["rules"][0]["reason"]
     assert re.search(r"\(95% interval \+0\.\d+\.\.\+\d\.\d+; \d+ won, 0 lost", reason), reason
     assert "lower bound above the required margin +0 (superiority)" in reason
+    # What a reviewer reads in the UI: the examples won and lost, the table with intervals.
+    artifacts = _artifacts(first.state_details.flow_run_id)
+    changes = artifacts["eval-changes"].data
+    assert "### 5 examples the candidate won on exact_match" in changes, changes
+    assert "### 0 examples the candidate lost on exact_match" in changes, changes
+    data = artifacts["eval-comparison"].data
+    table = {r["name"]: r for r in (json.loads(data) if isinstance(data, str) else data)}
+    assert re.search(r"won, 0 lost, \d+ tied\)$", table["exact_match"]["improvement, interval"])
 
     # The same run with weight decay 1e-9, from the command line as a user runs it.
     proc = subprocess.run(

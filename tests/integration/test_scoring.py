@@ -54,6 +54,7 @@ def test_scoring_the_untrained_then_the_trained_tiny_model(
             "normalized_exact_match",
             "token_f1",
             "rouge_l",
+            "bleu",
             "eval_loss",
             "perplexity",
             "truncated_prompts",

@@ -36,14 +36,16 @@ def test_token_f1_hand_computed():
     assert M.token_f1("x x", "x") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
 
 
-def test_rouge_l_is_lcs_f_measure():
-    assert M.lcs_length(["a", "b", "c", "d", "e"], ["a", "c", "e"]) == 3
-    assert M.lcs_length([], ["a"]) == 0
-    # LCS("police killed the gunman", "police kill the gunman") = [police, the, gunman] = 3
-    assert M.rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
+def test_rouge_l_and_bleu_are_the_libraries_scores():
+    # rouge-score stems: "killed" and "kill" are one token (1.0; 0.75 without stemming).
+    assert M.rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(1.0)
     assert M.rouge_l("the gunman kill police", "police killed the gunman") == pytest.approx(0.5)
     assert M.rouge_l("A B", "a b") == 1.0
-    assert M.rouge_l("x", "y") == 0.0 and M.rouge_l("", "") == 1.0
+    assert M.rouge_l("x", "y") == 0.0 and M.rouge_l("", "") == 1.0 and M.rouge_l("", "a") == 0.0
+    # sacrebleu's sentence BLEU: 1 for the same sentence, less for one word of five changed.
+    assert M.bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert M.bleu("a b c d e", "a b c d f") == pytest.approx(0.6687, abs=1e-4)
+    assert M.bleu("", "") == 1.0 and M.bleu("x", "") == 0.0
 
 
 def test_extra_metrics_are_registered_plugins_never_module_paths():
@@ -83,6 +85,7 @@ def test_score_example_and_aggregate_means():
         "normalized_exact_match": 1.0,
         "token_f1": 1.0,
         "rouge_l": 1.0,
+        "bleu": 1.0,
     }
     assert rows[1]["exact_match"] == 0.0
     agg = M.aggregate(rows, ["exact_match", "rouge_l"])

@@ -147,3 +147,53 @@ def test_the_comparison_table_and_the_changed_examples_show_what_a_reviewer_read
     md = changes_markdown(cand, champ, "exact_match")
     assert "### 3 examples the candidate won on exact_match" in md
     assert "| e0001 | q1 | r1 | wrong | r1 | 0 vs 1 |" in md
+
+
+def test_models_diff_pairs_two_versions_stored_predictions_from_the_command_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmflow import registry
+    from llmflow.store import Store
+    from tests.unit.test_cli import run_cli
+
+    store = Store(tmp_path / "store")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    champ = champion_rows()
+    tables = {"v1": champ, "v2": with_changes(champ, right=30, wrong=1)}
+    for version, rows in tables.items():
+        ref = registry.register_version(store, "m", model, base_model="tiny")
+        assert ref.version == version
+        path = tmp_path / f"{version}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        registry.annotate(
+            store, "m", version, eval={"dataset_sha256": "d" * 64, "predictions_uri": str(path)}
+        )
+    env = {"LLMFLOW_STORE": str(tmp_path / "store")}
+    proc = run_cli("models", "diff", "m", "v2", "v1", "--examples", "2", env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "## v2 vs v1 on 391 paired rows (95% intervals of the improvement of v2)" in out
+    em = next(ln for ln in out.splitlines() if ln.startswith("| exact_match |"))
+    assert em.startswith("| exact_match | 0.9719 | 0.8977 | +0.0742 (95% interval +0.0")
+    exact_p = 2 * (1 + 31) / 2**31  # two-sided binomial of 1 lost against 30 won
+    assert em.endswith(f"; 30 won, 1 lost, 360 tied) | {exact_p:.3g} |"), em
+    assert "### 2 examples v2 won on exact_match" in out
+    assert (
+        "### 1 examples v2 lost on exact_match" in out and "| e0001 | q1 | r1 | wrong | r1 |" in out
+    )
+
+    # Versions scored on different data do not pair: one line, non-zero.
+    registry.annotate(store, "m", "v1", eval={"dataset_sha256": "e" * 64, "predictions_uri": "x"})
+    proc = run_cli("models", "diff", "m", "v2", "v1", env=env)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().endswith(
+        f"m:v2 and m:v1 were scored on different datasets ({'d' * 16} and {'e' * 16}): their rows "
+        "do not pair"
+    ), proc.stderr
+    registry.annotate(store, "m", "v1", eval={"dataset_sha256": "d" * 64, "predictions_uri": "x"})
+    proc = run_cli("models", "diff", "m", "v2", "v1", env=env)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("m:v1's predictions x: not found")

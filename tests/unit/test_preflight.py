@@ -82,8 +82,10 @@ def test_a_gate_metric_without_a_declared_direction_fails_before_any_task():
     from llmflow.preflight import check_config
 
     check_config(cfg("gate.primary_metric=eval_loss"), "pipeline")
-    with pytest.raises(ConfigError, match=r"^gate.thresholds.bleu: 'bleu' is not a metric with a"):
-        check_config(cfg("gate.thresholds={bleu: 0.3}"), "pipeline")
+    with pytest.raises(
+        ConfigError, match=r"^gate.thresholds.meteor: 'meteor' is not a metric with a"
+    ):
+        check_config(cfg("gate.thresholds={meteor: 0.3}"), "pipeline")
 
 
 # -- what is held now (issue 29: no silent wait) ------------------------------------------------
