@@ -13,6 +13,7 @@ import pydantic
 from pydantic import Field, field_validator, model_validator
 
 from llmflow import trust
+from llmflow.config_eval import BenchmarksConfig, JudgeConfig
 from llmflow.sections import Bundles, EnvNames, EnvVars, Section
 
 
@@ -154,9 +155,10 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     max_examples: int | None = Field(None, ge=1, description="Score at most this many.")
     extra_metrics: list[str] = Field(
-        default_factory=list,
-        description="Plug-in metrics by name ('llmflow.metrics' entry points).",
+        default_factory=list, description="Plug-in metrics by name (llmflow.metrics entry points)."
     )
+    judge: JudgeConfig | None = Field(None, description="An LLM judge: the judge metric.")
+    benchmarks: BenchmarksConfig | None = Field(None, description="lm-eval tasks as metrics.")
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="vllm: engine arguments (max_model_len, dtype, kv_cache_memory_bytes: "
@@ -170,10 +172,9 @@ class EvalConfig(Section):
 
 
 class GateConfig(Section):
-    """The promotion policy. The primary metric is compared row by row with the champion's: a
-    paired bootstrap interval of the improvement (llmflow/evaluate/paired.py) must lie above
-    min_improvement (superiority: a tie or a gain within noise does not promote) or at or
-    above -max_regression (non-inferiority: not worse)."""
+    """The promotion policy: the primary metric's paired interval of the improvement over the
+    champion (llmflow/evaluate/paired.py) must lie above min_improvement (superiority: a tie
+    or a gain within noise does not promote) or at/above -max_regression (non-inferiority)."""
 
     primary_metric: str = Field("exact_match", description="Metric the candidate must improve.")
     policy: Literal["superiority", "non-inferiority"] = "superiority"

@@ -46,10 +46,32 @@ def check_config(config: PipelineConfig, flow: str) -> None:
         from llmflow.evaluate.metrics import load_metrics, metric_directions
 
         load_metrics(config.eval.extra_metrics)
+        if config.eval.judge is not None:
+            check_judge(config)
+        directions = metric_directions(config.eval.extra_metrics)
+        if config.eval.benchmarks is not None:  # the task files load, are generate_until
+            from llmflow.evaluate.benchmarks import task_directions
+
+            directions.update(task_directions(config.eval.benchmarks))
         if flow == "pipeline":  # the gate: each metric it names declares its direction
             from llmflow.promote.gate import check_directions
 
-            check_directions(config.gate, metric_directions(config.eval.extra_metrics))
+            check_directions(config.gate, directions)
+
+
+def check_judge(config: PipelineConfig) -> None:
+    """eval.judge can run: the vLLM engine environment for a judge model, the key's
+    environment variable for an endpoint (named, never shown). Raises ConfigError."""
+    judge = config.eval.judge
+    if judge.engine == "vllm":
+        from llmflow import engine_env
+
+        placement = judge.vllm_placement or config.eval.vllm_placement
+        engine_env.check(config.cluster, key="eval.judge.engine", placement=placement)
+    elif judge.api_key_env and not os.environ.get(judge.api_key_env):
+        raise ConfigError(
+            f"eval.judge.api_key_env: {judge.api_key_env} is not set in this environment"
+        )
 
 
 def bundles_on_node(bundle: dict[str, float], resources: dict[str, float]) -> int:

@@ -80,6 +80,12 @@ class EvalReport(Ref):
     throughput: dict[str, float] = Field(
         default_factory=dict, description="examples_per_s, tokens_per_s, latency percentiles."
     )
+    benchmarks_uri: str | None = Field(
+        None, description="eval.benchmarks: one row per task document, <task>/<metric> columns."
+    )
+    directions: dict[str, str] = Field(
+        default_factory=dict, description="higher/lower of its metrics beyond the built-in ones."
+    )
 
 
 class MetricComparison(Ref):

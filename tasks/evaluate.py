@@ -102,15 +102,15 @@ def compare_reports(
 
     from llmflow.evaluate.compare import changes_markdown, comparison_rows, worst_examples
     from llmflow.evaluate.metrics import LOWER
-    from llmflow.evaluate.paired import compare, read_predictions
+    from llmflow.evaluate.paired import compare, read_predictions, report_rows
 
     cand_rows = read_predictions(candidate.predictions_uri)
     comparison = None
     if champion.predictions_uri:
         champ_rows = read_predictions(champion.predictions_uri)
         comparison = compare(
-            cand_rows,
-            champ_rows,
+            report_rows(candidate),
+            report_rows(champion),
             directions,
             gate.confidence,
             candidate_version=candidate.model_version,
@@ -145,10 +145,101 @@ def compare_reports(
     return comparison
 
 
+@task(name="judge-answers")
+def judge_answers(
+    eval_cfg: EvalConfig, cluster: ClusterConfig, candidate: EvalReport, champion: EvalReport
+) -> tuple[EvalReport, EvalReport]:
+    """eval.judge on the two models' answers (Ray Data: a vLLM judge model or an HTTP
+    endpoint): both reports gain the judge metric, their predictions the judge column; the
+    raw verdicts are kept in the store and the unparseable ones counted."""
+    import os
+
+    from prefect import get_run_logger
+
+    from llmflow.evaluate import judge
+    from llmflow.evaluate.paired import read_predictions
+
+    cfg = eval_cfg.judge
+    requests = judge.judge_requests(
+        read_predictions(candidate.predictions_uri), read_predictions(champion.predictions_uri), cfg
+    )
+    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    verdicts = judge.ask_judge(requests, cfg, eval_cfg, cluster, key)
+    out = Store().uri("runs", flow_run_id(), "eval", "judge")
+    cand, champ = judge.judged_reports(candidate, champion, verdicts, cfg.mode, out)
+    unparseable = int(cand.metrics[judge.UNPARSEABLE])
+    get_run_logger().info(
+        "judge %s (%s, %s): %d verdicts, %d unparseable; candidate %.3f, champion %.3f; raw "
+        "verdicts in %s",
+        cfg.model,
+        cfg.engine,
+        cfg.mode,
+        len(verdicts),
+        unparseable,
+        cand.metrics[judge.JUDGE],
+        champ.metrics[judge.JUDGE],
+        f"{out}/{judge.VERDICTS_FILE}",
+    )
+    return cand, champ
+
+
+def _benchmarks_cache_key(context, parameters: dict[str, Any]) -> str:
+    """The same weights under the same tasks and engine settings: the same scores."""
+    eval_cfg: EvalConfig = parameters["eval_cfg"]
+    report: EvalReport = parameters["report"]
+    blob = json.dumps(
+        {
+            "model": report.model_uri,
+            "version": report.model_version,
+            "eval": eval_cfg.model_dump(mode="json", exclude={"judge"}),
+            "store": Store().root,
+        },
+        sort_keys=True,
+    )
+    return "benchmarks-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@task(name="run-benchmarks", cache_key_fn=_benchmarks_cache_key, persist_result=True)
+def run_benchmarks(
+    eval_cfg: EvalConfig, cluster: ClusterConfig, report: EvalReport, label: str
+) -> EvalReport:
+    """eval.benchmarks (lm-evaluation-harness tasks) on the report's model with the eval
+    engine: the report gains ``<task>/<metric>`` metrics and its documents' rows."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from prefect import get_run_logger
+
+    from llmflow.evaluate import benchmarks
+
+    metrics, rows, directions = benchmarks.run_benchmarks(
+        eval_cfg.benchmarks, eval_cfg, report.model_uri, cluster
+    )
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    store = Store(Store().uri("runs", flow_run_id(), "eval", "benchmarks", label))
+    uri = store.write_bytes(buf.getvalue(), benchmarks.BENCHMARKS_FILE)
+    get_run_logger().info(
+        "%s %s benchmarks: %s",
+        label,
+        report.model_version,
+        {k: round(v, 4) for k, v in metrics.items()},
+    )
+    return report.model_copy(
+        update={
+            "metrics": {**report.metrics, **metrics},
+            "benchmarks_uri": uri,
+            "directions": {**report.directions, **directions},
+        }
+    )
+
+
 def evaluate_stage(
     config: PipelineConfig, candidate: ModelRef, dataset: DatasetRef
 ) -> dict[str, EvalReport]:
-    """score-model for the candidate, then for the champion; compare-reports."""
+    """score-model for the candidate, then for the champion; run-benchmarks
+    (eval.benchmarks) and judge-answers (eval.judge) for both; compare-reports."""
     champ_uri, champ_version = champion_model(config.train)
     models = {
         "candidate": (candidate.uri, candidate.version),
@@ -161,7 +252,18 @@ def evaluate_stage(
         for label, (uri, version) in models.items():
             future = score_model.submit(config.eval, uri, version, dataset, label, config.cluster)
             reports[label] = rows.wait(future, f"score-{label}", label)
-    directions = metric_directions(config.eval.extra_metrics)
+    if config.eval.benchmarks is not None:  # the harness's tasks join both reports
+        for label in ("candidate", "champion"):
+            reports[label] = run_benchmarks(config.eval, config.cluster, reports[label], label)
+    if config.eval.judge is not None:  # the judge metric joins both reports
+        reports["candidate"], reports["champion"] = judge_answers(
+            config.eval, config.cluster, reports["candidate"], reports["champion"]
+        )
+    directions = {
+        **metric_directions(config.eval.extra_metrics),
+        **reports["champion"].directions,
+        **reports["candidate"].directions,
+    }
     comparison = compare_reports(reports["candidate"], reports["champion"], config.gate, directions)
     stage("evaluate", eval_line(reports, config.gate, comparison))
     return reports

@@ -110,6 +110,9 @@ DIRECTIONS: dict[str, str] = {
     "token_f1": HIGHER,
     "rouge_l": HIGHER,
     "bleu": HIGHER,
+    # eval.judge (llmflow/evaluate/judge.py): the judge's score, and its unreadable verdicts
+    "judge": HIGHER,
+    "judge_unparseable": LOWER,
     "eval_loss": LOWER,
     "perplexity": LOWER,
     "truncated_prompts": LOWER,

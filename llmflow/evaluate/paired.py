@@ -50,6 +50,14 @@ def read_predictions(uri: str) -> list[dict[str, Any]]:
         return pq.read_table(f).to_pylist()
 
 
+def report_rows(report: EvalReport) -> list[dict[str, Any]]:
+    """A report's per-row scores: its predictions, and its benchmark documents if any."""
+    rows = read_predictions(report.predictions_uri) if report.predictions_uri else []
+    if report.benchmarks_uri:
+        rows += read_predictions(report.benchmarks_uri)
+    return rows
+
+
 def compare_reports(
     candidate: EvalReport,
     champion: EvalReport,
@@ -59,9 +67,10 @@ def compare_reports(
     """``compare`` on the two reports' stored predictions; None when one has none."""
     if not (candidate.predictions_uri and champion.predictions_uri):
         return None
+    directions = {**champion.directions, **candidate.directions, **directions}
     return compare(
-        read_predictions(candidate.predictions_uri),
-        read_predictions(champion.predictions_uri),
+        report_rows(candidate),
+        report_rows(champion),
         directions,
         confidence,
         candidate_version=candidate.model_version,

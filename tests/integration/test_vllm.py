@@ -11,6 +11,7 @@ candidate's failed one): vLLM's start-up on 2 cores is most of the time.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 
@@ -199,6 +200,65 @@ def test_both_engines_stop_on_every_end_id_of_the_generation_config(
         agree = sum(got[i] == expected[i] for i in expected)
         assert agree >= 0.95 * len(expected), (engine, agree, len(expected))
         assert not any(digit in g for g in got.values()), engine
+
+
+def test_a_vllm_judge_asks_both_orders_through_ray_data_and_counts_what_it_cannot_read(
+    ray_on_stack, trained, tmp_path
+):
+    """eval.judge's mechanics on the vLLM processor of ray.data.llm (the tiny model judges
+    nothing well: its verdicts are whatever it says, each kept, parsed or counted)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmflow.config_eval import JudgeConfig
+    from llmflow.evaluate import judge
+    from llmflow.evaluate.paired import read_predictions
+    from llmflow.refs import EvalReport
+
+    reports = []
+    for name, answer in (("cand", "21"), ("champ", "12")):
+        rows = [
+            {"id": f"j{i}", "question": f"{i}{i + 1}", "reference": "21", "generation": answer}
+            for i in range(6)
+        ]
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        reports.append(
+            EvalReport(
+                model_uri=name,
+                model_version=name,
+                dataset_sha256="d",
+                engine="vllm",
+                metrics={},
+                num_examples=6,
+                predictions_uri=str(path),
+            )
+        )
+    tiny = load_config("configs/tiny.yaml")
+    # A short prompt of the user's: the tiny model's context is 256 tokens.
+    cfg = JudgeConfig(model=trained, template="{question} {answer_a} {answer_b}", max_tokens=4)
+    requests = judge.judge_requests(
+        read_predictions(reports[0].predictions_uri),
+        read_predictions(reports[1].predictions_uri),
+        cfg,
+    )
+    verdicts = judge.ask_judge(requests, cfg, tiny.eval, tiny.cluster)
+    assert sorted((v["id"], v["order"]) for v in verdicts) == sorted(
+        (f"j{i}", o) for i in range(6) for o in (judge.CANDIDATE_FIRST, judge.CHAMPION_FIRST)
+    )
+    assert verdicts[0]["prompt"] == "01 21 12" and verdicts[1]["prompt"] == "01 12 21"
+    assert all(isinstance(v["text"], str) for v in verdicts)
+    for v in verdicts:
+        assert v["verdict"] == judge.parse_verdict(v["text"], "pairwise")
+    unreadable = sum(v["verdict"] is None for v in verdicts)
+    cand, champ = judge.judged_reports(*reports, verdicts, "pairwise", str(tmp_path / "j"))
+    assert cand.metrics["judge_unparseable"] == unreadable
+    if unreadable < len(verdicts):  # a pairwise share: what one won, the other lost
+        assert cand.metrics["judge"] + champ.metrics["judge"] == pytest.approx(1.0)
+    else:
+        assert math.isnan(cand.metrics["judge"]) and math.isnan(champ.metrics["judge"])
+    saved = read_predictions(str(tmp_path / "j" / judge.VERDICTS_FILE))
+    assert [r["text"] for r in saved] == [v["text"] for v in verdicts]
 
 
 @pytest.fixture(scope="module")
