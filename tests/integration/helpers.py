@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 from uuid import UUID
 
 # The last N_EVAL bundled examples are the scoring tests' eval split (conftest.eval_split); the
@@ -277,3 +280,51 @@ def run_in_thread(config, dataset):
     t = threading.Thread(target=contextvars.copy_context().run, args=(go,))  # Prefect's settings
     t.start()
     return t, done, out
+
+
+def _between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+class Judge(BaseHTTPRequestHandler):
+    """A deterministic OpenAI-compatible judge for eval.judge's default pairwise prompt: it
+    prefers the answer equal to the reference; when both or neither are, it says "A" (a
+    position bias the swapped order must cancel); a question holding "garble" gets an
+    unreadable verdict. Every request is kept in ``seen``."""
+
+    seen: ClassVar[list[dict]] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        Judge.seen.append({"auth": self.headers.get("Authorization"), "body": body})
+        ref = _between(prompt, "Reference answer:", "Answer A:")
+        a = _between(prompt, "Answer A:", "Answer B:")
+        b = _between(prompt, "Answer B:", "Which answer")
+        if "garble" in prompt:
+            verdict = "I would rather not say."
+        elif (a == ref) != (b == ref):
+            verdict = "A" if a == ref else "B"
+        else:
+            verdict = "A"  # no preference: the position wins
+        reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def judge_endpoint() -> Iterator[str]:
+    """``Judge`` on a free local port; yields its base URL (.../v1)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()

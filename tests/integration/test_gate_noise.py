@@ -2,7 +2,9 @@
 against the base model promotes; a second run whose only change is `train.weight_decay: 1e-9`
 (its weights equal the champion's up to a negligible change) is not promoted under the default
 policy: `llmflow run` exits 3 with the gate's interval, the run is Completed but named
-NotPromoted, and `llmflow models list` shows the refusal."""
+NotPromoted, and `llmflow models list` shows the refusal. The second run also carries an LLM
+judge (a deterministic endpoint of the test) and a benchmark task, through the pipeline's
+own tasks. (~3 min here: two 150-step trainings, five scorings.)"""
 
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.errors import NOT_PROMOTED, NotPromoted
 from llmflow.store import Store
-from tests.integration.helpers import unserve, user_env
+from tests.integration.helpers import Judge, judge_endpoint, unserve, user_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "gate-noise"
+TASK = "llmflow/bundled/lm_eval/llmflow_reverse.yaml"
 # The tiny config, shorter: 150 steps answer part of the rows exactly (the base answers none),
 # scored on 128 rows; evaluation and checkpoints only at the end.
 SETS = [
@@ -76,23 +79,32 @@ def test_a_negligible_change_is_not_promoted_while_the_first_run_against_the_bas
     table = {r["name"]: r for r in (json.loads(data) if isinstance(data, str) else data)}
     assert re.search(r"won, 0 lost, \d+ tied\)$", table["exact_match"]["improvement, interval"])
 
-    # The same run with weight decay 1e-9, from the command line as a user runs it.
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "llmflow"),
-            "run",
-            "pipeline",
-            "--config",
-            "configs/tiny.yaml",
-            *(x for s in [*SETS, "train.weight_decay=1e-9"] for x in ("--set", s)),
-        ],
-        capture_output=True,
-        text=True,
-        env=user_env(),
-        cwd=ROOT,
-        timeout=900,
-        check=False,
-    )
+    # The same run with weight decay 1e-9, from the command line as a user runs it; with an
+    # LLM judge (the test's endpoint) and a benchmark task, whose metrics join the reports.
+    Judge.seen.clear()
+    with judge_endpoint() as url:
+        judge = f"{{engine: http, url: '{url}', model: judge, api_key_env: LLMFLOW_JUDGE_KEY}}"
+        extra = [
+            "train.weight_decay=1e-9",
+            f"eval.benchmarks={{tasks: [{TASK}], limit: 16}}",
+            f"eval.judge={judge}",
+        ]
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "llmflow"),
+                "run",
+                "pipeline",
+                "--config",
+                "configs/tiny.yaml",
+                *(x for s in [*SETS, *extra] for x in ("--set", s)),
+            ],
+            capture_output=True,
+            text=True,
+            env=user_env(LLMFLOW_JUDGE_KEY="k-gate"),
+            cwd=ROOT,
+            timeout=900,
+            check=False,
+        )
     out = proc.stdout + proc.stderr
     assert proc.returncode == NotPromoted.exit_code == 3, out[-3000:]
     v2 = registry.get_version(Store(), NAME).version
@@ -106,6 +118,11 @@ def test_a_negligible_change_is_not_promoted_while_the_first_run_against_the_bas
     assert f"flow 'pipeline' not promoted: the gate refused {NAME}:{v2}" in line, out[-3000:]
     refused = registry.read_manifest(Store(), NAME, v2)["gate"]
     assert refused["passed"] is False and "does not exclude" in refused["rules"][0]["reason"]
+    # The judge saw every row twice (both orders) with the key; equal answers tie at 0.5.
+    scored = registry.read_manifest(Store(), NAME, v2)["eval"]["metrics"]
+    assert len(Judge.seen) == 2 * 128 and {j["auth"] for j in Judge.seen} == {"Bearer k-gate"}
+    assert scored["judge"] == 0.5 and scored["judge_unparseable"] == 0
+    assert 0 <= scored["llmflow_reverse/exact_match"] <= 1  # 16 documents of the bundled task
 
     from prefect.client.orchestration import get_client
 

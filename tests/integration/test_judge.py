@@ -7,11 +7,7 @@ mechanics on the tiny model are in test_vllm.py.)"""
 
 from __future__ import annotations
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import pytest
 
@@ -22,50 +18,17 @@ from llmflow.evaluate.metrics import DIRECTIONS
 from llmflow.evaluate.paired import compare, read_predictions
 from llmflow.promote.gate import decide
 from llmflow.refs import EvalReport
+from tests.integration.helpers import Judge, judge_endpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 N = 40
 
 
-def _between(text: str, start: str, end: str) -> str:
-    return text.split(start, 1)[1].split(end, 1)[0].strip()
-
-
-class Judge(BaseHTTPRequestHandler):
-    seen: ClassVar[list[dict]] = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
-        Judge.seen.append({"auth": self.headers.get("Authorization"), "body": body})
-        ref = _between(prompt, "Reference answer:", "Answer A:")
-        a = _between(prompt, "Answer A:", "Answer B:")
-        b = _between(prompt, "Answer B:", "Which answer")
-        if "garble" in prompt:
-            verdict = "I would rather not say."
-        elif (a == ref) != (b == ref):
-            verdict = "A" if a == ref else "B"
-        else:
-            verdict = "A"  # no preference: the position wins
-        reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with judge_endpoint() as url:
+        yield url
 
 
 def predictions(tmp_path, name: str, right: set[int]) -> EvalReport:
@@ -78,7 +41,7 @@ def predictions(tmp_path, name: str, right: set[int]) -> EvalReport:
             "id": f"e{i:03d}",
             "question": f"reverse {i}" + (" garble" if i >= N - 4 else ""),
             "reference": f"{i}"[::-1],
-            "generation": f"{i}"[::-1] if i in right else "0",
+            "generation": f"{i}"[::-1] if i in right else "wrong",
             "exact_match": float(i in right),
         }
         for i in range(N)
