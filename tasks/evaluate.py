@@ -107,10 +107,11 @@ def compare_reports(
     cand_rows = read_predictions(candidate.predictions_uri)
     comparison = None
     if champion.predictions_uri:
-        champ_rows = read_predictions(champion.predictions_uri)
+        # Every per-row score: the eval split's and the benchmark documents'.
+        cand_all, champ_all = report_rows(candidate), report_rows(champion)
         comparison = compare(
-            report_rows(candidate),
-            report_rows(champion),
+            cand_all,
+            champ_all,
             directions,
             gate.confidence,
             candidate_version=candidate.model_version,
@@ -131,7 +132,7 @@ def compare_reports(
             )
         create_markdown_artifact(
             key="eval-changes",
-            markdown=changes_markdown(cand_rows, champ_rows, metric, lower, k=5),
+            markdown=changes_markdown(cand_all, champ_all, metric, lower, k=5),
             description=f"where candidate {candidate.model_version} and champion "
             f"{champion.model_version} differ most on {metric}",
         )
