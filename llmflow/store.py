@@ -14,6 +14,7 @@ and a directory counts as present only once its manifest.json (written last) exi
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import posixpath
@@ -127,6 +128,17 @@ class Store:
         else:
             self.fs.pipe_file(target, data)  # one PUT: atomic on object stores
         return self.uri(*parts)
+
+    def write_parquet(self, table: Any, *parts: str) -> str:
+        """An Arrow table (or a list of row dicts) as one parquet file, atomically; its URI."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(table)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return self.write_bytes(buf.getvalue(), *parts)
 
     def write_json(self, obj: Any, *parts: str) -> str:
         return self.write_bytes(

@@ -102,13 +102,14 @@ def compare_reports(
 
     from llmflow.evaluate.compare import changes_markdown, comparison_rows, worst_examples
     from llmflow.evaluate.metrics import LOWER
-    from llmflow.evaluate.paired import compare, read_predictions, report_rows
+    from llmflow.evaluate.paired import benchmark_rows, compare, read_predictions
 
     cand_rows = read_predictions(candidate.predictions_uri)
     comparison = None
     if champion.predictions_uri:
         # Every per-row score: the eval split's and the benchmark documents'.
-        cand_all, champ_all = report_rows(candidate), report_rows(champion)
+        cand_all = cand_rows + benchmark_rows(candidate)
+        champ_all = read_predictions(champion.predictions_uri) + benchmark_rows(champion)
         comparison = compare(
             cand_all,
             champ_all,
@@ -206,10 +207,6 @@ def run_benchmarks(
 ) -> EvalReport:
     """eval.benchmarks (lm-evaluation-harness tasks) on the report's model with the eval
     engine: the report gains ``<task>/<metric>`` metrics and its documents' rows."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from prefect import get_run_logger
 
     from llmflow.evaluate import benchmarks
@@ -217,10 +214,8 @@ def run_benchmarks(
     metrics, rows, directions = benchmarks.run_benchmarks(
         eval_cfg.benchmarks, eval_cfg, report.model_uri, cluster
     )
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    store = Store(Store().uri("runs", flow_run_id(), "eval", "benchmarks", label))
-    uri = store.write_bytes(buf.getvalue(), benchmarks.BENCHMARKS_FILE)
+    out = ("runs", flow_run_id(), "eval", "benchmarks", label, benchmarks.BENCHMARKS_FILE)
+    uri = Store().write_parquet(rows, *out)
     get_run_logger().info(
         "%s %s benchmarks: %s",
         label,
@@ -260,11 +255,7 @@ def evaluate_stage(
         reports["candidate"], reports["champion"] = judge_answers(
             config.eval, config.cluster, reports["candidate"], reports["champion"]
         )
-    directions = {
-        **metric_directions(config.eval.extra_metrics),
-        **reports["champion"].directions,
-        **reports["candidate"].directions,
-    }
+    directions = metric_directions(config.eval.extra_metrics, reports.values())
     comparison = compare_reports(reports["candidate"], reports["champion"], config.gate, directions)
     stage("evaluate", eval_line(reports, config.gate, comparison))
     return reports

@@ -345,11 +345,8 @@ def gate_stage(
         return GateDecision(
             passed=True, rules=[GateRule(name="already-champion", passed=True, reason=reason)]
         )
-    directions = {  # the benchmarks' metrics declare theirs in the reports
-        **metric_directions(config.eval.extra_metrics),
-        **reports["champion"].directions,
-        **reports["candidate"].directions,
-    }
+    # the benchmarks' metrics declare theirs in the reports
+    directions = metric_directions(config.eval.extra_metrics, reports.values())
     decision = gate(config.gate, reports["candidate"], reports["champion"], directions)
     if config.gate.require_approval:  # a flow run pauses (not a task): called from the flow
         stage("gate", "waiting for a decision in the Prefect UI (the run is paused)")

@@ -175,7 +175,7 @@ def run_benchmarks(
                 directions.setdefault(f"{task}/{m}{suffix}", directions.get(f"{task}/{m}", HIGHER))
             rows.append(row)
     metrics = {}
-    for name in sorted({k for r in rows for k in r if "/" in k and k != "id"}):
+    for name in sorted({k for r in rows for k in r if "/" in k}):
         values = [r[name] for r in rows if name in r and not math.isnan(r[name])]
         metrics[name] = sum(values) / len(values) if values else math.nan
     return metrics, rows, directions

@@ -16,7 +16,6 @@ alone, or not judged when no order parsed: never silently scored.
 from __future__ import annotations
 
 import functools
-import io
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -129,8 +128,15 @@ def _vllm_post(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _http_pre(row: dict[str, Any], model: str, max_tokens: int) -> dict[str, Any]:
-    payload = {"model": model, "messages": _chat(row), "max_tokens": max_tokens}
-    return {"payload": {**payload, "temperature": 0.0}}
+    messages = _chat(row)
+    return {
+        "payload": {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        }
+    }
 
 
 def _http_post(row: dict[str, Any]) -> dict[str, Any]:
@@ -216,8 +222,7 @@ def judged_reports(
     scores = row_scores(verdicts, mode)
     unparseable = float(sum(v["verdict"] is None for v in verdicts))
     store = Store(out_uri)
-    table = pa.Table.from_pylist(verdicts, schema=_verdict_schema())
-    store.write_bytes(_parquet(table), VERDICTS_FILE)
+    store.write_parquet(pa.Table.from_pylist(verdicts, schema=_verdict_schema()), VERDICTS_FILE)
     reports = []
     for side, report in enumerate((candidate, champion)):
         rows = read_predictions(report.predictions_uri)
@@ -226,7 +231,7 @@ def judged_reports(
             r[JUDGE] = got[side] if got else math.nan
         judged = [r[JUDGE] for r in rows if not math.isnan(r[JUDGE])]
         name = f"{CANDIDATE if side == 0 else CHAMPION}.parquet"
-        uri = store.write_bytes(_parquet(pa.Table.from_pylist(rows)), name)
+        uri = store.write_parquet(rows, name)
         metrics = {
             **report.metrics,
             JUDGE: sum(judged) / len(judged) if judged else math.nan,
@@ -234,14 +239,6 @@ def judged_reports(
         }
         reports.append(report.model_copy(update={"metrics": metrics, "predictions_uri": uri}))
     return reports[0], reports[1]
-
-
-def _parquet(table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 def _verdict_schema():

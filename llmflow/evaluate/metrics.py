@@ -129,12 +129,15 @@ DIRECTIONS: dict[str, str] = {
 ENTRY_POINTS = "llmflow.metrics"
 
 
-def metric_directions(extra: Iterable[str] = ()) -> dict[str, str]:
-    """Every gateable metric's direction: the built-in ones and the ``extra`` metrics'."""
+def metric_directions(extra: Iterable[str] = (), reports: Iterable[Any] = ()) -> dict[str, str]:
+    """Every gateable metric's direction: the built-in ones, the ``extra`` metrics', and those
+    the ``reports`` (EvalReports) declare for their own metrics (the benchmarks')."""
     out = dict(DIRECTIONS)
     for name in extra:
         fn = load_metric(name)
         out[name] = HIGHER if getattr(fn, "higher_is_better", True) else LOWER
+    for report in reports:
+        out.update(report.directions)
     return out
 
 

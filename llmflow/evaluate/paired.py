@@ -50,12 +50,15 @@ def read_predictions(uri: str) -> list[dict[str, Any]]:
         return pq.read_table(f).to_pylist()
 
 
+def benchmark_rows(report: EvalReport) -> list[dict[str, Any]]:
+    """A report's benchmark documents (eval.benchmarks), one row each; none without."""
+    return read_predictions(report.benchmarks_uri) if report.benchmarks_uri else []
+
+
 def report_rows(report: EvalReport) -> list[dict[str, Any]]:
     """A report's per-row scores: its predictions, and its benchmark documents if any."""
     rows = read_predictions(report.predictions_uri) if report.predictions_uri else []
-    if report.benchmarks_uri:
-        rows += read_predictions(report.benchmarks_uri)
-    return rows
+    return rows + benchmark_rows(report)
 
 
 def compare_reports(
@@ -67,7 +70,6 @@ def compare_reports(
     """``compare`` on the two reports' stored predictions; None when one has none."""
     if not (candidate.predictions_uri and champion.predictions_uri):
         return None
-    directions = {**champion.directions, **candidate.directions, **directions}
     return compare(
         report_rows(candidate),
         report_rows(champion),

@@ -11,7 +11,6 @@ Prefect side (caching, artifacts: compare.py's ``worst_examples``, ``comparison_
 from __future__ import annotations
 
 import functools
-import io
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -304,11 +303,8 @@ def score_dataset(
             r["eval_loss"] = s / n if n else float("nan")
             r["eval_loss_tokens"] = n  # the weight of the row in the report's eval_loss
 
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(predictions_table(rows, metric_names), buf)
-    predictions_uri = Store(out_uri).write_bytes(buf.getvalue(), PREDICTIONS_FILE)
+    table = predictions_table(rows, metric_names)
+    predictions_uri = Store(out_uri).write_parquet(table, PREDICTIONS_FILE)
 
     model_manifest = read_manifest(model_uri).get("ref", {})
     data_manifest = read_manifest(dataset_uri).get("ref", {})

@@ -98,9 +98,8 @@ def decide(
         rules.append(missing(name, primary, "champion"))
     else:
         paired = comparison.metrics.get(primary) if comparison else None
-        rules.append(
-            _primary_rule(gate, name, primary, cm[primary], champion, paired, _improvement)
-        )
+        gain = _improvement(primary, cm[primary], champion.metrics[primary])
+        rules.append(_primary_rule(gate, name, primary, cm[primary], champion, paired, gain))
 
     for metric, tolerance in sorted(gate.guardrails.items()):
         name = f"guardrail:{metric}"
@@ -143,17 +142,18 @@ def _primary_rule(
     value: float,
     champion: EvalReport,
     paired: MetricComparison | None,
-    improvement,
+    gain: float,
 ) -> GateRule:
     """The primary metric under the policy: the interval's lower bound above min_improvement
-    (superiority) or at or above -max_regression (non-inferiority)."""
+    (superiority) or at or above -max_regression (non-inferiority); without per-row scores,
+    ``gain`` (the means' difference in the metric's direction) stands for the bound."""
     superiority = gate.policy == "superiority"
     bound = gate.min_improvement if superiority else -gate.max_regression
     vs = f"{metric} {value:.4g} vs champion {champion.metrics[metric]:.4g}"
     if paired is not None and paired.low is not None:
         low, what = paired.low, paired.interval(gate.confidence)
     else:  # no per-row scores (or one row): the means alone decide
-        low = improvement(metric, value, champion.metrics[metric])
+        low = gain
         what = f"{low:+.4g} (no per-row scores: no interval)"
     ok = low > bound if superiority else low >= bound
     if superiority:
