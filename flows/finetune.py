@@ -25,7 +25,8 @@ def finetune(
     """Fine-tune ``config.train.base_model`` on ``dataset`` (prepared here when not given).
 
     Stages:
-        1. base-model: resolve the base model (the tiny model is built once and kept)
+        1. base-model (in the flow's process): resolve the base model; the tiny model is built
+           once, a hub id copied into the store once per commit
         2. prepare-dataset (only without ``dataset``): as the prepare flow, cached
         3. train-model (on Ray): a TorchTrainer run keyed by its inputs, so a re-run resumes
            from its latest checkpoint; the task itself reserves no CPU or GPU, the trainer's
@@ -39,5 +40,5 @@ def finetune(
         source_files(config.data.source)
         model_uri, dataset = prepare_stage(config)
     else:
-        model_uri = base_model.submit(config.train).result()
+        model_uri = base_model(config.train)  # in the flow's process
     return finetune_stage(config, dataset, model_uri)[1]

@@ -33,7 +33,8 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
     (a Prefect concurrency limit); a re-run reuses the stages that finished.
 
     Stages:
-        1. base-model: resolve the base model (the tiny model is built once and kept)
+        1. base-model (in the flow's process): resolve the base model; the tiny model is built
+           once, a hub id copied into the store once per commit
         2. prepare-dataset: load, normalise, validate and version the data (cached)
         3. check-data-changed (retrain=if-data-changed): stop here when the latest version
            was trained on this very dataset (the content hash decides)

@@ -20,7 +20,8 @@ def prepare(config: PipelineConfig = default_config()) -> DatasetRef:
     """Prepare the instruction data of ``config.data`` and return its DatasetRef.
 
     Stages:
-        1. base-model: resolve the tokenizer's model (the tiny model is built once, kept)
+        1. base-model (in the flow's process): resolve the tokenizer's model (as the
+           pipeline's)
         2. prepare-dataset (on Ray): load -> normalise -> clean -> split -> validate -> store;
            cached on the source's bytes and the prep config
     """

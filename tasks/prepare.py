@@ -35,7 +35,13 @@ def _prepare_cache_key(context, parameters: dict[str, Any]) -> str:
 
 @task(name="base-model", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def base_model(train: TrainConfig) -> str:
-    """Resolve train.base_model (building the tiny model once); returns where to load it."""
+    """Resolve train.base_model (building the tiny model once); returns where to load it.
+
+    Called, not submitted: it runs in the flow run's own process, where the preflight read
+    the model's config, so it sees the same hub access, token and HF cache. A Ray worker may
+    sit on a node with another cache or no network; what every node then loads is the copy
+    this makes in the store (basemodels.materialise), never a path into one node's cache.
+    """
     from llmflow.basemodels import resolve_base_model
 
     return resolve_base_model(train)
@@ -82,7 +88,7 @@ def prepare_dataset(data: DataConfig, base_model_uri: str) -> DatasetRef:
 
 def prepare_stage(config: PipelineConfig) -> tuple[str, DatasetRef]:
     """base-model, then prepare-dataset: (the base model's uri, the prepared dataset)."""
-    model_uri = base_model.submit(config.train).result()
+    model_uri = base_model(config.train)  # in this process (see base_model)
     d = prepare_dataset.submit(config.data, model_uri).result()
     rows = f"{d.num_train} train / {d.num_eval} eval rows, {d.num_quarantined} quarantined"
     stage("prepare", f"dataset {d.short_sha}: {rows}")

@@ -1,7 +1,9 @@
 """Two Ray nodes on one machine, as `llmflow up --nodes 2` starts them: the session stack's
 head plus a second node declaring one logical GPU (no CUDA behind it) and the resource
-`gpu_node`. The pipeline with its training placed there by `train.resources_per_worker`,
-finetune by `train.use_gpu`, the placement read back from Ray's state API.
+`gpu_node`, with an HF cache of its own (HF_HOME). The pipeline on a hub-shaped base model
+that only this process's HF cache holds (a local mirror, offline), with its training placed
+on the second node by `train.resources_per_worker`; finetune by `train.use_gpu`; the
+placement read back from Ray's state API.
 
     .venv/bin/python -m pytest tests/integration/test_two_nodes.py -q
 """
@@ -10,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -37,16 +41,24 @@ def cfg(*overrides: str):
 
 
 @pytest.fixture(scope="module")
-def second_node(stack) -> str:
+def node2_hf_home(tmp_path_factory) -> Path:
+    """The second node's own HF cache (HF_HOME), which no other process reads."""
+    return tmp_path_factory.mktemp("node2-hf-home")
+
+
+@pytest.fixture(scope="module")
+def second_node(stack, node2_hf_home) -> str:
     """The session stack grown to two nodes with `up(nodes=2)` (what `llmflow up --nodes 2`
     calls), and shrunk back with `up(nodes=1)` after this module, so the other tests keep
-    their one-node cluster. Yields the second node's Ray node id."""
+    their one-node cluster. The second node starts with its own HF_HOME, as a machine of
+    its own would. Yields the second node's Ray node id."""
     from llmflow import probes
     from llmflow import stack as stack_mod
 
     lines: list[str] = []
     try:
-        stack_mod.up(stack, nodes=2, with_deploy=False, echo=lines.append)
+        with mock.patch.dict(os.environ, {"HF_HOME": str(node2_hf_home)}):
+            stack_mod.up(stack, nodes=2, with_deploy=False, echo=lines.append)
         entry = stack_mod.read_state(stack)["ray-node-2"]
         assert any(ln.startswith("ray-node-2: joined") for ln in lines), lines
         yield entry["node_id"]
@@ -64,6 +76,32 @@ def dataset(stack) -> DatasetRef:
     from flows.prepare import prepare
 
     return prepare(config=cfg())  # cached across the session
+
+
+HUB_ID = "llmflow-test/tiny-chat"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_mirror(stack, tmp_path, monkeypatch) -> Path:
+    """An HF hub cache holding HUB_ID at COMMIT (refs/main and its snapshot: the tiny model's
+    files), as `huggingface-cli download` leaves one, seen by this process only: the flow
+    runs here, offline; no Ray worker's cache (the head's default, node 2's own) has it."""
+    from huggingface_hub import constants
+
+    from llmflow.basemodels import resolve_base_model
+    from llmflow.config import TrainConfig
+    from llmflow.store import MANIFEST
+
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    tiny = Path(resolve_base_model(TrainConfig()))
+    shutil.copytree(tiny, repo / "snapshots" / COMMIT, ignore=shutil.ignore_patterns(MANIFEST))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
 
 
 def ray_address() -> str:
@@ -108,14 +146,21 @@ def test_the_second_node_declares_a_gpu_and_gpu_node_and_status_shows_it(stack, 
     assert row["healthy"] and row["pid"] and row["detail"].startswith(f"node {second_node[:12]}: ")
 
 
-def test_the_pipeline_trains_on_the_node_that_declares_gpu_node(stack, dataset, second_node):
-    """The whole pipeline, training placed by a custom resource without use_gpu (torch never
-    looks for CUDA): prepare, train on node 2, register, score, gate, promote."""
+def test_the_pipeline_trains_on_the_node_that_declares_gpu_node(
+    stack, dataset, second_node, node2_hf_home, hub_mirror
+):
+    """The whole pipeline on a hub base model that one machine's HF cache holds (issue 30:
+    a node-local cache path must not travel), training placed by a custom resource without
+    use_gpu (torch never looks for CUDA): prepare, train on node 2, register, score, gate,
+    promote. The base model is resolved in the flow's process and copied into the store;
+    node 2 and the head's workers load that copy."""
     from flows.pipeline import pipeline
+    from llmflow.store import Store
 
     # 60 steps: enough for the model to answer with digits, so the promotion's smoke test
     # passes (at 10 it answers nothing and the rollout is rolled back, as it should be).
     config = cfg(
+        f"train.base_model={HUB_ID}",
         "train.resources_per_worker={gpu_node: 1}",
         "train.model_name=two-nodes",
         "train.max_steps=60",
@@ -135,7 +180,16 @@ def test_the_pipeline_trains_on_the_node_that_declares_gpu_node(stack, dataset, 
         )  # its replica may sit on node 2, which stops after the module
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["dataset"]["sha256"] == dataset.sha256
+    # The same rows as the tiny base's (its tokenizer, mirrored); the hash names the base too.
+    assert (result["dataset"]["num_train"], result["dataset"]["num_eval"]) == (
+        dataset.num_train,
+        dataset.num_eval,
+    )
+    # Every stage loaded the store's copy of the hub model at its commit, not a cache path.
+    base = Store().uri("models", "_base", f"{HUB_ID.replace('/', '--')}@{COMMIT}")
+    assert result["model"]["base_model"] == base
+    assert json.loads((Path(base) / "manifest.json").read_text())["commit"] == COMMIT
+    assert not list(node2_hf_home.rglob("models--*"))  # node 2 never fetched it itself
     assert {"exact_match", "eval_loss"} <= set(result["candidate"])
     assert result["gate_passed"] and not result["rollout"]["rolled_back"]
     assert result["rollout"]["served_version"] == result["model"]["version"]
