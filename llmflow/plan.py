@@ -153,6 +153,16 @@ def training(cfg: PipelineConfig, shape: Shape) -> Stage:
         stage.terms.append(("activations (checkpointed)", kept))
     else:
         stage.terms.append(("activations", tokens * shape.layers * per_layer))
+    if train.attn_implementation == "eager":
+        # Eager attention builds each layer's batch x heads x T x T scores: their float32
+        # softmax is kept for the backward pass (and its half copy under autocast), and the
+        # masked scores (the softmax's input) exist beside it while a layer runs. sdpa and
+        # flash attention keep none of it. Measured on CPU: tests/unit/test_plan.py.
+        scores = train.batch_size * shape.heads * cfg.data.max_tokens**2
+        e = 2 if half else 4
+        kept = scores * (4 + (2 if half else 0))
+        layers = 1 if train.gradient_checkpointing else shape.layers
+        stage.terms.append(("attention scores (eager)", layers * kept + scores * e))
     stage.terms.append(("logits at reply positions (at most)", tokens * shape.vocab * 12))
     # The loss's logits and their gradient are freed once the backward pass leaves the output
     # layer, before most gradients exist: measured on CPU, summing both overshot by up to 24%.
@@ -225,6 +235,7 @@ def lines(stages: Iterable[Stage], gpu_gb: float | None) -> list[str]:
 # What makes each term smaller, as a config change to name in the refusal.
 FIXES = {
     "activations": "train.gradient_checkpointing: true",
+    "attention scores (eager)": "train.attn_implementation: sdpa",
     "logits at reply positions (at most)": "a smaller train.batch_size (with train.grad_accum)",
     "weights (float32)": "train.lora: true",
     "AdamW state": "train.lora: true",

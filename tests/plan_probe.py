@@ -32,8 +32,10 @@ def main(spec: dict) -> dict:
     torch.set_num_threads(2)
     cfg = {k: v for k, v in spec["model"].items() if k not in ("torch_dtype", "dtype")}
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, pad_token_id=0, eos_token_id=1)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # as on CPU
     train = TrainConfig(**spec["train"])
+    model = AutoModelForCausalLM.from_config(  # in float32, as on CPU
+        config, dtype=torch.float32, attn_implementation=train.attn_implementation
+    )
     if train.lora:
         from peft import LoraConfig, get_peft_model
 

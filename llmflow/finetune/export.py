@@ -35,13 +35,22 @@ def export_model(
     if fmt == "merged":
         model = model.merge_and_unload()  # in float32, then cast: one rounding, not two
     if fmt != "adapter":
-        # In the base's dtype: a bf16 base (Qwen2.5, Phi-3) stays bf16, half the bytes in the
-        # store and in every replica's download (7.6 GB, not 15.3, for Phi-3-mini).
-        model = model.to(base_dtype(base_model_uri))
+        model = model.to(export_dtype(train, base_model_uri))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(base_model_uri).save_pretrained(out_dir)
     return fmt
+
+
+def export_dtype(train: TrainConfig, base_model_uri: str):
+    """The dtype a full or merged version is saved in: train.export_dtype, else the base's.
+    A bf16 base (Qwen2.5, Phi-3) stays bf16: half the bytes in the store and in every
+    replica's download (7.6 GB, not 15.3, for Phi-3-mini)."""
+    import torch
+
+    if train.export_dtype:
+        return getattr(torch, train.export_dtype)
+    return base_dtype(base_model_uri)
 
 
 def base_dtype(base_model_uri: str):
@@ -153,8 +162,9 @@ def export_and_register(
         if train.backend == "llamafactory":
             from llmflow.finetune import llamafactory
 
+            dtype = export_dtype(train, base_model_uri)
             llamafactory.export_model(
-                base_model_uri, run.checkpoint_uri, train.lora, train.merge_lora, Path(tmp)
+                base_model_uri, run.checkpoint_uri, train.lora, train.merge_lora, Path(tmp), dtype
             )
         else:
             export_model(base_model_uri, checkpoint_state(run.checkpoint_uri), train, Path(tmp))

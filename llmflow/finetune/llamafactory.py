@@ -196,9 +196,12 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- export, in the main venv ---------------------------------------------------------------------
-def export_model(base_model_uri: str, checkpoint_uri: str, lora: bool, merge: bool, out_dir: Path):
+def export_model(
+    base_model_uri: str, checkpoint_uri: str, lora: bool, merge: bool, out_dir: Path, dtype=None
+):
     """The final LlamaFactory checkpoint as a HF directory: the adapter merged into the base
-    (``merge``), the adapter alone, or the full weights."""
+    (``merge``), the adapter alone, or the full weights; the full or merged weights in
+    ``dtype`` (export.export_dtype: the base's unless train.export_dtype says)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -233,6 +236,8 @@ def export_model(base_model_uri: str, checkpoint_uri: str, lora: bool, merge: bo
             model = AutoModelForCausalLM.from_pretrained(
                 str(ckpt), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
             )
+        if dtype is not None and not (lora and not merge):
+            model = model.to(dtype)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(base_model_uri).save_pretrained(out_dir)

@@ -76,7 +76,11 @@ def load_model(base_model_uri: str, train: TrainConfig, dtype=None):
 
     path = loadable_path(base_model_uri)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
+        path,
+        dtype=dtype or torch.float32,
+        use_safetensors=True,
+        trust_remote_code=False,
+        attn_implementation=train.attn_implementation,  # None: transformers' default
     )
     if train.gradient_checkpointing:  # in train() mode only; non-reentrant: LoRA, DDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

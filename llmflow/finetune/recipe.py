@@ -37,6 +37,8 @@ OVERLAP: dict[str, tuple[str, type]] = {
     "seed": ("seed", int),
     "ray_num_workers": ("num_workers", int),
 }
+# train.attn_implementation -> LlamaFactory's flash_attn (a recipe's own flash_attn wins).
+FLASH_ATTN = {"sdpa": "sdpa", "eager": "disabled", "flash_attention_2": "fa2"}
 # Where the data comes from and where the run goes: the prepared dataset and the run's
 # directory in the store decide them.
 OWNED = frozenset(
@@ -208,6 +210,8 @@ def llamafactory_args(train: dict[str, Any], base_model: str) -> dict[str, Any]:
     }
     if train["lora"]:
         args.update(lora_rank=train["lora_rank"], lora_target="all", lora_dropout=0.0)
+    if train.get("attn_implementation"):  # LlamaFactory's names for transformers' choices
+        args["flash_attn"] = FLASH_ATTN[train["attn_implementation"]]
     return {**args, **passthrough}
 
 

@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from llmflow.config import RolloutPolicy
+from llmflow.config_serve import RolloutPolicy
 from llmflow.refs import CanaryStep
 
 CHAMPION, CANDIDATE = "champion", "candidate"

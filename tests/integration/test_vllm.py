@@ -413,7 +413,7 @@ def test_a_canary_on_vllm_takes_all_the_traffic_with_no_failed_request(
     from ray import serve
 
     from flows.promote import promote
-    from llmflow.config import RolloutPolicy
+    from llmflow.config_serve import RolloutPolicy
 
     good, _, second = versions
     assert aliases.read_aliases(Store(), NAME)["champion"] == good.version

@@ -8,7 +8,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from llmflow.config import RolloutPolicy, ServeConfig
+from llmflow.config_serve import RolloutPolicy, ServeConfig
 from llmflow.configfile import default_config, load_config
 from llmflow.promote.canary import (
     CANDIDATE,

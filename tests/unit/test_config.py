@@ -142,6 +142,7 @@ def test_the_gpu_configs_open_with_their_command_and_build_their_vllm_apps(name)
     assert f"llmflow run pipeline --config configs/{name}.yaml" in head[1] and "GPU" in head[2]
     cfg = load_config(path)
     assert cfg.train.use_gpu and cfg.eval.engine == cfg.serve.engine == "vllm"
+    assert cfg.train.attn_implementation == "sdpa"  # torch's own: on every GPU, no package
     assert cfg.serve.route_prefix == f"/{cfg.serve.app_name}" != "/"
     model = ModelRef(
         uri="/store/models/m/v1",
@@ -154,6 +155,23 @@ def test_the_gpu_configs_open_with_their_command_and_build_their_vllm_apps(name)
         {"GPU": 1.0}
     ]
     assert llm.deployment_config["max_surge_percent"] == 0  # one GPU: no room for two replicas
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.attn_implementation=flash_attention_2"], "flash_attention_2 runs on CUDA GPUs"),
+        (["train.attn_implementation=flash"], "Input should be 'sdpa', 'eager' or"),
+    ],
+)
+def test_an_attention_that_cannot_run_is_refused_before_any_work(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", sets)
+
+
+def test_flash_attention_is_accepted_for_gpu_workers():
+    sets = ["train.use_gpu=true", "train.attn_implementation=flash_attention_2"]
+    assert load_config("configs/tiny.yaml", sets).train.attn_implementation == "flash_attention_2"
 
 
 def test_the_flows_default_is_configs_tiny_yaml_and_importing_them_reads_no_config_file():

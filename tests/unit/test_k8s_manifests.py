@@ -159,6 +159,7 @@ def test_base_job_template_is_prefects_default_with_our_values_filled_in():
         "AWS_ACCESS_KEY_ID": "llmflow-s3",
         "AWS_SECRET_ACCESS_KEY": "llmflow-s3",
         "AWS_ENDPOINT_URL_S3": "llmflow-s3",
+        "HF_TOKEN": "llmflow-hf",  # the flow's process fetches a hub base model (issue 30)
     }
     container["env"] = "{{ env }}"
     job["template"]["spec"].update(

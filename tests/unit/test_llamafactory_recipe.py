@@ -88,13 +88,18 @@ def test_the_arguments_keep_llmflows_data_and_output_and_pass_the_rest(tmp_path)
 
 
 def test_without_a_recipe_the_arguments_come_from_the_train_section():
-    cfg = load_config("configs/tiny.yaml", ["train.backend=llamafactory", "train.lora=true"])
+    sets = ["train.backend=llamafactory", "train.lora=true"]
+    cfg = load_config("configs/tiny.yaml", sets)
     args = llamafactory_args(cfg.train.model_dump(mode="json"), "/m")
     assert args["finetuning_type"] == "lora" and args["lora_target"] == "all"
     assert args["learning_rate"] == cfg.train.learning_rate == 0.003
     assert args["max_steps"] == 300 and args["save_steps"] == cfg.train.checkpoint_every
     assert args["per_device_train_batch_size"] == 16 and args["stage"] == "sft"
     assert "template" not in args  # the tokenizer's own chat template
+    assert "flash_attn" not in args  # LlamaFactory's auto, as transformers' default
+    for ours, theirs in (("eager", "disabled"), ("sdpa", "sdpa")):
+        cfg = load_config("configs/tiny.yaml", [*sets, f"train.attn_implementation={ours}"])
+        assert llamafactory_args(cfg.train.model_dump(mode="json"), "/m")["flash_attn"] == theirs
 
 
 @pytest.mark.parametrize(

@@ -459,6 +459,11 @@ def test_an_export_keeps_the_base_models_dtype(tiny, tmp_path, lora):
     assert export_model(str(tiny), {}, TrainConfig(), tmp_path / "f32") == "full"
     f32 = load_file(tmp_path / "f32" / "model.safetensors")
     assert {t.dtype for t in f32.values()} == {torch.float32}
+    # train.export_dtype overrides the base's.
+    half = TrainConfig(export_dtype="bfloat16")
+    assert export_model(str(tiny), {}, half, tmp_path / "bf16") == "full"
+    bf16 = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
 
 
 # -- artifacts -------------------------------------------------------------------------------
@@ -532,3 +537,17 @@ def test_all_sum_hands_the_process_group_the_workers_device(monkeypatch):
 
     loop = inspect.getsource(training.train_loop)
     assert loop.count("all_sum(") == 2 and loop.count(", device)") >= 2
+
+
+def test_a_llamafactory_export_takes_the_export_dtype(tiny, tmp_path):
+    """LlamaFactory's full checkpoints are float32 (it trains in them); the version is saved
+    in the dtype export_dtype gives (the base's unless train.export_dtype says), as llmflow's
+    own export is (issue 30: exports in fp32 double every replica's download)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmflow.finetune import llamafactory
+
+    out = tmp_path / "lf"
+    llamafactory.export_model(str(tiny), str(tiny), False, False, out, torch.bfloat16)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
