@@ -12,7 +12,7 @@ from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
 from llmflow.evaluate.models import candidate_of
 from llmflow.preflight import check_flow
-from llmflow.prepare.sources import source_files
+from llmflow.prepare.sources import check_source
 from llmflow.refs import DatasetRef, EvalReport, ModelRef
 from tasks.evaluate import evaluate_stage
 from tasks.prepare import prepare_stage
@@ -36,6 +36,6 @@ def evaluate(
     check_flow(config, "evaluate")  # a missing vLLM environment fails here, in one line
     candidate = candidate_of(model, config.train)
     if dataset is None:
-        source_files(config.data.source)
+        check_source(config.data)
         dataset = prepare_stage(config)[1]
     return evaluate_stage(config, candidate, dataset)

@@ -12,7 +12,7 @@ from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
 from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
-from llmflow.prepare.sources import source_files
+from llmflow.prepare.sources import check_source
 from llmflow.refs import DatasetRef, ModelRef
 from tasks.finetune import finetune_stage
 from tasks.prepare import base_model, prepare_stage
@@ -37,7 +37,7 @@ def finetune(
     check_inputs(config.train, dataset)  # bad model or dataset fails here, before cluster work
     check_flow(config, "finetune")  # and workers that could never be placed
     if dataset is None:
-        source_files(config.data.source)
+        check_source(config.data)
         model_uri, dataset = prepare_stage(config)
     else:
         model_uri = base_model(config.train)  # in the flow's process

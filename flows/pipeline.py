@@ -15,7 +15,7 @@ from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
 from llmflow.finetune.checks import check_inputs
 from llmflow.preflight import check_flow
-from llmflow.prepare.sources import source_files
+from llmflow.prepare.sources import check_source
 from llmflow.promote.apps import check_serving
 from llmflow.runs import model_slot
 from tasks.evaluate import evaluate_stage, record_eval
@@ -48,7 +48,7 @@ def pipeline(config: PipelineConfig = default_config(), retrain: Retrain = "alwa
         8. promote (subflow): rolling Serve update, smoke test, champion alias; rollback
         9. summarize: the pipeline-summary artifact, linking every stage's artifacts
     """
-    source_files(config.data.source)  # bad inputs fail here, before any cluster work
+    check_source(config.data)  # bad inputs fail here, before any cluster work
     check_inputs(config.train, None)
     check_flow(config, "pipeline")
     check_serving(config.serve, config.cluster)

@@ -10,7 +10,7 @@ from prefect import flow
 from llmflow.cluster import ClusterTaskRunner
 from llmflow.config import PipelineConfig
 from llmflow.configfile import default_config
-from llmflow.prepare.sources import source_files
+from llmflow.prepare.sources import check_source
 from llmflow.refs import DatasetRef
 from tasks.prepare import prepare_stage
 
@@ -25,5 +25,5 @@ def prepare(config: PipelineConfig = default_config()) -> DatasetRef:
         2. prepare-dataset (on Ray): load -> normalise -> clean -> split -> validate -> store;
            cached on the source's bytes and the prep config
     """
-    source_files(config.data.source)  # a missing path fails here, before any cluster work
+    check_source(config.data)  # a missing path fails here, before any cluster work
     return prepare_stage(config)[1]

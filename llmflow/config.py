@@ -16,6 +16,19 @@ from llmflow.config_eval import BenchmarksConfig, JudgeConfig
 from llmflow.config_serve import ServeConfig
 from llmflow.sections import Bundles, EnvNames, EnvVars, Section
 
+# What data.columns maps a dataset's own columns onto (llmflow/prepare/records.py reads them).
+COLUMN_TARGETS = (
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "response",  # the same as completion
+    "system",
+)
+
 
 class DataConfig(Section):
     source: str = Field(
@@ -28,6 +41,25 @@ class DataConfig(Section):
         None,
         description="Hub datasets: a commit, branch or tag (default main), resolved to its "
         "commit when prepare runs; the commit is the source's fingerprint.",
+    )
+    subset: str | None = Field(
+        None, description="Hub datasets: the configuration (subset) name, e.g. 'main'."
+    )
+    split: str | None = Field(
+        None,
+        description="The split to train on: a hub dataset's or a saved DatasetDict's (default "
+        "train), or the files of a folder named after it (train.jsonl, train/...).",
+    )
+    eval_split: str | None = Field(
+        None,
+        description="Evaluate on the dataset's own split (e.g. test, validation) instead of "
+        "drawing eval_fraction of the rows; a training row that repeats one of its rows is "
+        "dropped, so no eval row is trained on.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Your columns onto the recognised fields, e.g. {prompt: question, "
+        "completion: answer, system: context}: the targets are " + ", ".join(COLUMN_TARGETS),
     )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows in the eval split.")
     max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows.")
@@ -45,6 +77,18 @@ class DataConfig(Section):
         "id (a content hash) already in that split.",
     )
     seed: int = Field(0, description="Seed of the bundled task's generator.")
+
+    @field_validator("columns")
+    @classmethod
+    def _column_targets(cls, value: dict[str, str]) -> dict[str, str]:
+        for target, column in value.items():
+            if target not in COLUMN_TARGETS:
+                raise ValueError(
+                    f"{target}: not a field llmflow reads ({', '.join(COLUMN_TARGETS)})"
+                )
+            if not column.strip():
+                raise ValueError(f"{target}: the column name is empty")
+        return value
 
 
 class TrainConfig(Section):

@@ -24,6 +24,7 @@ class DatasetRef(Ref):
     num_train: int = Field(ge=0)
     num_eval: int = Field(ge=0)
     num_quarantined: int = Field(0, ge=0)
+    num_duplicates: int = Field(0, ge=0, description="Rows dropped as repeats of a kept row.")
     validation_uri: str | None = None
     source: str = ""
     created_at: datetime = Field(default_factory=utcnow)

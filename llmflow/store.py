@@ -51,6 +51,18 @@ def atomic_write(target: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A parquet file at any store URI (a local path, s3://...) as an Arrow table, through
+    fsspec. Decoded on this thread: pyarrow 26's reader threads over a Python file object
+    made about one process in three abort at exit ("terminate called without an active
+    exception": measured on `llmflow models diff`, 0 of 20 with use_threads=False)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb") as f:
+        return pq.read_table(f, columns=columns, use_threads=False)
+
+
 class Store:
     """The artifact store at ``root`` (a local path or any fsspec URI such as ``s3://b/p``).
 

@@ -26,7 +26,7 @@ def _prepare_cache_key(context, parameters: dict[str, Any]) -> str:
     """Same source bytes + same prep config + same tokenizer + same store = same dataset."""
     data: DataConfig = parameters["data"]
     h = hashlib.sha256()
-    h.update(fingerprint_source(data.source, data.revision).encode())
+    h.update(fingerprint_source(data).encode())
     h.update(json.dumps(prep_config(data, parameters["base_model_uri"]), sort_keys=True).encode())
     h.update(json.dumps(data.model_dump(mode="json"), sort_keys=True).encode())
     h.update(Store().root.encode())
@@ -65,7 +65,8 @@ def prepare_dataset(data: DataConfig, base_model_uri: str) -> DatasetRef:
     summary = (
         f"**source** `{data.source}` · rows read {report.num_input} · train {report.num_train}"
         f" · eval {report.num_eval} · quarantined {report.num_quarantined}"
-        f" ({report.quarantine_fraction:.1%}) → `{run_uri}/quarantine.jsonl`\n\n"
+        f" ({report.quarantine_fraction:.1%}) → `{run_uri}/quarantine.jsonl`"
+        f" · duplicates dropped {report.num_duplicates}\n\n"
     )
     if ref is not None:
         summary += f"**dataset** `{ref.uri}` (sha256 `{ref.sha256[:16]}`)\n\n"
@@ -91,5 +92,6 @@ def prepare_stage(config: PipelineConfig) -> tuple[str, DatasetRef]:
     model_uri = base_model(config.train)  # in this process (see base_model)
     d = prepare_dataset.submit(config.data, model_uri).result()
     rows = f"{d.num_train} train / {d.num_eval} eval rows, {d.num_quarantined} quarantined"
+    rows += f", {d.num_duplicates} duplicates dropped" if d.num_duplicates else ""
     stage("prepare", f"dataset {d.short_sha}: {rows}")
     return model_uri, d

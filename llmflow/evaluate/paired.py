@@ -42,12 +42,9 @@ def as_rows(predictions: Any) -> list[dict[str, Any]]:
 
 def read_predictions(uri: str) -> list[dict[str, Any]]:
     """The rows of a stored predictions.parquet (a local path or any store URI, via fsspec)."""
-    import fsspec
-    import pyarrow.parquet as pq
+    from llmflow.store import read_parquet
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pylist()
+    return read_parquet(uri).to_pylist()
 
 
 def benchmark_rows(report: EvalReport) -> list[dict[str, Any]]:

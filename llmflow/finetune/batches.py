@@ -78,11 +78,11 @@ def batch_indices(
 
 def read_rows(dataset_uri: str, split: str) -> list[dict]:
     """The rows of ``<dataset_uri>/<split>.parquet`` as dicts (messages as lists of dicts)."""
-    import fsspec
-    import pyarrow.parquet as pq
+    from llmflow.store import read_parquet
 
-    with fsspec.open(f"{dataset_uri.rstrip('/')}/{split}.parquet", "rb") as f:
-        return pq.read_table(f, columns=["id", "messages"]).to_pylist()
+    return read_parquet(
+        f"{dataset_uri.rstrip('/')}/{split}.parquet", ["id", "messages"]
+    ).to_pylist()
 
 
 # -- schedule and checks ---------------------------------------------------------------------

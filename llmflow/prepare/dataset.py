@@ -25,7 +25,7 @@ class DataValidationError(LlmflowError):
 
 def prep_config(data: DataConfig, base_model_uri: str) -> dict[str, Any]:
     """What, besides the rows, decides the prepared dataset: part of its content address."""
-    return {
+    cfg = {
         "version": PREP_VERSION,
         "eval_fraction": data.eval_fraction,
         "max_rows": data.max_rows,
@@ -33,6 +33,15 @@ def prep_config(data: DataConfig, base_model_uri: str) -> dict[str, Any]:
         "max_tokens": data.max_tokens,
         "tokenizer": base_model_uri,
     }
+    # Which rows are read and how: only when set, so the datasets prepared before these
+    # options keep their content address.
+    options = {
+        "subset": data.subset,
+        "split": data.split,
+        "eval_split": data.eval_split,
+        "columns": data.columns,
+    }
+    return cfg | {k: v for k, v in options.items() if v}
 
 
 def _rows_table(rows: list[dict]):
@@ -77,12 +86,14 @@ def prepare_to_store(
 
     counter = chat_token_counter(load_tokenizer(base_model_uri))
     prepared = prepare_records(
-        iter_records(data.source, data.revision),
+        iter_records(data),
         eval_fraction=data.eval_fraction,
         max_chars=data.max_chars,
         max_tokens=data.max_tokens,
         max_rows=data.max_rows,
         count_tokens=counter,
+        eval_records=iter_records(data, data.eval_split) if data.eval_split else None,
+        columns=data.columns,
     )
     report = validate_dataset(
         pd.DataFrame(prepared.train, columns=["id", "messages", "n_chars", "n_tokens"]),
@@ -90,10 +101,9 @@ def prepare_to_store(
         cfg=data,
         num_input=prepared.num_input,
         num_quarantined=len(prepared.quarantined),
-    )
+    ).model_copy(update={"num_duplicates": prepared.num_duplicates})
     quarantine = _jsonl([q.as_dict() for q in prepared.quarantined])
     validation = report.model_dump(mode="json") | {
-        "num_duplicates": prepared.num_duplicates,
         "num_truncated_by_max_rows": prepared.num_truncated_by_max_rows,
     }
     run_dir = ("runs", run_id, "prepare")
@@ -111,6 +121,7 @@ def prepare_to_store(
         num_train=len(prepared.train),
         num_eval=len(prepared.eval),
         num_quarantined=len(prepared.quarantined),
+        num_duplicates=prepared.num_duplicates,
         validation_uri=store.uri(*parts, "validation.json"),
         source=data.source,
     )
@@ -125,7 +136,7 @@ def prepare_to_store(
                 "prep_config": cfg,
                 "num_input": prepared.num_input,
                 "run_id": run_id,
-                "source_fingerprint": fingerprint_source(data.source, data.revision),
+                "source_fingerprint": fingerprint_source(data),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     else:

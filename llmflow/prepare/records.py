@@ -81,6 +81,23 @@ def _text(value: Any, what: str) -> str:
     return out
 
 
+def map_columns(record: Any, columns: dict[str, str]) -> Any:
+    """A row with its own columns renamed to the fields llmflow reads (data.columns: field ->
+    column; ``response`` is ``completion``); the columns no field names stay as they are.
+
+    Raises:
+        RowError: the row lacks a mapped column.
+    """
+    if not columns or not isinstance(record, dict):
+        return record
+    out = {k: v for k, v in record.items() if k not in columns.values()}
+    for target, column in columns.items():
+        if column not in record:
+            raise RowError(f"missing column '{column}' (data.columns.{target})")
+        out["completion" if target == "response" else target] = record[column]
+    return out
+
+
 def normalise(record: Any) -> list[dict[str, str]]:
     """One raw record -> a cleaned chat: chat messages, alpaca, prompt/completion, sharegpt.
 
@@ -115,11 +132,14 @@ def normalise(record: Any) -> list[dict[str, str]]:
             {"role": "user", "content": _text(record["prompt"], "prompt")},
             {"role": "assistant", "content": _text(record["completion"], "completion")},
         ]
+        if record.get("system") not in (None, ""):
+            messages.insert(0, {"role": "system", "content": _text(record["system"], "system")})
     else:
         keys = ", ".join(sorted(map(str, record))[:8]) or "none"
         raise RowError(
-            "unknown format: expected 'messages', 'instruction'/'output' or "
-            f"'prompt'/'completion' (fields: {keys})"
+            "unknown format: expected 'messages', 'conversations', 'instruction'/'output' or "
+            f"'prompt'/'completion' (fields: {keys}); name yours with data.columns, e.g. "
+            "{prompt: question, completion: answer}"
         )
     if not any(m["role"] == "user" for m in messages):
         raise RowError("no user message")
@@ -178,6 +198,8 @@ def prepare_records(
     max_tokens: int,
     max_rows: int | None = None,
     count_tokens: Callable[[list[list[dict[str, str]]]], list[int]] | None = None,
+    eval_records: Iterator[Record] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Prepared:
     """Normalise, clean, de-duplicate, bound and split records (pure: no I/O of its own).
 
@@ -185,38 +207,49 @@ def prepare_records(
         records: (source, line, record) triples from iter_records().
         count_tokens: token counts of a batch of chats rendered with the model's tokenizer;
             None skips the token bound (n_tokens is then 0).
+        eval_records: the dataset's own eval split (data.eval_split): its rows are the eval
+            split, read first, so a training row repeating one is dropped as a duplicate;
+            eval_fraction then draws nothing, and max_rows bounds the training rows.
+        columns: data.columns (map_columns).
 
     Returns:
         Prepared splits (rows: id, messages, n_chars, n_tokens) and the quarantined rows.
     """
     out = Prepared()
     seen: set[str] = set()
-    pending: list[tuple[str, int | None, Any, dict[str, Any]]] = []
+    pending: list[tuple[str, int | None, Any, dict[str, Any], bool]] = []
     kept = 0
 
     def flush() -> None:
         nonlocal kept
         counts = count_tokens([p[3]["messages"] for p in pending]) if count_tokens else None
-        for i, (source, line, record, row) in enumerate(pending):
+        for i, (source, line, record, row, own_eval) in enumerate(pending):
             if counts is not None:
                 row["n_tokens"] = counts[i]
                 if counts[i] > max_tokens:
                     reason = f"too long: {counts[i]} tokens > data.max_tokens={max_tokens}"
                     out.quarantined.append(Quarantined(source, line, reason, snippet(record)))
                     continue
+            if own_eval:
+                out.eval.append(row)
+                continue
             if max_rows is not None and kept >= max_rows:
                 out.num_truncated_by_max_rows += 1
                 continue
             kept += 1
-            (out.eval if split_of(row["id"], eval_fraction) == "eval" else out.train).append(row)
+            drawn = eval_records is None and split_of(row["id"], eval_fraction) == "eval"
+            (out.eval if drawn else out.train).append(row)
         pending.clear()
 
-    for source, line, record in records:
+    streams = [(eval_records, True)] if eval_records is not None else []
+    for source, line, record, own_eval in (
+        (*r, own) for stream, own in [*streams, (records, False)] for r in stream
+    ):
         out.num_input += 1
         try:
             if isinstance(record, RowError):
                 raise record
-            messages = normalise(record)
+            messages = normalise(map_columns(record, columns or {}))
             n_chars = sum(len(m["content"]) for m in messages)
             if n_chars > max_chars:
                 raise RowError(f"too long: {n_chars} characters > data.max_chars={max_chars}")
@@ -231,7 +264,7 @@ def prepare_records(
             continue
         seen.add(eid)
         row = {"id": eid, "messages": messages, "n_chars": n_chars, "n_tokens": 0}
-        pending.append((source, line, record, row))
+        pending.append((source, line, record, row, own_eval))
         if len(pending) >= TOKEN_BATCH:
             flush()
     flush()

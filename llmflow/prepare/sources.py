@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmflow.config import DataConfig
 from llmflow.errors import LlmflowError
 
 ROLES = ("system", "user", "assistant")
@@ -83,17 +84,70 @@ def _looks_like_hub_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source)) and not source.startswith(".")
 
 
-def fingerprint_source(source: str, revision: str | None = None) -> str:
+def split_files(files: list[Path], root: Path, split: str) -> list[Path]:
+    """The files of a folder that hold ``split``, as the datasets library names them: under a
+    folder of that name (train/...), or named after it (train.jsonl, train-00000.parquet)."""
+    pattern = re.compile(rf"{re.escape(split)}([-_.].*)?", re.IGNORECASE)
+    return [
+        f
+        for f in files
+        if f.relative_to(root).parts[0].lower() == split.lower() or pattern.fullmatch(f.stem)
+    ]
+
+
+def saved_splits(path: Path) -> list[str] | None:
+    """The splits a saved DatasetDict lists (its dataset_dict.json); None for one Dataset."""
+    index = path / "dataset_dict.json"
+    return list(json.loads(index.read_text())["splits"]) if index.is_file() else None
+
+
+def check_source(data: DataConfig) -> list[Path]:
+    """``source_files`` plus what can be checked of data.split, eval_split and subset before
+    any cluster work: a local source's splits exist, and a subset is asked of a hub id only.
+
+    Raises:
+        DataError: one line naming the key, the source and what it holds.
+    """
+    files = source_files(data.source)
+    path = Path(resolve_source(data.source)).expanduser()
+    local = path.exists()
+    if data.subset and local:
+        raise DataError(f"data.subset: {path}: a local source has no subsets (a hub id has)")
+    if data.eval_split and data.eval_split == (data.split or "train"):
+        raise DataError(f"data.eval_split: {data.eval_split} is the training split too")
+    for key, split in (("split", data.split), ("eval_split", data.eval_split)):
+        if split is None or not local:
+            continue
+        if files:
+            if path.is_file():
+                raise DataError(f"data.{key}: {path}: one file has no splits (a folder has)")
+            if not split_files(files, path, split):
+                raise DataError(f"data.{key}: {path}: no file of the split '{split}'")
+            continue
+        splits = saved_splits(path)
+        if splits is None:
+            raise DataError(f"data.{key}: {path}: a saved Dataset is one split, not a DatasetDict")
+        if split not in splits:
+            raise DataError(
+                f"data.{key}: {path} has no split '{split}' (it has {', '.join(splits)})"
+            )
+    return files
+
+
+def fingerprint_source(data: DataConfig) -> str:
     """sha256 of the source's bytes (its files, in order): the key that decides a re-run is a
     cache hit without re-reading rows. A saved dataset hashes its files; a hub id hashes its
-    name and the commit ``revision`` resolves to (a new commit on the hub is a cache miss)."""
+    name, subset and the commit ``data.revision`` resolves to (a new commit on the hub is a
+    cache miss). The split options are part of the prep config (records.dataset_sha256)."""
+    source = data.source
     h = hashlib.sha256()
     path = Path(resolve_source(source)).expanduser()
     files = source_files(source)
     if not files and path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     if not files:
-        h.update(f"hub:{source}@{_hub_commit(source, revision)}".encode())
+        subset = f"/{data.subset}" if data.subset else ""
+        h.update(f"hub:{source}{subset}@{_hub_commit(source, data.revision)}".encode())
         return h.hexdigest()
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
@@ -107,17 +161,24 @@ def fingerprint_source(source: str, revision: str | None = None) -> str:
 Record = tuple[str, int | None, Any]  # (source name, line number, dict or RowError)
 
 
-def iter_records(source: str, revision: str | None = None) -> Iterator[Record]:
-    """Every raw record of a source with where it came from; unreadable ones as RowError."""
+def iter_records(data: DataConfig, split: str | None = None) -> Iterator[Record]:
+    """Every raw record of ``data.source``'s ``split`` (default: data.split) with where it came
+    from; unreadable ones as RowError. A hub dataset or saved DatasetDict is read one split at
+    a time (train unless said), never concatenated; a folder's files are all read unless a
+    split picks some (split_files)."""
+    source, split = data.source, split or data.split
     path = Path(resolve_source(source)).expanduser()
     files = source_files(source)
     if files:
-        for f in files:
+        for f in split_files(files, path, split) if split and path.is_dir() else files:
             yield from _iter_file(f)
     elif path.is_dir():
-        yield from _iter_hf_dataset(_load_from_disk(path), str(path))
+        name = f"{path}[{split or 'train'}]" if saved_splits(path) is not None else str(path)
+        yield from _iter_hf_dataset(_load_from_disk(path, split), name)
     else:
-        yield from _iter_hf_dataset(_load_from_hub(source, revision), source)
+        ds = _load_from_hub(source, data.revision, data.subset, split)
+        where = f"{source}{'/' + data.subset if data.subset else ''}[{split or 'train'}]"
+        yield from _iter_hf_dataset(ds, where)
 
 
 def _iter_file(f: Path) -> Iterator[Record]:
@@ -216,7 +277,9 @@ def _iter_csv(f: Path) -> Iterator[Record]:
         yield name, lineno, row
 
 
-def _load_from_disk(path: Path):
+def _load_from_disk(path: Path, split: str | None = None):
+    """A saved Dataset, or one split of a saved DatasetDict (train unless ``split`` says):
+    its other splits are never read, so a test split cannot leak into training."""
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -224,20 +287,29 @@ def _load_from_disk(path: Path):
     except Exception as exc:
         raise DataError(f"data.source: {path}: not a readable saved dataset ({exc})") from exc
     if isinstance(ds, DatasetDict):
-        from datasets import concatenate_datasets
-
-        ds = concatenate_datasets([ds[k] for k in sorted(ds)])
+        want = split or "train"
+        if want not in ds:
+            key = "data.split" if split else "data.source"
+            raise DataError(
+                f"{key}: {path} has no split '{want}' (it has {', '.join(sorted(ds))}): "
+                "name the one to train on with data.split"
+            )
+        return ds[want]
+    if split:
+        raise DataError(f"data.split: {path}: a saved Dataset is one split, not a DatasetDict")
     return ds
 
 
-def _load_from_hub(source: str, revision: str | None = None):
-    """A Hugging Face hub dataset at the commit ``revision`` resolves to: needs a network
-    (HF_HUB_OFFLINE=0) or a warm HF cache."""
+def _load_from_hub(
+    source: str, revision: str | None = None, subset: str | None = None, split: str | None = None
+):
+    """One split (train unless said) of a Hugging Face hub dataset's ``subset`` at the commit
+    ``revision`` resolves to: needs a network (HF_HUB_OFFLINE=0) or a warm HF cache."""
     from datasets import load_dataset
 
     commit = _hub_commit(source, revision)
     try:
-        return load_dataset(source, split="train", revision=commit)
+        return load_dataset(source, name=subset, split=split or "train", revision=commit)
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only datasets already in the HF cache load)" if offline else ""

@@ -47,6 +47,7 @@ class ValidationReport(BaseModel):
     num_train: int = Field(ge=0)
     num_eval: int = Field(ge=0)
     num_quarantined: int = Field(ge=0, description="Rows the loader or cleaner rejected.")
+    num_duplicates: int = Field(0, ge=0, description="Rows dropped as repeats of a kept row.")
     quarantine_fraction: float = Field(ge=0)
 
     @property
@@ -106,6 +107,7 @@ def report_markdown(report: ValidationReport) -> str:
         f"- rows read: {report.num_input}",
         f"- train: {report.num_train}, eval: {report.num_eval}",
         f"- quarantined: {report.num_quarantined} ({report.quarantine_fraction:.2%})",
+        f"- duplicates dropped: {report.num_duplicates}",
         "",
     ]
     if not report.success:

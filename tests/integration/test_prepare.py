@@ -157,3 +157,54 @@ def test_missing_source_fails_before_any_cluster_work(stack):
     )
     assert proc.returncode == 1
     assert "data.source: /nonexistent/data.jsonl: no such file or directory" in proc.stderr
+
+
+def test_a_users_datasetdict_is_prepared_by_its_own_splits_and_columns(stack, tmp_path):
+    """Issue 33's user: a saved DatasetDict (train/validation/test) with its own columns,
+    prepared from a plain shell with one config and no conversion: the eval split is its test
+    split, the training rows that repeat a test row are dropped and said so."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    def qa(i: int) -> dict:
+        return {"question": f"Reverse this number: {i}", "answer": str(i)[::-1], "uid": i}
+
+    DatasetDict(
+        {
+            "train": Dataset.from_list([qa(i) for i in range(1000, 1150)] + [qa(5000)]),
+            "validation": Dataset.from_list([qa(i) for i in range(3000, 3010)]),
+            "test": Dataset.from_list([qa(i) for i in range(5000, 5020)]),
+        }
+    ).save_to_disk(str(tmp_path / "user"))
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "llmflow"),
+            "run",
+            "prepare",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            f"data.source={tmp_path / 'user'}",
+            "--set",
+            "data.eval_split=test",
+            "--set",
+            "data.columns={prompt: question, response: answer}",
+        ],
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = "150 train / 20 eval rows, 0 quarantined, 1 duplicates dropped"
+    [sha] = [ln.split("dataset ")[1][:16] for ln in proc.stdout.splitlines() if line in ln]
+    uri = Store().uri("datasets", sha)
+    evals = pq.read_table(Path(uri) / "eval.parquet").to_pylist()
+    assert sorted(r["messages"][0]["content"] for r in evals) == sorted(
+        f"Reverse this number: {i}" for i in range(5000, 5020)
+    )
+    manifest = json.loads((Path(uri) / "manifest.json").read_text())
+    assert manifest["prep_config"]["eval_split"] == "test"
+    assert manifest["prep_config"]["columns"] == {"prompt": "question", "response": "answer"}

@@ -7,13 +7,14 @@ import unicodedata
 
 import pytest
 
+from llmflow.config import DataConfig
 from llmflow.prepare import records as D
 from llmflow.prepare import sources as S
 
 
 def prep(source, **kw):
     args = {"eval_fraction": 0.2, "max_chars": 8000, "max_tokens": 512} | kw
-    return D.prepare_records(S.iter_records(str(source)), **args)
+    return D.prepare_records(S.iter_records(DataConfig(source=str(source))), **args)
 
 
 def write_jsonl(path, rows):
@@ -95,7 +96,8 @@ def test_saved_to_disk_dataset(tmp_path):
         }
     ).save_to_disk(str(tmp_path / "saved"))
     out = prep(tmp_path / "saved")
-    assert out.num_input == 2 and len(out.train) + len(out.eval) == 2
+    # Its train split only: a DatasetDict is read by split, never concatenated (issue 33).
+    assert out.num_input == 1 and len(out.train) + len(out.eval) == 1
     assert S.source_files(str(tmp_path / "saved")) == []
 
 
@@ -107,7 +109,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
         match=r"^data.source: someone/no-such-dataset@main: cannot resolve "
         r"the revision offline \(HF_HUB_OFFLINE=1\)",
     ):
-        list(S.iter_records("someone/no-such-dataset"))
+        list(S.iter_records(DataConfig(source="someone/no-such-dataset")))
 
 
 def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
@@ -150,7 +152,9 @@ def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path):
         8: "too long: 10000001 characters > data.max_chars=1000",
         9: "row is list, expected an object",
         10: "last message is from 'user', expected 'assistant'",
-        11: "unknown format: expected 'messages', 'instruction'/'output' or 'prompt'/'completion' (fields: text)",
+        11: "unknown format: expected 'messages', 'conversations', 'instruction'/'output' or "
+        "'prompt'/'completion' (fields: text); name yours with data.columns, e.g. "
+        "{prompt: question, completion: answer}",
         13: "'messages' must be a non-empty list",
         14: "messages[0] has no content",
     }
@@ -260,8 +264,10 @@ def test_dataset_sha_depends_on_rows_and_config(tmp_path):
 
 def test_fingerprint_follows_bytes(tmp_path):
     f = write_jsonl(tmp_path / "f.jsonl", [CHAT])
-    first = S.fingerprint_source(str(f))
-    assert first == S.fingerprint_source(str(f))
+    first = S.fingerprint_source(DataConfig(source=str(f)))
+    assert first == S.fingerprint_source(DataConfig(source=str(f)))
     f.write_text(f.read_text() + json.dumps(CHAT) + "\n")
-    assert S.fingerprint_source(str(f)) != first
-    assert S.fingerprint_source("bundled") == S.fingerprint_source(S.resolve_source("bundled"))
+    assert S.fingerprint_source(DataConfig(source=str(f))) != first
+    assert S.fingerprint_source(DataConfig(source="bundled")) == S.fingerprint_source(
+        DataConfig(source=S.resolve_source("bundled"))
+    )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llmflow.config import DataConfig
+
 A, B = "a" * 40, "b" * 40
 
 
@@ -31,19 +33,25 @@ def test_a_new_commit_behind_a_branch_changes_the_fingerprint(hf_cache):
     from llmflow.prepare.sources import fingerprint_source
 
     _ref(hf_cache, "dataset", "org/chats", "main", A)
-    before = fingerprint_source("org/chats")
-    assert fingerprint_source("org/chats", "main") == before == fingerprint_source("org/chats", A)
+    before = fingerprint_source(DataConfig(source="org/chats"))
+    assert (
+        fingerprint_source(DataConfig(source="org/chats", revision="main"))
+        == before
+        == fingerprint_source(DataConfig(source="org/chats", revision=A))
+    )
     _ref(hf_cache, "dataset", "org/chats", "main", B)  # the branch moved on the hub
-    assert fingerprint_source("org/chats") != before
+    assert fingerprint_source(DataConfig(source="org/chats")) != before
     _ref(hf_cache, "dataset", "org/chats", "v1", A)
-    assert fingerprint_source("org/chats", "v1") == before  # a tag pins the old commit
+    assert (
+        fingerprint_source(DataConfig(source="org/chats", revision="v1")) == before
+    )  # a tag pins the old commit
 
 
 def test_an_unresolvable_revision_offline_is_one_line_naming_hf_hub_offline(hf_cache):
     from llmflow.prepare.sources import DataError, fingerprint_source
 
     with pytest.raises(DataError) as err:
-        fingerprint_source("org/unknown", "v2")
+        fingerprint_source(DataConfig(source="org/unknown", revision="v2"))
     msg = str(err.value)
     assert (
         msg.startswith(

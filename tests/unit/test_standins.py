@@ -66,3 +66,46 @@ def test_the_loss_mask_covers_every_assistant_turn_and_nothing_else(standin):
     # The system prompt and the user turns carry no loss.
     unmasked = tok.decode([t for t, m in zip(ids, mask) if not m])
     assert "Reverse this number: 123" in unmasked and "1704" not in unmasked
+
+
+# Meta-Llama-3-8B-Instruct's chat template (its tokenizer_config.json), as test data: no
+# {% generation %} blocks, a bos before the first header, <|eot_id|> closing every turn.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+
+def test_the_loss_mask_covers_every_assistant_turn_of_the_llama3_template(tmp_path):
+    """The third real template of issue 33 (Llama-3), on the tiny tokenizer with Llama-3's
+    special tokens: each reply with its <|eot_id|>, no header, no user turn, no system."""
+    from transformers import AutoTokenizer
+
+    from llmflow.bundled import generate_examples
+    from llmflow.tinymodel import build_tiny_model, example_texts
+
+    path = build_tiny_model(tmp_path / "tiny", example_texts(generate_examples(200)), seed=0)
+    tok = AutoTokenizer.from_pretrained(path)
+    special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok.add_special_tokens({"additional_special_tokens": special, "bos_token": special[0]})
+    tok.chat_template = LLAMA3_TEMPLATE
+    chat = [{"role": "system", "content": "Reverse numbers."}, *CHAT]
+    ids, mask = loss_mask(tok, chat)
+    spans, current = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            current.append(t)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    assert [tok.decode(s) for s in spans] == ["321<|eot_id|>", "1704<|eot_id|>"]
+    unmasked = tok.decode([t for t, m in zip(ids, mask) if not m])
+    assert unmasked.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert "Reverse this number: 4071" in unmasked and "321" not in unmasked
