@@ -7,7 +7,7 @@ Endpoints: GET /health, GET /v1/models (with version and lineage), POST /v1/comp
 /v1/chat/completions (streaming over SSE with "stream": true). Requests that arrive together
 are generated in one batch (deployments/batcher.py: a batch starts when the model is free, with
 every request that queued while the one before generated): batched generate is what serving
-speed rests on (18x one-at-a-time on the tiny model, DESIGN.md). Errors are OpenAI-style JSON
+speed rests on (18x one-at-a-time on the tiny model). Errors are OpenAI-style JSON
 (`{"error": {...}}`): 400 bad input (malformed JSON, wrong types, out-of-range values), 401
 missing or wrong key (when an API key is set), 404 unknown model or route, 413 prompt too long
 or body over `max_body_bytes`. The schema is at /openapi.json under the route prefix.

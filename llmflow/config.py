@@ -65,7 +65,17 @@ class DataConfig(Section):
     max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows.")
     min_rows: int = Field(10, ge=1, description="Fail validation below this many clean rows.")
     max_chars: int = Field(8000, ge=1, description="Drop examples longer than this.")
-    max_tokens: int = Field(512, ge=1, description="Drop examples longer than this many tokens.")
+    max_tokens: int = Field(
+        512,
+        ge=1,
+        description="Examples longer than this many tokens (the model's) are quarantined.",
+    )
+    truncation: Literal["quarantine", "truncate"] = Field(
+        "quarantine",
+        description="What becomes of an example over max_tokens: quarantined, or truncated to "
+        "fit (the reply's end is cut; a prompt over half of max_tokens loses its start first), "
+        "counted in the stage line and the validation report.",
+    )
     max_quarantine_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the run when more rows than this are quarantined."
     )

@@ -66,7 +66,7 @@ def ray_token_path(s: StackSettings) -> Path:
 
 
 def ensure_ray_token(s: StackSettings) -> Path:
-    """The local head's token: Ray's token authentication stays on (DESIGN.md)."""
+    """The local head's token: Ray's token authentication stays on (docs/security.md)."""
     path = ray_token_path(s)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

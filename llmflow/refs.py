@@ -25,6 +25,7 @@ class DatasetRef(Ref):
     num_eval: int = Field(ge=0)
     num_quarantined: int = Field(0, ge=0)
     num_duplicates: int = Field(0, ge=0, description="Rows dropped as repeats of a kept row.")
+    num_truncated: int = Field(0, ge=0, description="Rows cut to data.max_tokens.")
     validation_uri: str | None = None
     source: str = ""
     created_at: datetime = Field(default_factory=utcnow)

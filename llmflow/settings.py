@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # Telemetry and hub access are off by default: on an offline machine they fail and slow
-# start-up (DESIGN.md, "Measured facts"). A user who has a network can set any of these.
+# start-up. A user who has a network can set any of these.
 OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

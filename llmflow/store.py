@@ -1,6 +1,6 @@
 """The artifact store: one root URI read and written through fsspec, with atomic writes.
 
-Layout (DESIGN.md):
+Layout (docs/architecture.md):
     datasets/<sha16>/              train.parquet, eval.parquet, manifest.json, validation.json
     models/<name>/<version>/       save_pretrained directory + manifest.json
     models/<name>/aliases.json     {"champion": ..., "previous": ...}

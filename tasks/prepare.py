@@ -93,5 +93,6 @@ def prepare_stage(config: PipelineConfig) -> tuple[str, DatasetRef]:
     d = prepare_dataset.submit(config.data, model_uri).result()
     rows = f"{d.num_train} train / {d.num_eval} eval rows, {d.num_quarantined} quarantined"
     rows += f", {d.num_duplicates} duplicates dropped" if d.num_duplicates else ""
+    rows += f", {d.num_truncated} truncated to data.max_tokens" if d.num_truncated else ""
     stage("prepare", f"dataset {d.short_sha}: {rows}")
     return model_uri, d

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build an engine environment: a second venv, with the main venv's Python minor and Ray
-# version, that Ray runs an engine in through runtime_env={"py_executable": ...} (DESIGN.md,
-# "Engines and their environments"). `make install` runs it for the vLLM environment:
+# version, that Ray runs an engine in through runtime_env={"py_executable": ...} (docs/engines.md,
+# the engine environments). `make install` runs it for the vLLM environment:
 #   bash infra/engines/make-env.sh .venv-vllm [cpu|cuda|none]
 # and the LlamaFactory one (fine-tuning; torch+cpu, which serves CUDA machines' CPUs too):
 #   bash infra/engines/make-env.sh .venv-llamafactory llamafactory       (CPU torch)

@@ -40,6 +40,7 @@ def prep_config(data: DataConfig, base_model_uri: str) -> dict[str, Any]:
         "split": data.split,
         "eval_split": data.eval_split,
         "columns": data.columns,
+        "truncation": data.truncation if data.truncation != "quarantine" else None,
     }
     return cfg | {k: v for k, v in options.items() if v}
 
@@ -94,6 +95,7 @@ def prepare_to_store(
         count_tokens=counter,
         eval_records=iter_records(data, data.eval_split) if data.eval_split else None,
         columns=data.columns,
+        truncate=data.truncation == "truncate",
     )
     report = validate_dataset(
         pd.DataFrame(prepared.train, columns=["id", "messages", "n_chars", "n_tokens"]),
@@ -101,7 +103,9 @@ def prepare_to_store(
         cfg=data,
         num_input=prepared.num_input,
         num_quarantined=len(prepared.quarantined),
-    ).model_copy(update={"num_duplicates": prepared.num_duplicates})
+    ).model_copy(
+        update={"num_duplicates": prepared.num_duplicates, "num_truncated": prepared.num_truncated}
+    )
     quarantine = _jsonl([q.as_dict() for q in prepared.quarantined])
     validation = report.model_dump(mode="json") | {
         "num_truncated_by_max_rows": prepared.num_truncated_by_max_rows,
@@ -122,6 +126,7 @@ def prepare_to_store(
         num_eval=len(prepared.eval),
         num_quarantined=len(prepared.quarantined),
         num_duplicates=prepared.num_duplicates,
+        num_truncated=prepared.num_truncated,
         validation_uri=store.uri(*parts, "validation.json"),
         source=data.source,
     )

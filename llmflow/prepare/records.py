@@ -55,6 +55,7 @@ class Prepared:
     num_input: int = 0
     num_duplicates: int = 0
     num_truncated_by_max_rows: int = 0
+    num_truncated: int = 0  # rows over max_tokens cut to fit (data.truncation: truncate)
 
 
 # -- normalising ------------------------------------------------------------------------------
@@ -186,6 +187,58 @@ def split_of(eid: str, eval_fraction: float) -> str:
     return "eval" if int(eid[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
 
 
+# -- truncation ------------------------------------------------------------------------------
+Counter = Callable[[list[list[dict[str, str]]]], list[int]]
+
+
+def _longest(lo: int, hi: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest n in lo..hi with fits(n) (fits is monotone: true up to some n); None."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def truncate_chat(
+    messages: list[dict[str, str]], max_tokens: int, count: Counter
+) -> list[dict[str, str]] | None:
+    """The chat cut to ``max_tokens`` (as ``count`` renders it), or None when no reply fits.
+
+    A prompt (every turn before the last reply) over half of max_tokens loses its start first:
+    its earlier turns, the system prompt excepted, then the start of its last user turn, so
+    the question's end is kept. The reply then keeps as much of its start as fits.
+    """
+    *prompt, reply = messages
+    text = reply["content"]
+
+    def tokens(turns: list[dict[str, str]], answer: str) -> int:
+        return count([[*turns, {"role": "assistant", "content": answer}]])[0]
+
+    half = max_tokens // 2
+    if tokens(prompt, text[:1]) > half:
+        system = [m for m in prompt[:1] if m["role"] == "system"]
+        rest = prompt[len(system) :]
+        while len(rest) > 1 and tokens([*system, *rest], text[:1]) > half:
+            rest = rest[1:]  # the oldest turn goes first
+        last = rest[-1]["content"]
+        keep = _longest(
+            1,
+            len(last),
+            lambda n: (
+                tokens([*system, *rest[:-1], {**rest[-1], "content": last[-n:]}], text[:1]) <= half
+            ),
+        )
+        if keep is None:
+            return None
+        prompt = [*system, *rest[:-1], {**rest[-1], "content": last[-keep:].lstrip()}]
+    kept = _longest(1, len(text), lambda n: tokens(prompt, text[:n]) <= max_tokens)
+    if kept is None or not text[:kept].strip():
+        return None
+    return [*prompt, {**reply, "content": text[:kept].rstrip()}]
+
+
 # -- the whole transform ----------------------------------------------------------------------
 TOKEN_BATCH = 1024
 
@@ -200,6 +253,7 @@ def prepare_records(
     count_tokens: Callable[[list[list[dict[str, str]]]], list[int]] | None = None,
     eval_records: Iterator[Record] | None = None,
     columns: dict[str, str] | None = None,
+    truncate: bool = False,
 ) -> Prepared:
     """Normalise, clean, de-duplicate, bound and split records (pure: no I/O of its own).
 
@@ -211,6 +265,7 @@ def prepare_records(
             split, read first, so a training row repeating one is dropped as a duplicate;
             eval_fraction then draws nothing, and max_rows bounds the training rows.
         columns: data.columns (map_columns).
+        truncate: a row over max_tokens is cut to fit (truncate_chat), not quarantined.
 
     Returns:
         Prepared splits (rows: id, messages, n_chars, n_tokens) and the quarantined rows.
@@ -226,8 +281,17 @@ def prepare_records(
         for i, (source, line, record, row, own_eval) in enumerate(pending):
             if counts is not None:
                 row["n_tokens"] = counts[i]
-                if counts[i] > max_tokens:
+                cut = None
+                if counts[i] > max_tokens and truncate and count_tokens is not None:
+                    cut = truncate_chat(row["messages"], max_tokens, count_tokens)
+                if cut is not None:
+                    out.num_truncated += 1
+                    row["messages"], row["n_tokens"] = cut, count_tokens([cut])[0]
+                    row["n_chars"] = sum(len(m["content"]) for m in cut)
+                elif counts[i] > max_tokens:
                     reason = f"too long: {counts[i]} tokens > data.max_tokens={max_tokens}"
+                    if truncate:
+                        reason += " (no part of the reply fits after the prompt)"
                     out.quarantined.append(Quarantined(source, line, reason, snippet(record)))
                     continue
             if own_eval:

@@ -48,6 +48,7 @@ class ValidationReport(BaseModel):
     num_eval: int = Field(ge=0)
     num_quarantined: int = Field(ge=0, description="Rows the loader or cleaner rejected.")
     num_duplicates: int = Field(0, ge=0, description="Rows dropped as repeats of a kept row.")
+    num_truncated: int = Field(0, ge=0, description="Rows cut to data.max_tokens (truncate).")
     quarantine_fraction: float = Field(ge=0)
 
     @property
@@ -108,6 +109,7 @@ def report_markdown(report: ValidationReport) -> str:
         f"- train: {report.num_train}, eval: {report.num_eval}",
         f"- quarantined: {report.num_quarantined} ({report.quarantine_fraction:.2%})",
         f"- duplicates dropped: {report.num_duplicates}",
+        f"- truncated to data.max_tokens: {report.num_truncated}",
         "",
     ]
     if not report.success:

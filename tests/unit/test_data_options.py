@@ -223,3 +223,57 @@ def test_an_unknown_column_target_is_refused_naming_the_targets():
 
     with pytest.raises(ConfigError, match=r"data.columns: .*answer_text: not a field llmflow"):
         load_config("configs/tiny.yaml", ["data.columns={answer_text: answer}"])
+
+
+# -- data.truncation ---------------------------------------------------------------------------
+def words(chats):
+    """A counter for the tests: one token per word, one per turn's role marker."""
+    return [sum(1 + len(m["content"].split()) for m in chat) for chat in chats]
+
+
+def test_a_long_reply_is_cut_at_its_end_to_fit():
+    chat = [
+        {"role": "user", "content": "Count to forty."},
+        {"role": "assistant", "content": " ".join(str(i) for i in range(1, 41))},
+    ]
+    cut = D.truncate_chat(chat, 20, words)
+    assert cut[0] == chat[0] and words([cut])[0] <= 20
+    # 1 + 3 tokens of the question, 1 + 15 of the reply's first 15 words.
+    assert cut[1]["content"] == " ".join(str(i) for i in range(1, 16))
+
+
+def test_a_long_prompt_loses_its_start_and_keeps_the_question_and_the_system_prompt():
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "old turn " * 10},
+        {"role": "assistant", "content": "old reply"},
+        {"role": "user", "content": "context " * 30 + "so what is two plus two?"},
+        {"role": "assistant", "content": "four " * 30},
+    ]
+    cut = D.truncate_chat(chat, 40, words)
+    assert words([cut])[0] <= 40
+    assert [m["role"] for m in cut] == ["system", "user", "assistant"]  # older turns gone
+    assert cut[0]["content"] == "Be brief."
+    assert cut[1]["content"].endswith("so what is two plus two?")
+    assert words([cut[:2]])[0] <= 20 and cut[2]["content"].startswith("four four")
+
+
+def test_truncation_counts_the_rows_it_cut_and_quarantines_by_default(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"q{i}", "completion": "a " * (5 if i % 2 else 50)} for i in range(10)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = {"eval_fraction": 0.2, "max_chars": 8000, "max_tokens": 20, "count_tokens": words}
+
+    def records():
+        return S.iter_records(DataConfig(source=str(f)))
+
+    quarantined = D.prepare_records(records(), **args)
+    assert len(quarantined.quarantined) == 5 and quarantined.num_truncated == 0
+    assert quarantined.quarantined[0].reason == "too long: 53 tokens > data.max_tokens=20"
+    cut = D.prepare_records(records(), truncate=True, **args)
+    assert not cut.quarantined and cut.num_truncated == 5
+    rows = cut.train + cut.eval
+    assert len(rows) == 10 and max(r["n_tokens"] for r in rows) == 20
+    from llmflow.prepare.dataset import prep_config
+
+    assert prep_config(DataConfig(truncation="truncate"), "t")["truncation"] == "truncate"
