@@ -50,8 +50,10 @@ $(VLLM_ENV)/.installed: infra/engines/vllm-cpu.txt infra/engines/vllm-cuda.txt i
 $(LLAMAFACTORY_ENV)/.installed: infra/engines/llamafactory.txt infra/engines/make-env.sh | $(UV)
 	UV=$(UV) bash infra/engines/make-env.sh $(LLAMAFACTORY_ENV) llamafactory
 
-# Ends by starting the chat page over the served model and printing its URL.
-demo: install
+# Ends by starting the chat page over the served model and printing its URL. The main
+# environment only: the demo's engines are hf (eval.engine and serve.engine `auto` pick vLLM
+# only where its environment is built); `make install` or `make test` build the engine ones.
+demo: $(STAMP)
 	$(BIN)/llmflow demo --config configs/tiny.yaml --chat
 
 # Every run ends with the 25 slowest tests and the time per module (tests/timing.py).
