@@ -115,7 +115,10 @@ def check_source(data: DataConfig) -> list[Path]:
         raise DataError(f"data.subset: {path}: a local source has no subsets (a hub id has)")
     if data.eval_split and data.eval_split == (data.split or "train"):
         raise DataError(f"data.eval_split: {data.eval_split} is the training split too")
-    for key, split in (("split", data.split), ("eval_split", data.eval_split)):
+    trained = data.split
+    if local and not files and data.split is None and saved_splits(path) is not None:
+        trained = "train"  # a DatasetDict's default: it must have one
+    for key, split in (("split", trained), ("eval_split", data.eval_split)):
         if split is None or not local:
             continue
         if files:
@@ -130,6 +133,7 @@ def check_source(data: DataConfig) -> list[Path]:
         if split not in splits:
             raise DataError(
                 f"data.{key}: {path} has no split '{split}' (it has {', '.join(splits)})"
+                + ("; name the one to train on with data.split" if split != data.split else "")
             )
     return files
 
@@ -166,11 +170,17 @@ def iter_records(data: DataConfig, split: str | None = None) -> Iterator[Record]
     from; unreadable ones as RowError. A hub dataset or saved DatasetDict is read one split at
     a time (train unless said), never concatenated; a folder's files are all read unless a
     split picks some (split_files)."""
+    training = split is None
     source, split = data.source, split or data.split
     path = Path(resolve_source(source)).expanduser()
     files = source_files(source)
+    if files and path.is_dir() and split:
+        files = split_files(files, path, split)
+    elif files and path.is_dir() and training and data.eval_split:  # the rest of the folder
+        held = set(split_files(files, path, data.eval_split))
+        files = [f for f in files if f not in held]
     if files:
-        for f in split_files(files, path, split) if split and path.is_dir() else files:
+        for f in files:
             yield from _iter_file(f)
     elif path.is_dir():
         name = f"{path}[{split or 'train'}]" if saved_splits(path) is not None else str(path)

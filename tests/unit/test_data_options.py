@@ -130,6 +130,30 @@ def test_a_folder_of_split_files_reads_each_split_from_its_own_files(tmp_path):
     assert len(out.train) == 30 and out.num_input == 35
 
 
+def test_without_split_a_folder_trains_on_every_file_but_the_eval_splits(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, r in (("part-a", range(10)), ("part-b", range(10, 20)), ("test", range(50, 55))):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(_qa(i)) + "\n" for i in r))
+    cols = {"prompt": "question", "completion": "answer"}
+    out = prepare(DataConfig(source=str(folder), eval_split="test", columns=cols))
+    assert len(out.train) == 20 and len(out.eval) == 5
+    assert out.num_duplicates == 0  # the test file is not read as training rows at all
+
+
+def test_a_datasetdict_without_a_train_split_asks_for_data_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train_sft": Dataset.from_list([_qa(1)])}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(
+        DataError,
+        match=r"data.split: .*d has no split 'train' \(it has train_sft\); name the one to "
+        r"train on with data.split",
+    ):
+        check_source(DataConfig(source=str(tmp_path / "d")))
+    check_source(DataConfig(source=str(tmp_path / "d"), split="train_sft"))
+
+
 def test_a_hub_dataset_is_read_by_subset_and_split(tmp_path, monkeypatch):
     """A hub-shaped dataset repository (two subsets declared in its README, each with train
     and test files), loaded by the datasets library as a hub id is: name=subset, split."""
