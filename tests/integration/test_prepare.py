@@ -23,6 +23,19 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+def llmflow(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`llmflow ARGS` as a user runs it: a subprocess in a user's shell (user_env)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "llmflow"), *args],
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def test_prepare_leaves_a_dataset_and_a_validation_artifact_then_hits_the_cache(
     stack, prefect_client
 ):
@@ -85,24 +98,15 @@ def test_bad_rows_past_the_bound_fail_with_a_readable_reason(stack, tmp_path):
     ] * 10
     f = tmp_path / "bad.jsonl"
     f.write_text("\n".join(rows + bad) + "\n")
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "llmflow"),
-            "run",
-            "prepare",
-            "--config",
-            "configs/tiny.yaml",
-            "--set",
-            f"data.source={f}",
-            "--set",
-            "data.min_rows=50",
-        ],
-        capture_output=True,
-        text=True,
-        env=user_env(),
-        cwd=ROOT,
-        timeout=600,
-        check=False,
+    proc = llmflow(
+        "run",
+        "prepare",
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        f"data.source={f}",
+        "--set",
+        "data.min_rows=50",
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     # An expected failure: its one-line reason, no traceback (the log file and the UI keep it).
@@ -140,21 +144,7 @@ def test_within_the_bound_the_run_passes_and_keeps_the_quarantine(stack, tmp_pat
 
 
 def test_missing_source_fails_before_any_cluster_work(stack):
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "llmflow"),
-            "run",
-            "prepare",
-            "--set",
-            "data.source=/nonexistent/data.jsonl",
-        ],
-        capture_output=True,
-        text=True,
-        env=user_env(),
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
+    proc = llmflow("run", "prepare", "--set", "data.source=/nonexistent/data.jsonl", timeout=300)
     assert proc.returncode == 1
     assert "data.source: /nonexistent/data.jsonl: no such file or directory" in proc.stderr
 
@@ -176,26 +166,17 @@ def test_a_users_datasetdict_is_prepared_by_its_own_splits_and_columns(stack, tm
             "test": Dataset.from_list([qa(i) for i in range(5000, 5020)]),
         }
     ).save_to_disk(str(tmp_path / "user"))
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "llmflow"),
-            "run",
-            "prepare",
-            "--config",
-            "configs/tiny.yaml",
-            "--set",
-            f"data.source={tmp_path / 'user'}",
-            "--set",
-            "data.eval_split=test",
-            "--set",
-            "data.columns={prompt: question, response: answer}",
-        ],
-        capture_output=True,
-        text=True,
-        env=user_env(),
-        cwd=ROOT,
-        timeout=600,
-        check=False,
+    proc = llmflow(
+        "run",
+        "prepare",
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        f"data.source={tmp_path / 'user'}",
+        "--set",
+        "data.eval_split=test",
+        "--set",
+        "data.columns={prompt: question, response: answer}",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = "150 train / 20 eval rows, 0 quarantined, 1 duplicates dropped"

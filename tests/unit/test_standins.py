@@ -23,6 +23,18 @@ REPLIES = {
 }
 
 
+def masked_spans(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The runs of ids the mask marks, in order: one per assistant turn."""
+    spans, current = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            current.append(t)
+        elif current:
+            spans.append(current)
+            current = []
+    return [*spans, current] if current else spans
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def standin(request, tmp_path_factory):
     from transformers import AutoTokenizer
@@ -53,15 +65,7 @@ def test_the_loss_mask_covers_every_assistant_turn_and_nothing_else(standin):
     family, tok = standin
     ids, mask = loss_mask(tok, CHAT)
     assert len(ids) == len(mask)
-    spans, current = [], []
-    for t, m in zip(ids, mask):
-        if m:
-            current.append(t)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
+    spans = masked_spans(ids, mask)
     assert [tok.decode(s) for s in spans] == REPLIES[family]
     # The system prompt and the user turns carry no loss.
     unmasked = tok.decode([t for t, m in zip(ids, mask) if not m])
@@ -96,15 +100,7 @@ def test_the_loss_mask_covers_every_assistant_turn_of_the_llama3_template(tmp_pa
     tok.chat_template = LLAMA3_TEMPLATE
     chat = [{"role": "system", "content": "Reverse numbers."}, *CHAT]
     ids, mask = loss_mask(tok, chat)
-    spans, current = [], []
-    for t, m in zip(ids, mask):
-        if m:
-            current.append(t)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
+    spans = masked_spans(ids, mask)
     assert [tok.decode(s) for s in spans] == ["321<|eot_id|>", "1704<|eot_id|>"]
     unmasked = tok.decode([t for t, m in zip(ids, mask) if not m])
     assert unmasked.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
