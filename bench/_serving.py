@@ -82,6 +82,18 @@ def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> st
     raise AssertionError("unreachable")
 
 
+def end_serve(address: str | None, *apps: str) -> None:
+    """Leave the cluster as found: on one of someone else's (``address``) this script's apps
+    go; a private one ends whole with ray.shutdown (a serve.delete first waits ~4 s an app)."""
+    import ray
+    from ray import serve
+
+    if address:
+        for app in apps:
+            serve.delete(app)
+    ray.shutdown()
+
+
 @dataclass
 class Run:
     """Requests of one timed run: latencies (s) of the answered ones, failures, wall time."""

@@ -23,7 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _serving import Run, add_ingress_option, drive, ingress_env, one_at_a_time, start_serve
+from _serving import (
+    Run,
+    add_ingress_option,
+    drive,
+    end_serve,
+    ingress_env,
+    one_at_a_time,
+    start_serve,
+)
 from _smoke import parse_with_smoke
 
 
@@ -59,7 +67,6 @@ def main() -> None:
     args = parse_with_smoke(ap, {"requests": 4})
     ingress_env(args.ingress)
 
-    import ray
     from ray import serve
 
     from deployments.canary_router import build_app as build_router
@@ -99,9 +106,7 @@ def main() -> None:
             run = drive(url, body_list[1], 32, args.requests)
             rows.append({"setting": name, "concurrency": 32} | run.row())
     finally:
-        for app in ("bench-router", "bench-version"):
-            serve.delete(app)
-        ray.shutdown()
+        end_serve(None, "bench-router", "bench-version")
 
     def cell(setting: str, c: int) -> dict:
         return next(r for r in rows if r["setting"] == setting and r["concurrency"] == c)

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _serving import Run, start_serve
+from _serving import Run, end_serve, start_serve
 from _smoke import parse_with_smoke
 
 
@@ -48,8 +48,6 @@ def main() -> None:
     args = parse_with_smoke(ap, {"before": 1.0, "after": 1.0})
 
     import httpx
-    import ray
-    from ray import serve
 
     from llmflow.basemodels import resolve_base_model
     from llmflow.config import ServeConfig, TrainConfig
@@ -109,8 +107,7 @@ def main() -> None:
             t.join()
     finally:
         stop.set()
-        serve.delete(cfg.app_name)
-        ray.shutdown()
+        end_serve(args.address, cfg.app_name)
 
     phases = {"before": Run(), "during": Run(), "after": Run()}
     for t0, latency, ok in sent:

@@ -37,7 +37,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _serving import Run, add_ingress_option, drive, ingress_env, one_at_a_time, start_serve
+from _serving import (
+    Run,
+    add_ingress_option,
+    drive,
+    end_serve,
+    ingress_env,
+    one_at_a_time,
+    start_serve,
+)
 from _smoke import parse_with_smoke
 from ray import serve
 
@@ -128,7 +136,6 @@ def main() -> None:
     ingress_env(args.ingress)
 
     import httpx
-    import ray
     import transformers
 
     from deployments.openai_app import build_app
@@ -181,9 +188,7 @@ def main() -> None:
                     for role, values in cpu_ms.items():
                         values.append((after[role] - before[role]) * 1e3 / run.sent)
     finally:
-        for name in apps:
-            serve.delete(f"bench-{name}")
-        ray.shutdown()
+        end_serve(None, *(f"bench-{name}" for name in apps))
 
     mean = {name: statistics.fmean(v) for name, v in c32.items()}
     c1_rows = {name: run.row() for name, run in c1.items()}

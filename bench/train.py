@@ -1,6 +1,7 @@
 """Benchmark: tokens/s of the Ray Train fine-tune (1 and 2 workers) against a plain loop.
 
-    .venv/bin/python bench/train.py [--steps 400] [--cpus 2] [--smoke] [--json out.json]
+    .venv/bin/python bench/train.py [--steps 400] [--cpus 2] [--ray ray-1,ray-2] [--smoke]
+        [--json out.json]
 
 Same tiny model, same prepared dataset (the bundled task, prepared into a temporary store),
 same batches and learning rate (configs/tiny.yaml: batch 16, lr 3e-3), side by side in one run:
@@ -211,8 +212,17 @@ def main() -> None:
         help="ray-2: batch 16 per worker (32 rows per step) instead of 8.",
     )
     ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument(
+        "--ray",
+        default="ray-1,ray-2",
+        help="The Ray Train settings to run (a smoke run: ray-2, the path with two workers).",
+    )
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
-    args = parse_with_smoke(ap, {"steps": 5})
+    # A smoke run trains through Ray once: a Ray Train fit is ~40 s here, mostly start-up.
+    args = parse_with_smoke(ap, {"steps": 5, "ray": "ray-2"})
+    ray_names = args.ray.split(",")
+    if set(ray_names) - {"ray-1", "ray-2"}:
+        ap.error(f"--ray: ray-1 and/or ray-2, not {args.ray!r}")
 
     ctx, q = small_forkserver()  # before heavy imports: children measure their own peak
 
@@ -320,7 +330,7 @@ def main() -> None:
     )
     ray_init_s = time.time() - t0
     try:
-        for name in ("ray-1", "ray-2"):
+        for name in ray_names:
             train, threads = settings[name]
             runs = Store(tmp / f"runs-{name}")  # fresh: a run here never resumes
             with RssSampler(("RayTrainWorker", "TrainController")) as sampler:
@@ -364,7 +374,7 @@ def main() -> None:
     print()
     print(
         f"steps {args.steps}, batch {base.train.batch_size} rows/step (ray-2: "
-        f"{rows['ray-2'].get('rows_per_step', '?')}), lr {base.train.learning_rate}, "
+        f"{rows.get('ray-2', {}).get('rows_per_step', '-')}), lr {base.train.learning_rate}, "
         f"{args.cpus} cores per setting; ray.init {ray_init_s:.1f} s (not counted)"
     )
     head = (
@@ -391,7 +401,7 @@ def main() -> None:
         f"plain: steps-only {rows['plain']['steps_only_tokens_per_s']:.0f} tokens/s (without "
         f"the closing eval + checkpoint); peak RSS sampled {rows['plain']['peak_rss_sampled_mb']:.0f} MB"
     )
-    for name in ("ray-1", "ray-2"):
+    for name in ray_names:
         r = rows[name]
         if "error" not in r:
             print(

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # Where ray.serve.llm downloads weights from by itself (CloudMirrorConfig); other fsspec
 # URIs are not readable by vLLM.
 _MIRRORED = ("s3://", "gs://", "abfss://", "azure://")
+# ray.serve.llm's node initialization skipped for weights read in place (vllm_ingress.py).
+WEIGHTS_IN_PLACE = "deployments.vllm_ingress:WeightsInPlace"
 
 
 def model_source(model_path: str) -> str | dict[str, str]:
@@ -97,6 +99,12 @@ def llm_config(args: dict[str, Any]) -> dict[str, Any]:
             deployment["ray_actor_options"] = {"num_cpus": 0}
     if args.get("runtime_env"):
         config["runtime_env"] = dict(args["runtime_env"])
+    if isinstance(config["model_loading_config"]["model_source"], str) and (
+        len(args.get("placement") or []) <= 1
+    ):
+        # A path read in place by the replica's engine: nothing for a download task to
+        # mirror. Several bundles may span nodes, which the task prepares too: it stays.
+        config["callback_config"] = {"callback_class": WEIGHTS_IN_PLACE}
     return config
 
 

@@ -381,6 +381,12 @@ def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versio
     assert denied.value.status_code == 401
     health = httpx.get(f"{stack.serve_url}/vllm/health", timeout=30).json()
     assert health == {"status": "ok", "model": NAME, "version": good.version}
+    # The engine read the store's path in place: ray.serve.llm ran no download task (a worker
+    # process importing vLLM before each engine start) on the node.
+    from ray.util.state import list_tasks
+
+    downloads = list_tasks(filters=[("name", "=", "initialize_remote_node")])
+    assert downloads == [], downloads
 
 
 def test_a_broken_candidate_on_vllm_is_rolled_back_with_the_champion_answering(

@@ -111,6 +111,8 @@ def test_llm_config_for_vllm():
             "max_surge_percent": 100,
         },
         "accelerator_type": "A10G",
+        # a path read in place: no node initialization (a download task per engine start)
+        "callback_config": {"callback_class": "deployments.vllm_ingress:WeightsInPlace"},
     }
     fixed = llm_config(
         vllm_app_args(
@@ -121,6 +123,7 @@ def test_llm_config_for_vllm():
     assert fixed["deployment_config"] == {"num_replicas": 2, "max_surge_percent": 100}
     assert fixed["model_loading_config"]["model_source"] == {"bucket_uri": "s3://bucket/models/m/3"}
     assert "accelerator_type" not in fixed
+    assert "callback_config" not in fixed  # the download task mirrors the bucket
     assert llm_config({"model_path": "file:///m", "model_name": "m"})["model_loading_config"] == {
         "model_id": "m",
         "model_source": "/m",
@@ -148,6 +151,8 @@ def test_llm_config_on_cpus_places_replicas_by_the_bundles():
     )
     assert "accelerator_config" not in gpus and gpus["accelerator_type"] == "A10G"
     assert "ray_actor_options" not in gpus["deployment_config"]
+    assert "callback_config" not in gpus  # two bundles may span nodes: the task prepares each
+    assert config["callback_config"]["callback_class"] == "deployments.vllm_ingress:WeightsInPlace"
     with pytest.raises(ValueError, match="accelerator_type: a GPU type, but serve.vllm_placement"):
         llm_config(vllm_app_args(tiny.model_copy(update={"accelerator_type": "A10G"}), MODEL))
 
@@ -174,6 +179,7 @@ def test_llm_config_validates_as_ray_serve_llm_config():
         )
     )
     assert config.model_id == "m" and config.model_loading_config.model_source == "/m"
+    assert config.callback_config.callback_class == "deployments.vllm_ingress:WeightsInPlace"
     assert config.deployment_config == {
         "num_replicas": 2,
         "max_ongoing_requests": 64,
