@@ -1,17 +1,20 @@
 """Measure one training step's peak memory on CPU, for tests/unit/test_plan.py: a random-weight
 model of a real architecture at reduced size, llmflow's own loss and optimizer (reply_loss,
 build_optimizer), the second step (AdamW's state exists), every position but the first a
-target (the plan's worst case). Prints JSON: the measured peak in bytes.
+target (the plan's worst case). Prints one JSON line per spec: the measured peak in bytes.
 
 Run in its own process with glibc told to map large blocks and give them back at once
 (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so the resident set follows what torch
-holds; the peak is /proc/self/status's VmHWM after clear_refs reset it (Linux).
+holds; the peak is /proc/self/status's VmHWM after clear_refs reset it (Linux), less the
+resident set just before the measured step: each spec's figure is its own, so one process
+measures them one after another (torch's import, ~6 s on 2 cores, paid once).
 
-    python -m tests.plan_probe '{"model": {...config.json...}, "batch": 4, "seq": 256, ...}'
+    python -m tests.plan_probe '[{"model": {...config.json...}, "batch": 4, "seq": 256, ...}]'
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -76,4 +79,6 @@ def main(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))))
+    for spec in json.loads(sys.argv[1]):
+        print(json.dumps(main(spec)), flush=True)
+        gc.collect()  # the last spec's model and optimizer state go before the next one
