@@ -24,6 +24,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Ray exports its metrics (Serve's and llmflow's) every METRICS_EXPORT_S instead of every 10 s:
+# the metrics test waits for two exports, not for half a minute.
+METRICS_EXPORT_S = 2
+os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_EXPORT_S * 1000))
 # Unit tests must not touch a developer's .llmflow/ (or their running stack).
 os.environ.setdefault("LLMFLOW_HOME", tempfile.mkdtemp(prefix="llmflow-test-"))
 

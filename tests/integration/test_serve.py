@@ -9,6 +9,8 @@ import os
 import httpx
 import pytest
 
+from tests.conftest import METRICS_EXPORT_S
+
 pytestmark = pytest.mark.slow
 
 
@@ -465,11 +467,11 @@ def test_metrics_export_counts_requests_errors_tokens_and_batches(served, stack)
             "batches": _samples(stack.metrics_url, "ray_llmflow_batch_size_count", **tags),
         }
 
-    # The agent exports every few seconds: the earlier tests' requests may still be on their
-    # way. The baseline is a reading that no longer moves.
+    # The agent exports every METRICS_EXPORT_S: the earlier tests' requests may still be on
+    # their way. The baseline is a reading that no longer moves over more than one export.
     before, deadline = read(), time.monotonic() + 90
     while time.monotonic() < deadline:
-        time.sleep(8)
+        time.sleep(1.5 * METRICS_EXPORT_S)
         again = read()
         if again == before:
             break
