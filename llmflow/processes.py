@@ -218,7 +218,21 @@ def spawn(s: StackSettings, name: str, cmd: list[str], env: dict[str, str], cwd:
     }
 
 
-def stop_part(entry: dict, timeout: float = 20.0) -> bool:
+# How long a part's process group has after SIGTERM before SIGKILL. A Ray node's (`ray start
+# --block`, its GCS, raylet and dashboard) did not exit in 15 s of a SIGTERM (measured on 2
+# cores, an idle head: `llmflow down` took 21.7 s, 21.2 of them waiting on it); Ray's own
+# `ray stop` kills after its grace period too. A local node keeps nothing to flush (the GCS
+# holds its tables in memory), so it gets a short one.
+GRACE_S = 20.0
+RAY_NODE_GRACE_S = 3.0
+
+
+def grace_s(name: str) -> float:
+    """The SIGTERM grace of the recorded part ``name``."""
+    return RAY_NODE_GRACE_S if name == "ray-head" or name.startswith("ray-node-") else GRACE_S
+
+
+def stop_part(entry: dict, timeout: float = GRACE_S) -> bool:
     """Stop a recorded process group: SIGTERM, then SIGKILL after ``timeout``."""
     if not process_alive(entry):
         return False

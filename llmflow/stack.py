@@ -48,6 +48,7 @@ from llmflow.processes import (
     client_env,
     default_database,
     env_bin,
+    grace_s,
     log_tail,
     node_part,
     node_parts,
@@ -161,7 +162,7 @@ def up(
             echo(f"{name}: already running")
             return False
         if process_alive(state.get(name)):
-            stop_part(state[name])  # alive but unhealthy: a stale part of an earlier up
+            stop_part(state[name], grace_s(name))  # alive but unhealthy: a stale earlier part
         return True
 
     # The server and the head start side by side; each takes several seconds.
@@ -309,7 +310,7 @@ def _converge_nodes(
     for index in recorded:
         if index not in wanted:
             entry = state.pop(node_part(index))
-            if stop_part(entry):
+            if stop_part(entry, grace_s(node_part(index))):
                 echo(f"{node_part(index)}: stopped (pid {entry['pid']})")
     for index in wanted:
         name = node_part(index)
@@ -338,7 +339,7 @@ def down(s: StackSettings | None = None, echo: Callable[[str], None] = lambda _:
     # Extra Ray nodes before the head, the highest first.
     for name in (*OPTIONAL_PARTS, *reversed(node_parts(state)), *reversed(PARTS)):
         entry = state.pop(name, None)
-        if entry and stop_part(entry):
+        if entry and stop_part(entry, grace_s(name)):
             stopped.append(name)
             echo(f"{name}: stopped (pid {entry['pid']})")
     write_state(s, state)
