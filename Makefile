@@ -63,7 +63,7 @@ TIMES := --durations=25 --durations-min=1
 test: install lint
 	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider $(TIMES)
 
-# Every bench script's smoke run alone (tests/integration/test_bench.py, ~8 min on 2 cores);
+# Every bench script's smoke run alone (tests/integration/test_bench.py, ~7 min on 2 cores);
 # make test runs them too.
 bench-smoke: install
 	$(BIN)/python -m pytest tests/integration/test_bench.py -p no:cacheprovider $(TIMES)

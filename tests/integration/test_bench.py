@@ -1,5 +1,5 @@
 """Every bench/ script runs and its figures make report rows (--smoke), all nine in every
-`make test` (about 8 min on 2 cores), so a benchmark that no longer runs fails CI."""
+`make test` (about 7 min on 2 cores), so a benchmark that no longer runs fails CI."""
 
 from __future__ import annotations
 
