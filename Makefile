@@ -58,10 +58,14 @@ demo: $(STAMP)
 
 # Every run ends with the 25 slowest tests and the time per module (tests/timing.py).
 TIMES := --durations=25 --durations-min=1
+# Two lanes side by side, each with its own stack (tests/conftest.py names each module's lane);
+# LANES= runs everything in one process, in order.
+LANES ?= -n 2 --dist loadgroup
 
 # The lint and the layout rules (tests/unit/test_layout.py) first: they fail in seconds.
 test: install lint
-	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider $(TIMES)
+	$(BIN)/python -m pytest tests -m "not gpu" --ignore=tests/drills -p no:cacheprovider $(TIMES) \
+		$(LANES)
 
 # Every bench script's smoke run alone (tests/integration/test_bench.py, ~7 min on 2 cores);
 # make test runs them too.
@@ -70,7 +74,7 @@ bench-smoke: install
 
 # Reliability drills (tests/drills): things broken on purpose. CI runs them after `make test`.
 drills: install
-	$(BIN)/python -m pytest tests/drills -p no:cacheprovider $(TIMES)
+	$(BIN)/python -m pytest tests/drills -p no:cacheprovider $(TIMES) $(LANES)
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

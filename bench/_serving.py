@@ -12,17 +12,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (bound together, so never one port twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def ingress_env(ingress: str) -> None:
-    """Ray's switches for ``ingress``, as the local stack sets them (HAProxy's files in a
-    temporary directory), before the private Ray starts."""
+    """Ray's switches for ``ingress``, as the local stack sets them, before the private Ray
+    starts: HAProxy's files in a temporary directory and its stats and metrics on free ports
+    (a running stack holds the default ports, or the LLMFLOW_HAPROXY_* ones in its env)."""
     import dataclasses
     import tempfile
     from pathlib import Path
 
     from llmflow.settings import StackSettings
 
+    stats, metrics = _free_ports(2)
     s = dataclasses.replace(
-        StackSettings.from_env(), home=Path(tempfile.mkdtemp()), serve_ingress=ingress
+        StackSettings.from_env(),
+        home=Path(tempfile.mkdtemp()),
+        serve_ingress=ingress,
+        haproxy_stats_port=stats,
+        haproxy_metrics_port=metrics,
     )
     os.environ.update(s.serve_ingress_env())
 
@@ -69,9 +87,7 @@ def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> st
     )
     # Picked after ray.init, whose processes take ephemeral ports too; one retry on a clash.
     for attempt in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        [port] = _free_ports(1)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             return _serving_at(f"http://127.0.0.1:{port}")

@@ -9,9 +9,11 @@ developer's own stack; it starts only when a test asks for it, once per session.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -31,19 +33,73 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_EXPORT_S * 1
 # Unit tests must not touch a developer's .llmflow/ (or their running stack).
 os.environ.setdefault("LLMFLOW_HOME", tempfile.mkdtemp(prefix="llmflow-test-"))
 
+# -- lanes ------------------------------------------------------------------------------------
+# make test and make drills run their modules in two lanes side by side (pytest-xdist, one
+# worker a lane: `-n 2 --dist loadgroup`), each lane a session of its own with its own stack on
+# its own ports. One lane alone kept 2 cores about 60 % busy (it waits on servers, engine
+# starts and timers); two fill them. A module's lane is named here; the rest run in "main", in
+# the order of a serial run (the integration tier before the unit tests). The engine lane
+# holds every module that needs the session's trained model (tiny_trained), so it is trained
+# once; the drill lane holds the drill that waits out a Prefect lease.
+LANES = {
+    "engines": (
+        "tests/integration/test_bench.py",
+        "tests/integration/test_benchmarks.py",
+        "tests/integration/test_llamafactory.py",
+        "tests/integration/test_scoring.py",
+        "tests/integration/test_vllm.py",
+    ),
+    "drills-lease": (
+        "tests/drills/test_pipeline_driver_killed.py",
+        "tests/drills/test_serve_replica_killed.py",
+        "tests/drills/test_interrupted_saves.py",
+    ),
+}
+MAIN_LANE = "main"
+_LANE_OF = {module: lane for lane, modules in LANES.items() for module in modules}
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:  # a lane's own home, beside the other lane's (CI gives both one LLMFLOW_HOME)
+    os.environ["LLMFLOW_HOME"] = os.path.join(os.environ["LLMFLOW_HOME"], WORKER)
+    os.makedirs(os.environ["LLMFLOW_HOME"], exist_ok=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist names each test's group from its mark
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(_LANE_OF.get(module, MAIN_LANE)))
+
+
 _handed_out: set[int] = set()
+# The lanes of one run hand out ports from one list (the workers share the run's id).
+_PORTS_FILE = Path(tempfile.gettempdir()) / (
+    f"llmflow-test-ports-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"
+)
+
+
+def _claim(port: int) -> bool:
+    """True once per port across the lanes of this run."""
+    if port in _handed_out:
+        return False
+    with open(_PORTS_FILE, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        if str(port) in f.read().split():
+            return False
+        f.write(f"{port}\n")
+    _handed_out.add(port)
+    return True
 
 
 def free_port() -> int:
-    """A free loopback port, never one this session handed out before: the kernel may give
-    the same ephemeral port to two binds in a row once the first socket is closed (a CI run
-    got the dashboard's port for Serve that way)."""
+    """A free loopback port, never one this run handed out before (in either lane): the
+    kernel may give the same ephemeral port to two binds in a row once the first socket is
+    closed (a CI run got the dashboard's port for Serve that way)."""
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
+        if _claim(port):
             return port
     raise RuntimeError("no free loopback port found in 100 tries")
 

@@ -165,6 +165,35 @@ def run_steps(
     return True, steps, f"{len(steps)} steps held: {steps[-1].reason}"
 
 
+def wait_drained(app_name: str, deployment: str, timeout_s: float = 120) -> bool:
+    """Wait until no replica of the app's ``deployment`` is stopping. After a rolling update
+    Serve reports the app RUNNING while the old replicas drain, and HAProxy may still hand
+    them requests until they are gone: a router that drains forwards to the internal apps,
+    which must stay up until then (deleted at once, they answered the load's requests with
+    the ingress's 404 on a loaded machine). False, logged, when some still stop after
+    ``timeout_s``."""
+    from ray import serve
+
+    def drained() -> bool:
+        app = serve.status().applications.get(app_name)
+        dep = app.deployments.get(deployment) if app else None
+        replicas = dep.replica_states if dep else {}
+        return not any(n for state, n in replicas.items() if str(state).endswith("STOPPING"))
+
+    try:
+        tenacity.Retrying(
+            stop=tenacity.stop_after_delay(timeout_s),
+            wait=tenacity.wait_fixed(0.5),
+            retry=tenacity.retry_if_result(lambda ok: not ok),
+        )(drained)
+        return True
+    except tenacity.RetryError:
+        log.warning(
+            "Serve app '%s': %s replicas still stop after %.0fs", app_name, deployment, timeout_s
+        )
+        return False
+
+
 def _delete(app_name: str) -> None:
     from ray import serve
 
@@ -182,6 +211,7 @@ def finish(
     the whole last step, and its replicas are freed before the new public ones start."""
     _delete(version_cfg(serve_cfg, CHAMPION, champion.version).app_name)
     deploy(serve_cfg, candidate, cluster)
+    wait_drained(serve_cfg.app_name, INGRESS_DEPLOYMENT[serve_engine(serve_cfg, cluster)])
     _delete(version_cfg(serve_cfg, CANDIDATE, candidate.version).app_name)
 
 
@@ -193,7 +223,8 @@ def restore_champion(
 ) -> None:
     """The way back (the transaction's rollback): the champion becomes the plain public app
     again, then both internal apps go; the router answers until the champion's replicas are
-    ready."""
+    ready (and drains: it forwards to them until its replicas are gone)."""
     deploy(serve_cfg, champion, cluster)
+    wait_drained(serve_cfg.app_name, INGRESS_DEPLOYMENT[serve_engine(serve_cfg, cluster)])
     for role, model in ((CANDIDATE, candidate), (CHAMPION, champion)):
         _delete(version_cfg(serve_cfg, role, model.version).app_name)
