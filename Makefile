@@ -60,7 +60,7 @@ demo: $(STAMP)
 TIMES := --durations=25 --durations-min=1
 # Two lanes side by side, each with its own stack (tests/conftest.py names each module's lane);
 # LANES= runs everything in one process, in order.
-LANES ?= -n 2 --dist loadgroup
+LANES ?= -n 2
 
 # The lint and the layout rules (tests/unit/test_layout.py) first: they fail in seconds.
 test: install lint

@@ -35,12 +35,12 @@ os.environ.setdefault("LLMFLOW_HOME", tempfile.mkdtemp(prefix="llmflow-test-"))
 
 # -- lanes ------------------------------------------------------------------------------------
 # make test and make drills run their modules in two lanes side by side (pytest-xdist, one
-# worker a lane: `-n 2 --dist loadgroup`), each lane a session of its own with its own stack on
-# its own ports. One lane alone kept 2 cores about 60 % busy (it waits on servers, engine
-# starts and timers); two fill them. A module's lane is named here; the rest run in "main", in
-# the order of a serial run (the integration tier before the unit tests). The engine lane
-# holds every module that needs the session's trained model (tiny_trained), so it is trained
-# once; the drill lane holds the drill that waits out a Prefect lease.
+# worker a lane: `-n 2`), each lane a session of its own with its own stack on its own ports and
+# home. One lane alone kept 2 cores about 60 % busy (it waits on servers, engine starts and
+# timers); two fill them. A module's lane is named here; the rest run in "main", in the order
+# of a serial run (the integration tier before the unit tests). The engine lane holds every
+# module that needs the session's trained model (tiny_trained), so it is trained once; the
+# drill lane holds the drill that waits out a Prefect lease.
 LANES = {
     "engines": (
         "tests/integration/test_bench.py",
@@ -63,11 +63,20 @@ if WORKER:  # a lane's own home, beside the other lane's (CI gives both one LLMF
     os.makedirs(os.environ["LLMFLOW_HOME"], exist_ok=True)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist names each test's group from its mark
-def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(_LANE_OF.get(module, MAIN_LANE)))
+def lane(nodeid: str) -> str:
+    return _LANE_OF.get(nodeid.split("::", 1)[0], MAIN_LANE)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each lane one unit of work, sent whole to one worker (xdist's loadgroup marks cannot
+    do it under pytest 9.2: they rename the test's nodeid, which pytest 9 no longer allows)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return LaneScheduling(config, log)
 
 
 _handed_out: set[int] = set()
