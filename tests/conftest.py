@@ -34,13 +34,14 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_EXPORT_S * 1
 os.environ.setdefault("LLMFLOW_HOME", tempfile.mkdtemp(prefix="llmflow-test-"))
 
 # -- lanes ------------------------------------------------------------------------------------
-# make test and make drills run their modules in two lanes side by side (pytest-xdist, one
-# worker a lane: `-n 2`), each lane a session of its own with its own stack on its own ports and
-# home. One lane alone kept 2 cores about 60 % busy (it waits on servers, engine starts and
-# timers); two fill them. A module's lane is named here; the rest run in "main", in the order
-# of a serial run (the integration tier before the unit tests). The engine lane holds every
-# module that needs the session's trained model (tiny_trained), so it is trained once; the
-# drill lane holds the drill that waits out a Prefect lease.
+# `make test LANES="-n 2"` (and make drills) runs the modules in two lanes side by side
+# (pytest-xdist, one worker a lane), each lane a session of its own with its own stack on its
+# own ports and home (docs/testing.md says why it is not the default yet). One lane alone kept 2
+# cores about 60 % busy (it waits on servers, engine starts and timers); two fill them. A
+# module's lane is named here; the rest run in "main", in the order of a serial run (the
+# integration tier before the unit tests). The engine lane holds every module that needs the
+# session's trained model (tiny_trained), so it is trained once; the drill lane holds the drill
+# that waits out a Prefect lease.
 LANES = {
     "engines": (
         "tests/integration/test_bench.py",

@@ -169,9 +169,8 @@ def wait_drained(app_name: str, deployment: str, timeout_s: float = 120) -> bool
     """Wait until no replica of the app's ``deployment`` is stopping. After a rolling update
     Serve reports the app RUNNING while the old replicas drain, and HAProxy may still hand
     them requests until they are gone: a router that drains forwards to the internal apps,
-    which must stay up until then (deleted at once, they answered the load's requests with
-    the ingress's 404 on a loaded machine). False, logged, when some still stop after
-    ``timeout_s``."""
+    which must stay up until then (deleted at once, a request the draining router still takes
+    gets the ingress's 404). False, logged, when some still stop after ``timeout_s``."""
     from ray import serve
 
     def drained() -> bool:
@@ -184,7 +183,8 @@ def wait_drained(app_name: str, deployment: str, timeout_s: float = 120) -> bool
         tenacity.Retrying(
             stop=tenacity.stop_after_delay(timeout_s),
             wait=tenacity.wait_fixed(0.5),
-            retry=tenacity.retry_if_result(lambda ok: not ok),
+            retry=tenacity.retry_if_result(lambda ok: not ok)
+            | tenacity.retry_if_exception_type(Exception),
         )(drained)
         return True
     except tenacity.RetryError:
