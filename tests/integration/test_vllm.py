@@ -21,7 +21,7 @@ import pytest
 from llmflow import aliases, registry
 from llmflow.configfile import load_config
 from llmflow.store import Store
-from tests.integration.helpers import N_EVAL, Load, unserve
+from tests.integration.helpers import N_EVAL, Load, ray_address, unserve
 
 pytestmark = pytest.mark.slow
 NAME = "vllm-test"
@@ -310,10 +310,11 @@ def _engine_replicas() -> set[str]:
     from ray.util.state import list_actors
 
     actors = list_actors(
+        address=ray_address(),  # the session's head, not the cluster last started here
         filters=[
             ("class_name", "=", f"ServeReplica:{NAME}:LLMServer:{NAME}"),
             ("state", "=", "ALIVE"),
-        ]
+        ],
     )
     return {a.actor_id for a in actors}
 
@@ -385,7 +386,7 @@ def test_promotion_on_vllm_serves_the_version_to_the_openai_client(stack, versio
     # process importing vLLM before each engine start) on the node.
     from ray.util.state import list_tasks
 
-    downloads = list_tasks(filters=[("name", "=", "initialize_remote_node")])
+    downloads = list_tasks(address=ray_address(), filters=[("name", "=", "initialize_remote_node")])
     assert downloads == [], downloads
 
 
