@@ -82,15 +82,17 @@ def pytest_xdist_make_scheduler(config, log):
 
 _handed_out: set[int] = set()
 # The lanes of one run hand out ports from one list (the workers share the run's id).
-_PORTS_FILE = Path(tempfile.gettempdir()) / (
-    f"llmflow-test-ports-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"
-)
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_PORTS_FILE = Path(tempfile.gettempdir()) / f"llmflow-test-ports-{_RUN}"
 
 
 def _claim(port: int) -> bool:
-    """True once per port across the lanes of this run."""
+    """True once per port across the lanes of this run (one lane: this process's set)."""
     if port in _handed_out:
         return False
+    if _RUN is None:
+        _handed_out.add(port)
+        return True
     with open(_PORTS_FILE, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
