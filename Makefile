@@ -59,8 +59,8 @@ demo: $(STAMP)
 # Every run ends with the 25 slowest tests and the time per module (tests/timing.py).
 TIMES := --durations=25 --durations-min=1
 # LANES="-n 2": two lanes side by side, each with its own stack (tests/conftest.py names each
-# module's lane). Not the default: on 2 cores it took make test from ~40 to 28 min, but Ray's
-# GCS timed out under the load (a node start, two vLLM tests), so one lane, in order, it is.
+# module's lane). Not the default: on 2 cores it took make test from 34-43 to 28 min, but under
+# the load a second node missed Ray's start deadline and the vLLM canary saw failed requests.
 LANES ?=
 
 # The lint and the layout rules (tests/unit/test_layout.py) first: they fail in seconds.
