@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -12,16 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (bound together, so never one port twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all held open at once, since the kernel may hand
+    out a port again as soon as its socket is closed."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
         for s in socks:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def ingress_env(ingress: str) -> None:
@@ -34,7 +33,7 @@ def ingress_env(ingress: str) -> None:
 
     from llmflow.settings import StackSettings
 
-    stats, metrics = _free_ports(2)
+    stats, metrics = free_ports(2)
     s = dataclasses.replace(
         StackSettings.from_env(),
         home=Path(tempfile.mkdtemp()),
@@ -87,7 +86,7 @@ def start_serve(address: str | None, num_cpus: int, serve_url: str | None) -> st
     )
     # Picked after ray.init, whose processes take ephemeral ports too; one retry on a clash.
     for attempt in range(2):
-        [port] = _free_ports(1)
+        [port] = free_ports(1)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             return _serving_at(f"http://127.0.0.1:{port}")

@@ -11,28 +11,17 @@ and prints seconds per task and their ratio. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _serving import free_ports
 from _smoke import parse_with_smoke
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports: all held open at once, since the kernel may hand
-    out a port again as soon as its socket is closed."""
-    with contextlib.ExitStack() as held:
-        socks = [held.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def main() -> None:
@@ -48,7 +37,7 @@ def main() -> None:
     # `llmflow up` started on this machine.
     from llmflow.settings import STACK_PORTS
 
-    ports = _free_ports(len(STACK_PORTS))
+    ports = free_ports(len(STACK_PORTS))
     os.environ.update({f"LLMFLOW_{name}_PORT": str(p) for name, p in zip(STACK_PORTS, ports)})
     os.environ.update(
         {

@@ -21,7 +21,13 @@ import tenacity
 from llmflow.config import ClusterConfig, ServeConfig
 from llmflow.promote.apps import INGRESS_DEPLOYMENT, serve_engine
 from llmflow.promote.canary import CANDIDATE, CHAMPION, ROLLBACK, WAIT, internal_app, judge
-from llmflow.promote.rollout import RolloutError, apply_declarative, deploy, wait_running
+from llmflow.promote.rollout import (
+    RolloutError,
+    apply_declarative,
+    deploy,
+    poll_until,
+    wait_running,
+)
 from llmflow.refs import CanaryStep, ModelRef
 from llmflow.settings import offline_env, serve_url
 
@@ -174,24 +180,20 @@ def wait_drained(app_name: str, deployment: str, timeout_s: float = 120) -> bool
     from ray import serve
 
     def drained() -> bool:
-        app = serve.status().applications.get(app_name)
+        try:
+            app = serve.status().applications.get(app_name)
+        except Exception:  # noqa: BLE001 - a failed read is asked again, as a not-yet
+            return False
         dep = app.deployments.get(deployment) if app else None
         replicas = dep.replica_states if dep else {}
         return not any(n for state, n in replicas.items() if str(state).endswith("STOPPING"))
 
-    try:
-        tenacity.Retrying(
-            stop=tenacity.stop_after_delay(timeout_s),
-            wait=tenacity.wait_fixed(0.5),
-            retry=tenacity.retry_if_result(lambda ok: not ok)
-            | tenacity.retry_if_exception_type(Exception),
-        )(drained)
+    if poll_until(drained, timeout_s, every_s=0.5):
         return True
-    except tenacity.RetryError:
-        log.warning(
-            "Serve app '%s': %s replicas still stop after %.0fs", app_name, deployment, timeout_s
-        )
-        return False
+    log.warning(
+        "Serve app '%s': %s replicas still stop after %.0fs", app_name, deployment, timeout_s
+    )
+    return False
 
 
 def _delete(app_name: str) -> None:

@@ -146,11 +146,11 @@ def wait_running(app_name: str, since: float, timeout_s: float, what: str) -> No
             )
         return current and status.endswith("RUNNING")
 
-    if not _poll(running, timeout_s, every_s=1.0):
+    if not poll_until(running, timeout_s, every_s=1.0):
         raise RolloutError(f"Serve app '{app_name}' not RUNNING after {timeout_s:.0f}s")
 
 
-def _poll(check: Callable[[], bool], timeout_s: float, every_s: float) -> bool:
+def poll_until(check: Callable[[], bool], timeout_s: float, every_s: float) -> bool:
     """Call ``check`` every ``every_s`` until it is true (True) or ``timeout_s`` has passed
     (False); what it raises goes through."""
     try:
@@ -183,7 +183,7 @@ def wait_routed(base_url: str, prefix: str, app_name: str, timeout_s: float = 60
         except (httpx.HTTPError, ValueError, AttributeError):
             return False
 
-    if not _poll(routed, timeout_s, every_s=0.2):
+    if not poll_until(routed, timeout_s, every_s=0.2):
         raise RolloutError(
             f"Serve app '{app_name}' is RUNNING but {base_url} does not route "
             f"{prefix or '/'} to it after {timeout_s:.0f}s"
